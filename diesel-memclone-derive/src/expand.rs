@@ -1,0 +1,402 @@
+//! The expansions, on `proc_macro2` tokens so that they can be unit-tested.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, ToTokens};
+use syn::punctuated::Punctuated;
+use syn::{Data, DeriveInput, Expr, Fields, Ident, Lit, Meta, Token};
+
+const MEMCLONE: &str = "memclone";
+const TTL: &str = "ttl";
+const NAME: &str = "name";
+const TABLE: &str = "table";
+const VALID_OPTIONS: &str = "`ttl = <seconds>`, `name = \"...\"`, `table = \"...\"`";
+
+/// Collects every error instead of stopping at the first.
+#[derive(Default)]
+struct Errors(Option<syn::Error>);
+
+impl Errors {
+    fn push(&mut self, error: syn::Error) {
+        match &mut self.0 {
+            Some(all) => all.combine(error),
+            None => self.0 = Some(error),
+        }
+    }
+
+    fn finish(self) -> syn::Result<()> {
+        self.0.map_or(Ok(()), Err)
+    }
+}
+
+#[derive(Default)]
+struct Options {
+    ttl: Option<u64>,
+    name: Option<String>,
+    table: Option<String>,
+}
+
+fn memclone_options(input: &DeriveInput, errors: &mut Errors, allowed: &[&str]) -> Options {
+    let mut options = Options::default();
+    for attr in input.attrs.iter().filter(|a| a.path().is_ident(MEMCLONE)) {
+        let parsed = attr.parse_nested_meta(|meta| {
+            let key = meta
+                .path
+                .get_ident()
+                .map(Ident::to_string)
+                .unwrap_or_default();
+            if !allowed.contains(&key.as_str()) {
+                return Err(meta.error(format!(
+                    "unknown memclone option `{}`; expected one of {}",
+                    meta.path.to_token_stream(),
+                    allowed_list(allowed)
+                )));
+            }
+            let value: Lit = meta.value()?.parse()?;
+            match (key.as_str(), &value) {
+                (TTL, Lit::Int(int)) => match int.base10_parse::<u64>() {
+                    Ok(0) | Err(_) => errors.push(syn::Error::new_spanned(
+                        int,
+                        "`ttl` is a whole number of seconds greater than 0",
+                    )),
+                    Ok(seconds) => options.ttl = Some(seconds),
+                },
+                (TTL, other) => errors.push(syn::Error::new_spanned(
+                    other,
+                    "`ttl` is a whole number of seconds, like `ttl = 60`",
+                )),
+                (NAME | TABLE, Lit::Str(text)) if !text.value().trim().is_empty() => {
+                    if key == NAME {
+                        options.name = Some(text.value());
+                    } else {
+                        options.table = Some(text.value().to_lowercase());
+                    }
+                }
+                (_, other) => errors.push(syn::Error::new_spanned(
+                    other,
+                    format!("`{key}` is a non-empty string, like `{key} = \"users\"`"),
+                )),
+            }
+            Ok(())
+        });
+        if let Err(error) = parsed {
+            errors.push(error);
+        }
+    }
+    options
+}
+
+fn allowed_list(allowed: &[&str]) -> String {
+    if allowed.len() == 3 {
+        return VALID_OPTIONS.to_owned();
+    }
+    allowed
+        .iter()
+        .map(|a| format!("`{a}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What `#[diesel(...)]` says about the table and the primary key.
+struct DieselOptions {
+    table: Option<syn::Path>,
+    primary_key: Option<Vec<Ident>>,
+}
+
+fn diesel_options(input: &DeriveInput, errors: &mut Errors) -> DieselOptions {
+    let mut options = DieselOptions {
+        table: None,
+        primary_key: None,
+    };
+    for attr in input.attrs.iter().filter(|a| a.path().is_ident("diesel")) {
+        let metas = match attr.parse_args_with(Punctuated::<Meta, Token![,]>::parse_terminated) {
+            Ok(metas) => metas,
+            // Diesel's own derive reports malformed diesel attributes.
+            Err(_) => continue,
+        };
+        for meta in metas {
+            match meta {
+                Meta::NameValue(nv) if nv.path.is_ident("table_name") => match nv.value {
+                    Expr::Path(path) => options.table = Some(path.path),
+                    other => errors.push(syn::Error::new_spanned(other, "expected a table path")),
+                },
+                Meta::List(list) if list.path.is_ident("primary_key") => {
+                    match list.parse_args_with(Punctuated::<Ident, Token![,]>::parse_terminated) {
+                        Ok(keys) if !keys.is_empty() => {
+                            options.primary_key = Some(keys.into_iter().collect())
+                        }
+                        Ok(_) => {
+                            errors.push(syn::Error::new_spanned(list, "primary_key needs a field"))
+                        }
+                        Err(error) => errors.push(error),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    options
+}
+
+struct Field {
+    ident: Ident,
+    ty: syn::Type,
+}
+
+fn named_fields(input: &DeriveInput, derive: &str) -> syn::Result<Vec<Field>> {
+    if !input.generics.params.is_empty() {
+        return Err(syn::Error::new_spanned(
+            &input.generics,
+            format!("{derive} cannot be derived for a generic struct"),
+        ));
+    }
+    match &input.data {
+        Data::Struct(data) => match &data.fields {
+            Fields::Named(fields) => Ok(fields
+                .named
+                .iter()
+                .map(|f| Field {
+                    ident: f.ident.clone().expect("named"),
+                    ty: f.ty.clone(),
+                })
+                .collect()),
+            other => Err(syn::Error::new_spanned(
+                other,
+                format!("{derive} needs a struct with named fields"),
+            )),
+        },
+        Data::Enum(data) => Err(syn::Error::new_spanned(
+            data.enum_token,
+            format!("{derive} can only be derived for structs, not enums"),
+        )),
+        Data::Union(data) => Err(syn::Error::new_spanned(
+            data.union_token,
+            format!("{derive} can only be derived for structs, not unions"),
+        )),
+    }
+}
+
+/// The shape string: the fingerprint's input. Whitespace-free so that formatting changes do
+/// not change it.
+fn shape(prefix: &str, name: &Ident, fields: &[Field]) -> String {
+    let mut shape = format!("{prefix}|{name}{{");
+    for field in fields {
+        let ty = field.ty.to_token_stream().to_string().replace(' ', "");
+        shape.push_str(&format!("{}:{ty},", field.ident));
+    }
+    shape.push('}');
+    shape
+}
+
+/// Diesel's default table name: the struct name in snake case, plus `s`.
+fn default_table(name: &Ident) -> String {
+    let mut out = String::new();
+    for (i, c) in name.to_string().chars().enumerate() {
+        if c.is_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('s');
+    out
+}
+
+/// Expands `#[derive(MemClone)]`.
+pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
+    let mut errors = Errors::default();
+    let fields = named_fields(&input, "MemClone")?;
+    let options = memclone_options(&input, &mut errors, &[TTL, NAME, TABLE]);
+    let diesel = diesel_options(&input, &mut errors);
+    let ident = &input.ident;
+
+    let table_path = diesel
+        .table
+        .clone()
+        .unwrap_or_else(|| Ident::new(&default_table(ident), Span::call_site()).into());
+    let table_sql = options.table.clone().unwrap_or_else(|| {
+        table_path
+            .segments
+            .last()
+            .map(|s| s.ident.to_string().to_lowercase())
+            .unwrap_or_default()
+    });
+
+    let key_idents = diesel
+        .primary_key
+        .clone()
+        .unwrap_or_else(|| vec![Ident::new("id", ident.span())]);
+    let mut key_types = Vec::new();
+    for key in &key_idents {
+        match fields.iter().find(|f| f.ident == *key) {
+            Some(field) => key_types.push(field.ty.clone()),
+            None if diesel.primary_key.is_some() => errors.push(syn::Error::new_spanned(
+                key,
+                format!("`{key}` is not a field of `{ident}`"),
+            )),
+            None => errors.push(syn::Error::new_spanned(
+                ident,
+                format!(
+                    "`{ident}` has no field `id`; name its primary key with \
+                     `#[diesel(primary_key(field, ...))]`"
+                ),
+            )),
+        }
+    }
+    errors.finish()?;
+
+    let name = options.name.unwrap_or_else(|| ident.to_string());
+    let shape = shape(&table_sql, ident, &fields);
+    let ttl = match options.ttl {
+        Some(seconds) => quote!(::core::option::Option::Some(#seconds)),
+        None => quote!(::core::option::Option::None),
+    };
+    let (pk_type, pk_value) = if key_idents.len() == 1 {
+        let ty = &key_types[0];
+        let field = &key_idents[0];
+        (
+            quote!(#ty),
+            quote!(::core::clone::Clone::clone(&self.#field)),
+        )
+    } else {
+        (
+            quote!((#(#key_types,)*)),
+            quote!((#(::core::clone::Clone::clone(&self.#key_idents),)*)),
+        )
+    };
+    Ok(quote! {
+        const _: () = {
+            impl ::diesel_memclone::CacheValue for #ident {
+                fn fingerprint() -> u64 {
+                    ::diesel_memclone::__private::hash64(
+                        <Self as ::diesel_memclone::MemClone>::SHAPE,
+                    )
+                }
+                fn tables(out: &mut ::std::vec::Vec<&'static str>) {
+                    out.push(<Self as ::diesel_memclone::MemClone>::TABLE);
+                }
+                fn rows(&self, out: &mut ::std::vec::Vec<::diesel_memclone::RowKey>) {
+                    out.push(::diesel_memclone::MemClone::row_key(self));
+                }
+            }
+
+            impl ::diesel_memclone::MemClone for #ident {
+                const NAME: &'static str = #name;
+                const TABLE: &'static str = #table_sql;
+                const SHAPE: &'static str = #shape;
+                const TTL_SECONDS: ::core::option::Option<u64> = #ttl;
+                type PrimaryKey = #pk_type;
+                type FindQuery = ::diesel_memclone::__private::diesel::dsl::Find<
+                    #table_path::table,
+                    #pk_type,
+                >;
+                fn primary_key(&self) -> Self::PrimaryKey {
+                    #pk_value
+                }
+                fn find_query(primary_key: Self::PrimaryKey) -> Self::FindQuery {
+                    ::diesel_memclone::__private::diesel::QueryDsl::find(#table_path::table, primary_key)
+                }
+            }
+
+            impl #ident {
+                /// The row with this primary key, from the cache or else the database
+                /// (generated by `#[derive(MemClone)]`).
+                pub async fn find_cached<'q, C>(
+                    conn: &mut C,
+                    primary_key: #pk_type,
+                ) -> ::diesel_memclone::Result<Self>
+                where
+                    C: ::diesel_memclone::diesel_async::AsyncConnection,
+                    <Self as ::diesel_memclone::MemClone>::FindQuery:
+                        ::diesel_memclone::diesel_async::methods::LoadQuery<'q, C, Self> + 'q,
+                {
+                    ::diesel_memclone::find::<Self, C>(conn, primary_key).await
+                }
+            }
+        };
+    })
+}
+
+/// Expands `#[derive(CacheValue)]`.
+pub(crate) fn cache_value(input: DeriveInput) -> syn::Result<TokenStream> {
+    let mut errors = Errors::default();
+    let fields = named_fields(&input, "CacheValue")?;
+    let _ = memclone_options(&input, &mut errors, &[]);
+    errors.finish()?;
+    let ident = &input.ident;
+    let shape = shape("value", ident, &fields);
+    let types = fields.iter().map(|f| &f.ty);
+    let names = fields.iter().map(|f| &f.ident);
+    Ok(quote! {
+        const _: () = {
+            impl ::diesel_memclone::CacheValue for #ident {
+                fn fingerprint() -> u64 {
+                    ::diesel_memclone::__private::hash64(#shape)
+                }
+                fn tables(out: &mut ::std::vec::Vec<&'static str>) {
+                    #( <#types as ::diesel_memclone::CacheValue>::tables(out); )*
+                }
+                fn rows(&self, out: &mut ::std::vec::Vec<::diesel_memclone::RowKey>) {
+                    #( ::diesel_memclone::CacheValue::rows(&self.#names, out); )*
+                }
+            }
+        };
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expand(tokens: TokenStream) -> syn::Result<String> {
+        memclone(syn::parse2(tokens).unwrap()).map(|t| t.to_string())
+    }
+
+    #[test]
+    fn reads_diesel_table_and_key() {
+        let out = expand(quote! {
+            #[diesel(table_name = crate::schema::posts, primary_key(user_id, slug))]
+            struct Post { user_id: i32, slug: String, body: String }
+        })
+        .unwrap();
+        assert!(
+            out.contains("const TABLE : & 'static str = \"posts\""),
+            "{out}"
+        );
+        assert!(out.contains("crate :: schema :: posts :: table"), "{out}");
+        assert!(out.contains("type PrimaryKey = (i32 , String ,)"), "{out}");
+    }
+
+    #[test]
+    fn defaults_follow_diesel() {
+        let out = expand(quote! { struct BlogPost { id: i64 } }).unwrap();
+        assert!(out.contains("\"blog_posts\""), "{out}");
+        assert!(out.contains("type PrimaryKey = i64"), "{out}");
+    }
+
+    #[test]
+    fn collects_every_error() {
+        let error = expand(quote! {
+            #[memclone(ttl = 0, colour = "red")]
+            #[diesel(primary_key(missing))]
+            struct User { id: i32 }
+        })
+        .unwrap_err();
+        let messages: Vec<String> = error.into_iter().map(|e| e.to_string()).collect();
+        assert_eq!(messages.len(), 3, "{messages:?}");
+    }
+
+    #[test]
+    fn fingerprint_changes_with_fields() {
+        let a = shape("t", &Ident::new("A", Span::call_site()), &[]);
+        let fields = vec![Field {
+            ident: Ident::new("x", Span::call_site()),
+            ty: syn::parse_quote!(Option<i32>),
+        }];
+        let b = shape("t", &Ident::new("A", Span::call_site()), &fields);
+        assert_ne!(a, b);
+        assert_eq!(b, "t|A{x:Option<i32>,}");
+    }
+}

@@ -1,0 +1,33 @@
+//! `#[derive(MemClone)]` and `#[derive(CacheValue)]` for
+//! [diesel-memclone](https://docs.rs/diesel-memclone). Use them through `diesel_memclone`,
+//! which re-exports both.
+
+mod expand;
+
+use proc_macro::TokenStream;
+
+/// Makes a Diesel model cacheable by primary key and as a query result.
+///
+/// Reads `#[diesel(table_name = ..)]` and `#[diesel(primary_key(..))]` like Diesel does
+/// (defaults: the snake-case plural of the struct name, and `id`), and its own options:
+///
+/// * `#[memclone(ttl = 60)]`: entry lifetime in seconds for this model's rows;
+/// * `#[memclone(name = "Person")]`: the model's name;
+/// * `#[memclone(table = "people")]`: the table's SQL name, when `table!` renamed it with
+///   `#[sql_name]`.
+#[proc_macro_derive(MemClone, attributes(memclone, diesel))]
+pub fn derive_memclone(input: TokenStream) -> TokenStream {
+    syn::parse2(input.into())
+        .and_then(expand::memclone)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Makes any serde struct usable as a cached query's row (a selection of columns, a join row).
+#[proc_macro_derive(CacheValue, attributes(memclone))]
+pub fn derive_cache_value(input: TokenStream) -> TokenStream {
+    syn::parse2(input.into())
+        .and_then(expand::cache_value)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}

@@ -1,0 +1,544 @@
+//! The [`Cache`] handle: a store, its configuration, the read-through and invalidation paths.
+
+use crate::codec::{self, Reject};
+use crate::error::{Error, Result, StoreError};
+use crate::key;
+use crate::model::RowKey;
+use crate::store::{MemoryStore, Store, StoreResult};
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A cache: a [`Store`] plus the rules for reading through it and invalidating it.
+///
+/// Cheap to clone (an `Arc`). Most code uses the process-wide default (see [`install`] and
+/// [`cache`]); pass a `Cache` explicitly with [`Cached::using`](crate::Cached::using) and
+/// [`Write::using`](crate::Write::using) to keep several caches in one process.
+///
+/// ```
+/// use diesel_memclone::Cache;
+/// use std::time::Duration;
+///
+/// let cache = Cache::builder()
+///     .namespace("myapp")
+///     .default_ttl(Duration::from_secs(600))
+///     .build()?; // the in-process store
+/// # Ok::<(), diesel_memclone::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    namespace: String,
+    default_ttl: Duration,
+    store_timeout: Duration,
+    retry_after: Duration,
+    generation_ttl: Duration,
+    health: Health,
+    /// Tables whose invalidation could not be delivered; their reads bypass the cache until it is.
+    undelivered: Mutex<BTreeSet<String>>,
+    has_undelivered: AtomicBool,
+    stats: Counters,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("namespace", &self.inner.namespace)
+            .field("default_ttl", &self.inner.default_ttl)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options for a [`Cache`]; start with [`Cache::builder`].
+#[must_use]
+pub struct CacheBuilder {
+    store: Option<Arc<dyn Store>>,
+    namespace: String,
+    default_ttl: Duration,
+    store_timeout: Duration,
+    retry_after: Duration,
+    generation_ttl: Duration,
+}
+
+impl std::fmt::Debug for CacheBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("namespace", &self.namespace)
+            .field("default_ttl", &self.default_ttl)
+            .field("store_timeout", &self.store_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for CacheBuilder {
+    fn default() -> Self {
+        Self {
+            store: None,
+            namespace: "memclone".to_owned(),
+            default_ttl: Duration::from_secs(3600),
+            store_timeout: Duration::from_millis(250),
+            retry_after: Duration::from_secs(1),
+            generation_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl CacheBuilder {
+    /// The store (default: a [`MemoryStore`] of 256 MiB).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// The first part of every key (default `memclone`): letters, digits, `_`, `-`, `.`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// How long an entry lives unless the model or the query says otherwise (default 1 hour).
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// How long one store operation may take before the cache gives up on it and goes to the
+    /// database (default 250 ms).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// After a store failure, how long the cache skips the store before trying again
+    /// (default 1 s). Reads go to the database meanwhile.
+    pub fn retry_after(mut self, pause: Duration) -> Self {
+        self.retry_after = pause;
+        self
+    }
+
+    /// How long a row's generation is kept after its last use (default 24 hours). Expiry is
+    /// safe: a lost generation comes back with a fresh value, so older entries just miss.
+    pub fn generation_ttl(mut self, ttl: Duration) -> Self {
+        self.generation_ttl = ttl;
+        self
+    }
+
+    /// Checks the options and builds the cache.
+    pub fn build(self) -> Result<Cache> {
+        let ns = &self.namespace;
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Err(Error::Config(format!(
+                "namespace {ns:?} must be 1 to 64 characters of letters, digits, '_', '-' or '.'"
+            )));
+        }
+        for (name, value) in [
+            ("default_ttl", self.default_ttl),
+            ("store_timeout", self.store_timeout),
+            ("generation_ttl", self.generation_ttl),
+        ] {
+            if value.is_zero() {
+                return Err(Error::Config(format!("{name} must be greater than zero")));
+            }
+        }
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::default()));
+        Ok(Cache {
+            inner: Arc::new(Inner {
+                store,
+                namespace: self.namespace,
+                default_ttl: self.default_ttl,
+                store_timeout: self.store_timeout,
+                retry_after: self.retry_after,
+                generation_ttl: self.generation_ttl,
+                health: Health::default(),
+                undelivered: Mutex::new(BTreeSet::new()),
+                has_undelivered: AtomicBool::new(false),
+                stats: Counters::default(),
+            }),
+        })
+    }
+}
+
+/// Counts of what the cache did, since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Reads answered from the store.
+    pub hits: u64,
+    /// Reads that went to the database and filled the store.
+    pub misses: u64,
+    /// Reads that went to the database without the store (transaction, store down,
+    /// undelivered invalidation, reload).
+    pub bypasses: u64,
+    /// Entries that did not decode (corrupt, foreign or from another version) and were replaced.
+    pub corrupt_entries: u64,
+    /// Store operations that failed or timed out.
+    pub store_errors: u64,
+    /// Invalidating writes.
+    pub invalidations: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    bypasses: AtomicU64,
+    corrupt_entries: AtomicU64,
+    store_errors: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Remembers a store failure so that calls skip the store for a while, and logs the failure once
+/// (and the recovery once) instead of once per call.
+#[derive(Default)]
+struct Health {
+    down_since: Mutex<Option<Instant>>,
+    down: AtomicBool,
+}
+
+impl Health {
+    fn skip(&self, retry_after: Duration) -> bool {
+        if !self.down.load(Ordering::Relaxed) {
+            return false;
+        }
+        let since = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        since.is_some_and(|t| t.elapsed() < retry_after)
+    }
+
+    fn failed(&self, error: &StoreError) {
+        let mut since = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                error = %error,
+                "diesel-memclone: cache store failed; reads go to the database until it answers again"
+            );
+        }
+        *since = Some(Instant::now());
+    }
+
+    fn succeeded(&self) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::warn!("diesel-memclone: cache store answers again");
+        }
+    }
+}
+
+/// How a read may use the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Policy {
+    /// Serve a fresh entry or fill one.
+    ReadWrite,
+    /// Serve a fresh entry, but never store (inside a transaction).
+    ReadOnly,
+    /// Skip the store entirely.
+    Bypass,
+    /// Skip the read, fill the entry (reload).
+    Refresh,
+}
+
+/// One cached read: where its entry lives and which generations guard it.
+pub(crate) struct Lookup {
+    pub(crate) key: String,
+    pub(crate) generations: Vec<String>,
+    pub(crate) generation_ttl: Option<Duration>,
+    pub(crate) ttl: Duration,
+    pub(crate) tables: Vec<String>,
+    pub(crate) policy: Policy,
+}
+
+impl Cache {
+    /// Starts the options for a cache.
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder::default()
+    }
+
+    /// A cache on the in-process store with default options.
+    pub fn in_memory() -> Cache {
+        CacheBuilder::default()
+            .build()
+            .expect("the default options are valid")
+    }
+
+    /// The namespace every key starts with.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// The default entry lifetime.
+    pub fn default_ttl(&self) -> Duration {
+        self.inner.default_ttl
+    }
+
+    /// What the cache has done so far.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.stats;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            hits: load(&c.hits),
+            misses: load(&c.misses),
+            bypasses: load(&c.bypasses),
+            corrupt_entries: load(&c.corrupt_entries),
+            store_errors: load(&c.store_errors),
+            invalidations: load(&c.invalidations),
+        }
+    }
+
+    /// Makes every cached query and entity of `table` (its SQL name) unreachable: for writes that
+    /// bypass memclone (raw SQL, another service). An undeliverable invalidation is kept and
+    /// retried; until then this process does not serve the table from the cache.
+    pub async fn invalidate_table(&self, table: &str) {
+        self.invalidate_written(&[table.to_lowercase()], None).await;
+    }
+
+    /// Makes every cached query and entity of model `M` unreachable.
+    pub async fn invalidate<M: crate::MemClone>(&self) {
+        self.invalidate_table(M::TABLE).await;
+    }
+
+    /// Tables whose invalidation has not reached the store yet.
+    pub fn undelivered_invalidations(&self) -> Vec<String> {
+        self.lock_undelivered().iter().cloned().collect()
+    }
+
+    pub(crate) fn query_generation_keys(&self, tables: &[String]) -> Vec<String> {
+        tables
+            .iter()
+            .map(|t| key::query_generation(&self.inner.namespace, t))
+            .collect()
+    }
+
+    pub(crate) fn query_key(&self, hash: &str, label: &str) -> String {
+        key::query_entry(&self.inner.namespace, hash, label)
+    }
+
+    pub(crate) fn entity_lookup(
+        &self,
+        row: &RowKey,
+        fingerprint: u64,
+        ttl: Duration,
+        policy: Policy,
+    ) -> Lookup {
+        let ns = &self.inner.namespace;
+        Lookup {
+            key: key::entity_entry(ns, row.table, &row.primary_key, fingerprint),
+            generations: vec![
+                key::entity_generation(ns, row.table),
+                key::row_generation(ns, row.table, &row.primary_key),
+            ],
+            generation_ttl: Some(self.inner.generation_ttl),
+            ttl,
+            tables: vec![row.table.to_owned()],
+            policy,
+        }
+    }
+
+    fn lock_undelivered(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.inner
+            .undelivered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one store operation under the timeout and the failure memory.
+    async fn call<T>(&self, operation: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        let inner = &self.inner;
+        if inner.health.skip(inner.retry_after) {
+            return Err(StoreError::Unavailable);
+        }
+        let outcome = match tokio::time::timeout(inner.store_timeout, operation).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(StoreError::Timeout),
+        };
+        match &outcome {
+            Ok(_) => inner.health.succeeded(),
+            Err(error) => {
+                bump(&inner.stats.store_errors);
+                inner.health.failed(error);
+            }
+        }
+        outcome
+    }
+
+    /// Retries undelivered invalidations. Returns true when none is left.
+    async fn deliver_pending(&self) -> bool {
+        if !self.inner.has_undelivered.load(Ordering::Acquire) {
+            return true;
+        }
+        let tables: Vec<String> = self.lock_undelivered().iter().cloned().collect();
+        if tables.is_empty() {
+            return true;
+        }
+        if self.bump_tables(&tables, None).await.is_ok() {
+            let mut pending = self.lock_undelivered();
+            for table in &tables {
+                pending.remove(table);
+            }
+            self.inner
+                .has_undelivered
+                .store(!pending.is_empty(), Ordering::Release);
+            return pending.is_empty();
+        }
+        false
+    }
+
+    fn is_undelivered(&self, tables: &[String]) -> bool {
+        if !self.inner.has_undelivered.load(Ordering::Acquire) {
+            return false;
+        }
+        let pending = self.lock_undelivered();
+        tables.iter().any(|t| pending.contains(t))
+    }
+
+    async fn bump_tables(&self, tables: &[String], rows: Option<&[RowKey]>) -> StoreResult<()> {
+        let ns = &self.inner.namespace;
+        let mut keys: Vec<String> = self.query_generation_keys(tables);
+        match rows {
+            Some(rows) => {
+                let row_keys: Vec<String> = rows
+                    .iter()
+                    .map(|row| key::row_generation(ns, row.table, &row.primary_key))
+                    .collect();
+                self.call(
+                    self.inner
+                        .store
+                        .bump_generations(&row_keys, Some(self.inner.generation_ttl)),
+                )
+                .await?;
+            }
+            None => keys.extend(tables.iter().map(|t| key::entity_generation(ns, t))),
+        }
+        self.call(self.inner.store.bump_generations(&keys, None))
+            .await
+    }
+
+    /// Invalidates after a committed write: every query of `tables`, and the entity entries of
+    /// `rows` (or of every row of `tables` when the rows are unknown). Never fails: what cannot be
+    /// delivered is remembered and retried, and blocks reads of those tables meanwhile.
+    pub(crate) async fn invalidate_written(&self, tables: &[String], rows: Option<&[RowKey]>) {
+        bump(&self.inner.stats.invalidations);
+        if self.bump_tables(tables, rows).await.is_err() {
+            let mut pending = self.lock_undelivered();
+            pending.extend(tables.iter().cloned());
+            self.inner.has_undelivered.store(true, Ordering::Release);
+        } else {
+            self.deliver_pending().await;
+        }
+    }
+
+    /// Answers a read from the store when a fresh entry exists, otherwise from `fill`, and
+    /// stores the result tagged with the generations read *before* `fill` ran.
+    pub(crate) async fn read_through<T, F, Fut>(&self, lookup: Lookup, fill: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = diesel::QueryResult<T>>,
+    {
+        let stats = &self.inner.stats;
+        let blocked = !self.deliver_pending().await && self.is_undelivered(&lookup.tables);
+        if lookup.policy == Policy::Bypass || blocked {
+            bump(&stats.bypasses);
+            return Ok(fill().await?);
+        }
+        let mut tags = None;
+        if lookup.policy != Policy::Refresh {
+            let fetched = match self
+                .call(self.inner.store.fetch(&lookup.key, &lookup.generations))
+                .await
+            {
+                Ok(fetched) => fetched,
+                Err(_) => {
+                    bump(&stats.bypasses);
+                    return Ok(fill().await?);
+                }
+            };
+            let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
+            if let (Some(bytes), Some(current)) = (&fetched.entry, &current) {
+                match codec::decode::<T>(bytes, current) {
+                    Ok(value) => {
+                        bump(&stats.hits);
+                        return Ok(value);
+                    }
+                    Err(Reject::Corrupt) => bump(&stats.corrupt_entries),
+                    Err(Reject::Outdated) => {}
+                }
+            }
+            tags = current;
+        }
+        if lookup.policy == Policy::ReadOnly {
+            bump(&stats.bypasses);
+            return Ok(fill().await?);
+        }
+        let tags = match tags {
+            Some(tags) => tags,
+            None => {
+                let ensured = self
+                    .call(
+                        self.inner
+                            .store
+                            .ensure_generations(&lookup.generations, lookup.generation_ttl),
+                    )
+                    .await;
+                match ensured {
+                    Ok(tags) => tags,
+                    Err(_) => {
+                        bump(&stats.bypasses);
+                        return Ok(fill().await?);
+                    }
+                }
+            }
+        };
+        let value = fill().await?;
+        if lookup.policy == Policy::Refresh {
+            bump(&stats.bypasses);
+        } else {
+            bump(&stats.misses);
+        }
+        if let Some(bytes) = codec::encode(&tags, &value) {
+            // A failed store write only costs a later miss.
+            let _ = self
+                .call(self.inner.store.put(&lookup.key, bytes, lookup.ttl))
+                .await;
+        }
+        Ok(value)
+    }
+}
+
+static DEFAULT: OnceLock<Cache> = OnceLock::new();
+
+/// Installs the process-wide default cache used by `.cached()`, the write helpers and
+/// [`find`](crate::find). Call it once at start-up, before the first cached call; a second call
+/// (or a call after the default was already created on first use) returns the cache back as
+/// the error.
+///
+/// ```
+/// let cache = diesel_memclone::Cache::builder().namespace("demo").build()?;
+/// let _ = diesel_memclone::install(cache); // Err(cache) if a default was already in place
+/// # Ok::<(), diesel_memclone::Error>(())
+/// ```
+pub fn install(cache: Cache) -> std::result::Result<(), Cache> {
+    DEFAULT.set(cache)
+}
+
+/// The process-wide default cache: the one [`install`]ed, or else an in-process cache with
+/// default options, created on first use.
+pub fn cache() -> &'static Cache {
+    DEFAULT.get_or_init(Cache::in_memory)
+}

@@ -1,0 +1,92 @@
+//! The crate's one error type.
+
+use std::fmt;
+
+/// Everything that can go wrong in diesel-memclone.
+///
+/// Store failures never appear here on the read or write paths: the cache fails open (the
+/// database answers and the write succeeds). They surface only where a caller asked the store
+/// for something directly, such as building a cache against an unreachable Redis.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database returned an error (including [`diesel::result::Error::NotFound`]).
+    Database(diesel::result::Error),
+    /// The store could not be reached or answered with an error.
+    Store(StoreError),
+    /// The cache was configured with a value it cannot use.
+    Config(String),
+    /// A memclone write ran inside a transaction that memclone does not manage, so the
+    /// invalidation could not be deferred to the commit. Use [`crate::transaction`].
+    UnmanagedTransaction,
+}
+
+/// A `Result` whose error defaults to [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Database(e) => write!(f, "database error: {e}"),
+            Error::Store(e) => write!(f, "cache store error: {e}"),
+            Error::Config(msg) => write!(f, "invalid cache configuration: {msg}"),
+            Error::UnmanagedTransaction => f.write_str(
+                "a memclone write ran inside a transaction opened outside memclone; \
+                 open it with `diesel_memclone::transaction` so that invalidation waits for the commit",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Database(e) => Some(e),
+            Error::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<diesel::result::Error> for Error {
+    fn from(e: diesel::result::Error) -> Self {
+        Error::Database(e)
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Store(e)
+    }
+}
+
+impl Error {
+    /// True when the database reported that no row matched.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Database(diesel::result::Error::NotFound))
+    }
+}
+
+/// A failure of a [`Store`](crate::store::Store).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store did not answer within the configured timeout.
+    Timeout,
+    /// The store is marked unavailable after a recent failure; it is retried after a cool-down.
+    Unavailable,
+    /// The store answered with an error, or the connection failed.
+    Backend(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Timeout => f.write_str("the store did not answer in time"),
+            StoreError::Unavailable => f.write_str("the store is cooling down after a failure"),
+            StoreError::Backend(msg) => f.write_str(msg),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}

@@ -1,0 +1,313 @@
+//! Key layout, stable hashing, and the tables a statement reads or writes.
+//!
+//! Every key starts with the namespace and carries a Redis Cluster hash tag (`{...}`) so that
+//! what belongs together shares a slot:
+//!
+//! | key | what |
+//! |---|---|
+//! | `ns:{t:users}:qgen` | generation of every cached query that reads `users` |
+//! | `ns:{t:users}:egen` | generation of every entity entry of `users` (bumped by writes whose rows are unknown) |
+//! | `ns:{r:users:1}:gen` | generation of the row `users` / `1` |
+//! | `ns:{r:users:1}:e:<fingerprint>` | the entity entry of that row |
+//! | `ns:{q:<hash>}:<label>` | a cached query result |
+
+use std::fmt::Write as _;
+use xxhash_rust::xxh3::Xxh3;
+
+/// Builds a stable 128-bit hash (xxh3) of length-prefixed parts, as 32 hex digits.
+///
+/// xxh3 is specified and stable across processes, platforms and releases, unlike
+/// `std::hash::DefaultHasher`; that is what lets several processes share entries.
+pub(crate) fn stable_hash(parts: &[&[u8]]) -> String {
+    let mut hasher = Xxh3::new();
+    for part in parts {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    format!("{:032x}", hasher.digest128())
+}
+
+/// A 64-bit stable hash of a string (fingerprints).
+pub fn hash64(text: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+}
+
+/// Makes text safe inside a key: no hash-tag braces, no whitespace, `%` escaped.
+pub(crate) fn escape(text: &str, out: &mut String) {
+    for c in text.chars() {
+        match c {
+            '{' | '}' | '%' | ':' => {
+                let _ = write!(out, "%{:02X}", c as u32);
+            }
+            c if c.is_whitespace() || c.is_control() => {
+                let _ = write!(out, "%{:02X}", (c as u32) & 0xff);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+pub(crate) fn query_generation(ns: &str, table: &str) -> String {
+    let mut key = format!("{ns}:{{t:");
+    escape(table, &mut key);
+    key.push_str("}:qgen");
+    key
+}
+
+pub(crate) fn entity_generation(ns: &str, table: &str) -> String {
+    let mut key = format!("{ns}:{{t:");
+    escape(table, &mut key);
+    key.push_str("}:egen");
+    key
+}
+
+fn row_prefix(ns: &str, table: &str, pk: &str) -> String {
+    let mut key = format!("{ns}:{{r:");
+    escape(table, &mut key);
+    key.push(':');
+    escape(pk, &mut key);
+    key.push('}');
+    key
+}
+
+pub(crate) fn row_generation(ns: &str, table: &str, pk: &str) -> String {
+    let mut key = row_prefix(ns, table, pk);
+    key.push_str(":gen");
+    key
+}
+
+pub(crate) fn entity_entry(ns: &str, table: &str, pk: &str, fingerprint: u64) -> String {
+    let mut key = row_prefix(ns, table, pk);
+    let _ = write!(key, ":e:{fingerprint:016x}");
+    key
+}
+
+pub(crate) fn query_entry(ns: &str, hash: &str, label: &str) -> String {
+    let mut key = format!("{ns}:{{q:{hash}}}:");
+    escape(label, &mut key);
+    key
+}
+
+/// The SQL part of `diesel::debug_query` output, without the trailing bind list.
+pub(crate) fn sql_part(debug: &str) -> &str {
+    match debug.find(" -- binds: ") {
+        Some(end) => &debug[..end],
+        None => debug,
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Token {
+    Ident(String),
+    Word(String),
+    Dot,
+    Comma,
+    Other,
+}
+
+fn tokenize(sql: &str) -> Vec<Token> {
+    let mut tokens = Vec::new();
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '`' => {
+                let mut name = String::new();
+                while let Some(n) = chars.next() {
+                    if n == c {
+                        // A doubled quote is an escaped quote inside the name.
+                        if chars.peek() == Some(&c) {
+                            chars.next();
+                            name.push(c);
+                            continue;
+                        }
+                        break;
+                    }
+                    name.push(n);
+                }
+                tokens.push(Token::Ident(name.to_lowercase()));
+            }
+            '\'' => {
+                // A string literal: skip it whole.
+                while let Some(n) = chars.next() {
+                    if n == '\'' {
+                        if chars.peek() == Some(&'\'') {
+                            chars.next();
+                            continue;
+                        }
+                        break;
+                    }
+                }
+                tokens.push(Token::Other);
+            }
+            '.' => tokens.push(Token::Dot),
+            ',' => tokens.push(Token::Comma),
+            c if c.is_alphanumeric() || c == '_' => {
+                let mut word = String::from(c);
+                while let Some(&n) = chars.peek() {
+                    if n.is_alphanumeric() || n == '_' || n == '$' {
+                        word.push(n);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                tokens.push(Token::Word(word.to_lowercase()));
+            }
+            c if c.is_whitespace() => {}
+            _ => tokens.push(Token::Other),
+        }
+    }
+    tokens
+}
+
+const TABLE_KEYWORDS: &[&str] = &["from", "join", "update", "into"];
+const CLAUSE_KEYWORDS: &[&str] = &[
+    "where",
+    "on",
+    "group",
+    "order",
+    "limit",
+    "having",
+    "select",
+    "set",
+    "values",
+    "union",
+    "offset",
+    "using",
+    "returning",
+    "window",
+    "for",
+];
+
+/// Every table a statement may read, from its SQL text (lower-cased, unquoted).
+///
+/// Over-approximates on purpose: a name that is not a table only costs one more generation read,
+/// while a missed table would be a stale read. Counted: quoted names that qualify a column
+/// (`"users"."id"`) and names that follow `FROM`, `JOIN`, `UPDATE`, `INTO` (with an optional
+/// schema, and comma-separated lists after `FROM`).
+pub(crate) fn tables_in_sql(sql: &str) -> Vec<String> {
+    let tokens = tokenize(sql);
+    let mut tables: Vec<String> = Vec::new();
+    let mut push = |name: &str| {
+        if !tables.iter().any(|t| t == name) {
+            tables.push(name.to_owned());
+        }
+    };
+    let mut in_from_list = false;
+    for (i, token) in tokens.iter().enumerate() {
+        let name = match token {
+            Token::Ident(name) => name.as_str(),
+            Token::Word(word) => {
+                if TABLE_KEYWORDS.contains(&word.as_str()) {
+                    in_from_list = word == "from";
+                } else if CLAUSE_KEYWORDS.contains(&word.as_str()) {
+                    in_from_list = false;
+                }
+                word.as_str()
+            }
+            Token::Comma | Token::Dot => continue,
+            Token::Other => {
+                in_from_list = false;
+                continue;
+            }
+        };
+        let previous = i.checked_sub(1).map(|p| &tokens[p]);
+        let after_keyword =
+            matches!(previous, Some(Token::Word(w)) if TABLE_KEYWORDS.contains(&w.as_str()));
+        let qualifies = matches!(token, Token::Ident(_)) && tokens.get(i + 1) == Some(&Token::Dot);
+        let schema_qualified = previous == Some(&Token::Dot)
+            && i >= 3
+            && matches!(&tokens[i - 3], Token::Word(w) if TABLE_KEYWORDS.contains(&w.as_str()));
+        let listed = in_from_list && previous == Some(&Token::Comma);
+        let is_keyword = matches!(token, Token::Word(w) if TABLE_KEYWORDS.contains(&w.as_str()));
+        if !is_keyword && (after_keyword || qualifies || schema_qualified || listed) {
+            push(name);
+        }
+    }
+    tables
+}
+
+/// The table an `INSERT`/`REPLACE`/`UPDATE`/`DELETE` statement writes.
+pub(crate) fn written_table(sql: &str) -> Option<String> {
+    let tokens = tokenize(sql);
+    let start = tokens.iter().position(|t| {
+        matches!(t, Token::Word(w) if matches!(w.as_str(), "insert" | "replace" | "update" | "delete"))
+    })?;
+    let mut rest = tokens[start + 1..].iter().filter(|t| {
+        !matches!(t, Token::Word(w) if matches!(w.as_str(), "into" | "from" | "ignore" | "or" | "low_priority"))
+    });
+    let mut name = match rest.next()? {
+        Token::Ident(n) | Token::Word(n) => n.clone(),
+        _ => return None,
+    };
+    // `"schema"."table"`: the table is the last part.
+    while let (Some(Token::Dot), Some(Token::Ident(n) | Token::Word(n))) =
+        (rest.next(), rest.next())
+    {
+        name = n.clone();
+    }
+    Some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_of_diesel_selects() {
+        let pg = r#"SELECT "users"."id", "posts"."title" FROM ("users" INNER JOIN "posts" ON ("posts"."user_id" = "users"."id")) WHERE ("users"."status" = $1)"#;
+        assert_eq!(tables_in_sql(pg), vec!["users", "posts"]);
+        let count = r#"SELECT COUNT(*) FROM "users""#;
+        assert_eq!(tables_in_sql(count), vec!["users"]);
+        let mysql = "SELECT COUNT(*) FROM `users` WHERE `users`.`id` IN (SELECT `comments`.`user_id` FROM `comments`)";
+        assert_eq!(tables_in_sql(mysql), vec!["users", "comments"]);
+        let schema = r#"SELECT COUNT(*) FROM "app"."Accounts""#;
+        assert!(tables_in_sql(schema).contains(&"accounts".to_string()));
+        let raw =
+            "select * from users u, orders o join items on items.id = o.item where name = 'from x'";
+        let found = tables_in_sql(raw);
+        for t in ["users", "orders", "items"] {
+            assert!(found.contains(&t.to_string()), "{t} missing from {found:?}");
+        }
+        assert!(!found.contains(&"x".to_string()));
+    }
+
+    #[test]
+    fn written_tables() {
+        assert_eq!(
+            written_table(r#"UPDATE "users" SET "name" = $1"#).as_deref(),
+            Some("users")
+        );
+        assert_eq!(
+            written_table("INSERT INTO `posts` (`a`) VALUES (?)").as_deref(),
+            Some("posts")
+        );
+        assert_eq!(
+            written_table(r#"DELETE FROM "a"."b" WHERE 1"#).as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            written_table("INSERT OR IGNORE INTO `t` DEFAULT VALUES").as_deref(),
+            Some("t")
+        );
+        assert_eq!(written_table("SELECT 1"), None);
+    }
+
+    #[test]
+    fn keys_escape_braces_and_carry_tags() {
+        let key = row_generation("app", "users", "\"a}b\"");
+        assert_eq!(key, "app:{r:users:\"a%7Db\"}:gen");
+        assert_eq!(query_generation("app", "users"), "app:{t:users}:qgen");
+        assert!(
+            query_entry("app", "00ff", "active users").starts_with("app:{q:00ff}:active%20users")
+        );
+    }
+
+    #[test]
+    fn hash_is_stable() {
+        // Pinned: a change here silently splits every deployed cache.
+        assert_eq!(stable_hash(&[b"a", b"bc"]), stable_hash(&[b"a", b"bc"]));
+        assert_ne!(stable_hash(&[b"a", b"bc"]), stable_hash(&[b"ab", b"c"]));
+        assert_eq!(hash64("x"), xxhash_rust::xxh3::xxh3_64(b"x"));
+    }
+}

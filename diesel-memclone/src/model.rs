@@ -1,0 +1,155 @@
+//! The traits `#[derive(MemClone)]` and `#[derive(CacheValue)]` implement.
+
+use serde::{de::DeserializeOwned, Serialize};
+use std::fmt::Debug;
+
+/// A row of a table, named by table and primary key, as written into entity keys.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct RowKey {
+    /// The table's SQL name (lower case, unquoted).
+    pub table: &'static str,
+    /// The primary key, rendered with `Debug` (stable for integers, strings and tuples).
+    pub primary_key: String,
+}
+
+impl RowKey {
+    /// A row key from its parts.
+    pub fn new(table: &'static str, primary_key: impl Debug) -> Self {
+        Self {
+            table,
+            primary_key: format!("{primary_key:?}"),
+        }
+    }
+}
+
+/// A value that can be cached: it can be stored, has a stable shape fingerprint, and knows the
+/// tables and rows it was read from.
+///
+/// Implemented for scalars, `String`, `Vec<T>`, `Option<T>`, tuples of up to 8 elements and
+/// every `#[derive(MemClone)]` model. `#[derive(CacheValue)]` implements it for other structs
+/// (a select of a few columns, a join's row).
+pub trait CacheValue: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// A stable hash of the value's shape (field names and types). It is part of every key, so
+    /// changing a struct makes its old entries unreachable instead of misread.
+    fn fingerprint() -> u64;
+
+    /// Adds the tables whose models appear in this type. A query over such a value depends on
+    /// them in addition to the tables its SQL names.
+    fn tables(_out: &mut Vec<&'static str>) {}
+
+    /// Adds the rows this value holds (for writes that return rows: only those rows' entity
+    /// entries are evicted, rather than every entity entry of the table).
+    fn rows(&self, _out: &mut Vec<RowKey>) {}
+}
+
+/// A Diesel model whose rows are cached by primary key. Implement it with `#[derive(MemClone)]`.
+pub trait MemClone: CacheValue {
+    /// The model's name (the struct name, or `#[memclone(name = "...")]`).
+    const NAME: &'static str;
+    /// The table's SQL name.
+    const TABLE: &'static str;
+    /// The shape the fingerprint is computed from: table, fields and their types.
+    const SHAPE: &'static str;
+    /// The model's entry lifetime in seconds (`#[memclone(ttl = 60)]`), if it has its own.
+    const TTL_SECONDS: Option<u64>;
+    /// The primary key (a tuple for a composite key).
+    type PrimaryKey: Debug + Clone + Send + Sync + 'static;
+    /// The Diesel query that loads one row by primary key (`table.find(pk)`).
+    type FindQuery: Send + 'static;
+
+    /// This row's primary key.
+    fn primary_key(&self) -> Self::PrimaryKey;
+
+    /// The query that loads the row with this key.
+    fn find_query(primary_key: Self::PrimaryKey) -> Self::FindQuery;
+
+    /// This row's key in the store.
+    fn row_key(&self) -> RowKey {
+        RowKey::new(Self::TABLE, self.primary_key())
+    }
+}
+
+macro_rules! scalar_values {
+    ($($ty:ty),* $(,)?) => {$(
+        impl CacheValue for $ty {
+            fn fingerprint() -> u64 {
+                crate::key::hash64(stringify!($ty))
+            }
+        }
+    )*};
+}
+
+scalar_values!(
+    bool,
+    i8,
+    i16,
+    i32,
+    i64,
+    i128,
+    u8,
+    u16,
+    u32,
+    u64,
+    u128,
+    f32,
+    f64,
+    char,
+    String,
+    ()
+);
+
+impl<T: CacheValue> CacheValue for Vec<T> {
+    fn fingerprint() -> u64 {
+        crate::key::hash64("Vec").rotate_left(7) ^ T::fingerprint()
+    }
+    fn tables(out: &mut Vec<&'static str>) {
+        T::tables(out)
+    }
+    fn rows(&self, out: &mut Vec<RowKey>) {
+        self.iter().for_each(|v| v.rows(out))
+    }
+}
+
+impl<T: CacheValue> CacheValue for Option<T> {
+    fn fingerprint() -> u64 {
+        crate::key::hash64("Option").rotate_left(11) ^ T::fingerprint()
+    }
+    fn tables(out: &mut Vec<&'static str>) {
+        T::tables(out)
+    }
+    fn rows(&self, out: &mut Vec<RowKey>) {
+        if let Some(v) = self {
+            v.rows(out)
+        }
+    }
+}
+
+macro_rules! tuple_values {
+    ($($name:ident)+) => {
+        impl<$($name: CacheValue),+> CacheValue for ($($name,)+) {
+            fn fingerprint() -> u64 {
+                let mut hash = crate::key::hash64("tuple");
+                $( hash = hash.rotate_left(13) ^ $name::fingerprint(); )+
+                hash
+            }
+            fn tables(out: &mut Vec<&'static str>) {
+                $( $name::tables(out); )+
+            }
+            #[allow(non_snake_case)]
+            fn rows(&self, out: &mut Vec<RowKey>) {
+                let ($($name,)+) = self;
+                $( $name.rows(out); )+
+            }
+        }
+    };
+}
+
+tuple_values!(A);
+tuple_values!(A B);
+tuple_values!(A B C);
+tuple_values!(A B C D);
+tuple_values!(A B C D E);
+tuple_values!(A B C D E F);
+tuple_values!(A B C D E F G);
+tuple_values!(A B C D E F G H);

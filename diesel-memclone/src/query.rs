@@ -1,0 +1,261 @@
+//! `.cached(label)` on any Diesel query.
+
+use crate::cache::{cache, Cache, Lookup};
+use crate::error::Result;
+use crate::key;
+use crate::model::CacheValue;
+use crate::transaction::read_policy;
+use diesel::backend::Backend;
+use diesel::dsl::{CountStar, Limit, Select};
+use diesel::query_builder::{AsQuery, QueryFragment};
+use diesel::query_dsl::methods::{LimitDsl, SelectDsl};
+use diesel_async::methods::LoadQuery;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use std::borrow::Cow;
+use std::time::Duration;
+
+/// Adds [`cached`](CachedDsl::cached) to every Diesel query.
+pub trait CachedDsl: Sized {
+    /// Caches this query's results under `label`.
+    ///
+    /// The label names the entry for people (it shows in the key); it is not its identity:
+    /// the identity is a stable hash of the SQL text, the bind values, the backend, the result
+    /// type and its fingerprint, so the same label with other binds is another entry.
+    fn cached(self, label: impl Into<Cow<'static, str>>) -> Cached<Self> {
+        Cached {
+            query: self,
+            label: label.into(),
+            ttl: None,
+            cache: None,
+            extra_tables: Vec::new(),
+        }
+    }
+}
+
+impl<T: AsQuery> CachedDsl for T {}
+
+/// A query to be answered from the cache; made by [`CachedDsl::cached`].
+#[derive(Debug, Clone)]
+#[must_use = "a cached query does nothing until loaded"]
+pub struct Cached<Q> {
+    query: Q,
+    label: Cow<'static, str>,
+    ttl: Option<Duration>,
+    cache: Option<Cache>,
+    extra_tables: Vec<String>,
+}
+
+/// The type of `query.cached(label)`.
+pub mod dsl {
+    /// The type [`cached`](super::CachedDsl::cached) returns for a query of type `Q`.
+    pub type Cached<Q> = super::Cached<Q>;
+}
+
+/// The SQL text with binds, for a query of backend `DB`.
+fn debug_sql<DB, Q>(query: &Q) -> String
+where
+    DB: Backend + Default,
+    DB::QueryBuilder: Default,
+    Q: QueryFragment<DB>,
+{
+    diesel::debug_query::<DB, _>(query).to_string()
+}
+
+impl<Q> Cached<Q> {
+    /// How long this entry lives (default: the model's `#[memclone(ttl)]`, else the cache's).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Uses `cache` instead of the process-wide default.
+    pub fn using(mut self, cache: &Cache) -> Self {
+        self.cache = Some(cache.clone());
+        self
+    }
+
+    /// Adds a table the result depends on that the SQL does not name (a view's base table,
+    /// a function that reads another table). Writes to it will invalidate this entry.
+    pub fn depends_on(mut self, table: &str) -> Self {
+        self.extra_tables.push(table.to_lowercase());
+        self
+    }
+
+    /// Builds the lookup for a result of type `T` read by the statements `sqls`.
+    fn lookup<T: CacheValue, DB>(&self, kind: &str, sqls: &[String]) -> Lookup {
+        let cache = self.cache.as_ref().unwrap_or_else(|| cache());
+        let mut tables: Vec<String> = Vec::new();
+        let mut add = |t: &str| {
+            if !tables.iter().any(|known| known == t) {
+                tables.push(t.to_owned());
+            }
+        };
+        for sql in sqls {
+            key::tables_in_sql(key::sql_part(sql))
+                .iter()
+                .for_each(|t| add(t));
+        }
+        let mut model_tables = Vec::new();
+        T::tables(&mut model_tables);
+        model_tables.iter().for_each(|t| add(t));
+        self.extra_tables.iter().for_each(|t| add(t));
+        tables.sort();
+
+        let fingerprint = T::fingerprint().to_le_bytes();
+        let mut parts: Vec<&[u8]> = vec![
+            kind.as_bytes(),
+            std::any::type_name::<DB>().as_bytes(),
+            std::any::type_name::<T>().as_bytes(),
+            &fingerprint,
+        ];
+        parts.extend(sqls.iter().map(|s| s.as_bytes()));
+        let hash = key::stable_hash(&parts);
+        Lookup {
+            key: cache.query_key(&hash, &self.label),
+            generations: cache.query_generation_keys(&tables),
+            generation_ttl: None,
+            ttl: self.ttl.unwrap_or_else(|| cache.default_ttl()),
+            tables,
+            policy: crate::cache::Policy::ReadWrite,
+        }
+    }
+
+    fn cache(&self) -> &Cache {
+        self.cache.as_ref().unwrap_or_else(|| cache())
+    }
+
+    /// Loads every row, like Diesel's `load`.
+    pub async fn load<'q, U, C>(self, conn: &mut C) -> Result<Vec<U>>
+    where
+        C: AsyncConnection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        Q: AsQuery,
+        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        U: CacheValue + Send,
+    {
+        let (query, this) = self.split();
+        let query = query.as_query();
+        let sql = debug_sql::<C::Backend, _>(&query);
+        let mut lookup = this.lookup::<Vec<U>, C::Backend>("load", &[sql]);
+        lookup.policy = read_policy(conn, &lookup.tables);
+        let cache = this.cache();
+        cache.read_through(lookup, || query.load::<U>(conn)).await
+    }
+
+    /// Loads one row, like Diesel's `get_result`; no row is
+    /// [`Error::Database(NotFound)`](diesel::result::Error::NotFound), and that answer is
+    /// cached too (until a write to the table).
+    pub async fn get_result<'q, U, C>(self, conn: &mut C) -> Result<U>
+    where
+        C: AsyncConnection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        Q: AsQuery,
+        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        U: CacheValue + Send,
+    {
+        let (query, this) = self.split();
+        let query = query.as_query();
+        let sql = debug_sql::<C::Backend, _>(&query);
+        let mut lookup = this.lookup::<Option<U>, C::Backend>("one", &[sql]);
+        lookup.policy = read_policy(conn, &lookup.tables);
+        let cache = this.cache();
+        let found = cache
+            .read_through(lookup, || async move {
+                use diesel::OptionalExtension;
+                query.get_result::<U>(conn).await.optional()
+            })
+            .await?;
+        found.ok_or(crate::Error::Database(diesel::result::Error::NotFound))
+    }
+
+    /// The first row, like Diesel's `first` (adds `LIMIT 1`).
+    pub async fn first<'q, U, C>(self, conn: &mut C) -> Result<U>
+    where
+        C: AsyncConnection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        Q: LimitDsl,
+        Limit<Q>: AsQuery,
+        <Limit<Q> as AsQuery>::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        U: CacheValue + Send,
+    {
+        self.map(|q| q.limit(1)).get_result(conn).await
+    }
+
+    /// The number of rows, like Diesel's `.count().get_result::<i64>()`.
+    pub async fn count<'q, C>(self, conn: &mut C) -> Result<i64>
+    where
+        C: AsyncConnection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        Q: SelectDsl<CountStar>,
+        Select<Q, CountStar>: AsQuery,
+        <Select<Q, CountStar> as AsQuery>::Query:
+            QueryFragment<C::Backend> + LoadQuery<'q, C, i64> + 'q,
+    {
+        self.map(|q| q.select(diesel::dsl::count_star()))
+            .get_result(conn)
+            .await
+    }
+
+    /// A page of rows and the total count, in one entry (Sequelize's `findAndCountAll`):
+    /// `count_query` is the same filter without `LIMIT`/`OFFSET`, usually `filter.count()`.
+    pub async fn load_and_count<'q, U, CQ, C>(
+        self,
+        count_query: CQ,
+        conn: &mut C,
+    ) -> Result<(Vec<U>, i64)>
+    where
+        C: AsyncConnection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        Q: AsQuery,
+        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        CQ: AsQuery,
+        CQ::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, i64> + 'q,
+        U: CacheValue + Send,
+    {
+        let (query, this) = self.split();
+        let query = query.as_query();
+        let count_query = count_query.as_query();
+        let sqls = [
+            debug_sql::<C::Backend, _>(&query),
+            debug_sql::<C::Backend, _>(&count_query),
+        ];
+        let mut lookup = this.lookup::<(Vec<U>, i64), C::Backend>("load_and_count", &sqls);
+        lookup.policy = read_policy(conn, &lookup.tables);
+        let cache = this.cache();
+        cache
+            .read_through(lookup, || async move {
+                let rows = query.load::<U>(conn).await?;
+                let total = count_query.get_result::<i64>(conn).await?;
+                Ok((rows, total))
+            })
+            .await
+    }
+
+    /// Separates the query from the options.
+    fn split(self) -> (Q, Cached<()>) {
+        let options = Cached {
+            query: (),
+            label: self.label,
+            ttl: self.ttl,
+            cache: self.cache,
+            extra_tables: self.extra_tables,
+        };
+        (self.query, options)
+    }
+
+    /// Changes the query, keeping the label and options.
+    pub fn map<Q2>(self, f: impl FnOnce(Q) -> Q2) -> Cached<Q2> {
+        Cached {
+            query: f(self.query),
+            label: self.label,
+            ttl: self.ttl,
+            cache: self.cache,
+            extra_tables: self.extra_tables,
+        }
+    }
+}

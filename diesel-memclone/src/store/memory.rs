@@ -1,0 +1,202 @@
+//! The in-process store: the embedded default. No server, bounded memory, per-entry TTL.
+
+use super::{fresh_generation, Fetched, Store, StoreResult};
+use futures_util::future::{BoxFuture, FutureExt};
+use moka::sync::Cache as MokaCache;
+use moka::Expiry;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone)]
+enum Slot {
+    Entry(Arc<[u8]>),
+    Generation(u64),
+}
+
+#[derive(Clone)]
+struct Stored {
+    slot: Slot,
+    ttl: Option<Duration>,
+}
+
+struct PerEntryTtl;
+
+impl Expiry<String, Stored> for PerEntryTtl {
+    fn expire_after_create(&self, _: &String, value: &Stored, _: Instant) -> Option<Duration> {
+        value.ttl
+    }
+    fn expire_after_update(
+        &self,
+        _: &String,
+        value: &Stored,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        value.ttl
+    }
+}
+
+/// An in-process [`Store`], bounded by the bytes it holds.
+///
+/// Built on [moka](https://docs.rs/moka), which gives lock-free concurrent reads, per-entry
+/// expiry and size-bounded eviction (TinyLFU): the parts a hand-written map would get wrong.
+/// Evicting a generation is safe: a missing generation is recreated with a fresh value, so the
+/// entries filled under the old one simply miss.
+///
+/// ```
+/// use diesel_memclone::store::MemoryStore;
+/// let store = MemoryStore::new(64 * 1024 * 1024); // at most ~64 MiB of entries
+/// # let _ = store;
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    map: MokaCache<String, Stored>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("entries", &self.map.entry_count())
+            .field("bytes", &self.map.weighted_size())
+            .finish()
+    }
+}
+
+impl Default for MemoryStore {
+    /// A store bounded to 256 MiB.
+    fn default() -> Self {
+        Self::new(256 * 1024 * 1024)
+    }
+}
+
+impl MemoryStore {
+    /// A store that holds at most about `max_bytes` of keys and values.
+    pub fn new(max_bytes: u64) -> Self {
+        let map = MokaCache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|key: &String, value: &Stored| {
+                let size = match &value.slot {
+                    Slot::Entry(bytes) => bytes.len(),
+                    Slot::Generation(_) => 8,
+                };
+                u32::try_from(key.len() + size + 64).unwrap_or(u32::MAX)
+            })
+            .expire_after(PerEntryTtl)
+            .build();
+        Self { map }
+    }
+
+    /// Number of keys held (entries and generations); approximate while writes are in flight.
+    pub fn len(&self) -> u64 {
+        self.map.run_pending_tasks();
+        self.map.entry_count()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Overwrites a raw entry (used by tests to simulate corrupt or foreign data).
+    pub fn put_raw(&self, key: &str, bytes: &[u8], ttl: Duration) {
+        self.insert_entry(key, bytes.into(), ttl);
+    }
+
+    fn insert_entry(&self, key: &str, bytes: Arc<[u8]>, ttl: Duration) {
+        let stored = Stored {
+            slot: Slot::Entry(bytes),
+            ttl: Some(ttl),
+        };
+        self.map.insert(key.to_owned(), stored);
+    }
+
+    fn generation(&self, key: &str) -> Option<u64> {
+        match self.map.get(key)?.slot {
+            Slot::Generation(value) => Some(value),
+            Slot::Entry(_) => None,
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    fn fetch<'a>(
+        &'a self,
+        entry: &'a str,
+        generations: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<Fetched>> {
+        let entry = match self.map.get(entry).map(|s| s.slot) {
+            Some(Slot::Entry(bytes)) => Some(bytes.to_vec()),
+            _ => None,
+        };
+        let generations = generations.iter().map(|key| self.generation(key)).collect();
+        futures_util::future::ready(Ok(Fetched { entry, generations })).boxed()
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        self.insert_entry(key, value.into(), ttl);
+        futures_util::future::ready(Ok(())).boxed()
+    }
+
+    fn remove<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, StoreResult<()>> {
+        for key in keys {
+            self.map.invalidate(key);
+        }
+        futures_util::future::ready(Ok(())).boxed()
+    }
+
+    fn ensure_generations<'a>(
+        &'a self,
+        keys: &'a [String],
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, StoreResult<Vec<u64>>> {
+        let values = keys
+            .iter()
+            .map(|key| {
+                // Atomic per key: of two racing creators, one value wins and both see it.
+                let stored = self
+                    .map
+                    .entry_by_ref(key.as_str())
+                    .or_insert_with(|| Stored {
+                        slot: Slot::Generation(fresh_generation()),
+                        ttl,
+                    });
+                match stored.value().slot {
+                    Slot::Generation(value) => value,
+                    // A key of the wrong kind: replace it with a fresh generation.
+                    Slot::Entry(_) => {
+                        let value = fresh_generation();
+                        self.map.insert(
+                            key.clone(),
+                            Stored {
+                                slot: Slot::Generation(value),
+                                ttl,
+                            },
+                        );
+                        value
+                    }
+                }
+            })
+            .collect();
+        futures_util::future::ready(Ok(values)).boxed()
+    }
+
+    fn bump_generations<'a>(
+        &'a self,
+        keys: &'a [String],
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        for key in keys {
+            let stored = Stored {
+                slot: Slot::Generation(fresh_generation()),
+                ttl,
+            };
+            self.map.insert(key.clone(), stored);
+        }
+        futures_util::future::ready(Ok(())).boxed()
+    }
+}

@@ -1,0 +1,102 @@
+//! Where entries and generations live: the [`Store`] trait and its two implementations.
+
+use crate::error::StoreError;
+use futures_util::future::BoxFuture;
+use std::time::Duration;
+
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::{RedisStore, RedisStoreBuilder};
+
+/// The result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An entry and the current values of the generations it must match, read together.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Fetched {
+    /// The entry's bytes, if the key exists.
+    pub entry: Option<Vec<u8>>,
+    /// The current value of each generation key, in the order asked; `None` where missing.
+    pub generations: Vec<Option<u64>>,
+}
+
+impl Fetched {
+    /// A fetch result from its parts (for implementors of [`Store`]).
+    pub fn new(entry: Option<Vec<u8>>, generations: Vec<Option<u64>>) -> Self {
+        Self { entry, generations }
+    }
+}
+
+/// A key-value store the cache can live in.
+///
+/// Implementations must be safe to share between tasks and processes as far as their medium
+/// allows. The cache's correctness rests on four promises:
+///
+/// * [`fetch`](Store::fetch) reads the entry and the generations in one consistent step from the
+///   caller's point of view (one round trip where possible);
+/// * [`ensure_generations`](Store::ensure_generations) never overwrites an existing generation
+///   and creates a missing one with a fresh value that was never used before (never 0 or a
+///   counter that restarts);
+/// * [`bump_generations`](Store::bump_generations) replaces each generation with a fresh,
+///   never-used value;
+/// * an entry is never returned after its TTL.
+pub trait Store: Send + Sync + 'static {
+    /// Reads an entry and the current values of `generations`.
+    fn fetch<'a>(
+        &'a self,
+        entry: &'a str,
+        generations: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<Fetched>>;
+
+    /// Stores an entry for `ttl`.
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// Deletes keys (missing keys are fine).
+    fn remove<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// Returns the current value of each generation, creating missing ones with fresh values.
+    /// `ttl` bounds how long a created generation lives (`None`: until evicted or bumped).
+    fn ensure_generations<'a>(
+        &'a self,
+        keys: &'a [String],
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, StoreResult<Vec<u64>>>;
+
+    /// Sets each generation to a fresh value, which makes every entry filled under the old value
+    /// unreachable. `ttl` as in [`ensure_generations`](Store::ensure_generations).
+    fn bump_generations<'a>(
+        &'a self,
+        keys: &'a [String],
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, StoreResult<()>>;
+}
+
+/// A fresh generation value: unique across processes and restarts with overwhelming
+/// probability (64 random bits from the OS-seeded `RandomState`, mixed with a counter and the
+/// clock). Never 0, so that a zeroed or default value can never match.
+pub(crate) fn fresh_generation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static SEED: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = SEED.get_or_init(Default::default).build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    hasher.write_u64(nanos);
+    hasher.write_u32(std::process::id());
+    hasher.finish().max(1)
+}

@@ -1,0 +1,149 @@
+//! Transactions: invalidate after the commit, leave nothing behind on rollback.
+
+use crate::cache::{Cache, Policy};
+use crate::error::Error;
+use crate::model::RowKey;
+use diesel_async::{AsyncConnection, TransactionManager};
+use futures_util::future::BoxFuture;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+/// Invalidations recorded inside an open transaction, delivered after its commit.
+#[derive(Default)]
+struct Deferred {
+    writes: Vec<(Cache, Vec<String>, Option<Vec<RowKey>>)>,
+    written_tables: BTreeSet<String>,
+}
+
+tokio::task_local! {
+    static DEFERRED: Arc<Mutex<Deferred>>;
+}
+
+fn with_deferred<R>(f: impl FnOnce(&mut Deferred) -> R) -> Option<R> {
+    DEFERRED
+        .try_with(|d| f(&mut d.lock().unwrap_or_else(|e| e.into_inner())))
+        .ok()
+}
+
+/// True when `conn` is inside a transaction (or its transaction state is broken, which is
+/// treated the same way: nothing it reads may be cached).
+pub(crate) fn in_transaction<C: AsyncConnection>(conn: &mut C) -> bool {
+    let status = C::TransactionManager::transaction_manager_status_mut(conn);
+    !matches!(status.transaction_depth(), Ok(None))
+}
+
+/// How a read on `conn` over `tables` may use the cache.
+pub(crate) fn read_policy<C: AsyncConnection>(conn: &mut C, tables: &[String]) -> Policy {
+    if !in_transaction(conn) {
+        return Policy::ReadWrite;
+    }
+    let wrote = with_deferred(|d| tables.iter().any(|t| d.written_tables.contains(t)));
+    match wrote {
+        Some(true) => Policy::Bypass,
+        // Data read inside a transaction may be uncommitted or an old snapshot: serve fresh
+        // entries, never store.
+        _ => Policy::ReadOnly,
+    }
+}
+
+/// What a write must do with its invalidation.
+pub(crate) enum WriteTiming {
+    Now,
+    AfterCommit,
+}
+
+/// Decides, before a write runs, when its invalidation can be delivered.
+pub(crate) fn write_timing<C: AsyncConnection>(conn: &mut C) -> Result<WriteTiming, Error> {
+    if !in_transaction(conn) {
+        return Ok(WriteTiming::Now);
+    }
+    match with_deferred(|_| ()) {
+        Some(()) => Ok(WriteTiming::AfterCommit),
+        None => Err(Error::UnmanagedTransaction),
+    }
+}
+
+/// Records a write made inside a memclone transaction.
+pub(crate) fn defer(cache: &Cache, tables: Vec<String>, rows: Option<Vec<RowKey>>) {
+    with_deferred(|d| {
+        d.written_tables.extend(tables.iter().cloned());
+        d.writes.push((cache.clone(), tables, rows));
+    });
+}
+
+/// Runs `body` in a database transaction whose memclone writes invalidate after the commit.
+///
+/// Inside, a cached read of a table this transaction wrote goes to the database, and nothing
+/// read inside is stored for others. A rollback (an `Err` from `body`) leaves no trace in the
+/// cache. Nested calls become savepoints; their writes are delivered with the outermost commit.
+///
+/// ```
+/// # use diesel::prelude::*;
+/// # use diesel_async::{sync_connection_wrapper::SyncConnectionWrapper, AsyncConnection, RunQueryDsl};
+/// # diesel::table! { users (id) { id -> Integer, name -> Text } }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> diesel_memclone::Result<()> {
+/// # let mut conn = SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+/// # diesel::sql_query("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)").execute(&mut conn).await?;
+/// use diesel_memclone as memclone;
+/// memclone::transaction(&mut conn, |conn| {
+///     Box::pin(async move {
+///         memclone::insert_into(users::table)
+///             .values((users::id.eq(1), users::name.eq("Ada")))
+///             .execute(conn)
+///             .await?;
+///         Ok::<_, memclone::Error>(())
+///     })
+/// })
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn transaction<C, R, E, F>(conn: &mut C, body: F) -> Result<R, E>
+where
+    C: AsyncConnection,
+    F: for<'r> FnOnce(&'r mut C) -> BoxFuture<'r, Result<R, E>> + Send,
+    E: From<Error> + Send,
+    R: Send,
+{
+    let outermost = DEFERRED.try_with(|_| ()).is_err();
+    if outermost && in_transaction(conn) {
+        // A savepoint's "commit" is not a commit: invalidating then would be too early.
+        return Err(Error::UnmanagedTransaction.into());
+    }
+    if !outermost {
+        return run(conn, body).await;
+    }
+    let deferred = Arc::new(Mutex::new(Deferred::default()));
+    let result = DEFERRED.scope(deferred.clone(), run(conn, body)).await;
+    if result.is_ok() {
+        let writes = std::mem::take(&mut deferred.lock().unwrap_or_else(|e| e.into_inner()).writes);
+        for (cache, tables, rows) in writes {
+            cache.invalidate_written(&tables, rows.as_deref()).await;
+        }
+    }
+    result
+}
+
+async fn run<C, R, E, F>(conn: &mut C, body: F) -> Result<R, E>
+where
+    C: AsyncConnection,
+    F: for<'r> FnOnce(&'r mut C) -> BoxFuture<'r, Result<R, E>> + Send,
+    E: From<Error> + Send,
+{
+    C::TransactionManager::begin_transaction(conn)
+        .await
+        .map_err(Error::from)?;
+    match body(conn).await {
+        Ok(value) => {
+            C::TransactionManager::commit_transaction(conn)
+                .await
+                .map_err(Error::from)?;
+            Ok(value)
+        }
+        Err(error) => {
+            // The body's error matters more than a failed rollback.
+            let _ = C::TransactionManager::rollback_transaction(conn).await;
+            Err(error)
+        }
+    }
+}

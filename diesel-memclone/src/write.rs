@@ -1,0 +1,203 @@
+//! Invalidating writes: `insert_into`, `update`, `delete`, `replace_into` and any statement
+//! through [`write`], shaped like Diesel's own builders.
+
+use crate::cache::{cache, Cache};
+use crate::error::{Error, Result};
+use crate::key;
+use crate::model::{CacheValue, RowKey};
+use crate::transaction::{defer, write_timing, WriteTiming};
+use diesel::backend::Backend;
+use diesel::query_builder::{
+    AsChangeset, IncompleteInsertStatement, InsertStatement, IntoUpdateTarget, QueryFragment,
+    QueryId, UpdateStatement,
+};
+use diesel::query_dsl::methods::FilterDsl;
+use diesel::query_source::QuerySource;
+use diesel::{Insertable, Table};
+use diesel_async::methods::{ExecuteDsl, LoadQuery};
+use diesel_async::{AsyncConnection, RunQueryDsl};
+
+/// A Diesel write statement that invalidates the cache once it has committed.
+///
+/// Build it with [`insert_into`], [`update`], [`delete`], [`replace_into`] or [`write`], run it
+/// with [`execute`](Write::execute), [`get_result`](Write::get_result) or
+/// [`get_results`](Write::get_results). Any builder method without a forwarder here is reached
+/// through [`map`](Write::map), for example an upsert:
+/// `memclone::insert_into(users).values(&u).map(|s| s.on_conflict(id).do_update().set(&u))`.
+#[derive(Debug, Clone)]
+#[must_use = "a write does nothing until executed"]
+pub struct Write<S> {
+    statement: S,
+    cache: Option<Cache>,
+}
+
+/// `INSERT INTO target`, like [`diesel::insert_into`].
+pub fn insert_into<T: Table>(target: T) -> Write<IncompleteInsertStatement<T>> {
+    write(diesel::insert_into(target))
+}
+
+/// `REPLACE INTO target` (MySQL, SQLite), like [`diesel::replace_into`].
+pub fn replace_into<T: Table>(
+    target: T,
+) -> Write<IncompleteInsertStatement<T, diesel::query_builder::Replace>> {
+    write(diesel::replace_into(target))
+}
+
+/// `UPDATE target`, like [`diesel::update`].
+pub fn update<T: IntoUpdateTarget>(target: T) -> Write<UpdateStatement<T::Table, T::WhereClause>> {
+    write(diesel::update(target))
+}
+
+/// `DELETE FROM target`, like [`diesel::delete`].
+pub fn delete<T: IntoUpdateTarget>(
+    target: T,
+) -> Write<diesel::query_builder::DeleteStatement<T::Table, T::WhereClause>> {
+    write(diesel::delete(target))
+}
+
+/// Any complete write statement (an upsert, `insert_or_ignore_into`, a statement with
+/// `RETURNING`): the table it writes is read from its SQL.
+pub fn write<S>(statement: S) -> Write<S> {
+    Write {
+        statement,
+        cache: None,
+    }
+}
+
+impl<T, Op> Write<IncompleteInsertStatement<T, Op>> {
+    /// The rows to insert, like Diesel's `values`.
+    pub fn values<U>(self, records: U) -> Write<InsertStatement<T, U::Values, Op>>
+    where
+        T: Table,
+        U: Insertable<T>,
+    {
+        self.map(|s| s.values(records))
+    }
+}
+
+impl<T: QuerySource, U> Write<UpdateStatement<T, U>> {
+    /// The changes, like Diesel's `set`.
+    pub fn set<V>(self, values: V) -> Write<UpdateStatement<T, U, V::Changeset>>
+    where
+        T: Table,
+        V: AsChangeset<Target = T>,
+        UpdateStatement<T, U, V::Changeset>: diesel::query_builder::AsQuery,
+    {
+        self.map(|s| s.set(values))
+    }
+}
+
+impl<S> Write<S> {
+    /// Adds a `WHERE` condition (update and delete), like Diesel's `filter`.
+    pub fn filter<P>(self, predicate: P) -> Write<diesel::dsl::Filter<S, P>>
+    where
+        S: FilterDsl<P>,
+    {
+        self.map(|s| s.filter(predicate))
+    }
+
+    /// Uses `cache` instead of the process-wide default.
+    pub fn using(mut self, cache: &Cache) -> Self {
+        self.cache = Some(cache.clone());
+        self
+    }
+
+    /// Changes the statement with any Diesel builder method, keeping the cache.
+    pub fn map<S2>(self, f: impl FnOnce(S) -> S2) -> Write<S2> {
+        Write {
+            statement: f(self.statement),
+            cache: self.cache,
+        }
+    }
+
+    fn prepare<C>(&self, conn: &mut C) -> Result<(String, WriteTiming)>
+    where
+        C: AsyncConnection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        S: QueryFragment<C::Backend>,
+    {
+        let sql = diesel::debug_query::<C::Backend, _>(&self.statement).to_string();
+        let table = key::written_table(key::sql_part(&sql)).ok_or_else(|| {
+            Error::Config(format!(
+                "cannot tell which table this statement writes: {sql}"
+            ))
+        })?;
+        Ok((table, write_timing(conn)?))
+    }
+
+    async fn finish(cache: &Cache, table: String, rows: Option<Vec<RowKey>>, timing: WriteTiming) {
+        let tables = vec![table];
+        match timing {
+            WriteTiming::Now => cache.invalidate_written(&tables, rows.as_deref()).await,
+            WriteTiming::AfterCommit => defer(cache, tables, rows),
+        }
+    }
+
+    /// Runs the write, like Diesel's `execute`, and invalidates every cached query of the
+    /// written table and every entity entry of it (the rows are unknown).
+    pub async fn execute<C>(self, conn: &mut C) -> Result<usize>
+    where
+        C: AsyncConnection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        S: QueryFragment<C::Backend> + QueryId + Send + ExecuteDsl<C>,
+    {
+        let (table, timing) = self.prepare(conn)?;
+        let cache = self.cache.unwrap_or_else(|| cache().clone());
+        let written = self.statement.execute(conn).await;
+        // Invalidate even after an error: the statement may have changed rows before failing.
+        Self::finish(&cache, table, None, timing).await;
+        Ok(written?)
+    }
+
+    /// Runs a write with `RETURNING`, like Diesel's `get_results`. When the rows are the
+    /// written table's model, only their entity entries are evicted.
+    pub async fn get_results<'q, U, C>(self, conn: &mut C) -> Result<Vec<U>>
+    where
+        C: AsyncConnection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        S: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        U: CacheValue + Send,
+    {
+        let (table, timing) = self.prepare(conn)?;
+        let cache = self.cache.unwrap_or_else(|| cache().clone());
+        let result = self.statement.load::<U>(conn).await;
+        let rows = match &result {
+            Ok(values) => returned_rows(&table, values),
+            Err(_) => None,
+        };
+        Self::finish(&cache, table, rows, timing).await;
+        Ok(result?)
+    }
+
+    /// Runs a write with `RETURNING` for one row, like Diesel's `get_result`.
+    pub async fn get_result<'q, U, C>(self, conn: &mut C) -> Result<U>
+    where
+        C: AsyncConnection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        S: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        U: CacheValue + Send,
+    {
+        let mut rows = self.get_results::<U, C>(conn).await?;
+        if rows.is_empty() {
+            return Err(Error::Database(diesel::result::Error::NotFound));
+        }
+        Ok(rows.swap_remove(0))
+    }
+}
+
+/// The written rows, when the returned values are rows of the written table's model.
+fn returned_rows<U: CacheValue>(table: &str, values: &[U]) -> Option<Vec<RowKey>> {
+    let mut tables = Vec::new();
+    U::tables(&mut tables);
+    if tables.as_slice() != [table] {
+        return None;
+    }
+    let mut rows = Vec::new();
+    values.iter().for_each(|v| v.rows(&mut rows));
+    rows.retain(|r| r.table == table);
+    Some(rows)
+}

@@ -1,0 +1,285 @@
+//! Shared pieces of diesel-memclone's integration tests, examples and benches: the schema, the
+//! models, connections to the test servers, a database query counter and a cuttable Redis link.
+//! Not published.
+
+pub mod proxy;
+
+use diesel::connection::{Instrumentation, InstrumentationEvent};
+use diesel::prelude::*;
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{
+    AsyncConnection, AsyncMysqlConnection, AsyncPgConnection, SimpleAsyncConnection,
+};
+use diesel_memclone::{CacheValue, MemClone};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// The SQLite connection type the tests use.
+pub type SqliteConn = SyncConnectionWrapper<diesel::SqliteConnection>;
+
+#[allow(missing_docs)]
+pub mod schema {
+    diesel::table! {
+        users (id) {
+            id -> Integer,
+            name -> Text,
+            status -> Text,
+        }
+    }
+
+    diesel::table! {
+        posts (id) {
+            id -> Integer,
+            user_id -> Integer,
+            title -> Text,
+        }
+    }
+
+    diesel::table! {
+        memberships (org_id, user_id) {
+            org_id -> Integer,
+            user_id -> Integer,
+            role -> Text,
+        }
+    }
+
+    diesel::joinable!(posts -> users (user_id));
+    diesel::allow_tables_to_appear_in_same_query!(users, posts, memberships);
+}
+
+use schema::{memberships, posts, users};
+
+/// A user.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    Selectable,
+    Identifiable,
+    Insertable,
+    Serialize,
+    Deserialize,
+    MemClone,
+)]
+#[diesel(table_name = users)]
+pub struct User {
+    /// Primary key.
+    pub id: i32,
+    /// Display name.
+    pub name: String,
+    /// `active` or anything else.
+    pub status: String,
+}
+
+/// A post, belonging to a user.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    Selectable,
+    Identifiable,
+    Insertable,
+    Associations,
+    Serialize,
+    Deserialize,
+    MemClone,
+)]
+#[diesel(table_name = posts, belongs_to(User))]
+#[memclone(ttl = 600)]
+pub struct Post {
+    /// Primary key.
+    pub id: i32,
+    /// Author.
+    pub user_id: i32,
+    /// Title.
+    pub title: String,
+}
+
+/// A membership, with a composite primary key.
+#[derive(
+    Debug, Clone, PartialEq, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone,
+)]
+#[diesel(table_name = memberships, primary_key(org_id, user_id))]
+pub struct Membership {
+    /// Organisation.
+    pub org_id: i32,
+    /// Member.
+    pub user_id: i32,
+    /// Role in the organisation.
+    pub role: String,
+}
+
+/// A user's name and post count: a result that is not a model.
+#[derive(Debug, Clone, PartialEq, Queryable, Serialize, Deserialize, CacheValue)]
+pub struct NameCount {
+    /// The user's name.
+    pub name: String,
+    /// How many posts.
+    pub posts: i64,
+}
+
+/// Counts the SQL statements a connection runs.
+#[derive(Clone, Default, Debug)]
+pub struct QueryCounter(Arc<AtomicUsize>);
+
+impl QueryCounter {
+    /// Statements run so far.
+    pub fn get(&self) -> usize {
+        AtomicUsize::load(&self.0, Ordering::SeqCst)
+    }
+
+    /// Attaches the counter to a connection.
+    pub fn attach<C: AsyncConnection>(&self, conn: &mut C) {
+        conn.set_instrumentation(self.clone());
+    }
+}
+
+impl Instrumentation for QueryCounter {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        if let InstrumentationEvent::StartQuery { .. } = event {
+            AtomicUsize::fetch_add(&self.0, 1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// True when CI demands every server (`MEMCLONE_REQUIRE_SERVERS=1`).
+pub fn servers_required() -> bool {
+    std::env::var("MEMCLONE_REQUIRE_SERVERS").is_ok_and(|v| v == "1" || v == "true")
+}
+
+/// Reports a missing server: a failure under `MEMCLONE_REQUIRE_SERVERS=1`, a loud skip otherwise.
+pub fn server_missing(what: &str, error: impl std::fmt::Display) {
+    if servers_required() {
+        panic!("{what} is required (MEMCLONE_REQUIRE_SERVERS=1) but unreachable: {error}");
+    }
+    eprintln!("\n!!! SKIPPED: {what} unreachable ({error}); set MEMCLONE_REQUIRE_SERVERS=1 to fail instead\n");
+}
+
+/// PostgreSQL URL: `DATABASE_URL` or the local test database.
+pub fn postgres_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// MySQL/MariaDB URL: `MYSQL_URL` or the local test database.
+pub fn mysql_url() -> String {
+    std::env::var("MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+/// Redis URL: `REDIS_URL` or the local server.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A name unique to this process and call, for schemas, databases and namespaces.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+const PG_TABLES: &str = "
+    CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+    CREATE TABLE posts (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL, title TEXT NOT NULL);
+    CREATE TABLE memberships (org_id INTEGER NOT NULL, user_id INTEGER NOT NULL, role TEXT NOT NULL,
+                              PRIMARY KEY (org_id, user_id));";
+
+const MYSQL_TABLES: &str = "
+    CREATE TABLE users (id INTEGER PRIMARY KEY, name VARCHAR(255) NOT NULL, status VARCHAR(64) NOT NULL);
+    CREATE TABLE posts (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL, title VARCHAR(255) NOT NULL);
+    CREATE TABLE memberships (org_id INTEGER NOT NULL, user_id INTEGER NOT NULL, role VARCHAR(64) NOT NULL,
+                              PRIMARY KEY (org_id, user_id));";
+
+/// A PostgreSQL connection in a fresh schema of its own (so tests run in parallel), or `None`
+/// (reported) when the server is unreachable.
+pub async fn postgres(schema: &str) -> Option<AsyncPgConnection> {
+    let mut conn = match AsyncPgConnection::establish(&postgres_url()).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            server_missing("PostgreSQL", e);
+            return None;
+        }
+    };
+    let setup = format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path TO {schema}; {PG_TABLES}"
+    );
+    conn.batch_execute(&setup)
+        .await
+        .expect("create the test schema");
+    Some(conn)
+}
+
+/// Another connection to a schema made by [`postgres`].
+pub async fn postgres_again(schema: &str) -> AsyncPgConnection {
+    let mut conn = AsyncPgConnection::establish(&postgres_url())
+        .await
+        .expect("connect");
+    conn.batch_execute(&format!("SET search_path TO {schema}"))
+        .await
+        .expect("search_path");
+    conn
+}
+
+/// A MariaDB/MySQL connection in a fresh database of its own, or `None` (reported).
+pub async fn mysql(database: &str) -> Option<AsyncMysqlConnection> {
+    let mut conn = match AsyncMysqlConnection::establish(&mysql_url()).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            server_missing("MariaDB/MySQL", e);
+            return None;
+        }
+    };
+    let setup = format!("DROP DATABASE IF EXISTS {database}; CREATE DATABASE {database}; USE {database}; {MYSQL_TABLES}");
+    conn.batch_execute(&setup)
+        .await
+        .expect("create the test database");
+    Some(conn)
+}
+
+/// An in-memory SQLite connection with the tables.
+pub async fn sqlite() -> SqliteConn {
+    let mut conn = SqliteConn::establish(":memory:")
+        .await
+        .expect("open SQLite");
+    conn.batch_execute(PG_TABLES).await.expect("create tables");
+    conn
+}
+
+/// A Redis store on the test server, or `None` (reported) when it is unreachable.
+pub async fn redis_store() -> Option<diesel_memclone::store::RedisStore> {
+    redis_store_at(&redis_url()).await
+}
+
+/// A Redis store at `url`, checked with a PING, or `None` (reported).
+pub async fn redis_store_at(url: &str) -> Option<diesel_memclone::store::RedisStore> {
+    let store = diesel_memclone::store::RedisStore::builder(url)
+        .build()
+        .expect("valid URL");
+    let ping = async {
+        let mut conn = store.pool().get().await.map_err(|e| e.to_string())?;
+        diesel_memclone::deadpool_redis::redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match ping.await {
+        Ok(_) => Some(store),
+        Err(e) => {
+            server_missing("Redis", e);
+            None
+        }
+    }
+}
+
+/// Silences the unused warning on `memberships` when a test does not use it.
+pub fn _uses(_: memberships::table, _: posts::table) {}
