@@ -82,7 +82,7 @@ impl<Q> Cached<Q> {
     }
 
     /// Builds the lookup for a result of type `T` read by the statements `sqls`.
-    fn lookup<T: CacheValue, DB>(&self, kind: &str, sqls: &[String]) -> Lookup {
+    fn lookup<T: CacheValue, DB>(&self, kind: &str, sqls: &[String], scan_sql: bool) -> Lookup {
         let cache = self.cache.as_ref().unwrap_or_else(|| cache());
         let mut tables: Vec<String> = Vec::new();
         let mut add = |t: &str| {
@@ -90,7 +90,7 @@ impl<Q> Cached<Q> {
                 tables.push(t.to_owned());
             }
         };
-        for sql in sqls {
+        for sql in sqls.iter().filter(|_| scan_sql) {
             key::tables_in_sql(key::sql_part(sql))
                 .iter()
                 .for_each(|t| add(t));
@@ -137,7 +137,7 @@ impl<Q> Cached<Q> {
         let (query, this) = self.split();
         let query = query.as_query();
         let sql = debug_sql::<C::Backend, _>(&query);
-        let mut lookup = this.lookup::<Vec<U>, C::Backend>("load", &[sql]);
+        let mut lookup = this.lookup::<Vec<U>, C::Backend>("load", &[sql], true);
         lookup.policy = read_policy(conn, &lookup.tables);
         let cache = this.cache();
         cache.read_through(lookup, || query.load::<U>(conn)).await
@@ -158,7 +158,7 @@ impl<Q> Cached<Q> {
         let (query, this) = self.split();
         let query = query.as_query();
         let sql = debug_sql::<C::Backend, _>(&query);
-        let mut lookup = this.lookup::<Option<U>, C::Backend>("one", &[sql]);
+        let mut lookup = this.lookup::<Option<U>, C::Backend>("one", &[sql], true);
         lookup.policy = read_policy(conn, &lookup.tables);
         let cache = this.cache();
         let found = cache
@@ -224,7 +224,7 @@ impl<Q> Cached<Q> {
             debug_sql::<C::Backend, _>(&query),
             debug_sql::<C::Backend, _>(&count_query),
         ];
-        let mut lookup = this.lookup::<(Vec<U>, i64), C::Backend>("load_and_count", &sqls);
+        let mut lookup = this.lookup::<(Vec<U>, i64), C::Backend>("load_and_count", &sqls, true);
         lookup.policy = read_policy(conn, &lookup.tables);
         let cache = this.cache();
         cache
@@ -257,5 +257,42 @@ impl<Q> Cached<Q> {
             cache: self.cache,
             extra_tables: self.extra_tables,
         }
+    }
+}
+
+impl Cache {
+    /// Caches any value computed from the database, such as users with their posts,
+    /// `(User, Vec<Post>)`, built from `belonging_to` and `grouped_by`.
+    ///
+    /// The identity is `label`, `key`, the value's type and its fingerprint: put every input of
+    /// the computation in `key`. The value depends on the tables of the models its type holds,
+    /// plus `extra_tables`; a write to any of them invalidates it.
+    pub async fn load_with<T, C, F>(
+        &self,
+        label: &str,
+        key: &str,
+        extra_tables: &[&str],
+        conn: &mut C,
+        fill: F,
+    ) -> Result<T>
+    where
+        T: CacheValue,
+        C: AsyncConnection,
+        F: for<'r> FnOnce(&'r mut C) -> futures_util::future::BoxFuture<'r, diesel::QueryResult<T>>,
+    {
+        let mut options = Cached {
+            query: (),
+            label: Cow::Owned(label.to_owned()),
+            ttl: None,
+            cache: Some(self.clone()),
+            extra_tables: Vec::new(),
+        };
+        for table in extra_tables {
+            options = options.depends_on(table);
+        }
+        // The key is not SQL: only the model tables and the extra tables count.
+        let mut lookup = options.lookup::<T, ()>("value", &[key.to_owned()], false);
+        lookup.policy = read_policy(conn, &lookup.tables);
+        self.read_through(lookup, || fill(conn)).await
     }
 }

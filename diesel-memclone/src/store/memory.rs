@@ -97,6 +97,14 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// Every key held, for inspection (for example, to see what a query stored).
+    pub fn keys(&self) -> Vec<String> {
+        self.map
+            .iter()
+            .map(|(key, _)| key.as_ref().clone())
+            .collect()
+    }
+
     /// Overwrites a raw entry (used by tests to simulate corrupt or foreign data).
     pub fn put_raw(&self, key: &str, bytes: &[u8], ttl: Duration) {
         self.insert_entry(key, bytes.into(), ttl);
