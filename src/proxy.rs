@@ -32,6 +32,8 @@ impl Proxy {
                     continue;
                 }
                 let mut cuts = cuts.clone();
+                // Only cuts after this connection was accepted end it.
+                cuts.borrow_and_update();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(upstream).await else {
                         return;
