@@ -12,6 +12,8 @@ use std::fmt;
 pub enum Error {
     /// The database returned an error (including [`diesel::result::Error::NotFound`]).
     Database(diesel::result::Error),
+    /// A database connection could not be established.
+    Connection(diesel::ConnectionError),
     /// The store could not be reached or answered with an error.
     Store(StoreError),
     /// The cache was configured with a value it cannot use.
@@ -28,6 +30,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Database(e) => write!(f, "database error: {e}"),
+            Error::Connection(e) => write!(f, "database connection error: {e}"),
             Error::Store(e) => write!(f, "cache store error: {e}"),
             Error::Config(msg) => write!(f, "invalid cache configuration: {msg}"),
             Error::UnmanagedTransaction => f.write_str(
@@ -42,6 +45,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Database(e) => Some(e),
+            Error::Connection(e) => Some(e),
             Error::Store(e) => Some(e),
             _ => None,
         }
@@ -51,6 +55,12 @@ impl std::error::Error for Error {
 impl From<diesel::result::Error> for Error {
     fn from(e: diesel::result::Error) -> Self {
         Error::Database(e)
+    }
+}
+
+impl From<diesel::ConnectionError> for Error {
+    fn from(e: diesel::ConnectionError) -> Self {
+        Error::Connection(e)
     }
 }
 

@@ -1,4 +1,59 @@
-#![doc = include_str!("../../README.md")]
+//! Keep the hot part of a Diesel database in Redis or in process memory, invalidated by every
+//! write that goes through memclone.
+//!
+//! * `#[derive(MemClone)]` on a model gives it entity keys, a schema fingerprint and
+//!   `Model::find_cached`;
+//! * [`CachedDsl::cached`] on any query: `users.filter(..).cached("label").load(&mut conn)`;
+//! * [`insert_into`], [`update`], [`delete`], [`replace_into`] and [`write`] run the write and
+//!   then invalidate every cached query of the written table (one O(1) generation bump) and the
+//!   written rows' entity entries;
+//! * two stores: [`store::MemoryStore`] (the embedded default) and [`store::RedisStore`].
+//!
+//! # Example
+//!
+//! SQLite in memory and the in-process store: no server needed.
+//!
+//! ```
+//! use diesel::prelude::*;
+//! use diesel_async::{sync_connection_wrapper::SyncConnectionWrapper, AsyncConnection, RunQueryDsl};
+//! use diesel_memclone::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+//!
+//! #[derive(Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone, Debug)]
+//! #[diesel(table_name = users)]
+//! struct User { id: i32, name: String, status: String }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> diesel_memclone::Result<()> {
+//! let mut conn = SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+//! # diesel::sql_query("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL)")
+//! #     .execute(&mut conn).await?;
+//! let ada = User { id: 1, name: "Ada".into(), status: "active".into() };
+//! diesel_memclone::insert_into(users::table).values(&ada).execute(&mut conn).await?;
+//!
+//! // A miss fills the cache; the same query again is a hit.
+//! let active: Vec<User> = users::table
+//!     .filter(users::status.eq("active"))
+//!     .cached("active")
+//!     .load(&mut conn)
+//!     .await?;
+//! assert_eq!(active.len(), 1);
+//! let one = User::find_cached(&mut conn, 1).await?;
+//! assert_eq!(one.name, "Ada");
+//!
+//! // A write through memclone invalidates every cached query of `users` and evicts row 1.
+//! diesel_memclone::update(users::table.filter(users::id.eq(1)))
+//!     .set(users::name.eq("Ada L."))
+//!     .execute(&mut conn)
+//!     .await?;
+//! assert_eq!(User::find_cached(&mut conn, 1).await?.name, "Ada L.");
+//! # Ok(()) }
+//! ```
+//!
+//! See the README for the contract (what is guaranteed fresh, and when), Redis set-up, and the
+//! options.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cache;

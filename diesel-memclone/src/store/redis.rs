@@ -217,7 +217,7 @@ impl Store for RedisStore {
                     },
                 }
             }
-            if !repair.cmd_iter().next().is_none() {
+            if repair.cmd_iter().next().is_some() {
                 self.run::<()>(&repair).await?;
             }
             Ok(result)

@@ -1,0 +1,12 @@
+use diesel_memclone::MemClone;
+
+diesel::table! { users (id) { id -> Integer, name -> Text } }
+
+#[derive(MemClone)]
+#[diesel(table_name = users)]
+struct User {
+    user_id: i32,
+    name: String,
+}
+
+fn main() {}
