@@ -4,7 +4,7 @@
 //! * `#[derive(MemClone)]` on a model gives it entity keys, a schema fingerprint and
 //!   `Model::find_cached`;
 //! * [`CachedDsl::cached`] on any query: `users.filter(..).cached("label").load(&mut conn)`;
-//! * [`insert_into`], [`update`], [`delete`], [`replace_into`] and [`write`] run the write and
+//! * [`insert_into`], [`update`], [`delete`], [`replace_into`] and [`write()`] run the write and
 //!   then invalidate every cached query of the written table (one O(1) generation bump) and the
 //!   written rows' entity entries;
 //! * two stores: [`store::MemoryStore`] (the embedded default) and [`store::RedisStore`].

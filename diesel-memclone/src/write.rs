@@ -1,5 +1,5 @@
 //! Invalidating writes: `insert_into`, `update`, `delete`, `replace_into` and any statement
-//! through [`write`], shaped like Diesel's own builders.
+//! through [`write()`], shaped like Diesel's own builders.
 
 use crate::cache::{cache, Cache};
 use crate::error::{Error, Result};
@@ -19,7 +19,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 
 /// A Diesel write statement that invalidates the cache once it has committed.
 ///
-/// Build it with [`insert_into`], [`update`], [`delete`], [`replace_into`] or [`write`], run it
+/// Build it with [`insert_into`], [`update`], [`delete`], [`replace_into`] or [`write()`], run it
 /// with [`execute`](Write::execute), [`get_result`](Write::get_result) or
 /// [`get_results`](Write::get_results). Any builder method without a forwarder here is reached
 /// through [`map`](Write::map), for example an upsert:
