@@ -105,7 +105,10 @@ mod tests {
         // Types are told apart by the key (type name and fingerprint); the codec only has to
         // refuse bytes that do not fit, or do not use up the payload.
         let bytes = encode(&[1], &vec![1u8, 2, 3]).unwrap();
-        assert_eq!(decode::<(u64, u64, u64, u64, u64)>(&bytes, &[1]), Err(Reject::Corrupt));
+        assert_eq!(
+            decode::<(u64, u64, u64, u64, u64)>(&bytes, &[1]),
+            Err(Reject::Corrupt)
+        );
         assert_eq!(decode::<(u64, u64)>(&bytes, &[1]), Err(Reject::Corrupt));
     }
 }
