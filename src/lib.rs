@@ -265,17 +265,43 @@ pub async fn redis_store_at(url: &str) -> Option<diesel_memclone::store::RedisSt
     let store = diesel_memclone::store::RedisStore::builder(url)
         .build()
         .expect("valid URL");
-    let ping = async {
-        let mut conn = store.pool().get().await.map_err(|e| e.to_string())?;
-        diesel_memclone::deadpool_redis::redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map_err(|e| e.to_string())
-    };
-    match ping.await {
-        Ok(_) => Some(store),
-        Err(e) => {
-            server_missing("Redis", e);
+    checked(store, "Redis").await
+}
+
+/// Redis Cluster node URLs: `REDIS_CLUSTER_URLS` (comma-separated) or the three local nodes
+/// `.ci/run` starts on ports 7000-7002.
+pub fn redis_cluster_urls() -> Vec<String> {
+    std::env::var("REDIS_CLUSTER_URLS")
+        .unwrap_or_else(|_| {
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
+        })
+        .split(',')
+        .map(|u| u.trim().to_owned())
+        .collect()
+}
+
+/// A store on the test Redis Cluster, or `None` (reported) when it is unreachable.
+pub async fn redis_cluster_store() -> Option<diesel_memclone::store::RedisStore> {
+    let store = diesel_memclone::store::RedisStore::cluster_builder(redis_cluster_urls())
+        .build()
+        .expect("valid URLs");
+    checked(store, "Redis Cluster").await
+}
+
+async fn checked(
+    store: diesel_memclone::store::RedisStore,
+    what: &str,
+) -> Option<diesel_memclone::store::RedisStore> {
+    let ping_cmd = diesel_memclone::deadpool_redis::redis::cmd("PING");
+    let ping = store.command(&ping_cmd);
+    match tokio::time::timeout(std::time::Duration::from_secs(5), ping).await {
+        Ok(Ok(_)) => Some(store),
+        Ok(Err(e)) => {
+            server_missing(what, e);
+            None
+        }
+        Err(_) => {
+            server_missing(what, "no answer in 5 s");
             None
         }
     }

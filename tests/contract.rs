@@ -321,7 +321,7 @@ async fn a_corrupt_entry_is_a_miss_and_is_replaced_redis() {
     else {
         return;
     };
-    let pool = store.pool().clone();
+    let inspector = store.clone();
     let ns = unique("corrupt");
     let cache = Cache::builder()
         .store(store)
@@ -343,14 +343,30 @@ async fn a_corrupt_entry_is_a_miss_and_is_replaced_redis() {
         .load(&mut conn)
         .await
         .unwrap();
-    let mut redis = pool.get().await.unwrap();
-    use diesel_memclone::deadpool_redis::redis::AsyncCommands;
-    let keys: Vec<String> = redis.keys(format!("{ns}:{{q:*")).await.unwrap();
-    assert_eq!(keys.len(), 1);
-    let _: () = redis
-        .set(&keys[0], b"\xff\xfe definitely not bincode".as_slice())
-        .await
-        .unwrap();
+    use diesel_memclone::deadpool_redis::redis::{cmd, FromRedisValue};
+    let keys = |pattern: String| {
+        let inspector = inspector.clone();
+        async move {
+            let reply = inspector.command(cmd("KEYS").arg(pattern)).await.unwrap();
+            Vec::<String>::from_redis_value(reply).unwrap()
+        }
+    };
+    let set = |key: String, value: Vec<u8>| {
+        let inspector = inspector.clone();
+        async move {
+            inspector
+                .command(cmd("SET").arg(key).arg(value))
+                .await
+                .unwrap()
+        }
+    };
+    let entries = keys(format!("{ns}:{{q:*")).await;
+    assert_eq!(entries.len(), 1);
+    set(
+        entries[0].clone(),
+        b"\xff\xfe definitely not bincode".to_vec(),
+    )
+    .await;
     let (again, queries) = counted!(counter, {
         let names: Vec<String> = query()
             .cached("names")
@@ -372,8 +388,8 @@ async fn a_corrupt_entry_is_a_miss_and_is_replaced_redis() {
     });
     assert_eq!(queries, 0, "the entry was replaced");
     // A generation overwritten with garbage is replaced with a fresh value: a miss, never an error.
-    let gens: Vec<String> = redis.keys(format!("{ns}:{{t:users}}:qgen")).await.unwrap();
-    let _: () = redis.set(&gens[0], "not a number").await.unwrap();
+    let gens = keys(format!("{ns}:{{t:users}}:qgen")).await;
+    set(gens[0].clone(), b"not a number".to_vec()).await;
     let (again, queries) = counted!(counter, {
         let names: Vec<String> = query()
             .cached("names")

@@ -205,3 +205,32 @@ async fn reference_flow_postgres_memory_store() {
     let cache = Cache::builder().namespace(unique("flow")).build().unwrap();
     reference_flow!(conn, cache);
 }
+
+#[tokio::test]
+async fn reference_flow_postgres_redis_cluster() {
+    let (Some(mut conn), Some(store)) =
+        (postgres(&unique("flow")).await, redis_cluster_store().await)
+    else {
+        return;
+    };
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("flow"))
+        .build()
+        .unwrap();
+    reference_flow!(conn, cache);
+}
+
+#[tokio::test]
+async fn reference_flow_mariadb_redis_cluster() {
+    let (Some(mut conn), Some(store)) = (mysql(&unique("flow")).await, redis_cluster_store().await)
+    else {
+        return;
+    };
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("flow"))
+        .build()
+        .unwrap();
+    reference_flow!(conn, cache);
+}

@@ -4,6 +4,7 @@ use super::{fresh_generation, Fetched, Store, StoreResult};
 use crate::error::{Error, StoreError};
 use deadpool_redis::redis::{self, Value};
 use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
+use futures_util::future::try_join_all;
 use futures_util::future::{BoxFuture, FutureExt};
 use std::time::Duration;
 
@@ -22,13 +23,24 @@ use std::time::Duration;
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    pool: Pool,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Single(Pool),
+    Cluster(deadpool_redis::cluster::Pool),
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, status) = match &self.backend {
+            Backend::Single(pool) => ("single", pool.status()),
+            Backend::Cluster(pool) => ("cluster", pool.status()),
+        };
         f.debug_struct("RedisStore")
-            .field("pool", &self.pool.status())
+            .field("kind", &kind)
+            .field("pool", &status)
             .finish()
     }
 }
@@ -37,7 +49,8 @@ impl std::fmt::Debug for RedisStore {
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct RedisStoreBuilder {
-    url: String,
+    urls: Vec<String>,
+    cluster: bool,
     pool_size: usize,
     connect_timeout: Duration,
 }
@@ -59,23 +72,44 @@ impl RedisStoreBuilder {
     /// Builds the pool. Connections are opened lazily, so an unreachable server is not an error
     /// here (the cache fails open); a malformed URL is.
     pub fn build(self) -> Result<RedisStore, Error> {
-        redis::parse_redis_url(&self.url)
-            .ok_or_else(|| Error::Config(format!("not a Redis URL: {:?}", self.url)))?;
-        let mut config = Config::from_url(self.url);
+        if self.urls.is_empty() {
+            return Err(Error::Config("no Redis URL given".into()));
+        }
+        for url in &self.urls {
+            redis::parse_redis_url(url)
+                .ok_or_else(|| Error::Config(format!("not a Redis URL: {url:?}")))?;
+        }
         let timeouts = Timeouts {
             wait: Some(self.connect_timeout),
             create: Some(self.connect_timeout),
             recycle: Some(self.connect_timeout),
         };
-        config.pool = Some(PoolConfig {
+        let pool_config = PoolConfig {
             max_size: self.pool_size,
             timeouts,
             ..Default::default()
-        });
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| Error::Config(format!("cannot build the Redis pool: {e}")))?;
-        Ok(RedisStore { pool })
+        };
+        let built =
+            |e: &dyn std::fmt::Display| Error::Config(format!("cannot build the Redis pool: {e}"));
+        let backend = if self.cluster {
+            let mut config = deadpool_redis::cluster::Config::from_urls(self.urls);
+            config.pool = Some(pool_config);
+            Backend::Cluster(
+                config
+                    .create_pool(Some(Runtime::Tokio1))
+                    .map_err(|e| built(&e))?,
+            )
+        } else {
+            let url = self.urls.into_iter().next().unwrap_or_default();
+            let mut config = Config::from_url(url);
+            config.pool = Some(pool_config);
+            Backend::Single(
+                config
+                    .create_pool(Some(Runtime::Tokio1))
+                    .map_err(|e| built(&e))?,
+            )
+        };
+        Ok(RedisStore { backend })
     }
 }
 
@@ -83,31 +117,81 @@ impl RedisStore {
     /// Starts the options for a store at `url` (`redis://host:port/db`).
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder {
-            url: url.into(),
+            urls: vec![url.into()],
+            cluster: false,
             pool_size: 16,
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// Starts the options for a store on a Redis Cluster, given one or more of its nodes.
+    ///
+    /// Keys are laid out with hash tags (see the crate's key layout), and no operation relies
+    /// on several slots changing together: a read sends its commands to the nodes that hold
+    /// them, in parallel.
+    pub fn cluster_builder<S: Into<String>>(
+        urls: impl IntoIterator<Item = S>,
+    ) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            urls: urls.into_iter().map(Into::into).collect(),
+            cluster: true,
+            pool_size: 4,
             connect_timeout: Duration::from_secs(1),
         }
     }
 
     /// A store from an existing deadpool-redis pool.
     pub fn from_pool(pool: Pool) -> Self {
-        Self { pool }
+        Self {
+            backend: Backend::Single(pool),
+        }
     }
 
-    /// The underlying pool (the same connections the cache uses).
-    pub fn pool(&self) -> &Pool {
-        &self.pool
+    /// A store from an existing deadpool-redis cluster pool.
+    pub fn from_cluster_pool(pool: deadpool_redis::cluster::Pool) -> Self {
+        Self {
+            backend: Backend::Cluster(pool),
+        }
     }
 
-    async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> StoreResult<T> {
-        let mut conn = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
-        pipe.query_async(&mut conn)
-            .await
-            .map_err(|e| StoreError::Backend(e.to_string()))
+    /// True when this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster(_))
+    }
+
+    /// Runs one command and returns its reply (for inspection and tests).
+    pub async fn command(&self, cmd: &redis::Cmd) -> StoreResult<Value> {
+        Ok(self
+            .run(std::slice::from_ref(cmd))
+            .await?
+            .pop()
+            .unwrap_or(Value::Nil))
+    }
+
+    /// Runs commands in one round trip: one pipeline on a single server; on a cluster, every
+    /// command at once over the multiplexed connection (a pipeline must stay in one slot there).
+    async fn run(&self, cmds: &[redis::Cmd]) -> StoreResult<Vec<Value>> {
+        let failed = |e: &dyn std::fmt::Display| StoreError::Backend(e.to_string());
+        match &self.backend {
+            Backend::Single(pool) => {
+                let mut conn = pool.get().await.map_err(|e| failed(&e))?;
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd.clone());
+                }
+                pipe.query_async(&mut conn).await.map_err(|e| failed(&e))
+            }
+            Backend::Cluster(pool) => {
+                let conn = pool.get().await.map_err(|e| failed(&e))?;
+                let shared: redis::cluster_async::ClusterConnection = (*conn).clone();
+                try_join_all(cmds.iter().map(|cmd| {
+                    let mut conn = shared.clone();
+                    async move { cmd.query_async::<Value>(&mut conn).await }
+                }))
+                .await
+                .map_err(|e| failed(&e))
+            }
+        }
     }
 }
 
@@ -115,11 +199,19 @@ fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-fn set_generation(pipe: &mut redis::Pipeline, key: &str, value: u64, ttl: Option<Duration>) {
-    let cmd = pipe.cmd("SET").arg(key).arg(value);
+fn set_generation(key: &str, value: u64, ttl: Option<Duration>) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key).arg(value);
     if let Some(ttl) = ttl {
         cmd.arg("PX").arg(millis(ttl));
     }
+    cmd
+}
+
+fn get(key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("GET");
+    cmd.arg(key);
+    cmd
 }
 
 fn parse_generation(value: &Value) -> Option<u64> {
@@ -136,13 +228,11 @@ impl Store for RedisStore {
         generations: &'a [String],
     ) -> BoxFuture<'a, StoreResult<Fetched>> {
         async move {
-            let mut pipe = redis::pipe();
-            pipe.cmd("GET").arg(entry);
-            for key in generations {
-                pipe.cmd("GET").arg(key);
-            }
-            let values: Vec<Value> = self.run(&pipe).await?;
-            let mut values = values.into_iter();
+            let cmds: Vec<redis::Cmd> = std::iter::once(entry)
+                .chain(generations.iter().map(String::as_str))
+                .map(get)
+                .collect();
+            let mut values = self.run(&cmds).await?.into_iter();
             let entry = match values.next() {
                 Some(Value::BulkString(bytes)) => Some(bytes),
                 _ => None,
@@ -160,29 +250,28 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, StoreResult<()>> {
         async move {
-            let mut pipe = redis::pipe();
-            pipe.cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("PX")
-                .arg(millis(ttl))
-                .ignore();
-            self.run(&pipe).await
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
+            self.run(&[cmd]).await.map(drop)
         }
         .boxed()
     }
 
     fn remove<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, StoreResult<()>> {
         async move {
-            if keys.is_empty() {
+            // One DEL per key: the keys may live in different cluster slots.
+            let cmds: Vec<redis::Cmd> = keys
+                .iter()
+                .map(|key| {
+                    let mut cmd = redis::cmd("DEL");
+                    cmd.arg(key);
+                    cmd
+                })
+                .collect();
+            if cmds.is_empty() {
                 return Ok(());
             }
-            let mut pipe = redis::pipe();
-            // One DEL per key: the keys may live in different cluster slots.
-            for key in keys {
-                pipe.cmd("DEL").arg(key).ignore();
-            }
-            self.run(&pipe).await
+            self.run(&cmds).await.map(drop)
         }
         .boxed()
     }
@@ -194,14 +283,18 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, StoreResult<Vec<u64>>> {
         async move {
             let fresh: Vec<u64> = keys.iter().map(|_| fresh_generation()).collect();
-            let mut pipe = redis::pipe();
-            for (key, value) in keys.iter().zip(&fresh) {
-                set_generation(&mut pipe, key, *value, ttl);
-                pipe.arg("NX").arg("GET");
-            }
-            let previous: Vec<Value> = self.run(&pipe).await?;
+            let cmds: Vec<redis::Cmd> = keys
+                .iter()
+                .zip(&fresh)
+                .map(|(key, value)| {
+                    let mut cmd = set_generation(key, *value, ttl);
+                    cmd.arg("NX").arg("GET");
+                    cmd
+                })
+                .collect();
+            let previous = self.run(&cmds).await?;
             let mut result = Vec::with_capacity(keys.len());
-            let mut repair = redis::pipe();
+            let mut repairs = Vec::new();
             for ((key, fresh), previous) in keys.iter().zip(fresh).zip(previous) {
                 match previous {
                     Value::Nil => result.push(fresh),
@@ -210,15 +303,14 @@ impl Store for RedisStore {
                         None => {
                             // Not a generation (a foreign or corrupt value): replace it.
                             let value = fresh_generation();
-                            set_generation(&mut repair, key, value, ttl);
-                            repair.ignore();
+                            repairs.push(set_generation(key, value, ttl));
                             result.push(value);
                         }
                     },
                 }
             }
-            if repair.cmd_iter().next().is_some() {
-                self.run::<()>(&repair).await?;
+            if !repairs.is_empty() {
+                self.run(&repairs).await?;
             }
             Ok(result)
         }
@@ -231,15 +323,14 @@ impl Store for RedisStore {
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, StoreResult<()>> {
         async move {
-            if keys.is_empty() {
+            let cmds: Vec<redis::Cmd> = keys
+                .iter()
+                .map(|key| set_generation(key, fresh_generation(), ttl))
+                .collect();
+            if cmds.is_empty() {
                 return Ok(());
             }
-            let mut pipe = redis::pipe();
-            for key in keys {
-                set_generation(&mut pipe, key, fresh_generation(), ttl);
-                pipe.ignore();
-            }
-            self.run(&pipe).await
+            self.run(&cmds).await.map(drop)
         }
         .boxed()
     }
