@@ -40,6 +40,7 @@ struct Inner {
     store_timeout: Duration,
     retry_after: Duration,
     generation_ttl: Duration,
+    unguarded_fills: bool,
     health: Health,
     /// Tables whose invalidation could not be delivered; their reads bypass the cache until it is.
     undelivered: Mutex<BTreeSet<String>>,
@@ -66,6 +67,7 @@ pub struct CacheBuilder {
     store_timeout: Duration,
     retry_after: Duration,
     generation_ttl: Duration,
+    unguarded_fills: bool,
 }
 
 impl std::fmt::Debug for CacheBuilder {
@@ -87,6 +89,7 @@ impl Default for CacheBuilder {
             store_timeout: Duration::from_millis(250),
             retry_after: Duration::from_secs(1),
             generation_ttl: Duration::from_secs(24 * 3600),
+            unguarded_fills: false,
         }
     }
 }
@@ -131,6 +134,15 @@ impl CacheBuilder {
         self
     }
 
+    /// **Broken on purpose, for tests of the freshness checker only**: fills read the
+    /// generations *after* their database read, the classic race that lets a fill store data a
+    /// concurrent write already replaced. Never use it elsewhere.
+    #[doc(hidden)]
+    pub fn unguarded_fills_for_testing(mut self) -> Self {
+        self.unguarded_fills = true;
+        self
+    }
+
     /// Checks the options and builds the cache.
     pub fn build(self) -> Result<Cache> {
         let ns = &self.namespace;
@@ -164,6 +176,7 @@ impl CacheBuilder {
                 store_timeout: self.store_timeout,
                 retry_after: self.retry_after,
                 generation_ttl: self.generation_ttl,
+                unguarded_fills: self.unguarded_fills,
                 health: Health::default(),
                 undelivered: Mutex::new(BTreeSet::new()),
                 has_undelivered: AtomicBool::new(false),
@@ -486,6 +499,9 @@ impl Cache {
             bump(&stats.bypasses);
             return Ok(fill().await?);
         }
+        if self.inner.unguarded_fills {
+            return self.unguarded_fill(lookup, fill).await;
+        }
         let tags = match tags {
             Some(tags) => tags,
             None => {
@@ -516,6 +532,31 @@ impl Cache {
             let _ = self
                 .call(self.inner.store.put(&lookup.key, bytes, lookup.ttl))
                 .await;
+        }
+        Ok(value)
+    }
+}
+
+impl Cache {
+    /// The deliberately broken fill of [`CacheBuilder::unguarded_fills_for_testing`].
+    async fn unguarded_fill<T, F, Fut>(&self, lookup: Lookup, fill: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = diesel::QueryResult<T>>,
+    {
+        let value = fill().await?;
+        bump(&self.inner.stats.misses);
+        // Widen the window between the read and the generations so the race shows quickly.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let store = &self.inner.store;
+        if let Ok(tags) = self
+            .call(store.ensure_generations(&lookup.generations, lookup.generation_ttl))
+            .await
+        {
+            if let Some(bytes) = codec::encode(&tags, &value) {
+                let _ = self.call(store.put(&lookup.key, bytes, lookup.ttl)).await;
+            }
         }
         Ok(value)
     }
