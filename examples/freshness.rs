@@ -1,0 +1,539 @@
+//! The freshness checker: several OS processes write versioned rows through memclone and read
+//! them back through `.cached()` (entity reads, single-row queries, group lists, joins), and every
+//! read is checked against the newest version committed before that read began.
+//!
+//! ```text
+//! cargo run --release --example freshness -- --processes 3 --seconds 20
+//! cargo run --release --example freshness -- --processes 3 --seconds 20 \
+//!     --redis-cluster redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002
+//! ```
+//!
+//! PostgreSQL comes from `DATABASE_URL`, Redis from `REDIS_URL` (the defaults of the tests).
+//! How "committed before the read began" is known across processes: after a write helper
+//! returns (the transaction committed and the invalidation was delivered), the writer raises
+//! the row's *floor* to the version it wrote, in a Redis key of its own (an atomic max). A reader
+//! reads the floor first, then does its cached read: a version below the floor is a stale read.
+//!
+//! The last line is exactly `reads=R writes=W stale_reads=S stale_entries=E`, where E counts the
+//! cached answers still stale once every writer has stopped (the TTL is far from expiring).
+//! `--naive` runs a deliberately broken cache (fills tag themselves after their database read),
+//! to show that the checker catches stale reads.
+
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_memclone::deadpool_redis::redis::{self, FromRedisValue};
+use diesel_memclone::prelude::*;
+use diesel_memclone::store::RedisStore;
+use diesel_memclone::{Cache, Error};
+use serde::{Deserialize, Serialize};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[allow(missing_docs)]
+mod schema {
+    diesel::table! {
+        fresh_items (id) {
+            id -> Integer,
+            grp -> Integer,
+            version -> BigInt,
+        }
+    }
+
+    diesel::table! {
+        fresh_notes (id) {
+            id -> Integer,
+            item_id -> Integer,
+            version -> BigInt,
+        }
+    }
+
+    diesel::joinable!(fresh_notes -> fresh_items (item_id));
+    diesel::allow_tables_to_appear_in_same_query!(fresh_items, fresh_notes);
+}
+use schema::{fresh_items, fresh_notes};
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, Deserialize, MemClone)]
+#[diesel(table_name = fresh_items)]
+struct Item {
+    id: i32,
+    grp: i32,
+    version: i64,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, Deserialize, MemClone)]
+#[diesel(table_name = fresh_notes)]
+struct Note {
+    id: i32,
+    item_id: i32,
+    version: i64,
+}
+
+const GROUPS: i32 = 4;
+
+#[derive(Debug, Clone)]
+struct Options {
+    processes: usize,
+    seconds: f64,
+    rows: i32,
+    readers: usize,
+    writers: usize,
+    cluster: Option<String>,
+    naive: bool,
+    child: Option<(String, String)>,
+}
+
+fn parse_options() -> Options {
+    let mut options = Options {
+        processes: 3,
+        seconds: 20.0,
+        rows: 16,
+        readers: 4,
+        writers: 1,
+        cluster: None,
+        naive: false,
+        child: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--processes" => options.processes = value().parse().expect("--processes N"),
+            "--seconds" => options.seconds = value().parse().expect("--seconds S"),
+            "--rows" => options.rows = value().parse().expect("--rows N"),
+            "--readers" => options.readers = value().parse().expect("--readers N"),
+            "--writers" => options.writers = value().parse().expect("--writers N"),
+            "--redis-cluster" => options.cluster = Some(value()),
+            "--naive" => options.naive = true,
+            "--child" => {
+                let schema = value();
+                options.child = Some((schema, value()));
+            }
+            other => panic!("unknown option {other}; see the example's documentation"),
+        }
+    }
+    options
+}
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn connect(schema: &str) -> AsyncPgConnection {
+    let mut conn = AsyncPgConnection::establish(&database_url())
+        .await
+        .expect("PostgreSQL");
+    conn.batch_execute(&format!("SET search_path TO {schema}"))
+        .await
+        .expect("search_path");
+    conn
+}
+
+fn cache_for(options: &Options, namespace: &str) -> Cache {
+    let store = match &options.cluster {
+        Some(urls) => RedisStore::cluster_builder(urls.split(',').map(str::trim)).build(),
+        None => RedisStore::builder(redis_url()).pool_size(32).build(),
+    }
+    .expect("Redis URL");
+    let mut builder = Cache::builder()
+        .store(store)
+        .namespace(namespace)
+        .default_ttl(Duration::from_secs(600));
+    if options.naive {
+        builder = builder.unguarded_fills_for_testing();
+    }
+    builder.build().expect("cache")
+}
+
+/// The floors live on the single Redis server, apart from the cache under test.
+#[derive(Clone)]
+struct Floors {
+    redis: RedisStore,
+    namespace: String,
+}
+
+impl Floors {
+    fn key(&self, row: i32) -> String {
+        format!("{}:floor:{row}", self.namespace)
+    }
+
+    async fn raise(&self, row: i32, version: i64) {
+        let script = "local v = tonumber(redis.call('GET', KEYS[1]) or '0') \
+                      if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end return 1";
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script).arg(1).arg(self.key(row)).arg(version);
+        self.redis.command(&cmd).await.expect("raise floor");
+    }
+
+    async fn get(&self, rows: &[i32]) -> Vec<i64> {
+        let mut cmd = redis::cmd("MGET");
+        for row in rows {
+            cmd.arg(self.key(*row));
+        }
+        let reply = self.redis.command(&cmd).await.expect("read floors");
+        Vec::<Option<i64>>::from_redis_value(reply)
+            .expect("floors")
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect()
+    }
+}
+
+/// A small xorshift generator: reads and writes pick rows at random, without another crate.
+struct Random(u64);
+
+impl Random {
+    fn new(salt: u64) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        Random(
+            (nanos
+                ^ (u64::from(std::process::id()) << 32)
+                ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                | 1,
+        )
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    stale: AtomicU64,
+}
+
+async fn writer(
+    cache: Cache,
+    floors: Floors,
+    mut conn: AsyncPgConnection,
+    rows: i32,
+    deadline: Instant,
+    tally: Arc<Tally>,
+    salt: u64,
+) {
+    let mut random = Random::new(salt);
+    while Instant::now() < deadline {
+        let row = 1 + random.below(rows as u64) as i32;
+        let cache2 = cache.clone();
+        let written: Result<i64, Error> = diesel_memclone::transaction(&mut conn, |conn| {
+            Box::pin(async move {
+                let item: Item = diesel_memclone::update(fresh_items::table.find(row))
+                    .set(fresh_items::version.eq(fresh_items::version + 1))
+                    .map(|s| s.returning(fresh_items::all_columns))
+                    .using(&cache2)
+                    .get_result(conn)
+                    .await?;
+                diesel_memclone::update(fresh_notes::table.filter(fresh_notes::item_id.eq(row)))
+                    .set(fresh_notes::version.eq(item.version))
+                    .using(&cache2)
+                    .execute(conn)
+                    .await?;
+                Ok(item.version)
+            })
+        })
+        .await;
+        match written {
+            Ok(version) => {
+                floors.raise(row, version).await;
+                AtomicU64::fetch_add(&tally.writes, 1, Ordering::Relaxed);
+            }
+            // Serialization conflicts are retried by the next loop turn.
+            Err(error) => eprintln!("write failed: {error}"),
+        }
+    }
+}
+
+async fn reader(
+    cache: Cache,
+    floors: Floors,
+    mut conn: AsyncPgConnection,
+    rows: i32,
+    deadline: Instant,
+    tally: Arc<Tally>,
+    salt: u64,
+) {
+    let mut random = Random::new(salt);
+    while Instant::now() < deadline {
+        let row = 1 + random.below(rows as u64) as i32;
+        let kind = random.below(4);
+        let floor_rows: Vec<i32> = match kind {
+            2 => (1..=rows).filter(|r| r % GROUPS == row % GROUPS).collect(),
+            _ => vec![row],
+        };
+        // The floors are read *before* the cached read begins.
+        let floors_before = floors.get(&floor_rows).await;
+        let (label, seen): (&str, Vec<(i32, i64)>) = match kind {
+            0 => {
+                let item = cache
+                    .find::<Item, _>(&mut conn, row)
+                    .await
+                    .expect("entity read");
+                ("entity", vec![(item.id, item.version)])
+            }
+            1 => {
+                let items: Vec<Item> = fresh_items::table
+                    .filter(fresh_items::id.eq(row))
+                    .cached("item")
+                    .using(&cache)
+                    .load(&mut conn)
+                    .await
+                    .expect("query read");
+                ("query", items.iter().map(|i| (i.id, i.version)).collect())
+            }
+            2 => {
+                let items: Vec<Item> = fresh_items::table
+                    .filter(fresh_items::grp.eq(row % GROUPS))
+                    .order(fresh_items::id)
+                    .cached("group")
+                    .using(&cache)
+                    .load(&mut conn)
+                    .await
+                    .expect("group read");
+                ("group", items.iter().map(|i| (i.id, i.version)).collect())
+            }
+            _ => {
+                let pairs: Vec<(Item, Note)> = fresh_items::table
+                    .inner_join(fresh_notes::table)
+                    .filter(fresh_items::id.eq(row))
+                    .select((Item::as_select(), Note::as_select()))
+                    .cached("join")
+                    .using(&cache)
+                    .load(&mut conn)
+                    .await
+                    .expect("join read");
+                let seen = pairs
+                    .iter()
+                    .flat_map(|(i, n)| [(i.id, i.version), (n.item_id, n.version)])
+                    .collect();
+                ("join", seen)
+            }
+        };
+        check(&tally, label, &floor_rows, &floors_before, &seen);
+    }
+}
+
+fn check(tally: &Tally, label: &str, floor_rows: &[i32], floors: &[i64], seen: &[(i32, i64)]) {
+    AtomicU64::fetch_add(&tally.reads, 1, Ordering::Relaxed);
+    let stale = seen.iter().find(|(row, version)| {
+        floor_rows
+            .iter()
+            .zip(floors)
+            .any(|(r, floor)| r == row && version < floor)
+    });
+    if let Some((row, version)) = stale {
+        let n = AtomicU64::fetch_add(&tally.stale, 1, Ordering::Relaxed);
+        if n < 5 {
+            let floor = floor_rows
+                .iter()
+                .zip(floors)
+                .find(|(r, _)| *r == row)
+                .map(|(_, f)| *f)
+                .unwrap_or_default();
+            eprintln!("STALE {label} read: row {row} version {version} < committed {floor}");
+        }
+    }
+}
+
+async fn child(options: Options) {
+    let (schema, namespace) = options.child.clone().expect("child");
+    let cache = cache_for(&options, &namespace);
+    let floors = Floors {
+        redis: RedisStore::builder(redis_url()).build().expect("Redis URL"),
+        namespace: namespace.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs_f64(options.seconds);
+    let tally = Arc::new(Tally::default());
+    let mut tasks = Vec::new();
+    for i in 0..options.writers {
+        let conn = connect(&schema).await;
+        tasks.push(tokio::spawn(writer(
+            cache.clone(),
+            floors.clone(),
+            conn,
+            options.rows,
+            deadline,
+            tally.clone(),
+            i as u64,
+        )));
+    }
+    for i in 0..options.readers {
+        let conn = connect(&schema).await;
+        tasks.push(tokio::spawn(reader(
+            cache.clone(),
+            floors.clone(),
+            conn,
+            options.rows,
+            deadline,
+            tally.clone(),
+            1000 + i as u64,
+        )));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    println!(
+        "reads={} writes={} stale_reads={}",
+        AtomicU64::load(&tally.reads, Ordering::Relaxed),
+        AtomicU64::load(&tally.writes, Ordering::Relaxed),
+        AtomicU64::load(&tally.stale, Ordering::Relaxed)
+    );
+}
+
+fn field(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|part| part.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+}
+
+/// After the writers stopped: how many cached answers are still older than the database.
+async fn stale_entries(options: &Options, schema: &str, namespace: &str) -> u64 {
+    let cache = cache_for(
+        &Options {
+            naive: false,
+            ..options.clone()
+        },
+        namespace,
+    );
+    let mut conn = connect(schema).await;
+    let truth: Vec<Item> = fresh_items::table
+        .order(fresh_items::id)
+        .load(&mut conn)
+        .await
+        .expect("truth");
+    let version_of = |row: i32| {
+        truth
+            .iter()
+            .find(|i| i.id == row)
+            .map(|i| i.version)
+            .unwrap_or_default()
+    };
+    let mut stale = 0;
+    for row in 1..=options.rows {
+        let entity = cache.find::<Item, _>(&mut conn, row).await.expect("entity");
+        let query: Vec<Item> = fresh_items::table
+            .filter(fresh_items::id.eq(row))
+            .cached("item")
+            .using(&cache)
+            .load(&mut conn)
+            .await
+            .expect("query");
+        let joined: Vec<(Item, Note)> = fresh_items::table
+            .inner_join(fresh_notes::table)
+            .filter(fresh_items::id.eq(row))
+            .select((Item::as_select(), Note::as_select()))
+            .cached("join")
+            .using(&cache)
+            .load(&mut conn)
+            .await
+            .expect("join");
+        let mut versions = vec![entity.version];
+        versions.extend(query.iter().map(|i| i.version));
+        versions.extend(joined.iter().flat_map(|(i, n)| [i.version, n.version]));
+        stale += versions.iter().filter(|v| **v < version_of(row)).count() as u64;
+    }
+    for group in 0..GROUPS {
+        let items: Vec<Item> = fresh_items::table
+            .filter(fresh_items::grp.eq(group))
+            .order(fresh_items::id)
+            .cached("group")
+            .using(&cache)
+            .load(&mut conn)
+            .await
+            .expect("group");
+        stale += items
+            .iter()
+            .filter(|i| i.version < version_of(i.id))
+            .count() as u64;
+    }
+    stale
+}
+
+async fn parent(options: Options) {
+    let schema = format!(
+        "fresh_{}_{}",
+        std::process::id(),
+        Instant::now().elapsed().subsec_nanos()
+    );
+    let namespace = format!("fresh{}", std::process::id());
+    let mut conn = AsyncPgConnection::establish(&database_url())
+        .await
+        .expect("PostgreSQL");
+    conn.batch_execute(&format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path TO {schema};
+         CREATE TABLE fresh_items (id INTEGER PRIMARY KEY, grp INTEGER NOT NULL, version BIGINT NOT NULL);
+         CREATE TABLE fresh_notes (id INTEGER PRIMARY KEY, item_id INTEGER NOT NULL, version BIGINT NOT NULL);
+         INSERT INTO fresh_items SELECT g, g % {GROUPS}, 0 FROM generate_series(1, {rows}) g;
+         INSERT INTO fresh_notes SELECT g, g, 0 FROM generate_series(1, {rows}) g;",
+        rows = options.rows
+    ))
+    .await
+    .expect("schema");
+
+    let exe = std::env::current_exe().expect("current exe");
+    let mut children = Vec::new();
+    for _ in 0..options.processes {
+        let mut command = tokio::process::Command::new(&exe);
+        command
+            .args(["--child", &schema, &namespace])
+            .args(["--seconds", &options.seconds.to_string()])
+            .args(["--rows", &options.rows.to_string()])
+            .args(["--readers", &options.readers.to_string()])
+            .args(["--writers", &options.writers.to_string()])
+            .stdout(Stdio::piped());
+        if let Some(urls) = &options.cluster {
+            command.args(["--redis-cluster", urls]);
+        }
+        if options.naive {
+            command.arg("--naive");
+        }
+        children.push(command.spawn().expect("spawn a checker process"));
+    }
+    let (mut reads, mut writes, mut stale_reads) = (0, 0, 0);
+    for child in children {
+        let output = child.wait_with_output().await.expect("child output");
+        assert!(
+            output.status.success(),
+            "a checker process failed: {:?}",
+            output.status
+        );
+        let text = String::from_utf8_lossy(&output.stdout);
+        let line = text.lines().last().unwrap_or_default().to_owned();
+        eprintln!("process: {line}");
+        reads += field(&line, "reads");
+        writes += field(&line, "writes");
+        stale_reads += field(&line, "stale_reads");
+    }
+    let stale_entries = stale_entries(&options, &schema, &namespace).await;
+    conn.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .expect("drop schema");
+    println!(
+        "reads={reads} writes={writes} stale_reads={stale_reads} stale_entries={stale_entries}"
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let options = parse_options();
+    if options.child.is_some() {
+        child(options).await;
+    } else {
+        parent(options).await;
+    }
+}
