@@ -2,6 +2,7 @@
 
 use crate::codec::{self, Reject};
 use crate::error::{Error, Result, StoreError};
+use crate::flight::{self, Flights, Join, LockOptions, OnLockTimeout};
 use crate::key;
 use crate::model::RowKey;
 use crate::store::{MemoryStore, Store, StoreResult};
@@ -41,6 +42,11 @@ struct Inner {
     retry_after: Duration,
     generation_ttl: Duration,
     unguarded_fills: bool,
+    lock: Option<LockOptions>,
+    single_flight: bool,
+    ttl_jitter: f64,
+    stale_while_revalidate: Duration,
+    flights: Flights,
     health: Health,
     /// Tables whose invalidation could not be delivered; their reads bypass the cache until it is.
     undelivered: Mutex<BTreeSet<String>>,
@@ -68,6 +74,10 @@ pub struct CacheBuilder {
     retry_after: Duration,
     generation_ttl: Duration,
     unguarded_fills: bool,
+    lock: Option<LockOptions>,
+    single_flight: bool,
+    ttl_jitter: f64,
+    stale_while_revalidate: Duration,
 }
 
 impl std::fmt::Debug for CacheBuilder {
@@ -90,6 +100,10 @@ impl Default for CacheBuilder {
             retry_after: Duration::from_secs(1),
             generation_ttl: Duration::from_secs(24 * 3600),
             unguarded_fills: false,
+            lock: Some(LockOptions::default()),
+            single_flight: true,
+            ttl_jitter: 0.0,
+            stale_while_revalidate: Duration::ZERO,
         }
     }
 }
@@ -131,6 +145,41 @@ impl CacheBuilder {
     /// safe: a lost generation comes back with a fresh value, so older entries just miss.
     pub fn generation_ttl(mut self, ttl: Duration) -> Self {
         self.generation_ttl = ttl;
+        self
+    }
+
+    /// The distributed fill lock's options (default: [`LockOptions::default`]).
+    pub fn lock(mut self, options: LockOptions) -> Self {
+        self.lock = Some(options);
+        self
+    }
+
+    /// Turns the distributed fill lock off: each process then loads a missed entry once
+    /// (single-flight still applies within a process).
+    pub fn no_lock(mut self) -> Self {
+        self.lock = None;
+        self
+    }
+
+    /// Whether concurrent callers of one entry in this process share one load (default true).
+    pub fn single_flight(mut self, on: bool) -> Self {
+        self.single_flight = on;
+        self
+    }
+
+    /// Spreads expiry: each entry lives its TTL times a random factor in
+    /// `[1 - fraction, 1 + fraction]` (default 0), so that entries filled together do not all
+    /// expire together. `fraction` is between 0 and 1.
+    pub fn ttl_jitter(mut self, fraction: f64) -> Self {
+        self.ttl_jitter = fraction;
+        self
+    }
+
+    /// Stale-while-revalidate (default off): for `window` after an entry's TTL, one caller
+    /// refreshes it from the database while the others are served the expired value.
+    /// An invalidated entry is never served, in the window or not.
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.stale_while_revalidate = window;
         self
     }
 
@@ -177,6 +226,11 @@ impl CacheBuilder {
                 retry_after: self.retry_after,
                 generation_ttl: self.generation_ttl,
                 unguarded_fills: self.unguarded_fills,
+                lock: self.lock,
+                single_flight: self.single_flight,
+                ttl_jitter: self.ttl_jitter,
+                stale_while_revalidate: self.stale_while_revalidate,
+                flights: Flights::default(),
                 health: Health::default(),
                 undelivered: Mutex::new(BTreeSet::new()),
                 has_undelivered: AtomicBool::new(false),
@@ -203,6 +257,14 @@ pub struct Stats {
     pub store_errors: u64,
     /// Invalidating writes.
     pub invalidations: u64,
+    /// Reads answered by another caller's load in this process (single-flight).
+    pub coalesced: u64,
+    /// Reads answered by another process's load, after waiting for its fill lock.
+    pub lock_waits: u64,
+    /// Waits for a fill lock that timed out.
+    pub lock_timeouts: u64,
+    /// Expired entries served while another caller refreshed them (stale-while-revalidate).
+    pub stale_served: u64,
 }
 
 #[derive(Default)]
@@ -213,6 +275,10 @@ struct Counters {
     corrupt_entries: AtomicU64,
     store_errors: AtomicU64,
     invalidations: AtomicU64,
+    coalesced: AtomicU64,
+    lock_waits: AtomicU64,
+    lock_timeouts: AtomicU64,
+    stale_served: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -311,6 +377,10 @@ impl Cache {
             corrupt_entries: load(&c.corrupt_entries),
             store_errors: load(&c.store_errors),
             invalidations: load(&c.invalidations),
+            coalesced: load(&c.coalesced),
+            lock_waits: load(&c.lock_waits),
+            lock_timeouts: load(&c.lock_timeouts),
+            stale_served: load(&c.stale_served),
         }
     }
 
@@ -471,24 +541,25 @@ impl Cache {
             return Ok(fill().await?);
         }
         let mut tags = None;
+        let mut stale = None;
         if lookup.policy != Policy::Refresh {
-            let fetched = match self
-                .call(self.inner.store.fetch(&lookup.key, &lookup.generations))
+            let store = &self.inner.store;
+            let Ok(fetched) = self
+                .call(store.fetch(&lookup.key, &lookup.generations))
                 .await
-            {
-                Ok(fetched) => fetched,
-                Err(_) => {
-                    bump(&stats.bypasses);
-                    return Ok(fill().await?);
-                }
+            else {
+                bump(&stats.bypasses);
+                return Ok(fill().await?);
             };
             let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
             if let (Some(bytes), Some(current)) = (&fetched.entry, &current) {
                 match codec::decode::<T>(bytes, current) {
-                    Ok(value) => {
+                    Ok((value, fresh_until)) if codec::now_millis() < fresh_until => {
                         bump(&stats.hits);
                         return Ok(value);
                     }
+                    // Expired, but physically kept for the stale-while-revalidate window.
+                    Ok((value, _)) => stale = Some(value),
                     Err(Reject::Corrupt) => bump(&stats.corrupt_entries),
                     Err(Reject::Outdated) => {}
                 }
@@ -505,14 +576,9 @@ impl Cache {
         let tags = match tags {
             Some(tags) => tags,
             None => {
-                let ensured = self
-                    .call(
-                        self.inner
-                            .store
-                            .ensure_generations(&lookup.generations, lookup.generation_ttl),
-                    )
-                    .await;
-                match ensured {
+                let store = &self.inner.store;
+                let ensured = store.ensure_generations(&lookup.generations, lookup.generation_ttl);
+                match self.call(ensured).await {
                     Ok(tags) => tags,
                     Err(_) => {
                         bump(&stats.bypasses);
@@ -521,20 +587,197 @@ impl Cache {
                 }
             }
         };
-        let value = fill().await?;
-        if lookup.policy == Policy::Refresh {
-            bump(&stats.bypasses);
-        } else {
-            bump(&stats.misses);
+        if let Some(stale) = stale {
+            return self.revalidate(lookup, tags, stale, fill).await;
         }
-        if let Some(bytes) = codec::encode(&tags, &value) {
-            // A failed store write only costs a later miss.
-            let _ = self
-                .call(self.inner.store.put(&lookup.key, bytes, lookup.ttl))
-                .await;
-        }
-        Ok(value)
+        self.fill_once(lookup, tags, fill).await
     }
+
+    /// Stale-while-revalidate: one caller refreshes, the others get the expired value.
+    async fn revalidate<T, F, Fut>(
+        &self,
+        lookup: Lookup,
+        tags: Vec<u64>,
+        stale: T,
+        fill: F,
+    ) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = diesel::QueryResult<T>>,
+    {
+        let key = format!("{}:swr:{}", lookup.key, tags_hex(&tags));
+        let owner = crate::store::fresh_generation();
+        let lock_ttl = self
+            .inner
+            .lock
+            .as_ref()
+            .map_or(Duration::from_secs(5), |l| l.ttl);
+        match self
+            .call(self.inner.store.try_lock(&key, owner, lock_ttl))
+            .await
+        {
+            Ok(true) => {
+                let value = fill().await;
+                if let Ok(value) = &value {
+                    bump(&self.inner.stats.misses);
+                    self.store_entry(&lookup, &tags, value).await;
+                }
+                let _ = self.call(self.inner.store.unlock(&key, owner)).await;
+                Ok(value?)
+            }
+            _ => {
+                bump(&self.inner.stats.stale_served);
+                Ok(stale)
+            }
+        }
+    }
+
+    /// A miss: one load per entry and generations, shared by the callers of this process
+    /// (single-flight) and, with the lock, of every process.
+    async fn fill_once<T, F, Fut>(&self, lookup: Lookup, tags: Vec<u64>, fill: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = diesel::QueryResult<T>>,
+    {
+        let stats = &self.inner.stats;
+        let coordinated = lookup.policy == Policy::ReadWrite;
+        let mut leader = None;
+        if coordinated && self.inner.single_flight {
+            match self
+                .inner
+                .flights
+                .join(format!("{}#{}", lookup.key, tags_hex(&tags)))
+            {
+                Join::Lead(lead) => leader = Some(lead),
+                Join::Follow(receiver) => {
+                    if let Some(entry) = flight::follow(receiver).await {
+                        if let Ok((value, _)) = codec::decode::<T>(&entry, &tags) {
+                            bump(&stats.coalesced);
+                            return Ok(value);
+                        }
+                    }
+                    // The leader gave up (an error, a cancelled call): load for ourselves.
+                }
+            }
+        }
+        let mut held_lock = None;
+        if let (true, Some(lock)) = (coordinated, &self.inner.lock) {
+            match self.wait_for_lock::<T>(&lookup, &tags, lock).await? {
+                LockWait::Held(key, owner) => held_lock = Some((key, owner)),
+                LockWait::FilledByOther(value, entry) => {
+                    if let Some(leader) = leader {
+                        leader.publish(entry);
+                    }
+                    return Ok(value);
+                }
+                LockWait::GoAhead => {}
+            }
+        }
+        let value = fill().await;
+        if let Ok(value) = &value {
+            bump(if lookup.policy == Policy::Refresh {
+                &stats.bypasses
+            } else {
+                &stats.misses
+            });
+            if let Some(entry) = self.store_entry(&lookup, &tags, value).await {
+                if let Some(leader) = leader {
+                    leader.publish(entry);
+                }
+            }
+        }
+        if let Some((key, owner)) = held_lock {
+            let _ = self.call(self.inner.store.unlock(&key, owner)).await;
+        }
+        Ok(value?)
+    }
+
+    /// Takes the entry's fill lock, or waits until its holder has filled the entry.
+    async fn wait_for_lock<T: DeserializeOwned>(
+        &self,
+        lookup: &Lookup,
+        tags: &[u64],
+        lock: &LockOptions,
+    ) -> Result<LockWait<T>> {
+        let store = &self.inner.store;
+        let key = format!("{}:{}:{}", lookup.key, lock.prefix, tags_hex(tags));
+        let owner = crate::store::fresh_generation();
+        let deadline = Instant::now() + lock.wait_timeout;
+        loop {
+            match self.call(store.try_lock(&key, owner, lock.ttl)).await {
+                Ok(true) => return Ok(LockWait::Held(key, owner)),
+                Ok(false) => {}
+                // The store is in trouble: the database answers.
+                Err(_) => return Ok(LockWait::GoAhead),
+            }
+            if Instant::now() >= deadline {
+                bump(&self.inner.stats.lock_timeouts);
+                return match lock.on_timeout {
+                    OnLockTimeout::Database => Ok(LockWait::GoAhead),
+                    OnLockTimeout::Error => Err(Error::LockTimeout),
+                };
+            }
+            tokio::time::sleep(lock.retry_delay + flight::jitter(lock.retry_jitter)).await;
+            let Ok(fetched) = self
+                .call(store.fetch(&lookup.key, &lookup.generations))
+                .await
+            else {
+                return Ok(LockWait::GoAhead);
+            };
+            let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
+            if current.as_deref() != Some(tags) {
+                // Invalidated while waiting: this load is outdated anyway; do not wait for it.
+                return Ok(LockWait::GoAhead);
+            }
+            if let Some(entry) = fetched.entry {
+                if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
+                    bump(&self.inner.stats.lock_waits);
+                    return Ok(LockWait::FilledByOther(value, entry.into()));
+                }
+            }
+        }
+    }
+
+    /// Encodes and stores an entry; returns the bytes (also for single-flight followers).
+    async fn store_entry<T: Serialize>(
+        &self,
+        lookup: &Lookup,
+        tags: &[u64],
+        value: &T,
+    ) -> Option<Arc<[u8]>> {
+        let ttl = self.jittered(lookup.ttl);
+        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
+        let bytes = codec::encode(tags, fresh_until, value)?;
+        let entry: Arc<[u8]> = bytes.as_slice().into();
+        let kept_for = ttl + self.inner.stale_while_revalidate;
+        // A failed store write only costs a later miss.
+        let _ = self
+            .call(self.inner.store.put(&lookup.key, bytes, kept_for))
+            .await;
+        Some(entry)
+    }
+
+    fn jittered(&self, ttl: Duration) -> Duration {
+        let fraction = self.inner.ttl_jitter;
+        if fraction == 0.0 {
+            return ttl;
+        }
+        let unit = (crate::store::fresh_generation() % 1_000_001) as f64 / 1_000_000.0;
+        let factor = 1.0 + fraction * (2.0 * unit - 1.0);
+        ttl.mul_f64(factor).max(Duration::from_millis(1))
+    }
+}
+
+enum LockWait<T> {
+    Held(String, u64),
+    FilledByOther(T, Arc<[u8]>),
+    GoAhead,
+}
+
+fn tags_hex(tags: &[u64]) -> String {
+    tags.iter().map(|t| format!("{t:016x}")).collect()
 }
 
 impl Cache {
@@ -554,7 +797,8 @@ impl Cache {
             .call(store.ensure_generations(&lookup.generations, lookup.generation_ttl))
             .await
         {
-            if let Some(bytes) = codec::encode(&tags, &value) {
+            let fresh_until = codec::now_millis() + lookup.ttl.as_millis() as u64;
+            if let Some(bytes) = codec::encode(&tags, fresh_until, &value) {
                 let _ = self.call(store.put(&lookup.key, bytes, lookup.ttl)).await;
             }
         }

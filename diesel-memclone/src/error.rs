@@ -21,6 +21,9 @@ pub enum Error {
     /// A memclone write ran inside a transaction that memclone does not manage, so the
     /// invalidation could not be deferred to the commit. Use [`crate::transaction`].
     UnmanagedTransaction,
+    /// Waiting for another caller's fill lock timed out, and the lock's
+    /// [`on_timeout`](crate::LockOptions::on_timeout) says to fail.
+    LockTimeout,
 }
 
 /// A `Result` whose error defaults to [`Error`].
@@ -33,6 +36,9 @@ impl fmt::Display for Error {
             Error::Connection(e) => write!(f, "database connection error: {e}"),
             Error::Store(e) => write!(f, "cache store error: {e}"),
             Error::Config(msg) => write!(f, "invalid cache configuration: {msg}"),
+            Error::LockTimeout => f.write_str(
+                "timed out waiting for another caller to fill this cache entry",
+            ),
             Error::UnmanagedTransaction => f.write_str(
                 "a memclone write ran inside a transaction opened outside memclone; \
                  open it with `diesel_memclone::transaction` so that invalidation waits for the commit",

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 enum Slot {
     Entry(Arc<[u8]>),
     Generation(u64),
+    Lock(u64),
 }
 
 #[derive(Clone)]
@@ -77,7 +78,7 @@ impl MemoryStore {
             .weigher(|key: &String, value: &Stored| {
                 let size = match &value.slot {
                     Slot::Entry(bytes) => bytes.len(),
-                    Slot::Generation(_) => 8,
+                    Slot::Generation(_) | Slot::Lock(_) => 8,
                 };
                 u32::try_from(key.len() + size + 64).unwrap_or(u32::MAX)
             })
@@ -121,7 +122,7 @@ impl MemoryStore {
     fn generation(&self, key: &str) -> Option<u64> {
         match self.map.get(key)?.slot {
             Slot::Generation(value) => Some(value),
-            Slot::Entry(_) => None,
+            Slot::Entry(_) | Slot::Lock(_) => None,
         }
     }
 }
@@ -176,7 +177,7 @@ impl Store for MemoryStore {
                 match stored.value().slot {
                     Slot::Generation(value) => value,
                     // A key of the wrong kind: replace it with a fresh generation.
-                    Slot::Entry(_) => {
+                    Slot::Entry(_) | Slot::Lock(_) => {
                         let value = fresh_generation();
                         self.map.insert(
                             key.clone(),
@@ -205,6 +206,30 @@ impl Store for MemoryStore {
             };
             self.map.insert(key.clone(), stored);
         }
+        futures_util::future::ready(Ok(())).boxed()
+    }
+
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a str,
+        owner: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        let entry = self.map.entry_by_ref(key).or_insert_with(|| Stored {
+            slot: Slot::Lock(owner),
+            ttl: Some(ttl),
+        });
+        let taken = matches!(entry.value().slot, Slot::Lock(holder) if holder == owner);
+        futures_util::future::ready(Ok(taken)).boxed()
+    }
+
+    fn unlock<'a>(&'a self, key: &'a str, owner: u64) -> BoxFuture<'a, StoreResult<()>> {
+        self.map.entry_by_ref(key).and_compute_with(|held| match held {
+            Some(held) if matches!(held.value().slot, Slot::Lock(holder) if holder == owner) => {
+                moka::ops::compute::Op::Remove
+            }
+            _ => moka::ops::compute::Op::Nop,
+        });
         futures_util::future::ready(Ok(())).boxed()
     }
 }

@@ -1,7 +1,7 @@
 //! Where entries and generations live: the [`Store`] trait and its two implementations.
 
 use crate::error::StoreError;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt};
 use std::time::Duration;
 
 mod memory;
@@ -79,6 +79,25 @@ pub trait Store: Send + Sync + 'static {
         keys: &'a [String],
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// Takes the lock `key` for `owner` if nobody holds it (`SET NX PX`): true when taken. The
+    /// lock frees itself after `ttl`, so a holder that dies cannot block others for longer.
+    /// The default takes every lock at once (a store without locks).
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a str,
+        owner: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        let _ = (key, owner, ttl);
+        futures_util::future::ready(Ok(true)).boxed()
+    }
+
+    /// Frees the lock `key` if, and only if, `owner` holds it.
+    fn unlock<'a>(&'a self, key: &'a str, owner: u64) -> BoxFuture<'a, StoreResult<()>> {
+        let _ = (key, owner);
+        futures_util::future::ready(Ok(())).boxed()
+    }
 }
 
 /// A fresh generation value: unique across processes and restarts with overwhelming

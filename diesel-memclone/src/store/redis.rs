@@ -334,4 +334,35 @@ impl Store for RedisStore {
         }
         .boxed()
     }
+
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a str,
+        owner: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        async move {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key).arg(owner).arg("NX").arg("PX").arg(millis(ttl));
+            let reply = self.run(&[cmd]).await?;
+            Ok(matches!(
+                reply.first(),
+                Some(Value::Okay) | Some(Value::SimpleString(_))
+            ))
+        }
+        .boxed()
+    }
+
+    fn unlock<'a>(&'a self, key: &'a str, owner: u64) -> BoxFuture<'a, StoreResult<()>> {
+        async move {
+            // Only the owner may free the lock: compare and delete in one script.
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(UNLOCK_SCRIPT).arg(1).arg(key).arg(owner);
+            self.run(&[cmd]).await.map(drop)
+        }
+        .boxed()
+    }
 }
+
+const UNLOCK_SCRIPT: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";

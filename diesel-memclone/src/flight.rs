@@ -1,0 +1,184 @@
+//! Stampede protection: in-process single-flight, and the options of the distributed fill lock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// What the distributed fill lock does when waiting for it times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnLockTimeout {
+    /// Go to the database anyway (the default): availability over load shedding.
+    #[default]
+    Database,
+    /// Fail the read with [`Error::LockTimeout`](crate::Error::LockTimeout).
+    Error,
+}
+
+/// Options of the distributed fill lock: across processes, one caller per missed entry goes to
+/// the database while the others wait for its result (`SET NX PX` with an owner token, freed by
+/// a script that only the owner's token can satisfy).
+///
+/// ```
+/// use diesel_memclone::{Cache, LockOptions, OnLockTimeout};
+/// use std::time::Duration;
+///
+/// let cache = Cache::builder()
+///     .lock(LockOptions::default()
+///         .ttl(Duration::from_secs(5))
+///         .wait_timeout(Duration::from_secs(2))
+///         .retry_delay(Duration::from_millis(40))
+///         .retry_jitter(Duration::from_millis(20))
+///         .prefix("fill-lock")
+///         .on_timeout(OnLockTimeout::Error))
+///     .build()?;
+/// # Ok::<(), diesel_memclone::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+#[must_use]
+pub struct LockOptions {
+    /// How long a lock lives if its holder never frees it (a holder that died).
+    pub ttl: Duration,
+    /// How long a caller waits for another's fill before [`on_timeout`](LockOptions::on_timeout).
+    pub wait_timeout: Duration,
+    /// Pause between two looks at the entry while waiting.
+    pub retry_delay: Duration,
+    /// A random extra pause of up to this much, so that waiters do not poll in step.
+    pub retry_jitter: Duration,
+    /// The lock key's marker, after the entry key (which keeps the lock in the entry's slot).
+    pub prefix: String,
+    /// What a caller does when the wait times out.
+    pub on_timeout: OnLockTimeout,
+}
+
+impl Default for LockOptions {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(5),
+            wait_timeout: Duration::from_secs(2),
+            retry_delay: Duration::from_millis(40),
+            retry_jitter: Duration::from_millis(20),
+            prefix: "lock".to_owned(),
+            on_timeout: OnLockTimeout::Database,
+        }
+    }
+}
+
+impl LockOptions {
+    /// See [`LockOptions::ttl`](LockOptions#structfield.ttl).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+    /// See [`LockOptions::wait_timeout`](LockOptions#structfield.wait_timeout).
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = timeout;
+        self
+    }
+    /// See [`LockOptions::retry_delay`](LockOptions#structfield.retry_delay).
+    pub fn retry_delay(mut self, delay: Duration) -> Self {
+        self.retry_delay = delay;
+        self
+    }
+    /// See [`LockOptions::retry_jitter`](LockOptions#structfield.retry_jitter).
+    pub fn retry_jitter(mut self, jitter: Duration) -> Self {
+        self.retry_jitter = jitter;
+        self
+    }
+    /// See [`LockOptions::prefix`](LockOptions#structfield.prefix).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+    /// See [`LockOptions::on_timeout`](LockOptions#structfield.on_timeout).
+    pub fn on_timeout(mut self, choice: OnLockTimeout) -> Self {
+        self.on_timeout = choice;
+        self
+    }
+}
+
+/// The state a leader publishes: `None` while running, then the encoded entry.
+type Published = Option<Arc<[u8]>>;
+
+/// In-process single-flight: concurrent callers of one key *and generations* share one load.
+/// Keying by the generations means a caller that arrives after an invalidation never joins a
+/// load that started before it.
+#[derive(Default)]
+pub(crate) struct Flights {
+    running: Mutex<HashMap<String, watch::Receiver<Published>>>,
+}
+
+pub(crate) enum Join<'a> {
+    Lead(Leader<'a>),
+    Follow(watch::Receiver<Published>),
+}
+
+/// The caller that loads. Dropping it without [`publish`](Leader::publish) (an error, a
+/// cancelled future) releases the followers, who then load for themselves.
+pub(crate) struct Leader<'a> {
+    flights: &'a Flights,
+    key: String,
+    sender: watch::Sender<Published>,
+}
+
+impl Flights {
+    pub(crate) fn join(&self, key: String) -> Join<'_> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(receiver) = running.get(&key) {
+            // A leader that is gone leaves a closed channel: take over.
+            if receiver.has_changed().is_ok() {
+                return Join::Follow(receiver.clone());
+            }
+        }
+        let (sender, receiver) = watch::channel(None);
+        running.insert(key.clone(), receiver);
+        Join::Lead(Leader {
+            flights: self,
+            key,
+            sender,
+        })
+    }
+}
+
+impl Leader<'_> {
+    pub(crate) fn publish(self, entry: Arc<[u8]>) {
+        let _ = self.sender.send(Some(entry));
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        let mut running = self
+            .flights
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if running
+            .get(&self.key)
+            .is_some_and(|r| r.same_channel(&self.sender.subscribe()))
+        {
+            running.remove(&self.key);
+        }
+    }
+}
+
+/// Waits for the leader's entry; `None` when the leader gave up.
+pub(crate) async fn follow(mut receiver: watch::Receiver<Published>) -> Option<Arc<[u8]>> {
+    loop {
+        if let Some(entry) = receiver.borrow_and_update().clone() {
+            return Some(entry);
+        }
+        receiver.changed().await.ok()?;
+    }
+}
+
+/// A pseudo-random duration in `[0, max]`, for jitter.
+pub(crate) fn jitter(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    let nanos = crate::store::fresh_generation() % (max.as_nanos() as u64 + 1);
+    Duration::from_nanos(nanos)
+}
