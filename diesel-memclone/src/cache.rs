@@ -408,6 +408,18 @@ impl Cache {
             .collect()
     }
 
+    pub(crate) fn custom_key(&self, custom: &str) -> String {
+        key::custom_entry(&self.inner.namespace, custom)
+    }
+
+    /// Deletes the entries stored under these custom keys (see
+    /// [`Cached::key`](crate::Cached::key)). Store failures are logged and ignored: such entries
+    /// are still guarded by their tables' generations.
+    pub async fn uncache<S: AsRef<str>>(&self, keys: &[S]) {
+        let keys: Vec<String> = keys.iter().map(|k| self.custom_key(k.as_ref())).collect();
+        let _ = self.call(self.inner.store.remove(&keys)).await;
+    }
+
     pub(crate) fn query_key(&self, hash: &str, label: &str) -> String {
         key::query_entry(&self.inner.namespace, hash, label)
     }

@@ -10,6 +10,7 @@
 //! | `ns:{r:users:1}:gen` | generation of the row `users` / `1` |
 //! | `ns:{r:users:1}:e:<fingerprint>` | the entity entry of that row |
 //! | `ns:{q:<hash>}:<label>` | a cached query result |
+//! | `ns:{k:<key>}` | a cached query result under a custom key (`.key("...")`) |
 
 use std::fmt::Write as _;
 use xxhash_rust::xxh3::Xxh3;
@@ -79,6 +80,13 @@ pub(crate) fn row_generation(ns: &str, table: &str, pk: &str) -> String {
 pub(crate) fn entity_entry(ns: &str, table: &str, pk: &str, fingerprint: u64) -> String {
     let mut key = row_prefix(ns, table, pk);
     let _ = write!(key, ":e:{fingerprint:016x}");
+    key
+}
+
+pub(crate) fn custom_entry(ns: &str, custom: &str) -> String {
+    let mut key = format!("{ns}:{{k:");
+    escape(custom, &mut key);
+    key.push('}');
     key
 }
 

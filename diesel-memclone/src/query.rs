@@ -28,6 +28,7 @@ pub trait CachedDsl: Sized {
             ttl: None,
             cache: None,
             extra_tables: Vec::new(),
+            custom_key: None,
         }
     }
 }
@@ -43,6 +44,7 @@ pub struct Cached<Q> {
     ttl: Option<Duration>,
     cache: Option<Cache>,
     extra_tables: Vec<String>,
+    custom_key: Option<String>,
 }
 
 /// The type of `query.cached(label)`.
@@ -71,6 +73,16 @@ impl<Q> Cached<Q> {
     /// Uses `cache` instead of the process-wide default.
     pub fn using(mut self, cache: &Cache) -> Self {
         self.cache = Some(cache.clone());
+        self
+    }
+
+    /// Stores the result under this key instead of the one derived from the query (as in the
+    /// Prisma reference: `cache: { key: "user_count" }`). Every query given the same key shares
+    /// the entry, so the key must name the query and its arguments; writes to the tables the
+    /// query reads still invalidate it, and [`Write::uncache`](crate::Write::uncache) or
+    /// [`Cache::uncache`] delete it by name.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.custom_key = Some(key.into());
         self
     }
 
@@ -110,8 +122,12 @@ impl<Q> Cached<Q> {
         ];
         parts.extend(sqls.iter().map(|s| s.as_bytes()));
         let hash = key::stable_hash(&parts);
+        let key = match &self.custom_key {
+            Some(custom) => cache.custom_key(custom),
+            None => cache.query_key(&hash, &self.label),
+        };
         Lookup {
-            key: cache.query_key(&hash, &self.label),
+            key,
             generations: cache.query_generation_keys(&tables),
             generation_ttl: None,
             ttl: self.ttl.unwrap_or_else(|| cache.default_ttl()),
@@ -244,6 +260,7 @@ impl<Q> Cached<Q> {
             ttl: self.ttl,
             cache: self.cache,
             extra_tables: self.extra_tables,
+            custom_key: self.custom_key,
         };
         (self.query, options)
     }
@@ -256,6 +273,7 @@ impl<Q> Cached<Q> {
             ttl: self.ttl,
             cache: self.cache,
             extra_tables: self.extra_tables,
+            custom_key: self.custom_key,
         }
     }
 }
@@ -286,6 +304,7 @@ impl Cache {
             ttl: None,
             cache: Some(self.clone()),
             extra_tables: Vec::new(),
+            custom_key: None,
         };
         for table in extra_tables {
             options = options.depends_on(table);
@@ -294,5 +313,37 @@ impl Cache {
         let mut lookup = options.lookup::<T, ()>("value", &[key.to_owned()], false);
         lookup.policy = read_policy(conn, &lookup.tables);
         self.read_through(lookup, || fill(conn)).await
+    }
+}
+
+impl Cache {
+    /// Like [`load_with`](Cache::load_with), for a fill that gets its own connection (from a
+    /// pool, say), so that callers answered by the cache never check one out. The fill must read
+    /// committed data: never call this inside a transaction.
+    pub async fn fill_with<T, F, Fut>(
+        &self,
+        label: &str,
+        key: &str,
+        tables: &[&str],
+        fill: F,
+    ) -> Result<T>
+    where
+        T: CacheValue,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = diesel::QueryResult<T>>,
+    {
+        let mut options = Cached {
+            query: (),
+            label: Cow::Owned(label.to_owned()),
+            ttl: None,
+            cache: Some(self.clone()),
+            extra_tables: Vec::new(),
+            custom_key: None,
+        };
+        for table in tables {
+            options = options.depends_on(table);
+        }
+        let lookup = options.lookup::<T, ()>("value", &[key.to_owned()], false);
+        self.read_through(lookup, fill).await
     }
 }

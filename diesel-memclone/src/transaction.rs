@@ -8,10 +8,17 @@ use futures_util::future::BoxFuture;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
+struct DeferredWrite {
+    cache: Cache,
+    tables: Vec<String>,
+    rows: Option<Vec<RowKey>>,
+    uncache: Vec<String>,
+}
+
 /// Invalidations recorded inside an open transaction, delivered after its commit.
 #[derive(Default)]
 struct Deferred {
-    writes: Vec<(Cache, Vec<String>, Option<Vec<RowKey>>)>,
+    writes: Vec<DeferredWrite>,
     written_tables: BTreeSet<String>,
 }
 
@@ -64,10 +71,20 @@ pub(crate) fn write_timing<C: AsyncConnection>(conn: &mut C) -> Result<WriteTimi
 }
 
 /// Records a write made inside a memclone transaction.
-pub(crate) fn defer(cache: &Cache, tables: Vec<String>, rows: Option<Vec<RowKey>>) {
+pub(crate) fn defer(
+    cache: &Cache,
+    tables: Vec<String>,
+    rows: Option<Vec<RowKey>>,
+    uncache: Vec<String>,
+) {
     with_deferred(|d| {
         d.written_tables.extend(tables.iter().cloned());
-        d.writes.push((cache.clone(), tables, rows));
+        d.writes.push(DeferredWrite {
+            cache: cache.clone(),
+            tables,
+            rows,
+            uncache,
+        });
     });
 }
 
@@ -117,8 +134,14 @@ where
     let result = DEFERRED.scope(deferred.clone(), run(conn, body)).await;
     if result.is_ok() {
         let writes = std::mem::take(&mut deferred.lock().unwrap_or_else(|e| e.into_inner()).writes);
-        for (cache, tables, rows) in writes {
-            cache.invalidate_written(&tables, rows.as_deref()).await;
+        for write in writes {
+            let cache = &write.cache;
+            cache
+                .invalidate_written(&write.tables, write.rows.as_deref())
+                .await;
+            if !write.uncache.is_empty() {
+                cache.uncache(&write.uncache).await;
+            }
         }
     }
     result

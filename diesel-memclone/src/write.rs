@@ -29,6 +29,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 pub struct Write<S> {
     statement: S,
     cache: Option<Cache>,
+    uncache: Vec<String>,
 }
 
 /// `INSERT INTO target`, like [`diesel::insert_into`].
@@ -61,6 +62,7 @@ pub fn write<S>(statement: S) -> Write<S> {
     Write {
         statement,
         cache: None,
+        uncache: Vec::new(),
     }
 }
 
@@ -102,11 +104,19 @@ impl<S> Write<S> {
         self
     }
 
+    /// Also deletes these custom keys (see [`Cached::key`](crate::Cached::key)) once the write
+    /// has committed, as the Prisma reference's `uncache`.
+    pub fn uncache<K: Into<String>>(mut self, keys: impl IntoIterator<Item = K>) -> Self {
+        self.uncache.extend(keys.into_iter().map(Into::into));
+        self
+    }
+
     /// Changes the statement with any Diesel builder method, keeping the cache.
     pub fn map<S2>(self, f: impl FnOnce(S) -> S2) -> Write<S2> {
         Write {
             statement: f(self.statement),
             cache: self.cache,
+            uncache: self.uncache,
         }
     }
 
@@ -126,11 +136,22 @@ impl<S> Write<S> {
         Ok((table, write_timing(conn)?))
     }
 
-    async fn finish(cache: &Cache, table: String, rows: Option<Vec<RowKey>>, timing: WriteTiming) {
+    async fn finish(
+        cache: &Cache,
+        table: String,
+        rows: Option<Vec<RowKey>>,
+        uncache: Vec<String>,
+        timing: WriteTiming,
+    ) {
         let tables = vec![table];
         match timing {
-            WriteTiming::Now => cache.invalidate_written(&tables, rows.as_deref()).await,
-            WriteTiming::AfterCommit => defer(cache, tables, rows),
+            WriteTiming::Now => {
+                cache.invalidate_written(&tables, rows.as_deref()).await;
+                if !uncache.is_empty() {
+                    cache.uncache(&uncache).await;
+                }
+            }
+            WriteTiming::AfterCommit => defer(cache, tables, rows, uncache),
         }
     }
 
@@ -147,7 +168,7 @@ impl<S> Write<S> {
         let cache = self.cache.unwrap_or_else(|| cache().clone());
         let written = self.statement.execute(conn).await;
         // Invalidate even after an error: the statement may have changed rows before failing.
-        Self::finish(&cache, table, None, timing).await;
+        Self::finish(&cache, table, None, self.uncache, timing).await;
         Ok(written?)
     }
 
@@ -168,7 +189,7 @@ impl<S> Write<S> {
             Ok(values) => returned_rows(&table, values),
             Err(_) => None,
         };
-        Self::finish(&cache, table, rows, timing).await;
+        Self::finish(&cache, table, rows, self.uncache, timing).await;
         Ok(result?)
     }
 
