@@ -719,7 +719,17 @@ impl Cache {
         let deadline = Instant::now() + lock.wait_timeout;
         loop {
             match self.call(store.try_lock(&key, owner, lock.ttl)).await {
-                Ok(true) => return Ok(LockWait::Held(key, owner)),
+                Ok(true) => {
+                    // The previous holder may have filled the entry and left between our read
+                    // and our lock: look once more before going to the database.
+                    match self.filled_entry::<T>(lookup, tags).await {
+                        Some(LockWait::FilledByOther(value, entry)) => {
+                            let _ = self.call(store.unlock(&key, owner)).await;
+                            return Ok(LockWait::FilledByOther(value, entry));
+                        }
+                        _ => return Ok(LockWait::Held(key, owner)),
+                    }
+                }
                 Ok(false) => {}
                 // The store is in trouble: the database answers.
                 Err(_) => return Ok(LockWait::GoAhead),
@@ -732,24 +742,31 @@ impl Cache {
                 };
             }
             tokio::time::sleep(lock.retry_delay + flight::jitter(lock.retry_jitter)).await;
-            let Ok(fetched) = self
-                .call(store.fetch(&lookup.key, &lookup.generations))
-                .await
-            else {
-                return Ok(LockWait::GoAhead);
-            };
-            let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
-            if current.as_deref() != Some(tags) {
-                // Invalidated while waiting: this load is outdated anyway; do not wait for it.
-                return Ok(LockWait::GoAhead);
-            }
-            if let Some(entry) = fetched.entry {
-                if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
-                    bump(&self.inner.stats.lock_waits);
-                    return Ok(LockWait::FilledByOther(value, entry.into()));
-                }
+            if let Some(filled) = self.filled_entry::<T>(lookup, tags).await {
+                return Ok(filled);
             }
         }
+    }
+
+    /// Looks for the entry another caller filled under `tags`. `GoAhead` when the generations
+    /// moved (an invalidation: waiting for that load is pointless) or the store failed.
+    async fn filled_entry<T: DeserializeOwned>(
+        &self,
+        lookup: &Lookup,
+        tags: &[u64],
+    ) -> Option<LockWait<T>> {
+        let fetch = self.inner.store.fetch(&lookup.key, &lookup.generations);
+        let Ok(fetched) = self.call(fetch).await else {
+            return Some(LockWait::GoAhead);
+        };
+        let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
+        if current.as_deref() != Some(tags) {
+            return Some(LockWait::GoAhead);
+        }
+        let entry = fetched.entry?;
+        let (value, _) = codec::decode::<T>(&entry, tags).ok()?;
+        bump(&self.inner.stats.lock_waits);
+        Some(LockWait::FilledByOther(value, entry.into()))
     }
 
     /// Encodes and stores an entry; returns the bytes (also for single-flight followers).
