@@ -502,39 +502,97 @@ impl Cache {
         tables.iter().any(|t| pending.contains(t))
     }
 
-    async fn bump_tables(&self, tables: &[String], rows: Option<&[RowKey]>) -> StoreResult<()> {
+    async fn bump_tables(
+        &self,
+        tables: &[String],
+        rows: Option<&[RowKey]>,
+    ) -> StoreResult<Vec<TableBump>> {
         let ns = &self.inner.namespace;
-        let mut keys: Vec<String> = self.query_generation_keys(tables);
-        match rows {
-            Some(rows) => {
-                let row_keys: Vec<String> = rows
+        let store = &self.inner.store;
+        let bump_rows = async {
+            let Some(rows) = rows else { return Ok(()) };
+            let row_keys: Vec<String> = rows
+                .iter()
+                .map(|row| key::row_generation(ns, row.table, &row.primary_key))
+                .collect();
+            let ttl = Some(self.inner.generation_ttl);
+            self.call(store.bump_generations(&row_keys, ttl)).await
+        };
+        let bump_tables = async {
+            let mut bumps = Vec::with_capacity(tables.len());
+            for table in tables {
+                let mut keys = vec![key::query_generation(ns, table)];
+                if rows.is_none() {
+                    keys.push(key::entity_generation(ns, table));
+                }
+                let values: Vec<u64> = keys
                     .iter()
-                    .map(|row| key::row_generation(ns, row.table, &row.primary_key))
+                    .map(|_| crate::store::fresh_generation())
                     .collect();
-                self.call(
-                    self.inner
-                        .store
-                        .bump_generations(&row_keys, Some(self.inner.generation_ttl)),
-                )
-                .await?;
+                let sequence = key::write_sequence(ns, table);
+                let next = self
+                    .call(store.bump_table(&sequence, &keys, &values))
+                    .await?;
+                bumps.push(TableBump {
+                    sequence: next,
+                    query_generation: values[0],
+                });
             }
-            None => keys.extend(tables.iter().map(|t| key::entity_generation(ns, t))),
-        }
-        self.call(self.inner.store.bump_generations(&keys, None))
-            .await
+            Ok(bumps)
+        };
+        // The row and table generations live in different slots: bump them side by side.
+        let (rows_bumped, tables_bumped) = futures_util::join!(bump_rows, bump_tables);
+        rows_bumped?;
+        tables_bumped
     }
 
     /// Invalidates after a committed write: every query of `tables`, and the entity entries of
     /// `rows` (or of every row of `tables` when the rows are unknown). Never fails: what cannot be
     /// delivered is remembered and retried, and blocks reads of those tables meanwhile.
-    pub(crate) async fn invalidate_written(&self, tables: &[String], rows: Option<&[RowKey]>) {
+    /// Returns what each table's bump set, when it was delivered.
+    pub(crate) async fn invalidate_written(
+        &self,
+        tables: &[String],
+        rows: Option<&[RowKey]>,
+    ) -> Option<Vec<TableBump>> {
         bump(&self.inner.stats.invalidations);
-        if self.bump_tables(tables, rows).await.is_err() {
-            let mut pending = self.lock_undelivered();
-            pending.extend(tables.iter().cloned());
-            self.inner.has_undelivered.store(true, Ordering::Release);
-        } else {
-            self.deliver_pending().await;
+        match self.bump_tables(tables, rows).await {
+            Ok(bumps) => {
+                self.deliver_pending().await;
+                Some(bumps)
+            }
+            Err(_) => {
+                let mut pending = self.lock_undelivered();
+                pending.extend(tables.iter().cloned());
+                self.inner.has_undelivered.store(true, Ordering::Release);
+                None
+            }
+        }
+    }
+
+    /// The table's write sequence before a write whose result may be cached.
+    pub(crate) async fn write_sequence(&self, table: &str) -> Option<u64> {
+        let sequence = key::write_sequence(&self.inner.namespace, table);
+        self.call(self.inner.store.write_sequence(&sequence))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Stores a write's returned value under a custom key, tagged with the query generation the
+    /// write itself set (see [`Write::cache_result`](crate::Write::cache_result)).
+    pub(crate) async fn put_custom<T: Serialize>(
+        &self,
+        custom: &str,
+        generation: u64,
+        ttl: Duration,
+        value: &T,
+    ) {
+        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
+        if let Some(bytes) = codec::encode(&[generation], fresh_until, value) {
+            let key = self.custom_key(custom);
+            let kept_for = ttl + self.inner.stale_while_revalidate;
+            let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
         }
     }
 
@@ -797,6 +855,14 @@ impl Cache {
         let factor = 1.0 + fraction * (2.0 * unit - 1.0);
         ttl.mul_f64(factor).max(Duration::from_millis(1))
     }
+}
+
+/// What one table's invalidation set.
+pub(crate) struct TableBump {
+    /// The table's write sequence after this bump, if the store keeps one.
+    pub(crate) sequence: Option<u64>,
+    /// The new generation of the table's queries.
+    pub(crate) query_generation: u64,
 }
 
 enum LockWait<T> {

@@ -6,6 +6,7 @@
 //! | key | what |
 //! |---|---|
 //! | `ns:{t:users}:qgen` | generation of every cached query that reads `users` |
+//! | `ns:{t:users}:wseq` | count of invalidated writes to `users` (orders write-through) |
 //! | `ns:{t:users}:egen` | generation of every entity entry of `users` (bumped by writes whose rows are unknown) |
 //! | `ns:{r:users:1}:gen` | generation of the row `users` / `1` |
 //! | `ns:{r:users:1}:e:<fingerprint>` | the entity entry of that row |
@@ -52,6 +53,13 @@ pub(crate) fn query_generation(ns: &str, table: &str) -> String {
     let mut key = format!("{ns}:{{t:");
     escape(table, &mut key);
     key.push_str("}:qgen");
+    key
+}
+
+pub(crate) fn write_sequence(ns: &str, table: &str) -> String {
+    let mut key = format!("{ns}:{{t:");
+    escape(table, &mut key);
+    key.push_str("}:wseq");
     key
 }
 

@@ -1,7 +1,7 @@
 //! Invalidating writes: `insert_into`, `update`, `delete`, `replace_into` and any statement
 //! through [`write()`], shaped like Diesel's own builders.
 
-use crate::cache::{cache, Cache};
+use crate::cache::{cache, Cache, TableBump};
 use crate::error::{Error, Result};
 use crate::key;
 use crate::model::{CacheValue, RowKey};
@@ -16,6 +16,9 @@ use diesel::query_source::QuerySource;
 use diesel::{Insertable, Table};
 use diesel_async::methods::{ExecuteDsl, LoadQuery};
 use diesel_async::{AsyncConnection, RunQueryDsl};
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// A Diesel write statement that invalidates the cache once it has committed.
 ///
@@ -30,6 +33,22 @@ pub struct Write<S> {
     statement: S,
     cache: Option<Cache>,
     uncache: Vec<String>,
+    cache_result: Option<CacheResult>,
+}
+
+/// Where and for how long a write's returned rows are cached.
+#[derive(Clone)]
+struct CacheResult {
+    ttl: Duration,
+    key: Arc<dyn Fn(&dyn Any) -> Option<String> + Send + Sync>,
+}
+
+impl std::fmt::Debug for CacheResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheResult")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `INSERT INTO target`, like [`diesel::insert_into`].
@@ -63,6 +82,7 @@ pub fn write<S>(statement: S) -> Write<S> {
         statement,
         cache: None,
         uncache: Vec::new(),
+        cache_result: None,
     }
 }
 
@@ -111,12 +131,35 @@ impl<S> Write<S> {
         self
     }
 
+    /// Caches each row the write returns (`get_result`/`get_results` with `RETURNING`) under
+    /// the key `key(row)` for `ttl`, as the Prisma reference's `cache: { ttl, key: (result) => .. }`.
+    /// Read it back with `query.cached(label).key(key).get_result::<U>()` on a query of the
+    /// written table.
+    ///
+    /// Writing a result through is only safe when no other write to the table overlapped this
+    /// one (otherwise an older row could land after a newer one). memclone checks that with the
+    /// table's write sequence and, when another write did overlap or the write runs inside a
+    /// transaction, caches nothing: the next read fills the key from the database.
+    pub fn cache_result<U, F>(mut self, ttl: Duration, key: F) -> Self
+    where
+        U: CacheValue,
+        F: Fn(&U) -> String + Send + Sync + 'static,
+    {
+        let key = move |row: &dyn Any| row.downcast_ref::<U>().map(&key);
+        self.cache_result = Some(CacheResult {
+            ttl,
+            key: Arc::new(key),
+        });
+        self
+    }
+
     /// Changes the statement with any Diesel builder method, keeping the cache.
     pub fn map<S2>(self, f: impl FnOnce(S) -> S2) -> Write<S2> {
         Write {
             statement: f(self.statement),
             cache: self.cache,
             uncache: self.uncache,
+            cache_result: self.cache_result,
         }
     }
 
@@ -142,16 +185,20 @@ impl<S> Write<S> {
         rows: Option<Vec<RowKey>>,
         uncache: Vec<String>,
         timing: WriteTiming,
-    ) {
+    ) -> Option<Vec<TableBump>> {
         let tables = vec![table];
         match timing {
             WriteTiming::Now => {
-                cache.invalidate_written(&tables, rows.as_deref()).await;
+                let bumps = cache.invalidate_written(&tables, rows.as_deref()).await;
                 if !uncache.is_empty() {
                     cache.uncache(&uncache).await;
                 }
+                bumps
             }
-            WriteTiming::AfterCommit => defer(cache, tables, rows, uncache),
+            WriteTiming::AfterCommit => {
+                defer(cache, tables, rows, uncache);
+                None
+            }
         }
     }
 
@@ -184,13 +231,39 @@ impl<S> Write<S> {
     {
         let (table, timing) = self.prepare(conn)?;
         let cache = self.cache.unwrap_or_else(|| cache().clone());
+        let caching = match timing {
+            WriteTiming::Now => self.cache_result,
+            WriteTiming::AfterCommit => None,
+        };
+        let before = match &caching {
+            Some(_) => cache.write_sequence(&table).await,
+            None => None,
+        };
         let result = self.statement.load::<U>(conn).await;
         let rows = match &result {
             Ok(values) => returned_rows(&table, values),
             Err(_) => None,
         };
-        Self::finish(&cache, table, rows, self.uncache, timing).await;
-        Ok(result?)
+        let bumps = Self::finish(&cache, table, rows, self.uncache, timing).await;
+        let values = result?;
+        if let (Some(caching), Some(before), Some(bump)) = (
+            caching,
+            before,
+            bumps.as_ref().and_then(|b| b.iter().next()),
+        ) {
+            // Exactly one more invalidation than before the write: ours, and no other.
+            if bump.sequence == Some(before + 1) {
+                for value in &values {
+                    if let Some(key) = (caching.key)(value as &dyn Any) {
+                        let row = Some(value);
+                        cache
+                            .put_custom(&key, bump.query_generation, caching.ttl, &row)
+                            .await;
+                    }
+                }
+            }
+        }
+        Ok(values)
     }
 
     /// Runs a write with `RETURNING` for one row, like Diesel's `get_result`.

@@ -52,6 +52,8 @@ impl Expiry<String, Stored> for PerEntryTtl {
 #[derive(Clone)]
 pub struct MemoryStore {
     map: MokaCache<String, Stored>,
+    /// Serializes table bumps, so that a sequence and its generations change together.
+    table_bumps: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -84,7 +86,10 @@ impl MemoryStore {
             })
             .expire_after(PerEntryTtl)
             .build();
-        Self { map }
+        Self {
+            map,
+            table_bumps: Arc::default(),
+        }
     }
 
     /// Number of keys held (entries and generations); approximate while writes are in flight.
@@ -231,5 +236,34 @@ impl Store for MemoryStore {
             _ => moka::ops::compute::Op::Nop,
         });
         futures_util::future::ready(Ok(())).boxed()
+    }
+
+    fn bump_table<'a>(
+        &'a self,
+        sequence: &'a str,
+        keys: &'a [String],
+        values: &'a [u64],
+    ) -> BoxFuture<'a, StoreResult<Option<u64>>> {
+        let _serial = self.table_bumps.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, value) in keys.iter().zip(values) {
+            let stored = Stored {
+                slot: Slot::Generation(*value),
+                ttl: None,
+            };
+            self.map.insert(key.clone(), stored);
+        }
+        let next = self.generation(sequence).unwrap_or(0) + 1;
+        let stored = Stored {
+            slot: Slot::Generation(next),
+            ttl: None,
+        };
+        self.map.insert(sequence.to_owned(), stored);
+        futures_util::future::ready(Ok(Some(next))).boxed()
+    }
+
+    fn write_sequence<'a>(&'a self, sequence: &'a str) -> BoxFuture<'a, StoreResult<Option<u64>>> {
+        let _serial = self.table_bumps.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.generation(sequence).unwrap_or(0);
+        futures_util::future::ready(Ok(Some(current))).boxed()
     }
 }

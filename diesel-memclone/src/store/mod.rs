@@ -80,6 +80,30 @@ pub trait Store: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, StoreResult<()>>;
 
+    /// Sets the generations `keys` (all in one table's slot) to `values` and advances the
+    /// table's write `sequence`, atomically; returns the new sequence. Writers compare it with
+    /// the sequence they read before writing: exactly one more means no other write to the
+    /// table was invalidated in between, which is when a write's result may be cached.
+    ///
+    /// The default sets fresh generations and returns `None` (no ordering: results of writes
+    /// are then never cached, only invalidated).
+    fn bump_table<'a>(
+        &'a self,
+        sequence: &'a str,
+        keys: &'a [String],
+        values: &'a [u64],
+    ) -> BoxFuture<'a, StoreResult<Option<u64>>> {
+        let _ = (sequence, values);
+        async move { self.bump_generations(keys, None).await.map(|()| None) }.boxed()
+    }
+
+    /// The table's write sequence (0 when it does not exist yet), or `None` when the store
+    /// does not keep one.
+    fn write_sequence<'a>(&'a self, sequence: &'a str) -> BoxFuture<'a, StoreResult<Option<u64>>> {
+        let _ = sequence;
+        futures_util::future::ready(Ok(None)).boxed()
+    }
+
     /// Takes the lock `key` for `owner` if nobody holds it (`SET NX PX`): true when taken. The
     /// lock frees itself after `ttl`, so a holder that dies cannot block others for longer.
     /// The default takes every lock at once (a store without locks).

@@ -353,6 +353,36 @@ impl Store for RedisStore {
         .boxed()
     }
 
+    fn bump_table<'a>(
+        &'a self,
+        sequence: &'a str,
+        keys: &'a [String],
+        values: &'a [u64],
+    ) -> BoxFuture<'a, StoreResult<Option<u64>>> {
+        async move {
+            // One script in the table's slot: the keys share its hash tag.
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(BUMP_TABLE_SCRIPT).arg(1 + keys.len()).arg(sequence);
+            cmd.arg(keys).arg(values);
+            match self.run(&[cmd]).await?.first() {
+                Some(Value::Int(next)) => Ok(u64::try_from(*next).ok()),
+                _ => Ok(None),
+            }
+        }
+        .boxed()
+    }
+
+    fn write_sequence<'a>(&'a self, sequence: &'a str) -> BoxFuture<'a, StoreResult<Option<u64>>> {
+        async move {
+            match self.run(&[get(sequence)]).await?.first() {
+                Some(Value::Nil) => Ok(Some(0)),
+                Some(other) => Ok(parse_generation(other)),
+                None => Ok(None),
+            }
+        }
+        .boxed()
+    }
+
     fn unlock<'a>(&'a self, key: &'a str, owner: u64) -> BoxFuture<'a, StoreResult<()>> {
         async move {
             // Only the owner may free the lock: compare and delete in one script.
@@ -363,6 +393,10 @@ impl Store for RedisStore {
         .boxed()
     }
 }
+
+/// KEYS: the sequence, then the generations; ARGV: the generations' new values.
+const BUMP_TABLE_SCRIPT: &str = "for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[i - 1]) end \
+     return redis.call('INCR', KEYS[1])";
 
 const UNLOCK_SCRIPT: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
