@@ -229,24 +229,54 @@ async fn writer(
     let mut random = Random::new(salt);
     while Instant::now() < deadline {
         let row = 1 + random.below(rows as u64) as i32;
-        let cache2 = cache.clone();
-        let written: Result<i64, Error> = diesel_memclone::transaction(&mut conn, |conn| {
-            Box::pin(async move {
-                let item: Item = diesel_memclone::update(fresh_items::table.find(row))
-                    .set(fresh_items::version.eq(fresh_items::version + 1))
-                    .map(|s| s.returning(fresh_items::all_columns))
-                    .using(&cache2)
-                    .get_result(conn)
-                    .await?;
-                diesel_memclone::update(fresh_notes::table.filter(fresh_notes::item_id.eq(row)))
+        let written: Result<i64, Error> = if random.below(2) == 0 {
+            // Item and note in one transaction: invalidated after the commit.
+            let cache2 = cache.clone();
+            diesel_memclone::transaction(&mut conn, |conn| {
+                Box::pin(async move {
+                    let item: Item = diesel_memclone::update(fresh_items::table.find(row))
+                        .set(fresh_items::version.eq(fresh_items::version + 1))
+                        .map(|s| s.returning(fresh_items::all_columns))
+                        .using(&cache2)
+                        .get_result(conn)
+                        .await?;
+                    diesel_memclone::update(
+                        fresh_notes::table.filter(fresh_notes::item_id.eq(row)),
+                    )
                     .set(fresh_notes::version.eq(item.version))
                     .using(&cache2)
                     .execute(conn)
                     .await?;
-                Ok(item.version)
+                    Ok(item.version)
+                })
             })
-        })
-        .await;
+            .await
+        } else {
+            // Two autocommit writes with RETURNING: their rows are written through when no
+            // other write overlapped. The floor is raised once both have returned.
+            async {
+                let item: Item = diesel_memclone::update(fresh_items::table.find(row))
+                    .set(fresh_items::version.eq(fresh_items::version + 1))
+                    .map(|s| s.returning(fresh_items::all_columns))
+                    .using(&cache)
+                    .get_result(&mut conn)
+                    .await?;
+                let _: Note = diesel_memclone::update(
+                    fresh_notes::table.filter(fresh_notes::item_id.eq(row)),
+                )
+                .set(
+                    fresh_notes::version.eq(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                        &format!("GREATEST(version, {})", item.version),
+                    )),
+                )
+                .map(|s| s.returning(fresh_notes::all_columns))
+                .using(&cache)
+                .get_result(&mut conn)
+                .await?;
+                Ok(item.version)
+            }
+            .await
+        };
         match written {
             Ok(version) => {
                 floors.raise(row, version).await;

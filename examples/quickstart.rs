@@ -111,13 +111,19 @@ async fn main() -> memclone::Result<()> {
 
     // 6. Invalidating update through memclone.
     let step = Step::start(&counter);
-    memclone::update(users::table.filter(users::id.eq(1)))
+    // With RETURNING, the written row goes straight into its entity entry (write-through).
+    let updated: User = memclone::update(users::table.filter(users::id.eq(1)))
         .set(users::name.eq("ALICIA"))
-        .execute(&mut conn)
+        .map(|s| s.returning(users::all_columns))
+        .get_result(&mut conn)
         .await?;
-    step.report("6. memclone::update to ALICIA", "ok");
+    step.report(
+        "6. memclone::update to ALICIA, returning the row",
+        &updated.name,
+    );
 
-    // 7. The query misses once (the mass invalidation worked), then hits.
+    // 7. The query misses once (the mass invalidation worked), then hits; the entity was
+    //    written through by step 6.
     let step = Step::start(&counter);
     let rows: Vec<(User, Post)> = active().cached("active_list").load(&mut conn).await?;
     step.report("7. active users with posts", &rows[0].0.name);

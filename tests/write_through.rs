@@ -1,6 +1,6 @@
-//! Caching a write's returned row under a key computed from it (`Write::cache_result`): done
-//! when no other write to the table overlapped, skipped when one did, and always guarded by the
-//! table's generation afterwards.
+//! Writing returned rows through: entity entries, and keys computed from the rows
+//! (`Write::cache_result`). Done when no other write to the table overlapped, skipped when one
+//! did, and always guarded by the generations afterwards.
 
 use diesel::prelude::*;
 use diesel::sql_types::Bool;

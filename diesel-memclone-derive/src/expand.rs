@@ -280,6 +280,10 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
                 fn rows(&self, out: &mut ::std::vec::Vec<::diesel_memclone::RowKey>) {
                     out.push(::diesel_memclone::MemClone::row_key(self));
                 }
+                fn entity_ttl() -> ::core::option::Option<::core::time::Duration> {
+                    <Self as ::diesel_memclone::MemClone>::TTL_SECONDS
+                        .map(::core::time::Duration::from_secs)
+                }
             }
 
             impl ::diesel_memclone::MemClone for #ident {

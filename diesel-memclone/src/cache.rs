@@ -506,9 +506,14 @@ impl Cache {
         &self,
         tables: &[String],
         rows: Option<&[RowKey]>,
-    ) -> StoreResult<Vec<TableBump>> {
+    ) -> StoreResult<Invalidated> {
         let ns = &self.inner.namespace;
         let store = &self.inner.store;
+        let row_generations: Vec<u64> = rows
+            .unwrap_or_default()
+            .iter()
+            .map(|_| crate::store::fresh_generation())
+            .collect();
         let bump_rows = async {
             let Some(rows) = rows else { return Ok(()) };
             let row_keys: Vec<String> = rows
@@ -516,26 +521,32 @@ impl Cache {
                 .map(|row| key::row_generation(ns, row.table, &row.primary_key))
                 .collect();
             let ttl = Some(self.inner.generation_ttl);
-            self.call(store.bump_generations(&row_keys, ttl)).await
+            self.call(store.set_generations(&row_keys, &row_generations, ttl))
+                .await
         };
         let bump_tables = async {
             let mut bumps = Vec::with_capacity(tables.len());
             for table in tables {
                 let mut keys = vec![key::query_generation(ns, table)];
-                if rows.is_none() {
-                    keys.push(key::entity_generation(ns, table));
+                // Rows known: the table's entity generation stays, and is observed for
+                // write-through; rows unknown: it moves, evicting every row of the table.
+                let mut observe = Vec::new();
+                match rows {
+                    Some(_) => observe.push(key::entity_generation(ns, table)),
+                    None => keys.push(key::entity_generation(ns, table)),
                 }
                 let values: Vec<u64> = keys
                     .iter()
                     .map(|_| crate::store::fresh_generation())
                     .collect();
                 let sequence = key::write_sequence(ns, table);
-                let next = self
-                    .call(store.bump_table(&sequence, &keys, &values))
+                let bumped = self
+                    .call(store.bump_table(&sequence, &keys, &values, &observe))
                     .await?;
                 bumps.push(TableBump {
-                    sequence: next,
+                    sequence: bumped.as_ref().map(|b| b.sequence),
                     query_generation: values[0],
+                    entity_generation: bumped.and_then(|b| b.observed.first().copied().flatten()),
                 });
             }
             Ok(bumps)
@@ -543,7 +554,10 @@ impl Cache {
         // The row and table generations live in different slots: bump them side by side.
         let (rows_bumped, tables_bumped) = futures_util::join!(bump_rows, bump_tables);
         rows_bumped?;
-        tables_bumped
+        Ok(Invalidated {
+            tables: tables_bumped?,
+            row_generations,
+        })
     }
 
     /// Invalidates after a committed write: every query of `tables`, and the entity entries of
@@ -554,7 +568,7 @@ impl Cache {
         &self,
         tables: &[String],
         rows: Option<&[RowKey]>,
-    ) -> Option<Vec<TableBump>> {
+    ) -> Option<Invalidated> {
         bump(&self.inner.stats.invalidations);
         match self.bump_tables(tables, rows).await {
             Ok(bumps) => {
@@ -577,6 +591,29 @@ impl Cache {
             .await
             .ok()
             .flatten()
+    }
+
+    /// Stores a written row's entity entry, tagged with the generations the write left.
+    pub(crate) async fn put_entity<T: Serialize>(
+        &self,
+        row: &RowKey,
+        fingerprint: u64,
+        tags: [u64; 2],
+        ttl: Option<Duration>,
+        value: &T,
+    ) {
+        let ttl = ttl.unwrap_or(self.inner.default_ttl);
+        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
+        if let Some(bytes) = codec::encode(&tags, fresh_until, value) {
+            let key = key::entity_entry(
+                &self.inner.namespace,
+                row.table,
+                &row.primary_key,
+                fingerprint,
+            );
+            let kept_for = ttl + self.inner.stale_while_revalidate;
+            let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
+        }
     }
 
     /// Stores a write's returned value under a custom key, tagged with the query generation the
@@ -857,12 +894,22 @@ impl Cache {
     }
 }
 
+/// What an invalidation set, for write-through.
+pub(crate) struct Invalidated {
+    /// One per written table.
+    pub(crate) tables: Vec<TableBump>,
+    /// The new generation of each written row, in the order of the rows given.
+    pub(crate) row_generations: Vec<u64>,
+}
+
 /// What one table's invalidation set.
 pub(crate) struct TableBump {
     /// The table's write sequence after this bump, if the store keeps one.
     pub(crate) sequence: Option<u64>,
     /// The new generation of the table's queries.
     pub(crate) query_generation: u64,
+    /// The table's entity generation, observed with the bump (when the rows were known).
+    pub(crate) entity_generation: Option<u64>,
 }
 
 enum LockWait<T> {

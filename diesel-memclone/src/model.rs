@@ -38,6 +38,11 @@ pub trait CacheValue: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// them in addition to the tables its SQL names.
     fn tables(_out: &mut Vec<&'static str>) {}
 
+    /// The entity entry lifetime of this type, when it is a model with `#[memclone(ttl)]`.
+    fn entity_ttl() -> Option<std::time::Duration> {
+        None
+    }
+
     /// Adds the rows this value holds (for writes that return rows: only those rows' entity
     /// entries are evicted, rather than every entity entry of the table).
     fn rows(&self, _out: &mut Vec<RowKey>) {}

@@ -1,7 +1,7 @@
 //! Invalidating writes: `insert_into`, `update`, `delete`, `replace_into` and any statement
 //! through [`write()`], shaped like Diesel's own builders.
 
-use crate::cache::{cache, Cache, TableBump};
+use crate::cache::{cache, Cache, Invalidated};
 use crate::error::{Error, Result};
 use crate::key;
 use crate::model::{CacheValue, RowKey};
@@ -185,7 +185,7 @@ impl<S> Write<S> {
         rows: Option<Vec<RowKey>>,
         uncache: Vec<String>,
         timing: WriteTiming,
-    ) -> Option<Vec<TableBump>> {
+    ) -> Option<Invalidated> {
         let tables = vec![table];
         match timing {
             WriteTiming::Now => {
@@ -220,7 +220,9 @@ impl<S> Write<S> {
     }
 
     /// Runs a write with `RETURNING`, like Diesel's `get_results`. When the rows are the
-    /// written table's model, only their entity entries are evicted.
+    /// written table's model, only their entity entries change (every cached query of the
+    /// table is invalidated as always): they are written through with the returned rows when
+    /// no other write to the table overlapped this one, and evicted otherwise.
     pub async fn get_results<'q, U, C>(self, conn: &mut C) -> Result<Vec<U>>
     where
         C: AsyncConnection,
@@ -231,35 +233,51 @@ impl<S> Write<S> {
     {
         let (table, timing) = self.prepare(conn)?;
         let cache = self.cache.unwrap_or_else(|| cache().clone());
-        let caching = match timing {
-            WriteTiming::Now => self.cache_result,
-            WriteTiming::AfterCommit => None,
-        };
-        let before = match &caching {
-            Some(_) => cache.write_sequence(&table).await,
-            None => None,
+        // Writing through (the rows' entity entries, `cache_result` keys) needs the table's
+        // write sequence from before the write, and never happens inside a transaction.
+        let through = matches!(timing, WriteTiming::Now)
+            && (self.cache_result.is_some() || model_of::<U>(&table));
+        let before = match through {
+            true => cache.write_sequence(&table).await,
+            false => None,
         };
         let result = self.statement.load::<U>(conn).await;
         let rows = match &result {
             Ok(values) => returned_rows(&table, values),
             Err(_) => None,
         };
-        let bumps = Self::finish(&cache, table, rows, self.uncache, timing).await;
+        let invalidated = Self::finish(&cache, table, rows.clone(), self.uncache, timing).await;
         let values = result?;
-        if let (Some(caching), Some(before), Some(bump)) = (
-            caching,
-            before,
-            bumps.as_ref().and_then(|b| b.iter().next()),
-        ) {
-            // Exactly one more invalidation than before the write: ours, and no other.
-            if bump.sequence == Some(before + 1) {
-                for value in &values {
-                    if let Some(key) = (caching.key)(value as &dyn Any) {
-                        let row = Some(value);
-                        cache
-                            .put_custom(&key, bump.query_generation, caching.ttl, &row)
-                            .await;
-                    }
+        let (Some(before), Some(invalidated)) = (before, invalidated) else {
+            return Ok(values);
+        };
+        let Some(bump) = invalidated.tables.iter().next() else {
+            return Ok(values);
+        };
+        // Exactly one more invalidation of the table than before the write: ours, and no
+        // other write overlapped, so these rows are the newest and may be cached.
+        if bump.sequence != Some(before + 1) {
+            return Ok(values);
+        }
+        if let (Some(rows), Some(entity_generation)) = (&rows, bump.entity_generation) {
+            if rows.len() == values.len() {
+                let written = values.iter().zip(rows).zip(&invalidated.row_generations);
+                for ((value, row), row_generation) in written {
+                    let tags = [entity_generation, *row_generation];
+                    let entry = Some(value);
+                    cache
+                        .put_entity(row, U::fingerprint(), tags, U::entity_ttl(), &entry)
+                        .await;
+                }
+            }
+        }
+        if let Some(caching) = &self.cache_result {
+            for value in &values {
+                if let Some(key) = (caching.key)(value as &dyn Any) {
+                    let entry = Some(value);
+                    cache
+                        .put_custom(&key, bump.query_generation, caching.ttl, &entry)
+                        .await;
                 }
             }
         }
@@ -283,11 +301,16 @@ impl<S> Write<S> {
     }
 }
 
-/// The written rows, when the returned values are rows of the written table's model.
-fn returned_rows<U: CacheValue>(table: &str, values: &[U]) -> Option<Vec<RowKey>> {
+/// True when `U` is the model of `table`.
+fn model_of<U: CacheValue>(table: &str) -> bool {
     let mut tables = Vec::new();
     U::tables(&mut tables);
-    if tables.as_slice() != [table] {
+    tables.as_slice() == [table]
+}
+
+/// The written rows, when the returned values are rows of the written table's model.
+fn returned_rows<U: CacheValue>(table: &str, values: &[U]) -> Option<Vec<RowKey>> {
+    if !model_of::<U>(table) {
         return None;
     }
     let mut rows = Vec::new();

@@ -1,6 +1,6 @@
 //! The in-process store: the embedded default. No server, bounded memory, per-entry TTL.
 
-use super::{fresh_generation, Fetched, Store, StoreResult};
+use super::{fresh_generation, Bumped, Fetched, Store, StoreResult};
 use futures_util::future::{BoxFuture, FutureExt};
 use moka::sync::Cache as MokaCache;
 use moka::Expiry;
@@ -199,14 +199,15 @@ impl Store for MemoryStore {
         futures_util::future::ready(Ok(values)).boxed()
     }
 
-    fn bump_generations<'a>(
+    fn set_generations<'a>(
         &'a self,
         keys: &'a [String],
+        values: &'a [u64],
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, StoreResult<()>> {
-        for key in keys {
+        for (key, value) in keys.iter().zip(values) {
             let stored = Stored {
-                slot: Slot::Generation(fresh_generation()),
+                slot: Slot::Generation(*value),
                 ttl,
             };
             self.map.insert(key.clone(), stored);
@@ -243,7 +244,8 @@ impl Store for MemoryStore {
         sequence: &'a str,
         keys: &'a [String],
         values: &'a [u64],
-    ) -> BoxFuture<'a, StoreResult<Option<u64>>> {
+        observe: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<Option<Bumped>>> {
         let _serial = self.table_bumps.lock().unwrap_or_else(|e| e.into_inner());
         for (key, value) in keys.iter().zip(values) {
             let stored = Stored {
@@ -258,7 +260,8 @@ impl Store for MemoryStore {
             ttl: None,
         };
         self.map.insert(sequence.to_owned(), stored);
-        futures_util::future::ready(Ok(Some(next))).boxed()
+        let observed = observe.iter().map(|key| self.generation(key)).collect();
+        futures_util::future::ready(Ok(Some(Bumped::new(next, observed)))).boxed()
     }
 
     fn write_sequence<'a>(&'a self, sequence: &'a str) -> BoxFuture<'a, StoreResult<Option<u64>>> {

@@ -42,8 +42,8 @@ impl Fetched {
 /// * [`ensure_generations`](Store::ensure_generations) never overwrites an existing generation
 ///   and creates a missing one with a fresh value that was never used before (never 0 or a
 ///   counter that restarts);
-/// * [`bump_generations`](Store::bump_generations) replaces each generation with a fresh,
-///   never-used value;
+/// * [`set_generations`](Store::set_generations) is only ever given fresh, never-used values
+///   (the cache draws them), which makes every entry filled under the old values unreachable;
 /// * an entry is never returned after its TTL.
 pub trait Store: Send + Sync + 'static {
     /// Reads an entry and the current values of `generations`.
@@ -72,29 +72,37 @@ pub trait Store: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, StoreResult<Vec<u64>>>;
 
-    /// Sets each generation to a fresh value, which makes every entry filled under the old value
-    /// unreachable. `ttl` as in [`ensure_generations`](Store::ensure_generations).
-    fn bump_generations<'a>(
+    /// Sets each generation to its fresh value, which makes every entry filled under the old
+    /// value unreachable. `ttl` as in [`ensure_generations`](Store::ensure_generations).
+    fn set_generations<'a>(
         &'a self,
         keys: &'a [String],
+        values: &'a [u64],
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, StoreResult<()>>;
 
-    /// Sets the generations `keys` (all in one table's slot) to `values` and advances the
-    /// table's write `sequence`, atomically; returns the new sequence. Writers compare it with
-    /// the sequence they read before writing: exactly one more means no other write to the
-    /// table was invalidated in between, which is when a write's result may be cached.
+    /// Sets the generations `keys` (all in one table's slot) to `values`, advances the table's
+    /// write `sequence` and reads the generations `observe` (same slot), atomically. Writers
+    /// compare the new sequence with the one they read before writing: exactly one more means
+    /// no other write to the table was invalidated in between, which is when a write's result
+    /// may be cached.
     ///
-    /// The default sets fresh generations and returns `None` (no ordering: results of writes
-    /// are then never cached, only invalidated).
+    /// The default sets the generations and returns `None` (no ordering: results of writes are
+    /// then never cached, only invalidated).
     fn bump_table<'a>(
         &'a self,
         sequence: &'a str,
         keys: &'a [String],
         values: &'a [u64],
-    ) -> BoxFuture<'a, StoreResult<Option<u64>>> {
-        let _ = (sequence, values);
-        async move { self.bump_generations(keys, None).await.map(|()| None) }.boxed()
+        observe: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<Option<Bumped>>> {
+        let _ = (sequence, observe);
+        async move {
+            self.set_generations(keys, values, None)
+                .await
+                .map(|()| None)
+        }
+        .boxed()
     }
 
     /// The table's write sequence (0 when it does not exist yet), or `None` when the store
@@ -121,6 +129,23 @@ pub trait Store: Send + Sync + 'static {
     fn unlock<'a>(&'a self, key: &'a str, owner: u64) -> BoxFuture<'a, StoreResult<()>> {
         let _ = (key, owner);
         futures_util::future::ready(Ok(())).boxed()
+    }
+}
+
+/// What [`Store::bump_table`] did: the new write sequence and the observed generations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Bumped {
+    /// The table's write sequence after the bump.
+    pub sequence: u64,
+    /// The current value of each observed generation, in the order asked.
+    pub observed: Vec<Option<u64>>,
+}
+
+impl Bumped {
+    /// A result from its parts (for implementors of [`Store`]).
+    pub fn new(sequence: u64, observed: Vec<Option<u64>>) -> Self {
+        Self { sequence, observed }
     }
 }
 

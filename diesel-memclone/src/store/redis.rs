@@ -1,6 +1,6 @@
 //! The Redis store, over a deadpool-redis pool.
 
-use super::{fresh_generation, Fetched, Store, StoreResult};
+use super::{fresh_generation, Bumped, Fetched, Store, StoreResult};
 use crate::error::{Error, StoreError};
 use deadpool_redis::redis::{self, Value};
 use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
@@ -317,15 +317,17 @@ impl Store for RedisStore {
         .boxed()
     }
 
-    fn bump_generations<'a>(
+    fn set_generations<'a>(
         &'a self,
         keys: &'a [String],
+        values: &'a [u64],
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, StoreResult<()>> {
         async move {
             let cmds: Vec<redis::Cmd> = keys
                 .iter()
-                .map(|key| set_generation(key, fresh_generation(), ttl))
+                .zip(values)
+                .map(|(key, value)| set_generation(key, *value, ttl))
                 .collect();
             if cmds.is_empty() {
                 return Ok(());
@@ -358,16 +360,27 @@ impl Store for RedisStore {
         sequence: &'a str,
         keys: &'a [String],
         values: &'a [u64],
-    ) -> BoxFuture<'a, StoreResult<Option<u64>>> {
+        observe: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<Option<Bumped>>> {
         async move {
             // One script in the table's slot: the keys share its hash tag.
             let mut cmd = redis::cmd("EVAL");
-            cmd.arg(BUMP_TABLE_SCRIPT).arg(1 + keys.len()).arg(sequence);
-            cmd.arg(keys).arg(values);
-            match self.run(&[cmd]).await?.first() {
-                Some(Value::Int(next)) => Ok(u64::try_from(*next).ok()),
-                _ => Ok(None),
-            }
+            cmd.arg(BUMP_TABLE_SCRIPT)
+                .arg(1 + keys.len() + observe.len())
+                .arg(sequence);
+            cmd.arg(keys).arg(observe).arg(keys.len()).arg(values);
+            let reply = self.run(&[cmd]).await?;
+            let Some(Value::Array(items)) = reply.first() else {
+                return Ok(None);
+            };
+            let mut items = items.iter();
+            let Some(Value::Int(next)) = items.next() else {
+                return Ok(None);
+            };
+            let observed = items.map(parse_generation).collect();
+            Ok(u64::try_from(*next)
+                .ok()
+                .map(|next| Bumped::new(next, observed)))
         }
         .boxed()
     }
@@ -394,9 +407,13 @@ impl Store for RedisStore {
     }
 }
 
-/// KEYS: the sequence, then the generations; ARGV: the generations' new values.
-const BUMP_TABLE_SCRIPT: &str = "for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[i - 1]) end \
-     return redis.call('INCR', KEYS[1])";
+/// KEYS: the sequence, the generations to set, the generations to observe; ARGV: how many to
+/// set, then their values. Returns the new sequence followed by the observed values.
+const BUMP_TABLE_SCRIPT: &str = "local n = tonumber(ARGV[1]) \
+     for i = 1, n do redis.call('SET', KEYS[i + 1], ARGV[i + 1]) end \
+     local out = { redis.call('INCR', KEYS[1]) } \
+     for i = n + 2, #KEYS do out[#out + 1] = redis.call('GET', KEYS[i]) or false end \
+     return out";
 
 const UNLOCK_SCRIPT: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
