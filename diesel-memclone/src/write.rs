@@ -36,11 +36,14 @@ pub struct Write<S> {
     cache_result: Option<CacheResult>,
 }
 
+/// Computes a returned row's key (`None` for a row of another type).
+type KeyOfRow = dyn Fn(&dyn Any) -> Option<String> + Send + Sync;
+
 /// Where and for how long a write's returned rows are cached.
 #[derive(Clone)]
 struct CacheResult {
     ttl: Duration,
-    key: Arc<dyn Fn(&dyn Any) -> Option<String> + Send + Sync>,
+    key: Arc<KeyOfRow>,
 }
 
 impl std::fmt::Debug for CacheResult {
@@ -251,7 +254,7 @@ impl<S> Write<S> {
         let (Some(before), Some(invalidated)) = (before, invalidated) else {
             return Ok(values);
         };
-        let Some(bump) = invalidated.tables.iter().next() else {
+        let Some(bump) = <[_]>::first(&invalidated.tables) else {
             return Ok(values);
         };
         // Exactly one more invalidation of the table than before the write: ours, and no
