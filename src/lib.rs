@@ -2,6 +2,7 @@
 //! models, connections to the test servers, a database query counter and a cuttable Redis link.
 //! Not published.
 
+pub mod bench;
 pub mod proxy;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};

@@ -460,7 +460,11 @@ impl Cache {
         }
         let outcome = match tokio::time::timeout(inner.store_timeout, operation).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(StoreError::Timeout),
+            Err(_) => {
+                // The link may be stalled rather than broken: start afresh next time.
+                inner.store.reset();
+                Err(StoreError::Timeout)
+            }
         };
         match &outcome {
             Ok(_) => inner.health.succeeded(),

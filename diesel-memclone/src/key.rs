@@ -195,6 +195,20 @@ const CLAUSE_KEYWORDS: &[&str] = &[
     "for",
 ];
 
+/// [`tables_in_sql`], remembered per SQL text (without binds): the same query shape is scanned
+/// once, not on every hit.
+pub(crate) fn tables_of(sql: &str) -> std::sync::Arc<[String]> {
+    use std::sync::{Arc, OnceLock};
+    static SCANNED: OnceLock<moka::sync::Cache<String, Arc<[String]>>> = OnceLock::new();
+    let scanned = SCANNED.get_or_init(|| moka::sync::Cache::new(10_000));
+    if let Some(tables) = scanned.get(sql) {
+        return tables;
+    }
+    let tables: Arc<[String]> = tables_in_sql(sql).into();
+    scanned.insert(sql.to_owned(), tables.clone());
+    tables
+}
+
 /// Every table a statement may read, from its SQL text (lower-cased, unquoted).
 ///
 /// Over-approximates on purpose: a name that is not a table only costs one more generation read,

@@ -103,7 +103,7 @@ impl<Q> Cached<Q> {
             }
         };
         for sql in sqls.iter().filter(|_| scan_sql) {
-            key::tables_in_sql(key::sql_part(sql))
+            key::tables_of(key::sql_part(sql))
                 .iter()
                 .for_each(|t| add(t));
         }

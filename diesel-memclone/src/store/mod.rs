@@ -112,6 +112,10 @@ pub trait Store: Send + Sync + 'static {
         futures_util::future::ready(Ok(None)).boxed()
     }
 
+    /// Called when an operation timed out: drop connections that may be stalled, so that the
+    /// next operation opens a fresh one. The default does nothing.
+    fn reset(&self) {}
+
     /// Takes the lock `key` for `owner` if nobody holds it (`SET NX PX`): true when taken. The
     /// lock frees itself after `ttl`, so a holder that dies cannot block others for longer.
     /// The default takes every lock at once (a store without locks).

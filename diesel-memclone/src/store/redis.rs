@@ -6,6 +6,8 @@ use deadpool_redis::redis::{self, Value};
 use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::try_join_all;
 use futures_util::future::{BoxFuture, FutureExt};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A [`Store`] on a Redis (or Valkey) server, through a [deadpool-redis](https://docs.rs/deadpool-redis) pool.
@@ -24,6 +26,26 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct RedisStore {
     backend: Backend,
+    /// Multiplexed connections taken out of the pool and shared by every operation. A deadpool
+    /// checkout verifies its connection with a `PING` round trip, which would double the cost of
+    /// a hit; a multiplexed connection needs no checkout: each operation clones it.
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    single: Vec<Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    cluster: Mutex<Option<redis::cluster_async::ClusterConnection>>,
+    next: AtomicUsize,
+}
+
+impl Shared {
+    fn new(slots: usize) -> Arc<Self> {
+        Arc::new(Shared {
+            single: (0..slots.max(1)).map(|_| Mutex::new(None)).collect(),
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -109,7 +131,11 @@ impl RedisStoreBuilder {
                     .map_err(|e| built(&e))?,
             )
         };
-        Ok(RedisStore { backend })
+        let slots = self.pool_size.clamp(1, 4);
+        Ok(RedisStore {
+            backend,
+            shared: Shared::new(slots),
+        })
     }
 }
 
@@ -144,6 +170,7 @@ impl RedisStore {
     pub fn from_pool(pool: Pool) -> Self {
         Self {
             backend: Backend::Single(pool),
+            shared: Shared::new(4),
         }
     }
 
@@ -151,6 +178,7 @@ impl RedisStore {
     pub fn from_cluster_pool(pool: deadpool_redis::cluster::Pool) -> Self {
         Self {
             backend: Backend::Cluster(pool),
+            shared: Shared::new(1),
         }
     }
 
@@ -174,25 +202,88 @@ impl RedisStore {
         let failed = |e: &dyn std::fmt::Display| StoreError::Backend(e.to_string());
         match &self.backend {
             Backend::Single(pool) => {
-                let mut conn = pool.get().await.map_err(|e| failed(&e))?;
+                let n = self.shared.next.fetch_add(1, Ordering::Relaxed) % self.shared.single.len();
+                let slot = &self.shared.single[n];
                 let mut pipe = redis::pipe();
                 for cmd in cmds {
                     pipe.add_command(cmd.clone());
                 }
-                pipe.query_async(&mut conn).await.map_err(|e| failed(&e))
+                // A shared connection may have died while idle (a restart, a cut link): one
+                // retry on a fresh connection before reporting a failure.
+                for attempt in 0..2 {
+                    let cached = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let (mut conn, fresh) = match cached {
+                        Some(conn) => (conn, false),
+                        None => {
+                            let taken = pool.get().await.map_err(|e| failed(&e))?;
+                            let conn = deadpool_redis::Connection::take(taken);
+                            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+                            (conn, true)
+                        }
+                    };
+                    // No timer here: the cache bounds every operation with its own timeout and
+                    // calls `reset` when it fires (a timer per call is measurable on a hit).
+                    match pipe.query_async(&mut conn).await {
+                        Ok(values) => return Ok(values),
+                        Err(error) if broken(&error) => {
+                            *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                            if fresh || attempt == 1 {
+                                return Err(failed(&error));
+                            }
+                        }
+                        Err(error) => return Err(failed(&error)),
+                    }
+                }
+                Err(StoreError::Unavailable)
             }
             Backend::Cluster(pool) => {
-                let conn = pool.get().await.map_err(|e| failed(&e))?;
-                let shared: redis::cluster_async::ClusterConnection = (*conn).clone();
-                try_join_all(cmds.iter().map(|cmd| {
+                let cached = self
+                    .shared
+                    .cluster
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let shared = match cached {
+                    Some(conn) => conn,
+                    None => {
+                        let taken = pool.get().await.map_err(|e| failed(&e))?;
+                        let conn = deadpool_redis::cluster::Connection::take(taken);
+                        *self
+                            .shared
+                            .cluster
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+                        conn
+                    }
+                };
+                let replies = try_join_all(cmds.iter().map(|cmd| {
                     let mut conn = shared.clone();
                     async move { cmd.query_async::<Value>(&mut conn).await }
-                }))
-                .await
-                .map_err(|e| failed(&e))
+                }));
+                match replies.await {
+                    Ok(values) => Ok(values),
+                    Err(error) => {
+                        if broken(&error) {
+                            *self
+                                .shared
+                                .cluster
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner()) = None;
+                        }
+                        Err(failed(&error))
+                    }
+                }
             }
         }
     }
+}
+
+/// True for errors after which a connection should not be used again.
+fn broken(error: &redis::RedisError) -> bool {
+    error.is_unrecoverable_error()
+        || error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
 }
 
 fn millis(ttl: Duration) -> u64 {
@@ -394,6 +485,17 @@ impl Store for RedisStore {
             }
         }
         .boxed()
+    }
+
+    fn reset(&self) {
+        for slot in &self.shared.single {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        *self
+            .shared
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn unlock<'a>(&'a self, key: &'a str, owner: u64) -> BoxFuture<'a, StoreResult<()>> {

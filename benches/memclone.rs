@@ -1,0 +1,260 @@
+//! Benchmarks of diesel-memclone, each beside its floor or its alternative in the same run:
+//!
+//! * `hit_path`: a cached query hit against one `GET` of the same bytes on the same connection,
+//!   decoded the same way, for results of 1, 100 and 1000 rows;
+//! * `database`: the same reads uncached on PostgreSQL (a primary-key lookup, a 100-row filter,
+//!   a join with aggregation over 100,000 orders) against their cached hits;
+//! * `alternative`: the `cached` crate's `AsyncRedisCache` on the same Redis and data;
+//! * `writes`: an invalidating update with 1, 1,000 and 100,000 cached queries on the table,
+//!   against the bare Diesel update;
+//! * `throughput`: hits per second from 1, 16 and 64 concurrent tasks.
+//!
+//! `cargo bench` (PostgreSQL and Redis as for the tests). `BENCHMARKS.md` holds a run's medians.
+
+use cached::stores::AsyncRedisCache;
+use cached::ConcurrentCachedAsync;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_memclone::prelude::*;
+use diesel_memclone_tests::bench::schema::{bench_orders, bench_users};
+use diesel_memclone_tests::bench::{connect, first_users, floor_get, only_entry_key, redis_cache, BenchUser};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::runtime::Runtime;
+use tokio::sync::Mutex;
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+fn namespace(group: &str) -> String {
+    format!("bench_{group}_{}", std::process::id())
+}
+
+fn hit_path(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("hit_path");
+    for rows in [1_i64, 100, 1000] {
+        let ns = namespace(&format!("hit{rows}"));
+        let (store, cache, conn, key) = rt.block_on(async {
+            let (store, cache) = redis_cache(&ns);
+            let mut conn = connect().await;
+            let _: Vec<BenchUser> = first_users(rows).cached("first").using(&cache).load(&mut conn).await.unwrap();
+            let key = only_entry_key(&store, &ns).await;
+            (store, cache, Arc::new(Mutex::new(conn)), key)
+        });
+        group.bench_with_input(BenchmarkId::new("memclone", rows), &rows, |b, &rows| {
+            b.to_async(&rt).iter(|| async {
+                let mut conn = conn.lock().await;
+                let hit: Vec<BenchUser> = first_users(rows).cached("first").using(&cache).load(&mut *conn).await.unwrap();
+                hit
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("floor", rows), &rows, |b, _| {
+            b.to_async(&rt).iter(|| floor_get(&store, &key))
+        });
+        assert_eq!(cache.stats().misses, 1, "the memclone samples were all hits");
+    }
+    group.finish();
+}
+
+/// The heavy read: per organisation, the number of orders and the largest amount.
+macro_rules! heavy_join {
+    () => {
+        bench_users::table
+            .inner_join(bench_orders::table)
+            .group_by(bench_users::org_id)
+            .select((
+                bench_users::org_id,
+                diesel::dsl::count(bench_orders::id),
+                diesel::dsl::max(bench_orders::amount),
+            ))
+            .order(bench_users::org_id)
+    };
+}
+
+fn database(c: &mut Criterion) {
+    let rt = runtime();
+    let ns = namespace("db");
+    let (cache, conn) = rt.block_on(async {
+        let (_, cache) = redis_cache(&ns);
+        (cache, Arc::new(Mutex::new(connect().await)))
+    });
+    let filter_100 = || bench_users::table.filter(bench_users::org_id.eq(7)).order(bench_users::id).limit(100);
+    let mut group = c.benchmark_group("database");
+    group.bench_function("pk_lookup/postgres", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut conn = conn.lock().await;
+            let user: BenchUser = bench_users::table.find(4242).get_result(&mut *conn).await.unwrap();
+            user
+        })
+    });
+    group.bench_function("pk_lookup/memclone", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut conn = conn.lock().await;
+            cache.find::<BenchUser, _>(&mut *conn, 4242).await.unwrap()
+        })
+    });
+    group.bench_function("filter_100/postgres", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut conn = conn.lock().await;
+            let rows: Vec<BenchUser> = filter_100().load(&mut *conn).await.unwrap();
+            rows
+        })
+    });
+    group.bench_function("filter_100/memclone", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut conn = conn.lock().await;
+            let rows: Vec<BenchUser> = filter_100().cached("filter").using(&cache).load(&mut *conn).await.unwrap();
+            rows
+        })
+    });
+    group.sample_size(20);
+    group.bench_function("heavy_join/postgres", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut conn = conn.lock().await;
+            let rows: Vec<(i32, i64, Option<i64>)> = heavy_join!().load(&mut *conn).await.unwrap();
+            rows
+        })
+    });
+    group.sample_size(100);
+    group.bench_function("heavy_join/memclone", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut conn = conn.lock().await;
+            let rows: Vec<(i32, i64, Option<i64>)> = heavy_join!().cached("heavy").using(&cache).load(&mut *conn).await.unwrap();
+            rows
+        })
+    });
+    group.finish();
+    assert_eq!(cache.stats().misses, 3, "one miss per cached read, then hits");
+}
+
+fn alternative(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("alternative");
+    for rows in [1_i64, 100, 1000] {
+        let ns = namespace(&format!("alt{rows}"));
+        let (cache, conn, other) = rt.block_on(async {
+            let (_, cache) = redis_cache(&ns);
+            let mut conn = connect().await;
+            let filled: Vec<BenchUser> = first_users(rows).cached("first").using(&cache).load(&mut conn).await.unwrap();
+            let other: AsyncRedisCache<String, Vec<BenchUser>> = AsyncRedisCache::builder(format!("{ns}_cached_crate"))
+                .ttl(Duration::from_secs(3600))
+                .connection_string(&diesel_memclone_tests::redis_url())
+                .build()
+                .await
+                .expect("cached crate store");
+            let _ = other.async_cache_set(format!("first{rows}"), filled).await.expect("cached crate set");
+            (cache, Arc::new(Mutex::new(conn)), other)
+        });
+        group.bench_with_input(BenchmarkId::new("memclone", rows), &rows, |b, &rows| {
+            b.to_async(&rt).iter(|| async {
+                let mut conn = conn.lock().await;
+                let hit: Vec<BenchUser> = first_users(rows).cached("first").using(&cache).load(&mut *conn).await.unwrap();
+                hit
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("cached_crate", rows), &rows, |b, &rows| {
+            let key = format!("first{rows}");
+            b.to_async(&rt).iter(|| async { other.async_cache_get(&key).await.unwrap().expect("hit") })
+        });
+    }
+    group.finish();
+}
+
+fn writes(c: &mut Criterion) {
+    let rt = runtime();
+    let conn = rt.block_on(async { Arc::new(Mutex::new(connect().await)) });
+    let mut group = c.benchmark_group("writes");
+    group.bench_function("bare_update", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut conn = conn.lock().await;
+            diesel::update(bench_users::table.find(1)).set(bench_users::name.eq("renamed")).execute(&mut *conn).await.unwrap()
+        })
+    });
+    for cached_queries in [1_usize, 1_000, 100_000] {
+        let ns = namespace(&format!("writes{cached_queries}"));
+        let (_, cache) = redis_cache(&ns);
+        rt.block_on(async {
+            // Fill the cached queries that depend on the table, 64 at a time.
+            let mut filled = 0;
+            while filled < cached_queries {
+                let batch = (filled..(filled + 64).min(cached_queries)).map(|i| {
+                    let cache = cache.clone();
+                    async move {
+                        let key = format!("query {i}");
+                        cache.fill_with("q", &key, &["bench_users"], || async move { Ok(i as i64) }).await.unwrap()
+                    }
+                });
+                filled += futures_util::future::join_all(batch).await.len();
+            }
+        });
+        group.bench_with_input(BenchmarkId::new("invalidating_update", cached_queries), &cached_queries, |b, _| {
+            b.to_async(&rt).iter(|| async {
+                let mut conn = conn.lock().await;
+                diesel_memclone::update(bench_users::table.find(1))
+                    .set(bench_users::name.eq("renamed"))
+                    .using(&cache)
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn throughput(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let ns = namespace("throughput");
+    let (cache, conns) = rt.block_on(async {
+        let (_, cache) = redis_cache(&ns);
+        let mut conns = Vec::new();
+        for _ in 0..64 {
+            conns.push(Arc::new(Mutex::new(connect().await)));
+        }
+        let _: Vec<BenchUser> = first_users(1).cached("first").using(&cache).load(&mut *conns[0].lock().await).await.unwrap();
+        (cache, conns)
+    });
+    const PER_TASK: u64 = 200;
+    let mut group = c.benchmark_group("throughput");
+    group.sample_size(10);
+    for tasks in [1_usize, 16, 64] {
+        group.throughput(Throughput::Elements(tasks as u64 * PER_TASK));
+        group.bench_with_input(BenchmarkId::new("hits", tasks), &tasks, |b, &tasks| {
+            b.to_async(&rt).iter_custom(|iterations| {
+                let (cache, conns) = (cache.clone(), conns.clone());
+                async move {
+                    let start = std::time::Instant::now();
+                    for _ in 0..iterations {
+                        let workers = conns.iter().take(tasks).map(|conn| {
+                            let (cache, conn) = (cache.clone(), conn.clone());
+                            tokio::spawn(async move {
+                                let mut conn = conn.lock().await;
+                                for _ in 0..PER_TASK {
+                                    let hit: Vec<BenchUser> =
+                                        first_users(1).cached("first").using(&cache).load(&mut *conn).await.unwrap();
+                                    assert_eq!(hit.len(), 1);
+                                }
+                            })
+                        });
+                        for worker in futures_util::future::join_all(workers).await {
+                            worker.unwrap();
+                        }
+                    }
+                    start.elapsed()
+                }
+            })
+        });
+    }
+    group.finish();
+    assert_eq!(cache.stats().misses, 1);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    targets = hit_path, database, alternative, writes, throughput
+}
+criterion_main!(benches);
