@@ -11,11 +11,16 @@
 //!
 //! `cargo bench` (PostgreSQL and Redis as for the tests). `BENCHMARKS.md` holds a run's medians.
 
+// mimalloc, as in the benches: with glibc's malloc the cost of the same decode depends on the
+// allocation history (consolidation of freed chunks), which adds noise unrelated to the cache.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use cached::stores::AsyncRedisCache;
 use cached::ConcurrentCachedAsync;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use diesel::prelude::*;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use diesel_memclone::prelude::*;
 use diesel_memclone_tests::bench::schema::{bench_orders, bench_users};
 use diesel_memclone_tests::bench::{connect, first_users, floor_get, only_entry_key, redis_cache, BenchUser};
@@ -55,6 +60,23 @@ fn hit_path(c: &mut Criterion) {
             b.to_async(&rt).iter(|| floor_get(&store, &key))
         });
         assert_eq!(cache.stats().misses, 1, "the memclone samples were all hits");
+        // For the plot: the same read from PostgreSQL, and from the in-process store.
+        group.bench_with_input(BenchmarkId::new("postgres", rows), &rows, |b, &rows| {
+            b.to_async(&rt).iter(|| async {
+                let mut conn = conn.lock().await;
+                let rows: Vec<BenchUser> = first_users(rows).load(&mut *conn).await.unwrap();
+                rows
+            })
+        });
+        let memory = diesel_memclone::Cache::builder().namespace(&ns).build().unwrap();
+        group.bench_with_input(BenchmarkId::new("memory_store", rows), &rows, |b, &rows| {
+            b.to_async(&rt).iter(|| async {
+                let mut conn = conn.lock().await;
+                let hit: Vec<BenchUser> = first_users(rows).cached("first").using(&memory).load(&mut *conn).await.unwrap();
+                hit
+            })
+        });
+        assert_eq!(memory.stats().misses, 1, "the in-process samples were all hits");
     }
     group.finish();
 }

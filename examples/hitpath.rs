@@ -9,6 +9,11 @@
 //! decoded the same way) and prints the medians. The last line is the 1-row case, where the
 //! cache's own work weighs most: `hit_us=H floor_us=F ratio=R`.
 
+// mimalloc, as in the benches: with glibc's malloc the cost of the same decode depends on the
+// allocation history (consolidation of freed chunks), which adds noise unrelated to the cache.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use diesel_memclone::prelude::*;
 use diesel_memclone_tests::bench::{
     connect, first_users, floor_get, only_entry_key, redis_cache, BenchUser,
