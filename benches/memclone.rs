@@ -23,14 +23,19 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use diesel_memclone::prelude::*;
 use diesel_memclone_tests::bench::schema::{bench_orders, bench_users};
-use diesel_memclone_tests::bench::{connect, first_users, floor_get, only_entry_key, redis_cache, BenchUser};
+use diesel_memclone_tests::bench::{
+    connect, first_users, floor_get, only_entry_key, redis_cache, BenchUser,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Runtime;
 use tokio::sync::Mutex;
 
 fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 fn namespace(group: &str) -> String {
@@ -45,21 +50,35 @@ fn hit_path(c: &mut Criterion) {
         let (store, cache, conn, key) = rt.block_on(async {
             let (store, cache) = redis_cache(&ns);
             let mut conn = connect().await;
-            let _: Vec<BenchUser> = first_users(rows).cached("first").using(&cache).load(&mut conn).await.unwrap();
+            let _: Vec<BenchUser> = first_users(rows)
+                .cached("first")
+                .using(&cache)
+                .load(&mut conn)
+                .await
+                .unwrap();
             let key = only_entry_key(&store, &ns).await;
             (store, cache, Arc::new(Mutex::new(conn)), key)
         });
         group.bench_with_input(BenchmarkId::new("memclone", rows), &rows, |b, &rows| {
             b.to_async(&rt).iter(|| async {
                 let mut conn = conn.lock().await;
-                let hit: Vec<BenchUser> = first_users(rows).cached("first").using(&cache).load(&mut *conn).await.unwrap();
+                let hit: Vec<BenchUser> = first_users(rows)
+                    .cached("first")
+                    .using(&cache)
+                    .load(&mut *conn)
+                    .await
+                    .unwrap();
                 hit
             })
         });
         group.bench_with_input(BenchmarkId::new("floor", rows), &rows, |b, _| {
             b.to_async(&rt).iter(|| floor_get(&store, &key))
         });
-        assert_eq!(cache.stats().misses, 1, "the memclone samples were all hits");
+        assert_eq!(
+            cache.stats().misses,
+            1,
+            "the memclone samples were all hits"
+        );
         // For the plot: the same read from PostgreSQL, and from the in-process store.
         group.bench_with_input(BenchmarkId::new("postgres", rows), &rows, |b, &rows| {
             b.to_async(&rt).iter(|| async {
@@ -68,15 +87,27 @@ fn hit_path(c: &mut Criterion) {
                 rows
             })
         });
-        let memory = diesel_memclone::Cache::builder().namespace(&ns).build().unwrap();
+        let memory = diesel_memclone::Cache::builder()
+            .namespace(&ns)
+            .build()
+            .unwrap();
         group.bench_with_input(BenchmarkId::new("memory_store", rows), &rows, |b, &rows| {
             b.to_async(&rt).iter(|| async {
                 let mut conn = conn.lock().await;
-                let hit: Vec<BenchUser> = first_users(rows).cached("first").using(&memory).load(&mut *conn).await.unwrap();
+                let hit: Vec<BenchUser> = first_users(rows)
+                    .cached("first")
+                    .using(&memory)
+                    .load(&mut *conn)
+                    .await
+                    .unwrap();
                 hit
             })
         });
-        assert_eq!(memory.stats().misses, 1, "the in-process samples were all hits");
+        assert_eq!(
+            memory.stats().misses,
+            1,
+            "the in-process samples were all hits"
+        );
     }
     group.finish();
 }
@@ -103,12 +134,21 @@ fn database(c: &mut Criterion) {
         let (_, cache) = redis_cache(&ns);
         (cache, Arc::new(Mutex::new(connect().await)))
     });
-    let filter_100 = || bench_users::table.filter(bench_users::org_id.eq(7)).order(bench_users::id).limit(100);
+    let filter_100 = || {
+        bench_users::table
+            .filter(bench_users::org_id.eq(7))
+            .order(bench_users::id)
+            .limit(100)
+    };
     let mut group = c.benchmark_group("database");
     group.bench_function("pk_lookup/postgres", |b| {
         b.to_async(&rt).iter(|| async {
             let mut conn = conn.lock().await;
-            let user: BenchUser = bench_users::table.find(4242).get_result(&mut *conn).await.unwrap();
+            let user: BenchUser = bench_users::table
+                .find(4242)
+                .get_result(&mut *conn)
+                .await
+                .unwrap();
             user
         })
     });
@@ -128,7 +168,12 @@ fn database(c: &mut Criterion) {
     group.bench_function("filter_100/memclone", |b| {
         b.to_async(&rt).iter(|| async {
             let mut conn = conn.lock().await;
-            let rows: Vec<BenchUser> = filter_100().cached("filter").using(&cache).load(&mut *conn).await.unwrap();
+            let rows: Vec<BenchUser> = filter_100()
+                .cached("filter")
+                .using(&cache)
+                .load(&mut *conn)
+                .await
+                .unwrap();
             rows
         })
     });
@@ -144,12 +189,21 @@ fn database(c: &mut Criterion) {
     group.bench_function("heavy_join/memclone", |b| {
         b.to_async(&rt).iter(|| async {
             let mut conn = conn.lock().await;
-            let rows: Vec<(i32, i64, Option<i64>)> = heavy_join!().cached("heavy").using(&cache).load(&mut *conn).await.unwrap();
+            let rows: Vec<(i32, i64, Option<i64>)> = heavy_join!()
+                .cached("heavy")
+                .using(&cache)
+                .load(&mut *conn)
+                .await
+                .unwrap();
             rows
         })
     });
     group.finish();
-    assert_eq!(cache.stats().misses, 3, "one miss per cached read, then hits");
+    assert_eq!(
+        cache.stats().misses,
+        3,
+        "one miss per cached read, then hits"
+    );
 }
 
 fn alternative(c: &mut Criterion) {
@@ -160,26 +214,41 @@ fn alternative(c: &mut Criterion) {
         let (cache, conn, other) = rt.block_on(async {
             let (_, cache) = redis_cache(&ns);
             let mut conn = connect().await;
-            let filled: Vec<BenchUser> = first_users(rows).cached("first").using(&cache).load(&mut conn).await.unwrap();
-            let other: AsyncRedisCache<String, Vec<BenchUser>> = AsyncRedisCache::builder(format!("{ns}_cached_crate"))
-                .ttl(Duration::from_secs(3600))
-                .connection_string(&diesel_memclone_tests::redis_url())
-                .build()
+            let filled: Vec<BenchUser> = first_users(rows)
+                .cached("first")
+                .using(&cache)
+                .load(&mut conn)
                 .await
-                .expect("cached crate store");
-            let _ = other.async_cache_set(format!("first{rows}"), filled).await.expect("cached crate set");
+                .unwrap();
+            let other: AsyncRedisCache<String, Vec<BenchUser>> =
+                AsyncRedisCache::builder(format!("{ns}_cached_crate"))
+                    .ttl(Duration::from_secs(3600))
+                    .connection_string(&diesel_memclone_tests::redis_url())
+                    .build()
+                    .await
+                    .expect("cached crate store");
+            let _ = other
+                .async_cache_set(format!("first{rows}"), filled)
+                .await
+                .expect("cached crate set");
             (cache, Arc::new(Mutex::new(conn)), other)
         });
         group.bench_with_input(BenchmarkId::new("memclone", rows), &rows, |b, &rows| {
             b.to_async(&rt).iter(|| async {
                 let mut conn = conn.lock().await;
-                let hit: Vec<BenchUser> = first_users(rows).cached("first").using(&cache).load(&mut *conn).await.unwrap();
+                let hit: Vec<BenchUser> = first_users(rows)
+                    .cached("first")
+                    .using(&cache)
+                    .load(&mut *conn)
+                    .await
+                    .unwrap();
                 hit
             })
         });
         group.bench_with_input(BenchmarkId::new("cached_crate", rows), &rows, |b, &rows| {
             let key = format!("first{rows}");
-            b.to_async(&rt).iter(|| async { other.async_cache_get(&key).await.unwrap().expect("hit") })
+            b.to_async(&rt)
+                .iter(|| async { other.async_cache_get(&key).await.unwrap().expect("hit") })
         });
     }
     group.finish();
@@ -192,7 +261,11 @@ fn writes(c: &mut Criterion) {
     group.bench_function("bare_update", |b| {
         b.to_async(&rt).iter(|| async {
             let mut conn = conn.lock().await;
-            diesel::update(bench_users::table.find(1)).set(bench_users::name.eq("renamed")).execute(&mut *conn).await.unwrap()
+            diesel::update(bench_users::table.find(1))
+                .set(bench_users::name.eq("renamed"))
+                .execute(&mut *conn)
+                .await
+                .unwrap()
         })
     });
     for cached_queries in [1_usize, 1_000, 100_000] {
@@ -206,29 +279,40 @@ fn writes(c: &mut Criterion) {
                     let cache = cache.clone();
                     async move {
                         let key = format!("query {i}");
-                        cache.fill_with("q", &key, &["bench_users"], || async move { Ok(i as i64) }).await.unwrap()
+                        cache
+                            .fill_with("q", &key, &["bench_users"], || async move { Ok(i as i64) })
+                            .await
+                            .unwrap()
                     }
                 });
                 filled += futures_util::future::join_all(batch).await.len();
             }
         });
-        group.bench_with_input(BenchmarkId::new("invalidating_update", cached_queries), &cached_queries, |b, _| {
-            b.to_async(&rt).iter(|| async {
-                let mut conn = conn.lock().await;
-                diesel_memclone::update(bench_users::table.find(1))
-                    .set(bench_users::name.eq("renamed"))
-                    .using(&cache)
-                    .execute(&mut *conn)
-                    .await
-                    .unwrap()
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("invalidating_update", cached_queries),
+            &cached_queries,
+            |b, _| {
+                b.to_async(&rt).iter(|| async {
+                    let mut conn = conn.lock().await;
+                    diesel_memclone::update(bench_users::table.find(1))
+                        .set(bench_users::name.eq("renamed"))
+                        .using(&cache)
+                        .execute(&mut *conn)
+                        .await
+                        .unwrap()
+                })
+            },
+        );
     }
     group.finish();
 }
 
 fn throughput(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let ns = namespace("throughput");
     let (cache, conns) = rt.block_on(async {
         let (_, cache) = redis_cache(&ns);
@@ -236,7 +320,12 @@ fn throughput(c: &mut Criterion) {
         for _ in 0..64 {
             conns.push(Arc::new(Mutex::new(connect().await)));
         }
-        let _: Vec<BenchUser> = first_users(1).cached("first").using(&cache).load(&mut *conns[0].lock().await).await.unwrap();
+        let _: Vec<BenchUser> = first_users(1)
+            .cached("first")
+            .using(&cache)
+            .load(&mut *conns[0].lock().await)
+            .await
+            .unwrap();
         (cache, conns)
     });
     const PER_TASK: u64 = 200;
@@ -255,8 +344,12 @@ fn throughput(c: &mut Criterion) {
                             tokio::spawn(async move {
                                 let mut conn = conn.lock().await;
                                 for _ in 0..PER_TASK {
-                                    let hit: Vec<BenchUser> =
-                                        first_users(1).cached("first").using(&cache).load(&mut *conn).await.unwrap();
+                                    let hit: Vec<BenchUser> = first_users(1)
+                                        .cached("first")
+                                        .using(&cache)
+                                        .load(&mut *conn)
+                                        .await
+                                        .unwrap();
                                     assert_eq!(hit.len(), 1);
                                 }
                             })

@@ -1,10 +1,11 @@
-//! A TCP proxy on loopback whose link can be cut and restored: Redis "going away" mid-test
-//! without stopping the shared server.
+//! A TCP proxy on loopback whose link can be cut, stalled and restored: Redis "going away" or
+//! "hanging" mid-test without touching the shared server.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -14,6 +15,28 @@ pub struct Proxy {
     addr: SocketAddr,
     up: Arc<AtomicBool>,
     cut: watch::Sender<u64>,
+    stalled: watch::Sender<bool>,
+}
+
+/// Copies one direction, holding every byte back while the link is stalled.
+async fn forward(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut stalled: watch::Receiver<bool>,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|stalled| !*stalled).await.is_err() {
+            return;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -23,8 +46,10 @@ impl Proxy {
         let addr = listener.local_addr().expect("addr");
         let up = Arc::new(AtomicBool::new(true));
         let (cut, _) = watch::channel(0u64);
+        let (stalled, _) = watch::channel(false);
         let accepting_up = up.clone();
         let cuts = cut.subscribe();
+        let stalls = stalled.subscribe();
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !accepting_up.load(Ordering::SeqCst) {
@@ -34,18 +59,27 @@ impl Proxy {
                 let mut cuts = cuts.clone();
                 // Only cuts after this connection was accepted end it.
                 cuts.borrow_and_update();
+                let stalls = stalls.clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = forward(client_read, server_write, stalls.clone()) => {}
+                        _ = forward(server_read, client_write, stalls) => {}
                         _ = cuts.changed() => {}
                     }
                 });
             }
         });
-        Proxy { addr, up, cut }
+        Proxy {
+            addr,
+            up,
+            cut,
+            stalled,
+        }
     }
 
     /// The proxy's Redis URL.
@@ -59,8 +93,14 @@ impl Proxy {
         self.cut.send_modify(|n| *n += 1);
     }
 
-    /// Accepts connections again.
+    /// Keeps connections open but holds every byte back: a Redis that hangs.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Accepts connections and forwards bytes again.
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+        self.stalled.send_replace(false);
     }
 }
