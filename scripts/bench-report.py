@@ -68,7 +68,7 @@ for tasks in (1, 16, 64):
 print("\n".join(out))
 
 # The plot: log-log latency against rows.
-width, height, left, right, top, bottom = 720, 420, 70, 170, 30, 50
+width, height, left, right, top, bottom = 860, 420, 70, 250, 30, 50
 import math
 values = [v for s in series.values() for _, v in s]
 lo, hi = math.log10(min(values) / 1000) - 0.1, math.log10(max(values) / 1000) + 0.1
