@@ -2,6 +2,62 @@
 //! models, connections to the test servers, a database query counter and a cuttable Redis link.
 //! Not published.
 
+/// Runs `$e` and returns its value and the number of SQL statements `$counter` saw it run.
+#[macro_export]
+macro_rules! counted {
+    ($counter:expr, $e:expr) => {{
+        let before = $counter.get();
+        let value = $e;
+        (value, $counter.get() - before)
+    }};
+}
+
+/// Declares one test per store for `$scenario(cache, schema)`: PostgreSQL (in a fresh schema)
+/// with the single Redis, the Redis Cluster and the in-process store.
+#[macro_export]
+macro_rules! on_every_store {
+    ($scenario:ident: $single:ident, $cluster:ident, $memory:ident) => {
+        #[tokio::test]
+        async fn $single() {
+            let schema = $crate::unique("store");
+            let (Some(_), Some(store)) =
+                ($crate::postgres(&schema).await, $crate::redis_store().await)
+            else {
+                return;
+            };
+            let cache = diesel_memclone::Cache::builder()
+                .store(store)
+                .namespace($crate::unique("store"));
+            $scenario(cache.build().unwrap(), &schema).await;
+        }
+
+        #[tokio::test]
+        async fn $cluster() {
+            let schema = $crate::unique("store");
+            let (Some(_), Some(store)) = (
+                $crate::postgres(&schema).await,
+                $crate::redis_cluster_store().await,
+            ) else {
+                return;
+            };
+            let cache = diesel_memclone::Cache::builder()
+                .store(store)
+                .namespace($crate::unique("store"));
+            $scenario(cache.build().unwrap(), &schema).await;
+        }
+
+        #[tokio::test]
+        async fn $memory() {
+            let schema = $crate::unique("store");
+            let Some(_) = $crate::postgres(&schema).await else {
+                return;
+            };
+            let cache = diesel_memclone::Cache::builder().namespace($crate::unique("store"));
+            $scenario(cache.build().unwrap(), &schema).await;
+        }
+    };
+}
+
 pub mod bench;
 pub mod proxy;
 

@@ -7,15 +7,8 @@ use diesel_memclone::store::{MemoryStore, RedisStore};
 use diesel_memclone::{Cache, Error};
 use diesel_memclone_tests::schema::{memberships, posts, users};
 use diesel_memclone_tests::*;
-use std::time::Duration;
 
-macro_rules! counted {
-    ($counter:expr, $e:expr) => {{
-        let before = $counter.get();
-        let value = $e;
-        (value, $counter.get() - before)
-    }};
-}
+use std::time::Duration;
 
 fn user(id: i32, name: &str, status: &str) -> User {
     User {

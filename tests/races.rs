@@ -8,16 +8,9 @@ use diesel_memclone::prelude::*;
 use diesel_memclone::{Cache, Error};
 use diesel_memclone_tests::schema::users;
 use diesel_memclone_tests::*;
+
 use std::sync::Arc;
 use tokio::sync::Notify;
-
-macro_rules! counted {
-    ($counter:expr, $e:expr) => {{
-        let before = $counter.get();
-        let value = $e;
-        (value, $counter.get() - before)
-    }};
-}
 
 async fn names(cache: &Cache, conn: &mut AsyncPgConnection) -> Vec<String> {
     users::table
@@ -192,58 +185,6 @@ async fn invalidation_during_a_fill(cache: Cache, schema: &str) {
         (vec!["v2".to_string()], 0),
         "the one after hits"
     );
-}
-
-macro_rules! on_every_store {
-    ($scenario:ident: $single:ident, $cluster:ident, $memory:ident) => {
-        #[tokio::test]
-        async fn $single() {
-            let schema = unique("race");
-            let (Some(_), Some(store)) = (postgres(&schema).await, redis_store().await) else {
-                return;
-            };
-            $scenario(
-                Cache::builder()
-                    .store(store)
-                    .namespace(unique("race"))
-                    .build()
-                    .unwrap(),
-                &schema,
-            )
-            .await;
-        }
-
-        #[tokio::test]
-        async fn $cluster() {
-            let schema = unique("race");
-            let (Some(_), Some(store)) = (postgres(&schema).await, redis_cluster_store().await)
-            else {
-                return;
-            };
-            $scenario(
-                Cache::builder()
-                    .store(store)
-                    .namespace(unique("race"))
-                    .build()
-                    .unwrap(),
-                &schema,
-            )
-            .await;
-        }
-
-        #[tokio::test]
-        async fn $memory() {
-            let schema = unique("race");
-            let Some(_) = postgres(&schema).await else {
-                return;
-            };
-            $scenario(
-                Cache::builder().namespace(unique("race")).build().unwrap(),
-                &schema,
-            )
-            .await;
-        }
-    };
 }
 
 on_every_store!(read_during_open_write_is_never_served_after_commit:

@@ -8,15 +8,6 @@ use diesel_memclone::Cache;
 use diesel_memclone_tests::schema::{posts, users};
 use diesel_memclone_tests::*;
 
-/// Runs `$e` and returns its value and the number of SQL statements it ran.
-macro_rules! counted {
-    ($counter:expr, $e:expr) => {{
-        let before = $counter.get();
-        let value = $e;
-        (value, $counter.get() - before)
-    }};
-}
-
 macro_rules! reference_flow {
     ($conn:expr, $cache:expr) => {{
         let conn = &mut $conn;

@@ -9,15 +9,8 @@ use diesel_memclone::prelude::*;
 use diesel_memclone::Cache;
 use diesel_memclone_tests::schema::users;
 use diesel_memclone_tests::*;
-use std::time::Duration;
 
-macro_rules! counted {
-    ($counter:expr, $e:expr) => {{
-        let before = $counter.get();
-        let value = $e;
-        (value, $counter.get() - before)
-    }};
-}
+use std::time::Duration;
 
 async fn read_key(cache: &Cache, conn: &mut AsyncPgConnection, id: i32) -> User {
     users::table
@@ -113,58 +106,6 @@ async fn contended(cache: Cache, schema: &str) {
         ("Anna", 1),
         "an overlapped write caches nothing"
     );
-}
-
-macro_rules! on_every_store {
-    ($scenario:ident: $single:ident, $cluster:ident, $memory:ident) => {
-        #[tokio::test]
-        async fn $single() {
-            let schema = unique("wt");
-            let (Some(_), Some(store)) = (postgres(&schema).await, redis_store().await) else {
-                return;
-            };
-            $scenario(
-                Cache::builder()
-                    .store(store)
-                    .namespace(unique("wt"))
-                    .build()
-                    .unwrap(),
-                &schema,
-            )
-            .await;
-        }
-
-        #[tokio::test]
-        async fn $cluster() {
-            let schema = unique("wt");
-            let (Some(_), Some(store)) = (postgres(&schema).await, redis_cluster_store().await)
-            else {
-                return;
-            };
-            $scenario(
-                Cache::builder()
-                    .store(store)
-                    .namespace(unique("wt"))
-                    .build()
-                    .unwrap(),
-                &schema,
-            )
-            .await;
-        }
-
-        #[tokio::test]
-        async fn $memory() {
-            let schema = unique("wt");
-            let Some(_) = postgres(&schema).await else {
-                return;
-            };
-            $scenario(
-                Cache::builder().namespace(unique("wt")).build().unwrap(),
-                &schema,
-            )
-            .await;
-        }
-    };
 }
 
 on_every_store!(uncontended: uncontended_redis, uncontended_redis_cluster, uncontended_memory);
