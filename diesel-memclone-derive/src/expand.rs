@@ -248,6 +248,7 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
     errors.finish()?;
 
     let name = options.name.unwrap_or_else(|| ident.to_string());
+    let key_names: Vec<String> = key_idents.iter().map(|k| k.to_string()).collect();
     let shape = shape(&table_sql, ident, &fields);
     let ttl = match options.ttl {
         Some(seconds) => quote!(::core::option::Option::Some(#seconds)),
@@ -279,6 +280,9 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
                 }
                 fn rows(&self, out: &mut ::std::vec::Vec<::diesel_memclone::RowKey>) {
                     out.push(::diesel_memclone::MemClone::row_key(self));
+                }
+                fn key_columns() -> &'static [&'static str] {
+                    &[#(#key_names),*]
                 }
                 fn entity_ttl() -> ::core::option::Option<::core::time::Duration> {
                     <Self as ::diesel_memclone::MemClone>::TTL_SECONDS

@@ -7,7 +7,7 @@ use crate::key;
 use crate::model::RowKey;
 use crate::store::{MemoryStore, Store, StoreResult};
 use serde::{de::DeserializeOwned, Serialize};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -49,7 +49,9 @@ struct Inner {
     flights: Flights,
     health: Health,
     /// Tables whose invalidation could not be delivered; their reads bypass the cache until it is.
-    undelivered: Mutex<BTreeSet<String>>,
+    /// Each with the epoch of its latest failure: a delivery clears only what it delivered.
+    undelivered: Mutex<BTreeMap<String, u64>>,
+    epochs: AtomicU64,
     has_undelivered: AtomicBool,
     stats: Counters,
 }
@@ -232,7 +234,8 @@ impl CacheBuilder {
                 stale_while_revalidate: self.stale_while_revalidate,
                 flights: Flights::default(),
                 health: Health::default(),
-                undelivered: Mutex::new(BTreeSet::new()),
+                undelivered: Mutex::new(BTreeMap::new()),
+                epochs: AtomicU64::new(0),
                 has_undelivered: AtomicBool::new(false),
                 stats: Counters::default(),
             }),
@@ -398,7 +401,7 @@ impl Cache {
 
     /// Tables whose invalidation has not reached the store yet.
     pub fn undelivered_invalidations(&self) -> Vec<String> {
-        self.lock_undelivered().iter().cloned().collect()
+        self.lock_undelivered().keys().cloned().collect()
     }
 
     pub(crate) fn query_generation_keys(&self, tables: &[String]) -> Vec<String> {
@@ -445,7 +448,7 @@ impl Cache {
         }
     }
 
-    fn lock_undelivered(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+    fn lock_undelivered(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
         self.inner
             .undelivered
             .lock()
@@ -481,14 +484,22 @@ impl Cache {
         if !self.inner.has_undelivered.load(Ordering::Acquire) {
             return true;
         }
-        let tables: Vec<String> = self.lock_undelivered().iter().cloned().collect();
-        if tables.is_empty() {
+        let snapshot: Vec<(String, u64)> = self
+            .lock_undelivered()
+            .iter()
+            .map(|(t, e)| (t.clone(), *e))
+            .collect();
+        if snapshot.is_empty() {
             return true;
         }
+        let tables: Vec<String> = snapshot.iter().map(|(t, _)| t.clone()).collect();
         if self.bump_tables(&tables, None).await.is_ok() {
             let mut pending = self.lock_undelivered();
-            for table in &tables {
-                pending.remove(table);
+            for (table, epoch) in &snapshot {
+                // A failure recorded while this delivery ran may postdate it: keep that one.
+                if pending.get(table) == Some(epoch) {
+                    pending.remove(table);
+                }
             }
             self.inner
                 .has_undelivered
@@ -498,12 +509,22 @@ impl Cache {
         false
     }
 
+    /// Records tables whose invalidation did not reach the store.
+    fn mark_undelivered(&self, tables: &[String]) {
+        let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
+        let mut pending = self.lock_undelivered();
+        for table in tables {
+            pending.insert(table.clone(), epoch);
+        }
+        self.inner.has_undelivered.store(true, Ordering::Release);
+    }
+
     fn is_undelivered(&self, tables: &[String]) -> bool {
         if !self.inner.has_undelivered.load(Ordering::Acquire) {
             return false;
         }
         let pending = self.lock_undelivered();
-        tables.iter().any(|t| pending.contains(t))
+        tables.iter().any(|t| pending.contains_key(t))
     }
 
     async fn bump_tables(
@@ -513,53 +534,57 @@ impl Cache {
     ) -> StoreResult<Invalidated> {
         let ns = &self.inner.namespace;
         let store = &self.inner.store;
-        let row_generations: Vec<u64> = rows
-            .unwrap_or_default()
-            .iter()
-            .map(|_| crate::store::fresh_generation())
-            .collect();
-        let bump_rows = async {
-            let Some(rows) = rows else { return Ok(()) };
+        let mut bumps = Vec::with_capacity(tables.len());
+        let mut row_generations = Vec::new();
+        for (i, table) in tables.iter().enumerate() {
+            // The rows, when known, are rows of the first (written) table; any other table
+            // (`also_invalidates`, a pending delivery) has all of its rows evicted.
+            let rows = if i == 0 { rows } else { None };
+            let mut keys = vec![key::query_generation(ns, table)];
+            // Rows known: the table's entity generation stays, and is observed for
+            // write-through; rows unknown: it moves, evicting every row of the table.
+            let mut observe = Vec::new();
+            match rows {
+                Some(_) => observe.push(key::entity_generation(ns, table)),
+                None => keys.push(key::entity_generation(ns, table)),
+            }
+            let values: Vec<u64> = keys
+                .iter()
+                .map(|_| crate::store::fresh_generation())
+                .collect();
             let row_keys: Vec<String> = rows
+                .unwrap_or_default()
                 .iter()
                 .map(|row| key::row_generation(ns, row.table, &row.primary_key))
                 .collect();
-            let ttl = Some(self.inner.generation_ttl);
-            self.call(store.set_generations(&row_keys, &row_generations, ttl))
-                .await
-        };
-        let bump_tables = async {
-            let mut bumps = Vec::with_capacity(tables.len());
-            for table in tables {
-                let mut keys = vec![key::query_generation(ns, table)];
-                // Rows known: the table's entity generation stays, and is observed for
-                // write-through; rows unknown: it moves, evicting every row of the table.
-                let mut observe = Vec::new();
-                match rows {
-                    Some(_) => observe.push(key::entity_generation(ns, table)),
-                    None => keys.push(key::entity_generation(ns, table)),
-                }
-                let values: Vec<u64> = keys
-                    .iter()
-                    .map(|_| crate::store::fresh_generation())
-                    .collect();
-                let sequence = key::write_sequence(ns, table);
-                let bumped = self
-                    .call(store.bump_table(&sequence, &keys, &values, &observe))
-                    .await?;
-                bumps.push(TableBump {
-                    sequence: bumped.as_ref().map(|b| b.sequence),
-                    query_generation: values[0],
-                    entity_generation: bumped.and_then(|b| b.observed.first().copied().flatten()),
-                });
+            let row_values: Vec<u64> = row_keys
+                .iter()
+                .map(|_| crate::store::fresh_generation())
+                .collect();
+            let sequence = key::write_sequence(ns, table);
+            let bump = crate::store::TableBump {
+                sequence: &sequence,
+                keys: &keys,
+                values: &values,
+                row_keys: &row_keys,
+                row_values: &row_values,
+                rows_ttl: self.inner.generation_ttl,
+                observe: &observe,
+            };
+            // One atomic script per table: its generations, its rows' generations and its
+            // write sequence move together, which is what makes write-through safe.
+            let bumped = self.call(store.bump_table(bump)).await?;
+            bumps.push(TableBump {
+                sequence: bumped.as_ref().map(|b| b.sequence),
+                query_generation: values[0],
+                entity_generation: bumped.and_then(|b| b.observed.first().copied().flatten()),
+            });
+            if i == 0 {
+                row_generations = row_values;
             }
-            Ok(bumps)
-        };
-        // The row and table generations live in different slots: bump them side by side.
-        let (rows_bumped, tables_bumped) = futures_util::join!(bump_rows, bump_tables);
-        rows_bumped?;
+        }
         Ok(Invalidated {
-            tables: tables_bumped?,
+            tables: bumps,
             row_generations,
         })
     }
@@ -574,18 +599,36 @@ impl Cache {
         rows: Option<&[RowKey]>,
     ) -> Option<Invalidated> {
         bump(&self.inner.stats.invalidations);
-        match self.bump_tables(tables, rows).await {
-            Ok(bumps) => {
-                self.deliver_pending().await;
-                Some(bumps)
-            }
-            Err(_) => {
-                let mut pending = self.lock_undelivered();
-                pending.extend(tables.iter().cloned());
-                self.inner.has_undelivered.store(true, Ordering::Release);
-                None
-            }
-        }
+        // If this future is dropped before the bump is done (a cancelled request), the guard
+        // records the invalidation as undelivered, to be retried.
+        let mut guard = Undelivered {
+            cache: self,
+            tables,
+            delivered: false,
+        };
+        let bumps = self.bump_tables(tables, rows).await.ok()?;
+        guard.delivered = true;
+        self.deliver_pending().await;
+        Some(bumps)
+    }
+
+    /// Invalidates one row's entity entries (not the table's queries): for a reload, so that a
+    /// fill that read the database before it cannot land over the reloaded row.
+    pub(crate) async fn invalidate_row(&self, row: &RowKey) -> bool {
+        let ns = &self.inner.namespace;
+        let row_keys = [key::row_generation(ns, row.table, &row.primary_key)];
+        let row_values = [crate::store::fresh_generation()];
+        let sequence = key::write_sequence(ns, row.table);
+        let bump = crate::store::TableBump {
+            sequence: &sequence,
+            keys: &[],
+            values: &[],
+            row_keys: &row_keys,
+            row_values: &row_values,
+            rows_ttl: self.inner.generation_ttl,
+            observe: &[],
+        };
+        self.call(self.inner.store.bump_table(bump)).await.is_ok()
     }
 
     /// The table's write sequence before a write whose result may be cached.
@@ -615,7 +658,7 @@ impl Cache {
                 &row.primary_key,
                 fingerprint,
             );
-            let kept_for = ttl + self.inner.stale_while_revalidate;
+            let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
             let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
         }
     }
@@ -632,7 +675,7 @@ impl Cache {
         let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
         if let Some(bytes) = codec::encode(&[generation], fresh_until, value) {
             let key = self.custom_key(custom);
-            let kept_for = ttl + self.inner.stale_while_revalidate;
+            let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
             let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
         }
     }
@@ -670,7 +713,10 @@ impl Cache {
                         return Ok(value);
                     }
                     // Expired, but physically kept for the stale-while-revalidate window.
-                    Ok((value, _)) => stale = Some(value),
+                    Ok((value, _)) if !self.inner.stale_while_revalidate.is_zero() => {
+                        stale = Some(value)
+                    }
+                    Ok(_) => {}
                     Err(Reject::Corrupt) => bump(&stats.corrupt_entries),
                     Err(Reject::Outdated) => {}
                 }
@@ -763,7 +809,14 @@ impl Cache {
             {
                 Join::Lead(lead) => leader = Some(lead),
                 Join::Follow(receiver) => {
-                    if let Some(entry) = flight::follow(receiver).await {
+                    // A leader that is alive but never polled must not hold us for ever.
+                    let patience = self
+                        .inner
+                        .lock
+                        .as_ref()
+                        .map_or(Duration::from_secs(30), |l| l.wait_timeout.max(l.ttl));
+                    let followed = tokio::time::timeout(patience, flight::follow(receiver));
+                    if let Ok(Some(entry)) = followed.await {
                         if let Ok((value, _)) = codec::decode::<T>(&entry, &tags) {
                             bump(&stats.coalesced);
                             return Ok(value);
@@ -815,7 +868,10 @@ impl Cache {
         let store = &self.inner.store;
         let key = format!("{}:{}:{}", lookup.key, lock.prefix, tags_hex(tags));
         let owner = crate::store::fresh_generation();
-        let deadline = Instant::now() + lock.wait_timeout;
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(lock.wait_timeout)
+            .unwrap_or(now + Duration::from_secs(86_400));
         loop {
             match self.call(store.try_lock(&key, owner, lock.ttl)).await {
                 Ok(true) => {
@@ -879,7 +935,7 @@ impl Cache {
         let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
         let bytes = codec::encode(tags, fresh_until, value)?;
         let entry: Arc<[u8]> = bytes.as_slice().into();
-        let kept_for = ttl + self.inner.stale_while_revalidate;
+        let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
         // A failed store write only costs a later miss.
         let _ = self
             .call(self.inner.store.put(&lookup.key, bytes, kept_for))
@@ -894,7 +950,24 @@ impl Cache {
         }
         let unit = (crate::store::fresh_generation() % 1_000_001) as f64 / 1_000_000.0;
         let factor = 1.0 + fraction * (2.0 * unit - 1.0);
-        ttl.mul_f64(factor).max(Duration::from_millis(1))
+        Duration::try_from_secs_f64(ttl.as_secs_f64() * factor)
+            .unwrap_or(ttl)
+            .max(Duration::from_millis(1))
+    }
+}
+
+/// Marks its tables undelivered when dropped before its invalidation was delivered.
+struct Undelivered<'a> {
+    cache: &'a Cache,
+    tables: &'a [String],
+    delivered: bool,
+}
+
+impl Drop for Undelivered<'_> {
+    fn drop(&mut self) {
+        if !self.delivered {
+            self.cache.mark_undelivered(self.tables);
+        }
     }
 }
 

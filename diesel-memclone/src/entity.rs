@@ -66,8 +66,10 @@ impl Cache {
         let primary_key = row.primary_key();
         let key = RowKey::new(M::TABLE, &primary_key);
         let tables = [M::TABLE.to_owned()];
+        // Move the row's generation first, so that a fill that read the database before this
+        // reload cannot land over the reloaded row; if that fails, do not store at all.
         let policy = match read_policy(conn, &tables) {
-            Policy::ReadWrite => Policy::Refresh,
+            Policy::ReadWrite if self.invalidate_row(&key).await => Policy::Refresh,
             _ => Policy::Bypass,
         };
         let lookup = self.entity_lookup(&key, entity_fingerprint::<M>(), ttl_of::<M>(self), policy);

@@ -179,6 +179,10 @@ pub(crate) fn jitter(max: Duration) -> Duration {
     if max.is_zero() {
         return Duration::ZERO;
     }
-    let nanos = crate::store::fresh_generation() % (max.as_nanos() as u64 + 1);
+    let bound = u64::try_from(max.as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+        .max(1);
+    let nanos = crate::store::fresh_generation() % bound;
     Duration::from_nanos(nanos)
 }

@@ -8,7 +8,7 @@
 //! | `ns:{t:users}:qgen` | generation of every cached query that reads `users` |
 //! | `ns:{t:users}:wseq` | count of invalidated writes to `users` (orders write-through) |
 //! | `ns:{t:users}:egen` | generation of every entity entry of `users` (bumped by writes whose rows are unknown) |
-//! | `ns:{r:users:1}:gen` | generation of the row `users` / `1` |
+//! | `ns:{t:users}:r:1` | generation of the row `users` / `1` (in the table's slot) |
 //! | `ns:{r:users:1}:e:<fingerprint>` | the entity entry of that row |
 //! | `ns:{q:<hash>}:<label>` | a cached query result |
 //! | `ns:{k:<key>}` | a cached query result under a custom key (`.key("...")`) |
@@ -41,8 +41,13 @@ pub(crate) fn escape(text: &str, out: &mut String) {
             '{' | '}' | '%' | ':' => {
                 let _ = write!(out, "%{:02X}", c as u32);
             }
+            c if c.is_ascii_whitespace() || c.is_ascii_control() => {
+                let _ = write!(out, "%{:02X}", c as u32);
+            }
+            // Other whitespace and control characters: the whole code point, in a form that
+            // cannot be mistaken for the two-digit one.
             c if c.is_whitespace() || c.is_control() => {
-                let _ = write!(out, "%{:02X}", (c as u32) & 0xff);
+                let _ = write!(out, "%u{:X};", c as u32);
             }
             c => out.push(c),
         }
@@ -79,9 +84,14 @@ fn row_prefix(ns: &str, table: &str, pk: &str) -> String {
     key
 }
 
+/// A row's generation lives in its *table's* slot, not the row's: a write sets it in the same
+/// script as the table's generations and write sequence, which is what makes write-through
+/// safe (see `Store::bump_table`).
 pub(crate) fn row_generation(ns: &str, table: &str, pk: &str) -> String {
-    let mut key = row_prefix(ns, table, pk);
-    key.push_str(":gen");
+    let mut key = format!("{ns}:{{t:");
+    escape(table, &mut key);
+    key.push_str("}:r:");
+    escape(pk, &mut key);
     key
 }
 
@@ -257,6 +267,50 @@ pub(crate) fn tables_in_sql(sql: &str) -> Vec<String> {
     tables
 }
 
+/// What a write statement does, as far as the cache is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WrittenStatement {
+    /// The table it writes (lower-cased, unquoted).
+    pub(crate) table: String,
+    /// The statement's verb: `insert`, `replace`, `update` or `delete`.
+    pub(crate) verb: String,
+    /// The columns its `SET` clause assigns (an update, or an upsert's `DO UPDATE SET`).
+    pub(crate) assigned: Vec<String>,
+}
+
+/// Reads a write statement's verb, table and assigned columns from its SQL.
+pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
+    let table = written_table(sql)?;
+    let tokens = tokenize(sql);
+    let verb = tokens.iter().find_map(|t| match t {
+        Token::Word(w) if matches!(w.as_str(), "insert" | "replace" | "update" | "delete") => {
+            Some(w.clone())
+        }
+        _ => None,
+    })?;
+    let mut assigned = Vec::new();
+    if let Some(set) = tokens
+        .iter()
+        .position(|t| matches!(t, Token::Word(w) if w == "set"))
+    {
+        for token in &tokens[set + 1..] {
+            match token {
+                Token::Word(w) if matches!(w.as_str(), "where" | "returning" | "from") => break,
+                Token::Ident(name) => assigned.push(name.clone()),
+                Token::Word(w) if !matches!(w.as_str(), "excluded" | "default" | "null") => {
+                    assigned.push(w.clone())
+                }
+                _ => {}
+            }
+        }
+    }
+    Some(WrittenStatement {
+        table,
+        verb,
+        assigned,
+    })
+}
+
 /// The table an `INSERT`/`REPLACE`/`UPDATE`/`DELETE` statement writes.
 pub(crate) fn written_table(sql: &str) -> Option<String> {
     let tokens = tokenize(sql);
@@ -324,9 +378,34 @@ mod tests {
     }
 
     #[test]
+    fn written_statements() {
+        let update = written_statement(r#"UPDATE "users" SET "id" = $1, "name" = $2 WHERE ("users"."id" = $3) RETURNING "users"."id""#).unwrap();
+        assert_eq!(
+            (update.verb.as_str(), update.table.as_str()),
+            ("update", "users")
+        );
+        assert!(
+            update.assigned.contains(&"id".to_string())
+                && update.assigned.contains(&"name".to_string())
+        );
+        assert!(
+            !update.assigned.contains(&"users".to_string()),
+            "{:?}",
+            update.assigned
+        );
+        let upsert = written_statement(r#"INSERT INTO "m" ("a", "b") VALUES ($1, $2) ON CONFLICT ("a") DO UPDATE SET "b" = excluded."b""#).unwrap();
+        assert_eq!(upsert.verb, "insert");
+        assert!(upsert.assigned.contains(&"b".to_string()));
+        let delete = written_statement(r#"DELETE FROM "users" WHERE ("users"."id" = $1)"#).unwrap();
+        assert_eq!((delete.verb.as_str(), delete.assigned.len()), ("delete", 0));
+    }
+
+    #[test]
     fn keys_escape_braces_and_carry_tags() {
+        let key = entity_entry("app", "users", "\"a}b\"", 1);
+        assert_eq!(key, "app:{r:users:\"a%7Db\"}:e:0000000000000001");
         let key = row_generation("app", "users", "\"a}b\"");
-        assert_eq!(key, "app:{r:users:\"a%7Db\"}:gen");
+        assert_eq!(key, "app:{t:users}:r:\"a%7Db\"");
         assert_eq!(query_generation("app", "users"), "app:{t:users}:qgen");
         assert!(
             query_entry("app", "00ff", "active users").starts_with("app:{q:00ff}:active%20users")

@@ -38,6 +38,12 @@ pub trait CacheValue: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// them in addition to the tables its SQL names.
     fn tables(_out: &mut Vec<&'static str>) {}
 
+    /// The columns of this type's primary key, when it is a model. A write whose `SET` clause
+    /// assigns one of them moves rows to other keys, so it evicts every row of the table.
+    fn key_columns() -> &'static [&'static str] {
+        &[]
+    }
+
     /// The entity entry lifetime of this type, when it is a model with `#[memclone(ttl)]`.
     fn entity_ttl() -> Option<std::time::Duration> {
         None

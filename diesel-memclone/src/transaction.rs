@@ -16,10 +16,15 @@ struct DeferredWrite {
 }
 
 /// Invalidations recorded inside an open transaction, delivered after its commit.
-#[derive(Default)]
 struct Deferred {
+    /// The connection whose transaction this is (its address).
+    conn: usize,
     writes: Vec<DeferredWrite>,
     written_tables: BTreeSet<String>,
+}
+
+fn address<C>(conn: &C) -> usize {
+    conn as *const C as *const () as usize
 }
 
 tokio::task_local! {
@@ -44,7 +49,9 @@ pub(crate) fn read_policy<C: AsyncConnection>(conn: &mut C, tables: &[String]) -
     if !in_transaction(conn) {
         return Policy::ReadWrite;
     }
-    let wrote = with_deferred(|d| tables.iter().any(|t| d.written_tables.contains(t)));
+    let here = address(conn);
+    let wrote =
+        with_deferred(|d| d.conn == here && tables.iter().any(|t| d.written_tables.contains(t)));
     match wrote {
         Some(true) => Policy::Bypass,
         // Data read inside a transaction may be uncommitted or an old snapshot: serve fresh
@@ -64,9 +71,11 @@ pub(crate) fn write_timing<C: AsyncConnection>(conn: &mut C) -> Result<WriteTimi
     if !in_transaction(conn) {
         return Ok(WriteTiming::Now);
     }
-    match with_deferred(|_| ()) {
-        Some(()) => Ok(WriteTiming::AfterCommit),
-        None => Err(Error::UnmanagedTransaction),
+    // Only the transaction memclone opened on *this* connection can defer the invalidation.
+    let here = address(conn);
+    match with_deferred(|d| d.conn == here) {
+        Some(true) => Ok(WriteTiming::AfterCommit),
+        _ => Err(Error::UnmanagedTransaction),
     }
 }
 
@@ -122,17 +131,24 @@ where
     E: From<Error> + Send,
     R: Send,
 {
-    let outermost = DEFERRED.try_with(|_| ()).is_err();
-    if outermost && in_transaction(conn) {
+    let here = address(conn);
+    let nested = with_deferred(|d| d.conn == here).unwrap_or(false);
+    if nested {
+        return run(conn, body).await.0;
+    }
+    if in_transaction(conn) {
         // A savepoint's "commit" is not a commit: invalidating then would be too early.
         return Err(Error::UnmanagedTransaction.into());
     }
-    if !outermost {
-        return run(conn, body).await;
-    }
-    let deferred = Arc::new(Mutex::new(Deferred::default()));
-    let result = DEFERRED.scope(deferred.clone(), run(conn, body)).await;
-    if result.is_ok() {
+    let deferred = Arc::new(Mutex::new(Deferred {
+        conn: here,
+        writes: Vec::new(),
+        written_tables: BTreeSet::new(),
+    }));
+    let (result, body_succeeded) = DEFERRED.scope(deferred.clone(), run(conn, body)).await;
+    // Invalidate unless the body failed (a rollback): also when the commit itself reported an
+    // error, since it may have committed all the same; invalidating too much is harmless.
+    if body_succeeded {
         let writes = std::mem::take(&mut deferred.lock().unwrap_or_else(|e| e.into_inner()).writes);
         for write in writes {
             let cache = &write.cache;
@@ -147,26 +163,25 @@ where
     result
 }
 
-async fn run<C, R, E, F>(conn: &mut C, body: F) -> Result<R, E>
+/// Runs `body` in a transaction (or a savepoint); also says whether the body succeeded.
+async fn run<C, R, E, F>(conn: &mut C, body: F) -> (Result<R, E>, bool)
 where
     C: AsyncConnection,
     F: for<'r> FnOnce(&'r mut C) -> BoxFuture<'r, Result<R, E>> + Send,
     E: From<Error> + Send,
 {
-    C::TransactionManager::begin_transaction(conn)
-        .await
-        .map_err(Error::from)?;
+    if let Err(error) = C::TransactionManager::begin_transaction(conn).await {
+        return (Err(Error::from(error).into()), false);
+    }
     match body(conn).await {
-        Ok(value) => {
-            C::TransactionManager::commit_transaction(conn)
-                .await
-                .map_err(Error::from)?;
-            Ok(value)
-        }
+        Ok(value) => match C::TransactionManager::commit_transaction(conn).await {
+            Ok(()) => (Ok(value), true),
+            Err(error) => (Err(Error::from(error).into()), true),
+        },
         Err(error) => {
             // The body's error matters more than a failed rollback.
             let _ = C::TransactionManager::rollback_transaction(conn).await;
-            Err(error)
+            (Err(error), false)
         }
     }
 }

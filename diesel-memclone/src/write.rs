@@ -3,7 +3,7 @@
 
 use crate::cache::{cache, Cache, Invalidated};
 use crate::error::{Error, Result};
-use crate::key;
+use crate::key::{self, WrittenStatement};
 use crate::model::{CacheValue, RowKey};
 use crate::transaction::{defer, write_timing, WriteTiming};
 use diesel::backend::Backend;
@@ -34,6 +34,7 @@ pub struct Write<S> {
     cache: Option<Cache>,
     uncache: Vec<String>,
     cache_result: Option<CacheResult>,
+    also: Vec<String>,
 }
 
 /// Computes a returned row's key (`None` for a row of another type).
@@ -86,6 +87,7 @@ pub fn write<S>(statement: S) -> Write<S> {
         cache: None,
         uncache: Vec::new(),
         cache_result: None,
+        also: Vec::new(),
     }
 }
 
@@ -163,10 +165,11 @@ impl<S> Write<S> {
             cache: self.cache,
             uncache: self.uncache,
             cache_result: self.cache_result,
+            also: self.also,
         }
     }
 
-    fn prepare<C>(&self, conn: &mut C) -> Result<(String, WriteTiming)>
+    fn prepare<C>(&self, conn: &mut C) -> Result<(WrittenStatement, WriteTiming)>
     where
         C: AsyncConnection,
         C::Backend: Default,
@@ -174,22 +177,31 @@ impl<S> Write<S> {
         S: QueryFragment<C::Backend>,
     {
         let sql = diesel::debug_query::<C::Backend, _>(&self.statement).to_string();
-        let table = key::written_table(key::sql_part(&sql)).ok_or_else(|| {
+        let statement = key::written_statement(key::sql_part(&sql)).ok_or_else(|| {
             Error::Config(format!(
                 "cannot tell which table this statement writes: {sql}"
             ))
         })?;
-        Ok((table, write_timing(conn)?))
+        Ok((statement, write_timing(conn)?))
+    }
+
+    /// Also invalidates `table` (its queries and all its rows) when this write commits: for
+    /// tables a trigger or a foreign-key cascade changes, which the statement does not name.
+    pub fn also_invalidates(mut self, table: &str) -> Self {
+        self.also.push(table.to_lowercase());
+        self
     }
 
     async fn finish(
         cache: &Cache,
         table: String,
+        also: Vec<String>,
         rows: Option<Vec<RowKey>>,
         uncache: Vec<String>,
         timing: WriteTiming,
     ) -> Option<Invalidated> {
-        let tables = vec![table];
+        let mut tables = vec![table];
+        tables.extend(also);
         match timing {
             WriteTiming::Now => {
                 let bumps = cache.invalidate_written(&tables, rows.as_deref()).await;
@@ -214,11 +226,12 @@ impl<S> Write<S> {
         <C::Backend as Backend>::QueryBuilder: Default,
         S: QueryFragment<C::Backend> + QueryId + Send + ExecuteDsl<C>,
     {
-        let (table, timing) = self.prepare(conn)?;
+        let (statement, timing) = self.prepare(conn)?;
         let cache = self.cache.unwrap_or_else(|| cache().clone());
         let written = self.statement.execute(conn).await;
         // Invalidate even after an error: the statement may have changed rows before failing.
-        Self::finish(&cache, table, None, self.uncache, timing).await;
+        let table = statement.table;
+        Self::finish(&cache, table, self.also, None, self.uncache, timing).await;
         Ok(written?)
     }
 
@@ -234,22 +247,34 @@ impl<S> Write<S> {
         S: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
         U: CacheValue + Send,
     {
-        let (table, timing) = self.prepare(conn)?;
+        let (statement, timing) = self.prepare(conn)?;
+        let table = statement.table.clone();
         let cache = self.cache.unwrap_or_else(|| cache().clone());
+        // The returned rows name exactly the rows written, except when the statement moves
+        // rows to other keys (it assigns a key column) or deletes rows it does not return
+        // (`REPLACE`): then every row of the table is evicted.
+        let moves_rows = statement.verb == "replace"
+            || U::key_columns()
+                .iter()
+                .any(|c| statement.assigned.iter().any(|a| a == c));
+        // Rows written through must exist after the write: never a delete's.
+        let rows_through = model_of::<U>(&table) && !moves_rows && statement.verb != "delete";
         // Writing through (the rows' entity entries, `cache_result` keys) needs the table's
         // write sequence from before the write, and never happens inside a transaction.
         let through = matches!(timing, WriteTiming::Now)
-            && (self.cache_result.is_some() || model_of::<U>(&table));
+            && ((self.cache_result.is_some() && statement.verb != "delete") || rows_through);
         let before = match through {
             true => cache.write_sequence(&table).await,
             false => None,
         };
         let result = self.statement.load::<U>(conn).await;
         let rows = match &result {
-            Ok(values) => returned_rows(&table, values),
-            Err(_) => None,
+            Ok(values) if !moves_rows => returned_rows(&table, values),
+            _ => None,
         };
-        let invalidated = Self::finish(&cache, table, rows.clone(), self.uncache, timing).await;
+        let also = self.also;
+        let invalidated =
+            Self::finish(&cache, table, also, rows.clone(), self.uncache, timing).await;
         let values = result?;
         let (Some(before), Some(invalidated)) = (before, invalidated) else {
             return Ok(values);
@@ -262,7 +287,9 @@ impl<S> Write<S> {
         if bump.sequence != Some(before + 1) {
             return Ok(values);
         }
-        if let (Some(rows), Some(entity_generation)) = (&rows, bump.entity_generation) {
+        if let (true, Some(rows), Some(entity_generation)) =
+            (rows_through, &rows, bump.entity_generation)
+        {
             if rows.len() == values.len() {
                 let written = values.iter().zip(rows).zip(&invalidated.row_generations);
                 for ((value, row), row_generation) in written {
@@ -274,7 +301,11 @@ impl<S> Write<S> {
                 }
             }
         }
-        if let Some(caching) = &self.cache_result {
+        if let Some(caching) = self
+            .cache_result
+            .as_ref()
+            .filter(|_| statement.verb != "delete")
+        {
             for value in &values {
                 if let Some(key) = (caching.key)(value as &dyn Any) {
                     let entry = Some(value);

@@ -1,6 +1,6 @@
 //! The in-process store: the embedded default. No server, bounded memory, per-entry TTL.
 
-use super::{fresh_generation, Bumped, Fetched, Store, StoreResult};
+use super::{fresh_generation, Bumped, Fetched, Store, StoreResult, TableBump, SEQUENCE_SHIFT};
 use futures_util::future::{BoxFuture, FutureExt};
 use moka::sync::Cache as MokaCache;
 use moka::Expiry;
@@ -239,34 +239,49 @@ impl Store for MemoryStore {
         futures_util::future::ready(Ok(())).boxed()
     }
 
-    fn bump_table<'a>(
-        &'a self,
-        sequence: &'a str,
-        keys: &'a [String],
-        values: &'a [u64],
-        observe: &'a [String],
-    ) -> BoxFuture<'a, StoreResult<Option<Bumped>>> {
+    fn bump_table<'a>(&'a self, bump: TableBump<'a>) -> BoxFuture<'a, StoreResult<Option<Bumped>>> {
         let _serial = self.table_bumps.lock().unwrap_or_else(|e| e.into_inner());
-        for (key, value) in keys.iter().zip(values) {
+        let table = bump.keys.iter().zip(bump.values).map(|kv| (kv, None));
+        let rows = bump.row_keys.iter().zip(bump.row_values);
+        let rows = rows.map(|kv| (kv, Some(bump.rows_ttl)));
+        for ((key, value), ttl) in table.chain(rows) {
             let stored = Stored {
                 slot: Slot::Generation(*value),
-                ttl: None,
+                ttl,
             };
             self.map.insert(key.clone(), stored);
         }
-        let next = self.generation(sequence).unwrap_or(0) + 1;
+        // A missing sequence restarts from a random base, never from 0 (see the Redis store).
+        let current = self.generation(bump.sequence);
+        let next = current.unwrap_or_else(|| fresh_generation() >> SEQUENCE_SHIFT) + 1;
         let stored = Stored {
             slot: Slot::Generation(next),
             ttl: None,
         };
-        self.map.insert(sequence.to_owned(), stored);
-        let observed = observe.iter().map(|key| self.generation(key)).collect();
+        self.map.insert(bump.sequence.to_owned(), stored);
+        let observed = bump
+            .observe
+            .iter()
+            .map(|key| self.generation(key))
+            .collect();
         futures_util::future::ready(Ok(Some(Bumped::new(next, observed)))).boxed()
     }
 
     fn write_sequence<'a>(&'a self, sequence: &'a str) -> BoxFuture<'a, StoreResult<Option<u64>>> {
         let _serial = self.table_bumps.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.generation(sequence).unwrap_or(0);
+        let current = match self.generation(sequence) {
+            Some(current) => current,
+            None => {
+                // Created here if missing, from a random base (as a bump would).
+                let base = fresh_generation() >> SEQUENCE_SHIFT;
+                let stored = Stored {
+                    slot: Slot::Generation(base),
+                    ttl: None,
+                };
+                self.map.insert(sequence.to_owned(), stored);
+                base
+            }
+        };
         futures_util::future::ready(Ok(Some(current))).boxed()
     }
 }

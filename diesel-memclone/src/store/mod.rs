@@ -81,26 +81,21 @@ pub trait Store: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, StoreResult<()>>;
 
-    /// Sets the generations `keys` (all in one table's slot) to `values`, advances the table's
-    /// write `sequence` and reads the generations `observe` (same slot), atomically. Writers
-    /// compare the new sequence with the one they read before writing: exactly one more means
-    /// no other write to the table was invalidated in between, which is when a write's result
-    /// may be cached.
+    /// Carries out one table's invalidation *atomically*: sets the table's generations and the
+    /// written rows' generations (all in the table's slot), advances the table's write
+    /// sequence, and reads the generations to observe. Writers compare the new sequence with
+    /// the one they read before writing: exactly one more means no other write to the table
+    /// was invalidated in between, which is when a write's result may be written through.
     ///
     /// The default sets the generations and returns `None` (no ordering: results of writes are
-    /// then never cached, only invalidated).
-    fn bump_table<'a>(
-        &'a self,
-        sequence: &'a str,
-        keys: &'a [String],
-        values: &'a [u64],
-        observe: &'a [String],
-    ) -> BoxFuture<'a, StoreResult<Option<Bumped>>> {
-        let _ = (sequence, observe);
+    /// then never written through, only invalidated).
+    fn bump_table<'a>(&'a self, bump: TableBump<'a>) -> BoxFuture<'a, StoreResult<Option<Bumped>>> {
         async move {
-            self.set_generations(keys, values, None)
-                .await
-                .map(|()| None)
+            self.set_generations(bump.keys, bump.values, None).await?;
+            let ttl = Some(bump.rows_ttl);
+            self.set_generations(bump.row_keys, bump.row_values, ttl)
+                .await?;
+            Ok(None)
         }
         .boxed()
     }
@@ -136,6 +131,26 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// One table's invalidation, for [`Store::bump_table`]. Every key carries the table's hash tag.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct TableBump<'a> {
+    /// The table's write sequence, advanced by one.
+    pub sequence: &'a str,
+    /// The table's generations to set (kept until evicted).
+    pub keys: &'a [String],
+    /// Their new values.
+    pub values: &'a [u64],
+    /// The written rows' generations to set, which expire after `rows_ttl`.
+    pub row_keys: &'a [String],
+    /// Their new values.
+    pub row_values: &'a [u64],
+    /// How long a row generation lives.
+    pub rows_ttl: Duration,
+    /// Generations to read once the others are set.
+    pub observe: &'a [String],
+}
+
 /// What [`Store::bump_table`] did: the new write sequence and the observed generations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -152,6 +167,10 @@ impl Bumped {
         Self { sequence, observed }
     }
 }
+
+/// Write sequences start from a random base below 2^52: Lua, which runs the bump script,
+/// holds numbers as doubles, so larger integers would come back rounded.
+pub(crate) const SEQUENCE_SHIFT: u32 = 12;
 
 /// A fresh generation value: unique across processes and restarts with overwhelming
 /// probability (64 random bits from the OS-seeded `RandomState`, mixed with a counter and the

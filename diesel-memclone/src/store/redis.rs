@@ -1,6 +1,6 @@
 //! The Redis store, over a deadpool-redis pool.
 
-use super::{fresh_generation, Bumped, Fetched, Store, StoreResult};
+use super::{fresh_generation, Bumped, Fetched, Store, StoreResult, TableBump, SEQUENCE_SHIFT};
 use crate::error::{Error, StoreError};
 use deadpool_redis::redis::{self, Value};
 use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
@@ -446,20 +446,18 @@ impl Store for RedisStore {
         .boxed()
     }
 
-    fn bump_table<'a>(
-        &'a self,
-        sequence: &'a str,
-        keys: &'a [String],
-        values: &'a [u64],
-        observe: &'a [String],
-    ) -> BoxFuture<'a, StoreResult<Option<Bumped>>> {
+    fn bump_table<'a>(&'a self, bump: TableBump<'a>) -> BoxFuture<'a, StoreResult<Option<Bumped>>> {
         async move {
-            // One script in the table's slot: the keys share its hash tag.
+            // One script in the table's slot: every key shares its hash tag.
             let mut cmd = redis::cmd("EVAL");
-            cmd.arg(BUMP_TABLE_SCRIPT)
-                .arg(1 + keys.len() + observe.len())
-                .arg(sequence);
-            cmd.arg(keys).arg(observe).arg(keys.len()).arg(values);
+            let key_count = 1 + bump.keys.len() + bump.row_keys.len() + bump.observe.len();
+            cmd.arg(BUMP_TABLE_SCRIPT).arg(key_count).arg(bump.sequence);
+            cmd.arg(bump.keys).arg(bump.row_keys).arg(bump.observe);
+            cmd.arg(bump.keys.len()).arg(bump.row_keys.len());
+            cmd.arg(millis(bump.rows_ttl))
+                .arg(bump.values)
+                .arg(bump.row_values);
+            cmd.arg(fresh_generation() >> SEQUENCE_SHIFT);
             let reply = self.run(&[cmd]).await?;
             let Some(Value::Array(items)) = reply.first() else {
                 return Ok(None);
@@ -478,8 +476,18 @@ impl Store for RedisStore {
 
     fn write_sequence<'a>(&'a self, sequence: &'a str) -> BoxFuture<'a, StoreResult<Option<u64>>> {
         async move {
-            match self.run(&[get(sequence)]).await?.first() {
-                Some(Value::Nil) => Ok(Some(0)),
+            // Created here if missing, from a random base (as the bump script would).
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(sequence)
+                .arg(fresh_generation() >> SEQUENCE_SHIFT)
+                .arg("NX")
+                .arg("GET");
+            match self.run(&[cmd]).await?.first() {
+                Some(Value::Nil) => Ok(self
+                    .run(&[get(sequence)])
+                    .await?
+                    .first()
+                    .and_then(parse_generation)),
                 Some(other) => Ok(parse_generation(other)),
                 None => Ok(None),
             }
@@ -509,12 +517,18 @@ impl Store for RedisStore {
     }
 }
 
-/// KEYS: the sequence, the generations to set, the generations to observe; ARGV: how many to
-/// set, then their values. Returns the new sequence followed by the observed values.
-const BUMP_TABLE_SCRIPT: &str = "local n = tonumber(ARGV[1]) \
-     for i = 1, n do redis.call('SET', KEYS[i + 1], ARGV[i + 1]) end \
+/// KEYS: the sequence, the table's generations (n), the rows' generations (m), the generations
+/// to observe; ARGV: n, m, the rows' time to live in ms, then the n + m new values. Returns the
+/// new sequence followed by the observed values. A missing (or foreign) sequence restarts from
+/// the random base in the last ARGV, never from 0, so that an evicted sequence cannot count up
+/// to a value a writer read before the eviction.
+const BUMP_TABLE_SCRIPT: &str = "local n, m, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] \
+     for i = 1, n do redis.call('SET', KEYS[1 + i], ARGV[3 + i]) end \
+     for i = 1, m do redis.call('SET', KEYS[1 + n + i], ARGV[3 + n + i], 'PX', ttl) end \
+     local seq = redis.call('GET', KEYS[1]) \
+     if not seq or not tonumber(seq) then redis.call('SET', KEYS[1], ARGV[#ARGV]) end \
      local out = { redis.call('INCR', KEYS[1]) } \
-     for i = n + 2, #KEYS do out[#out + 1] = redis.call('GET', KEYS[i]) or false end \
+     for i = n + m + 2, #KEYS do out[#out + 1] = redis.call('GET', KEYS[i]) or false end \
      return out";
 
 const UNLOCK_SCRIPT: &str =
