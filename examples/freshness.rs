@@ -416,6 +416,7 @@ async fn child(options: Options) {
     for task in tasks {
         task.await.expect("task");
     }
+    eprintln!("cache: {:?}", cache.stats());
     println!(
         "reads={} writes={} stale_reads={}",
         AtomicU64::load(&tally.reads, Ordering::Relaxed),

@@ -268,6 +268,8 @@ pub struct Stats {
     pub lock_timeouts: u64,
     /// Expired entries served while another caller refreshed them (stale-while-revalidate).
     pub stale_served: u64,
+    /// Rows a write stored because no other write overlapped it (write-through).
+    pub written_through: u64,
 }
 
 #[derive(Default)]
@@ -282,6 +284,7 @@ struct Counters {
     lock_waits: AtomicU64,
     lock_timeouts: AtomicU64,
     stale_served: AtomicU64,
+    written_through: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -384,6 +387,7 @@ impl Cache {
             lock_waits: load(&c.lock_waits),
             lock_timeouts: load(&c.lock_timeouts),
             stale_served: load(&c.stale_served),
+            written_through: load(&c.written_through),
         }
     }
 
@@ -652,6 +656,7 @@ impl Cache {
         let ttl = ttl.unwrap_or(self.inner.default_ttl);
         let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
         if let Some(bytes) = codec::encode(&tags, fresh_until, value) {
+            bump(&self.inner.stats.written_through);
             let key = key::entity_entry(
                 &self.inner.namespace,
                 row.table,
@@ -674,6 +679,7 @@ impl Cache {
     ) {
         let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
         if let Some(bytes) = codec::encode(&[generation], fresh_until, value) {
+            bump(&self.inner.stats.written_through);
             let key = self.custom_key(custom);
             let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
             let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
