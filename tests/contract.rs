@@ -1098,3 +1098,116 @@ async fn entries_expire_with_their_ttl() {
         .unwrap();
     assert_eq!(counter.get(), 2, "expired, so a miss");
 }
+
+/// A delete's returned rows are evicted, never written back; an update that changes a primary
+/// key evicts the old key's entry too.
+#[tokio::test]
+async fn deletes_and_key_changing_updates_never_leave_a_row_behind() {
+    let (Some(mut conn), Some(store)) = (postgres(&unique("del")).await, redis_store().await)
+    else {
+        return;
+    };
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("del"))
+        .build()
+        .unwrap();
+    for row in [user(1, "Ann", "a"), user(2, "Bob", "b")] {
+        diesel_memclone::insert_into(users::table)
+            .values(&row)
+            .using(&cache)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        cache.find::<User, _>(&mut conn, 1).await.unwrap().name,
+        "Ann"
+    );
+    assert_eq!(
+        cache.find::<User, _>(&mut conn, 2).await.unwrap().name,
+        "Bob"
+    );
+
+    let deleted: Vec<User> = diesel_memclone::delete(users::table.find(1))
+        .map(|s| s.returning(users::all_columns))
+        .using(&cache)
+        .get_results(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(
+        cache.find_optional::<User, _>(&mut conn, 1).await.unwrap(),
+        None,
+        "the deleted row is gone"
+    );
+
+    let moved: User = diesel_memclone::update(users::table.find(2))
+        .set(users::id.eq(20))
+        .map(|s| s.returning(users::all_columns))
+        .using(&cache)
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(moved.id, 20);
+    assert_eq!(
+        cache.find_optional::<User, _>(&mut conn, 2).await.unwrap(),
+        None,
+        "the old key is evicted"
+    );
+    assert_eq!(
+        cache.find::<User, _>(&mut conn, 20).await.unwrap().name,
+        "Bob"
+    );
+}
+
+/// A write on another connection inside a memclone transaction is not deferred to that
+/// transaction's commit: it is delivered at once (its connection is not in a transaction).
+#[tokio::test]
+async fn a_transaction_defers_only_its_own_connection() {
+    let schema = unique("conns");
+    let (Some(mut conn), Some(store)) = (postgres(&schema).await, redis_store().await) else {
+        return;
+    };
+    let mut other = postgres_again(&schema).await;
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("conns"))
+        .build()
+        .unwrap();
+    diesel_memclone::insert_into(users::table)
+        .values(&user(1, "Ann", "a"))
+        .using(&cache)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let names = || users::table.select(users::name).order(users::id);
+    let _: Vec<String> = names()
+        .cached("names")
+        .using(&cache)
+        .load(&mut conn)
+        .await
+        .unwrap();
+    let cache2 = cache.clone();
+    let outcome: Result<(), Error> = diesel_memclone::transaction(&mut conn, |_conn| {
+        Box::pin(async move {
+            diesel_memclone::update(users::table.find(1))
+                .set(users::name.eq("Anne"))
+                .using(&cache2)
+                .execute(&mut other)
+                .await?;
+            // The transaction on `conn` rolls back; the write on `other` committed and must
+            // have invalidated already.
+            Err(Error::Database(diesel::result::Error::RollbackTransaction))
+        })
+    })
+    .await;
+    assert!(outcome.is_err());
+    let read: Vec<String> = names()
+        .cached("names")
+        .using(&cache)
+        .load(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(read, ["Anne"]);
+}
