@@ -52,6 +52,8 @@ struct Inner {
     /// Each with the epoch of its latest failure: a delivery clears only what it delivered.
     undelivered: Mutex<BTreeMap<String, u64>>,
     epochs: AtomicU64,
+    /// True while a background task retries the undelivered invalidations.
+    retrying: AtomicBool,
     has_undelivered: AtomicBool,
     stats: Counters,
 }
@@ -236,6 +238,7 @@ impl CacheBuilder {
                 health: Health::default(),
                 undelivered: Mutex::new(BTreeMap::new()),
                 epochs: AtomicU64::new(0),
+                retrying: AtomicBool::new(false),
                 has_undelivered: AtomicBool::new(false),
                 stats: Counters::default(),
             }),
@@ -521,6 +524,39 @@ impl Cache {
             pending.insert(table.clone(), epoch);
         }
         self.inner.has_undelivered.store(true, Ordering::Release);
+        drop(pending);
+        self.retry_in_background();
+    }
+
+    /// Keeps retrying the undelivered invalidations every `retry_after` until they are
+    /// delivered, so that they do not wait for this cache's next call. The task holds the cache
+    /// weakly: it ends when the cache is dropped (or the runtime shuts down).
+    fn retry_in_background(&self) {
+        if self.inner.retrying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.inner.retrying.store(false, Ordering::Release);
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        let pause = self.inner.retry_after.max(Duration::from_millis(10));
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(pause).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let cache = Cache { inner };
+                if cache.deliver_pending().await {
+                    cache.inner.retrying.store(false, Ordering::Release);
+                    // A failure recorded just now may have seen `retrying` still set.
+                    if !cache.inner.has_undelivered.load(Ordering::Acquire)
+                        || cache.inner.retrying.swap(true, Ordering::AcqRel)
+                    {
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     fn is_undelivered(&self, tables: &[String]) -> bool {
