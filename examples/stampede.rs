@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Each process starts `--callers` tasks at one agreed instant; all read one entry through the
-//! cache, whose fill is a slow PostgreSQL query (200 ms). In-process single-flight makes one load
+//! cache, whose fill is a slow PostgreSQL query (400 ms). In-process single-flight makes one load
 //! per process; the distributed fill lock makes one load in all. The last line is
 //! `callers=N db_queries=Q`, with Q counted by Diesel's instrumentation in every process.
 
@@ -91,7 +91,7 @@ async fn child(options: &Options, namespace: &str, start_at: u64) {
                 .fill_with("stampede", "the hot key", &[], || async move {
                     let mut conn = conn.lock().await;
                     let row: Count =
-                        diesel::sql_query("SELECT count(*) AS n FROM pg_class, pg_sleep(0.2)")
+                        diesel::sql_query("SELECT count(*) AS n FROM pg_class, pg_sleep(0.4)")
                             .get_result(&mut *conn)
                             .await?;
                     Ok(row.n)
@@ -128,7 +128,8 @@ async fn main() {
         return;
     }
     let namespace = format!("stampede{}", now_millis());
-    let start_at = now_millis() + 1500;
+    // Time for every process to start and connect before the agreed instant.
+    let start_at = now_millis() + 2500;
     let exe = std::env::current_exe().expect("current exe");
     let mut children = Vec::new();
     for _ in 0..options.processes {
