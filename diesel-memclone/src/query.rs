@@ -153,8 +153,7 @@ impl<Q> Cached<Q> {
         let (query, this) = self.split();
         let query = query.as_query();
         let sql = debug_sql::<C::Backend, _>(&query);
-        let mut lookup = this.lookup::<Vec<U>, C::Backend>("load", &[sql], true);
-        lookup.policy = read_policy(conn, &lookup.tables);
+        let lookup = this.lookup_on::<Vec<U>, C>("load", &[sql], conn);
         let cache = this.cache();
         cache.read_through(lookup, || query.load::<U>(conn)).await
     }
@@ -174,8 +173,7 @@ impl<Q> Cached<Q> {
         let (query, this) = self.split();
         let query = query.as_query();
         let sql = debug_sql::<C::Backend, _>(&query);
-        let mut lookup = this.lookup::<Option<U>, C::Backend>("one", &[sql], true);
-        lookup.policy = read_policy(conn, &lookup.tables);
+        let lookup = this.lookup_on::<Option<U>, C>("one", &[sql], conn);
         let cache = this.cache();
         let found = cache
             .read_through(lookup, || async move {
@@ -240,8 +238,7 @@ impl<Q> Cached<Q> {
             debug_sql::<C::Backend, _>(&query),
             debug_sql::<C::Backend, _>(&count_query),
         ];
-        let mut lookup = this.lookup::<(Vec<U>, i64), C::Backend>("load_and_count", &sqls, true);
-        lookup.policy = read_policy(conn, &lookup.tables);
+        let lookup = this.lookup_on::<(Vec<U>, i64), C>("load_and_count", &sqls, conn);
         let cache = this.cache();
         cache
             .read_through(lookup, || async move {
@@ -250,6 +247,18 @@ impl<Q> Cached<Q> {
                 Ok((rows, total))
             })
             .await
+    }
+
+    /// The lookup for a result of type `T` read by the statements `sqls` on `conn`.
+    fn lookup_on<T: CacheValue, C: AsyncConnection>(
+        &self,
+        kind: &str,
+        sqls: &[String],
+        conn: &mut C,
+    ) -> Lookup {
+        let mut lookup = self.lookup::<T, C::Backend>(kind, sqls, true);
+        lookup.policy = read_policy(conn, &lookup.tables);
+        lookup
     }
 
     /// Separates the query from the options.
