@@ -140,6 +140,33 @@ fn diesel_options(input: &DeriveInput, errors: &mut Errors) -> DieselOptions {
 struct Field {
     ident: Ident,
     ty: syn::Type,
+    /// The SQL column: `#[diesel(column_name = ..)]`, or the field's name.
+    column: String,
+}
+
+/// A field's `#[diesel(column_name = ..)]`, if it has one.
+fn column_name(field: &syn::Field) -> Option<String> {
+    for attr in field.attrs.iter().filter(|a| a.path().is_ident("diesel")) {
+        let Ok(metas) = attr.parse_args_with(Punctuated::<Meta, Token![,]>::parse_terminated)
+        else {
+            continue;
+        };
+        for meta in metas {
+            if let Meta::NameValue(nv) = meta {
+                if nv.path.is_ident("column_name") {
+                    match nv.value {
+                        Expr::Path(path) => return path.path.get_ident().map(|i| i.to_string()),
+                        Expr::Lit(syn::ExprLit {
+                            lit: Lit::Str(text),
+                            ..
+                        }) => return Some(text.value()),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    None
 }
 
 fn named_fields(input: &DeriveInput, derive: &str) -> syn::Result<Vec<Field>> {
@@ -154,9 +181,14 @@ fn named_fields(input: &DeriveInput, derive: &str) -> syn::Result<Vec<Field>> {
             Fields::Named(fields) => Ok(fields
                 .named
                 .iter()
-                .map(|f| Field {
-                    ident: f.ident.clone().expect("named"),
-                    ty: f.ty.clone(),
+                .map(|f| {
+                    let ident = f.ident.clone().expect("named");
+                    let column = column_name(f).unwrap_or_else(|| ident.to_string());
+                    Field {
+                        ident,
+                        ty: f.ty.clone(),
+                        column,
+                    }
                 })
                 .collect()),
             other => Err(syn::Error::new_spanned(
@@ -248,7 +280,11 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
     errors.finish()?;
 
     let name = options.name.unwrap_or_else(|| ident.to_string());
-    let key_names: Vec<String> = key_idents.iter().map(|k| k.to_string()).collect();
+    let key_names: Vec<String> = key_idents
+        .iter()
+        .filter_map(|k| fields.iter().find(|f| f.ident == *k))
+        .map(|f| f.column.to_lowercase())
+        .collect();
     let shape = shape(&table_sql, ident, &fields);
     let ttl = match options.ttl {
         Some(seconds) => quote!(::core::option::Option::Some(#seconds)),
@@ -385,6 +421,15 @@ mod tests {
     }
 
     #[test]
+    fn key_columns_use_the_sql_column_names() {
+        let out = expand(quote! {
+            struct Account { #[diesel(column_name = account_id)] id: i32, name: String }
+        })
+        .unwrap();
+        assert!(out.contains("& [\"account_id\"]"), "{out}");
+    }
+
+    #[test]
     fn collects_every_error() {
         let error = expand(quote! {
             #[memclone(ttl = 0, colour = "red")]
@@ -402,6 +447,7 @@ mod tests {
         let fields = vec![Field {
             ident: Ident::new("x", Span::call_site()),
             ty: syn::parse_quote!(Option<i32>),
+            column: "x".into(),
         }];
         let b = shape("t", &Ident::new("A", Span::call_site()), &fields);
         assert_ne!(a, b);

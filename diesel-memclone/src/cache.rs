@@ -517,7 +517,7 @@ impl Cache {
     }
 
     /// Records tables whose invalidation did not reach the store.
-    fn mark_undelivered(&self, tables: &[String]) {
+    pub(crate) fn mark_undelivered(&self, tables: &[String]) {
         let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
         let mut pending = self.lock_undelivered();
         for table in tables {
@@ -542,6 +542,8 @@ impl Cache {
         let weak = Arc::downgrade(&self.inner);
         let pause = self.inner.retry_after.max(Duration::from_millis(10));
         runtime.spawn(async move {
+            // If the task is dropped (its runtime shut down), let the next failure start another.
+            let mut flag = RetryingFlag(Some(weak.clone()));
             loop {
                 tokio::time::sleep(pause).await;
                 let Some(inner) = weak.upgrade() else { return };
@@ -552,6 +554,8 @@ impl Cache {
                     if !cache.inner.has_undelivered.load(Ordering::Acquire)
                         || cache.inner.retrying.swap(true, Ordering::AcqRel)
                     {
+                        // Either nothing is left, or another task owns the flag now.
+                        flag.0 = None;
                         return;
                     }
                 }
@@ -995,6 +999,48 @@ impl Cache {
         Duration::try_from_secs_f64(ttl.as_secs_f64() * factor)
             .unwrap_or(ttl)
             .max(Duration::from_millis(1))
+    }
+}
+
+/// Clears the "retrying" flag when the background retry task ends or is dropped.
+struct RetryingFlag(Option<std::sync::Weak<Inner>>);
+
+impl Drop for RetryingFlag {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.as_ref().and_then(std::sync::Weak::upgrade) {
+            inner.retrying.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// A write between its statement and its invalidation: dropped before
+/// [`done`](PendingWrite::done) (a cancelled future), it marks its tables undelivered.
+pub(crate) struct PendingWrite {
+    cache: Cache,
+    tables: Vec<String>,
+    armed: bool,
+}
+
+impl PendingWrite {
+    pub(crate) fn new(cache: &Cache, tables: Vec<String>) -> Self {
+        Self {
+            cache: cache.clone(),
+            tables,
+            armed: true,
+        }
+    }
+
+    /// The invalidation ran (delivered, or recorded as undelivered by it).
+    pub(crate) fn done(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for PendingWrite {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cache.mark_undelivered(&self.tables);
+        }
     }
 }
 

@@ -49,9 +49,9 @@ pub(crate) fn read_policy<C: AsyncConnection>(conn: &mut C, tables: &[String]) -
     if !in_transaction(conn) {
         return Policy::ReadWrite;
     }
-    let here = address(conn);
-    let wrote =
-        with_deferred(|d| d.conn == here && tables.iter().any(|t| d.written_tables.contains(t)));
+    // Not tied to the connection's address: a transaction opened on a pooled object and read
+    // through the connection it derefs to must still bypass what it wrote.
+    let wrote = with_deferred(|d| tables.iter().any(|t| d.written_tables.contains(t)));
     match wrote {
         Some(true) => Policy::Bypass,
         // Data read inside a transaction may be uncommitted or an old snapshot: serve fresh
@@ -145,12 +145,20 @@ where
         writes: Vec::new(),
         written_tables: BTreeSet::new(),
     }));
+    // Dropped before the invalidations are delivered (a cancelled future, even during the
+    // commit), the guard records them as undelivered: too much invalidation is harmless.
+    let mut guard = DeferredGuard(Some(deferred.clone()));
     let (result, body_succeeded) = DEFERRED.scope(deferred.clone(), run(conn, body)).await;
     // Invalidate unless the body failed (a rollback): also when the commit itself reported an
-    // error, since it may have committed all the same; invalidating too much is harmless.
+    // error, since it may have committed all the same.
     if body_succeeded {
-        let writes = std::mem::take(&mut deferred.lock().unwrap_or_else(|e| e.into_inner()).writes);
-        for write in writes {
+        loop {
+            let next = deferred
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .writes
+                .pop();
+            let Some(write) = next else { break };
             let cache = &write.cache;
             cache
                 .invalidate_written(&write.tables, write.rows.as_deref())
@@ -160,7 +168,23 @@ where
             }
         }
     }
+    guard.0 = None;
     result
+}
+
+/// Marks a transaction's remaining deferred invalidations undelivered when dropped armed.
+struct DeferredGuard(Option<Arc<Mutex<Deferred>>>);
+
+impl Drop for DeferredGuard {
+    fn drop(&mut self) {
+        if let Some(deferred) = self.0.take() {
+            let writes =
+                std::mem::take(&mut deferred.lock().unwrap_or_else(|e| e.into_inner()).writes);
+            for write in writes {
+                write.cache.mark_undelivered(&write.tables);
+            }
+        }
+    }
 }
 
 /// Runs `body` in a transaction (or a savepoint); also says whether the body succeeded.

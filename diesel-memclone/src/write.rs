@@ -1,7 +1,7 @@
 //! Invalidating writes: `insert_into`, `update`, `delete`, `replace_into` and any statement
 //! through [`write()`], shaped like Diesel's own builders.
 
-use crate::cache::{cache, Cache, Invalidated};
+use crate::cache::{cache, Cache, Invalidated, PendingWrite};
 use crate::error::{Error, Result};
 use crate::key::{self, WrittenStatement};
 use crate::model::{CacheValue, RowKey};
@@ -228,10 +228,14 @@ impl<S> Write<S> {
     {
         let (statement, timing) = self.prepare(conn)?;
         let cache = self.cache.unwrap_or_else(|| cache().clone());
+        let pending = pending(&cache, &statement.table, &self.also, &timing);
         let written = self.statement.execute(conn).await;
         // Invalidate even after an error: the statement may have changed rows before failing.
         let table = statement.table;
         Self::finish(&cache, table, self.also, None, self.uncache, timing).await;
+        if let Some(pending) = pending {
+            pending.done();
+        }
         Ok(written?)
     }
 
@@ -267,6 +271,7 @@ impl<S> Write<S> {
             true => cache.write_sequence(&table).await,
             false => None,
         };
+        let pending = pending(&cache, &table, &self.also, &timing);
         let result = self.statement.load::<U>(conn).await;
         let rows = match &result {
             Ok(values) if !moves_rows => returned_rows(&table, values),
@@ -275,6 +280,9 @@ impl<S> Write<S> {
         let also = self.also;
         let invalidated =
             Self::finish(&cache, table, also, rows.clone(), self.uncache, timing).await;
+        if let Some(pending) = pending {
+            pending.done();
+        }
         let values = result?;
         let (Some(before), Some(invalidated)) = (before, invalidated) else {
             return Ok(values);
@@ -332,6 +340,24 @@ impl<S> Write<S> {
             return Err(Error::Database(diesel::result::Error::NotFound));
         }
         Ok(rows.swap_remove(0))
+    }
+}
+
+/// Guards an autocommit write from its statement to its invalidation: a future dropped in
+/// between (the statement may have committed) leaves the tables marked undelivered.
+fn pending(
+    cache: &Cache,
+    table: &str,
+    also: &[String],
+    timing: &WriteTiming,
+) -> Option<PendingWrite> {
+    match timing {
+        WriteTiming::Now => {
+            let mut tables = vec![table.to_owned()];
+            tables.extend(also.iter().cloned());
+            Some(PendingWrite::new(cache, tables))
+        }
+        WriteTiming::AfterCommit => None,
     }
 }
 

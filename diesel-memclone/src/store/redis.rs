@@ -199,6 +199,17 @@ impl RedisStore {
     /// Runs commands in one round trip: one pipeline on a single server; on a cluster, every
     /// command at once over the multiplexed connection (a pipeline must stay in one slot there).
     async fn run(&self, cmds: &[redis::Cmd]) -> StoreResult<Vec<Value>> {
+        self.run_with(cmds, true).await
+    }
+
+    /// Like `run`, never resent: for commands that set generations to given values, where a
+    /// resend after a first send that did execute could restore a value another writer had
+    /// already replaced. A failure is reported, and the cache retries later with fresh values.
+    async fn run_once(&self, cmds: &[redis::Cmd]) -> StoreResult<Vec<Value>> {
+        self.run_with(cmds, false).await
+    }
+
+    async fn run_with(&self, cmds: &[redis::Cmd], resend: bool) -> StoreResult<Vec<Value>> {
         let failed = |e: &dyn std::fmt::Display| StoreError::Backend(e.to_string());
         match &self.backend {
             Backend::Single(pool) => {
@@ -227,7 +238,7 @@ impl RedisStore {
                         Ok(values) => return Ok(values),
                         Err(error) if broken(&error) => {
                             *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                            if fresh || attempt == 1 {
+                            if fresh || attempt == 1 || !resend {
                                 return Err(failed(&error));
                             }
                         }
@@ -401,7 +412,7 @@ impl Store for RedisStore {
                 }
             }
             if !repairs.is_empty() {
-                self.run(&repairs).await?;
+                self.run_once(&repairs).await?;
             }
             Ok(result)
         }
@@ -423,7 +434,7 @@ impl Store for RedisStore {
             if cmds.is_empty() {
                 return Ok(());
             }
-            self.run(&cmds).await.map(drop)
+            self.run_once(&cmds).await.map(drop)
         }
         .boxed()
     }
@@ -458,7 +469,7 @@ impl Store for RedisStore {
                 .arg(bump.values)
                 .arg(bump.row_values);
             cmd.arg(fresh_generation() >> SEQUENCE_SHIFT);
-            let reply = self.run(&[cmd]).await?;
+            let reply = self.run_once(&[cmd]).await?;
             let Some(Value::Array(items)) = reply.first() else {
                 return Ok(None);
             };
