@@ -364,5 +364,22 @@ async fn checked(
     }
 }
 
+/// User names in id order, read through `cache` under the label `names` (the read most tests
+/// repeat).
+pub async fn user_names(
+    cache: &diesel_memclone::Cache,
+    conn: &mut AsyncPgConnection,
+) -> Vec<String> {
+    use diesel_memclone::CachedDsl as _;
+    users::table
+        .select(users::name)
+        .order(users::id)
+        .cached("names")
+        .using(cache)
+        .load(conn)
+        .await
+        .expect("cached read of the user names")
+}
+
 /// Silences the unused warning on `memberships` when a test does not use it.
 pub fn _uses(_: memberships::table, _: posts::table) {}

@@ -439,34 +439,19 @@ async fn redis_cut_mid_test_falls_back_and_delivers_the_invalidation_later() {
     let names = || users::table.order(users::id).select(users::name);
 
     let (first, queries) = counted!(counter, {
-        let v: Vec<String> = names()
-            .cached("names")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .unwrap();
+        let v: Vec<String> = user_names(&cache, &mut conn).await;
         v
     });
     assert_eq!((first, queries), (vec!["Ann".to_string()], 1));
     let (_, queries) = counted!(counter, {
-        let v: Vec<String> = names()
-            .cached("names")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .unwrap();
+        let v: Vec<String> = user_names(&cache, &mut conn).await;
         v
     });
     assert_eq!(queries, 0, "hit before the cut");
 
     proxy.cut();
     let (during, queries) = counted!(counter, {
-        let v: Vec<String> = names()
-            .cached("names")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .unwrap();
+        let v: Vec<String> = user_names(&cache, &mut conn).await;
         v
     });
     assert_eq!(
@@ -484,12 +469,7 @@ async fn redis_cut_mid_test_falls_back_and_delivers_the_invalidation_later() {
     assert_eq!(cache.undelivered_invalidations(), ["users"]);
     tokio::time::sleep(Duration::from_millis(150)).await;
     let (during, queries) = counted!(counter, {
-        let v: Vec<String> = names()
-            .cached("names")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .unwrap();
+        let v: Vec<String> = user_names(&cache, &mut conn).await;
         v
     });
     assert_eq!(
@@ -513,12 +493,7 @@ async fn redis_cut_mid_test_falls_back_and_delivers_the_invalidation_later() {
     );
 
     let (after, queries) = counted!(counter, {
-        let v: Vec<String> = names()
-            .cached("names")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .unwrap();
+        let v: Vec<String> = user_names(&cache, &mut conn).await;
         v
     });
     assert_eq!(
@@ -528,12 +503,7 @@ async fn redis_cut_mid_test_falls_back_and_delivers_the_invalidation_later() {
     );
     assert!(cache.undelivered_invalidations().is_empty());
     let (_, queries) = counted!(counter, {
-        let v: Vec<String> = names()
-            .cached("names")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .unwrap();
+        let v: Vec<String> = user_names(&cache, &mut conn).await;
         v
     });
     assert_eq!(queries, 0, "and hits again");
@@ -620,12 +590,7 @@ async fn transactions_invalidate_after_commit_and_rollbacks_leave_nothing() {
     let counter = QueryCounter::default();
     counter.attach(&mut conn);
     let names = || users::table.order(users::id).select(users::name);
-    let _: Vec<String> = names()
-        .cached("names")
-        .using(&cache)
-        .load(&mut conn)
-        .await
-        .unwrap();
+    let _: Vec<String> = user_names(&cache, &mut conn).await;
 
     // Rollback: the write is undone and the cached entry stays valid (a hit, with the old name).
     let cache2 = cache.clone();
@@ -648,12 +613,7 @@ async fn transactions_invalidate_after_commit_and_rollbacks_leave_nothing() {
     .await;
     assert!(rolled_back.is_err());
     let (after, queries) = counted!(counter, {
-        let v: Vec<String> = names()
-            .cached("names")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .unwrap();
+        let v: Vec<String> = user_names(&cache, &mut conn).await;
         v
     });
     assert_eq!(
@@ -700,12 +660,7 @@ async fn transactions_invalidate_after_commit_and_rollbacks_leave_nothing() {
     .await
     .unwrap();
     let (after, queries) = counted!(counter, {
-        let v: Vec<String> = names()
-            .cached("names")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .unwrap();
+        let v: Vec<String> = user_names(&cache, &mut conn).await;
         v
     });
     assert_eq!(
@@ -714,12 +669,7 @@ async fn transactions_invalidate_after_commit_and_rollbacks_leave_nothing() {
         "commit invalidated: one miss"
     );
     let (_, queries) = counted!(counter, {
-        let v: Vec<String> = names()
-            .cached("names")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .unwrap();
+        let v: Vec<String> = user_names(&cache, &mut conn).await;
         v
     });
     assert_eq!(queries, 0, "then a hit");
@@ -1191,13 +1141,7 @@ async fn a_transaction_defers_only_its_own_connection() {
         .execute(&mut conn)
         .await
         .unwrap();
-    let names = || users::table.select(users::name).order(users::id);
-    let _: Vec<String> = names()
-        .cached("names")
-        .using(&cache)
-        .load(&mut conn)
-        .await
-        .unwrap();
+    let _: Vec<String> = user_names(&cache, &mut conn).await;
     let cache2 = cache.clone();
     let outcome: Result<(), Error> = diesel_memclone::transaction(&mut conn, |_conn| {
         Box::pin(async move {
@@ -1213,11 +1157,6 @@ async fn a_transaction_defers_only_its_own_connection() {
     })
     .await;
     assert!(outcome.is_err());
-    let read: Vec<String> = names()
-        .cached("names")
-        .using(&cache)
-        .load(&mut conn)
-        .await
-        .unwrap();
+    let read: Vec<String> = user_names(&cache, &mut conn).await;
     assert_eq!(read, ["Anne"]);
 }

@@ -3,7 +3,6 @@
 //! Redis answers again the cache recovers.
 
 use diesel::prelude::*;
-use diesel_memclone::prelude::*;
 use diesel_memclone::store::RedisStore;
 use diesel_memclone::Cache;
 use diesel_memclone_tests::proxy::Proxy;
@@ -71,29 +70,13 @@ async fn a_hanging_redis_means_database_reads_successful_writes_and_one_log_line
         .unwrap();
     let counter = QueryCounter::default();
     counter.attach(&mut conn);
-    let names = || users::table.select(users::name).order(users::id);
-    let _: Vec<String> = names()
-        .cached("names")
-        .using(&cache)
-        .load(&mut conn)
-        .await
-        .unwrap();
-    let _: Vec<String> = names()
-        .cached("names")
-        .using(&cache)
-        .load(&mut conn)
-        .await
-        .unwrap();
+    let _: Vec<String> = user_names(&cache, &mut conn).await;
+    let _: Vec<String> = user_names(&cache, &mut conn).await;
     assert_eq!(counter.get(), 1, "a miss, then a hit");
 
     proxy.stall();
     for i in 0..10 {
-        let read: Vec<String> = names()
-            .cached("names")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .unwrap();
+        let read: Vec<String> = user_names(&cache, &mut conn).await;
         assert_eq!(
             read,
             [if i < 5 { "Ann" } else { "Anne" }],
@@ -119,20 +102,10 @@ async fn a_hanging_redis_means_database_reads_successful_writes_and_one_log_line
 
     proxy.restore();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let read: Vec<String> = names()
-        .cached("names")
-        .using(&cache)
-        .load(&mut conn)
-        .await
-        .unwrap();
+    let read: Vec<String> = user_names(&cache, &mut conn).await;
     assert_eq!(read, ["Anne"]);
     let before = counter.get();
-    let read: Vec<String> = names()
-        .cached("names")
-        .using(&cache)
-        .load(&mut conn)
-        .await
-        .unwrap();
+    let read: Vec<String> = user_names(&cache, &mut conn).await;
     assert_eq!(
         (read, counter.get() - before),
         (vec!["Anne".to_string()], 0),
