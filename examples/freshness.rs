@@ -18,6 +18,11 @@
 //! cached answers still stale once every writer has stopped (the TTL is far from expiring).
 //! `--naive` runs a deliberately broken cache (fills tag themselves after their database read),
 //! to show that the checker catches stale reads.
+//!
+//! A run is bounded by time (`--seconds`) or by work: with `--reads N` / `--writes M` each process
+//! stops once it has made that many reads and writes, and with `--until-stale` once it has seen a
+//! stale read; `--seconds` is then only the upper bound. The suite runs by work, so that a slow or
+//! busy machine makes a run longer, never a failure.
 
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -81,6 +86,11 @@ struct Options {
     writers: usize,
     cluster: Option<String>,
     naive: bool,
+    /// Per process: stop once this many reads (and `writes_target` writes) are done.
+    reads_target: Option<u64>,
+    writes_target: Option<u64>,
+    /// Per process: stop at the first stale read.
+    until_stale: bool,
     child: Option<(String, String)>,
 }
 
@@ -93,6 +103,9 @@ fn parse_options() -> Options {
         writers: 1,
         cluster: None,
         naive: false,
+        reads_target: None,
+        writes_target: None,
+        until_stale: false,
         child: None,
     };
     let mut args = std::env::args().skip(1);
@@ -106,6 +119,9 @@ fn parse_options() -> Options {
             "--writers" => options.writers = value().parse().expect("--writers N"),
             "--redis-cluster" => options.cluster = Some(value()),
             "--naive" => options.naive = true,
+            "--reads" => options.reads_target = Some(value().parse().expect("--reads N")),
+            "--writes" => options.writes_target = Some(value().parse().expect("--writes N")),
+            "--until-stale" => options.until_stale = true,
             "--child" => {
                 let schema = value();
                 options.child = Some((schema, value()));
@@ -217,17 +233,47 @@ struct Tally {
     stale: AtomicU64,
 }
 
+/// When a process's readers and writers stop: at the deadline, or once the work asked for is done.
+#[derive(Clone)]
+struct Stop {
+    deadline: Instant,
+    reads: Option<u64>,
+    writes: Option<u64>,
+    until_stale: bool,
+    tally: Arc<Tally>,
+}
+
+impl Stop {
+    fn now(&self) -> bool {
+        if Instant::now() >= self.deadline {
+            return true;
+        }
+        if self.until_stale && self.tally.stale.load(Ordering::Relaxed) > 0 {
+            return true;
+        }
+        if self.reads.is_none() && self.writes.is_none() {
+            return false;
+        }
+        let reached = |target: Option<u64>, done: &AtomicU64| {
+            target.is_none_or(|t| done.load(Ordering::Relaxed) >= t)
+        };
+        !self.until_stale
+            && reached(self.reads, &self.tally.reads)
+            && reached(self.writes, &self.tally.writes)
+    }
+}
+
 async fn writer(
     cache: Cache,
     floors: Floors,
     mut conn: AsyncPgConnection,
     rows: i32,
-    deadline: Instant,
-    tally: Arc<Tally>,
+    stop: Stop,
     salt: u64,
 ) {
+    let tally = stop.tally.clone();
     let mut random = Random::new(salt);
-    while Instant::now() < deadline {
+    while !stop.now() {
         let row = 1 + random.below(rows as u64) as i32;
         let written: Result<i64, Error> = if random.below(2) == 0 {
             // Item and note in one transaction: invalidated after the commit.
@@ -293,12 +339,12 @@ async fn reader(
     floors: Floors,
     mut conn: AsyncPgConnection,
     rows: i32,
-    deadline: Instant,
-    tally: Arc<Tally>,
+    stop: Stop,
     salt: u64,
 ) {
+    let tally = stop.tally.clone();
     let mut random = Random::new(salt);
-    while Instant::now() < deadline {
+    while !stop.now() {
         let row = 1 + random.below(rows as u64) as i32;
         let kind = random.below(4);
         let floor_rows: Vec<i32> = match kind {
@@ -386,8 +432,14 @@ async fn child(options: Options) {
         redis: RedisStore::builder(redis_url()).build().expect("Redis URL"),
         namespace: namespace.clone(),
     };
-    let deadline = Instant::now() + Duration::from_secs_f64(options.seconds);
     let tally = Arc::new(Tally::default());
+    let stop = Stop {
+        deadline: Instant::now() + Duration::from_secs_f64(options.seconds),
+        reads: options.reads_target,
+        writes: options.writes_target,
+        until_stale: options.until_stale,
+        tally: tally.clone(),
+    };
     let mut tasks = Vec::new();
     for i in 0..options.writers {
         let conn = connect(&schema).await;
@@ -396,8 +448,7 @@ async fn child(options: Options) {
             floors.clone(),
             conn,
             options.rows,
-            deadline,
-            tally.clone(),
+            stop.clone(),
             i as u64,
         )));
     }
@@ -408,8 +459,7 @@ async fn child(options: Options) {
             floors.clone(),
             conn,
             options.rows,
-            deadline,
-            tally.clone(),
+            stop.clone(),
             1000 + i as u64,
         )));
     }
@@ -532,6 +582,15 @@ async fn parent(options: Options) {
         }
         if options.naive {
             command.arg("--naive");
+        }
+        if let Some(reads) = options.reads_target {
+            command.args(["--reads", &reads.to_string()]);
+        }
+        if let Some(writes) = options.writes_target {
+            command.args(["--writes", &writes.to_string()]);
+        }
+        if options.until_stale {
+            command.arg("--until-stale");
         }
         children.push(command.spawn().expect("spawn a checker process"));
     }

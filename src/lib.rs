@@ -212,7 +212,14 @@ pub fn server_missing(what: &str, error: impl std::fmt::Display) {
     if servers_required() {
         panic!("{what} is required (MEMCLONE_REQUIRE_SERVERS=1) but unreachable: {error}");
     }
-    eprintln!("\n!!! SKIPPED: {what} unreachable ({error}); set MEMCLONE_REQUIRE_SERVERS=1 to fail instead\n");
+    // Written to the stderr handle, not with `eprintln!`: the test harness captures the macros'
+    // output of passing tests, and a skip has to be seen by whoever reads the run.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n!!! SKIPPED ({}): {what} unreachable ({error}); set MEMCLONE_REQUIRE_SERVERS=1 to fail instead\n",
+        std::thread::current().name().unwrap_or("a test")
+    );
 }
 
 /// PostgreSQL URL: `DATABASE_URL` or the local test database.

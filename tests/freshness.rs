@@ -1,6 +1,9 @@
 //! Short runs of the freshness checker (`examples/freshness.rs`) as part of the suite: several
 //! OS processes read and write through the cache; no read may be older than a committed write.
 //! A run against the deliberately unguarded cache shows the checker does catch stale reads.
+//!
+//! Runs are bounded by work, not time (`--reads`, `--writes`, `--until-stale`): a slow or busy
+//! machine makes them longer, never a failure. `--seconds` is only an upper bound against a hang.
 
 use diesel_memclone_tests::{
     postgres, redis_cluster_store, redis_cluster_urls, redis_store, unique,
@@ -62,6 +65,20 @@ fn run(args: &[&str]) -> (u64, u64, u64, u64) {
     )
 }
 
+/// Work per process: enough reads and writes to interleave, whatever the machine's speed.
+const READS: &str = "400";
+const WRITES: &str = "40";
+/// Only a hang reaches this: a run is normally over in a few seconds.
+const UPPER_BOUND: &str = "180";
+
+/// Two processes each did the work asked for (not cut short by the upper bound).
+fn assert_work_done(reads: u64, writes: u64) {
+    assert!(
+        reads >= 2 * READS.parse::<u64>().unwrap() && writes >= 2 * WRITES.parse::<u64>().unwrap(),
+        "the run hit its {UPPER_BOUND} s bound before doing its work: reads={reads} writes={writes}"
+    );
+}
+
 async fn servers_up() -> bool {
     postgres(&unique("fresh_probe")).await.is_some() && redis_store().await.is_some()
 }
@@ -71,8 +88,17 @@ async fn no_stale_read_across_processes_single_redis() {
     if !servers_up().await {
         return;
     }
-    let (reads, writes, stale_reads, stale_entries) = run(&["--processes", "2", "--seconds", "3"]);
-    assert!(reads > 500 && writes > 50, "reads={reads} writes={writes}");
+    let (reads, writes, stale_reads, stale_entries) = run(&[
+        "--processes",
+        "2",
+        "--reads",
+        READS,
+        "--writes",
+        WRITES,
+        "--seconds",
+        UPPER_BOUND,
+    ]);
+    assert_work_done(reads, writes);
     assert_eq!((stale_reads, stale_entries), (0, 0));
 }
 
@@ -85,12 +111,16 @@ async fn no_stale_read_across_processes_redis_cluster() {
     let (reads, writes, stale_reads, stale_entries) = run(&[
         "--processes",
         "2",
+        "--reads",
+        READS,
+        "--writes",
+        WRITES,
         "--seconds",
-        "3",
+        UPPER_BOUND,
         "--redis-cluster",
         &urls,
     ]);
-    assert!(reads > 500 && writes > 50, "reads={reads} writes={writes}");
+    assert_work_done(reads, writes);
     assert_eq!((stale_reads, stale_entries), (0, 0));
 }
 
@@ -99,8 +129,14 @@ async fn the_checker_catches_an_unguarded_fill() {
     if !servers_up().await {
         return;
     }
-    let (reads, _, stale_reads, _) = run(&["--processes", "2", "--seconds", "4", "--naive"]);
-    assert!(reads > 500);
+    let (reads, _, stale_reads, _) = run(&[
+        "--processes",
+        "2",
+        "--naive",
+        "--until-stale",
+        "--seconds",
+        UPPER_BOUND,
+    ]);
     assert!(
         stale_reads > 0,
         "the naive cache served no stale read in {reads} reads: the checker is blind"
