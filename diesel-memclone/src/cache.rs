@@ -403,7 +403,7 @@ impl Cache {
 
     /// Makes every cached query and entity of model `M` unreachable.
     pub async fn invalidate<M: crate::MemClone>(&self) {
-        self.invalidate_table(M::TABLE).await;
+        self.invalidate_table(M::table()).await;
     }
 
     /// Tables whose invalidation has not reached the store yet.
