@@ -38,15 +38,12 @@ async fn rename_in_savepoint(
     name: &str,
     roll_back: bool,
 ) -> Result<(), Error> {
-    let (cache, name) = (cache.clone(), name.to_owned());
-    diesel_memclone::transaction(conn, |conn| {
-        Box::pin(async move {
-            write_user(conn, &cache, id, &name).await?;
-            if roll_back {
-                return Err(Error::Database(diesel::result::Error::RollbackTransaction));
-            }
-            Ok(())
-        })
+    diesel_memclone::transaction(conn, async |conn| {
+        write_user(conn, cache, id, name).await?;
+        if roll_back {
+            return Err(Error::Database(diesel::result::Error::RollbackTransaction));
+        }
+        Ok(())
     })
     .await
 }
@@ -126,22 +123,20 @@ where
     assert_eq!(observer.names().await, (names(&["Ann"]), 0), "hit");
 
     // Commit: the helper's write is deferred, the observer keeps hitting until the commit.
-    let (watcher, cache_ref) = (observer.clone(), cache.clone());
-    let committed: Result<(), Error> = diesel_memclone::transaction(&mut pooled, |conn| {
-        Box::pin(async move {
-            write_user(conn, &cache_ref, 1, "Anne").await?;
-            assert_eq!(
-                watcher.names().await,
-                (names(&["Ann"]), 0),
-                "before the commit another connection still hits the old entry"
-            );
-            assert_eq!(
-                user_names(&cache_ref, conn).await,
-                ["Anne"],
-                "the transaction's own read bypasses what it wrote"
-            );
-            Ok(())
-        })
+    let (cache, observer) = (&cache, &observer);
+    let committed: Result<(), Error> = diesel_memclone::transaction(&mut pooled, async |conn| {
+        write_user(conn, cache, 1, "Anne").await?;
+        assert_eq!(
+            observer.names().await,
+            (names(&["Ann"]), 0),
+            "before the commit another connection still hits the old entry"
+        );
+        assert_eq!(
+            user_names(cache, conn).await,
+            ["Anne"],
+            "the transaction's own read bypasses what it wrote"
+        );
+        Ok(())
     })
     .await;
     committed.unwrap();
@@ -153,12 +148,9 @@ where
     assert_eq!(observer.names().await, (names(&["Anne"]), 0), "hit");
 
     // Rollback: the cache is untouched (still a hit on the committed name).
-    let cache_ref = cache.clone();
-    let rolled_back: Result<(), Error> = diesel_memclone::transaction(&mut pooled, |conn| {
-        Box::pin(async move {
-            write_user(conn, &cache_ref, 1, "Nope").await?;
-            Err(Error::Database(diesel::result::Error::RollbackTransaction))
-        })
+    let rolled_back: Result<(), Error> = diesel_memclone::transaction(&mut pooled, async |conn| {
+        write_user(conn, cache, 1, "Nope").await?;
+        Err(Error::Database(diesel::result::Error::RollbackTransaction))
     })
     .await;
     assert!(rolled_back.is_err());
@@ -168,29 +160,25 @@ where
         "a rollback leaves the cache as it was"
     );
 
-    // Savepoints: a helper's nested memclone transaction (one rolled back, one committed) and a
-    // diesel-async transaction nested inside; all wait for the outermost commit.
-    let (watcher, cache_ref) = (observer.clone(), cache.clone());
-    let nested: Result<(), Error> = diesel_memclone::transaction(&mut pooled, |conn| {
-        Box::pin(async move {
-            let failed = rename_in_savepoint(conn, &cache_ref, 1, "Ghost", true).await;
-            assert!(failed.is_err());
-            rename_in_savepoint(conn, &cache_ref, 1, "Annie", false).await?;
-            let plain: &mut AsyncPgConnection = conn;
-            let cache_ref = &cache_ref;
-            plain
-                .transaction::<_, Error, _>(async |conn| {
-                    write_user(conn, cache_ref, 1, "Annabel").await?;
-                    Ok(())
-                })
-                .await?;
-            assert_eq!(
-                watcher.names().await,
-                (names(&["Anne"]), 0),
-                "savepoints released inside do not invalidate"
-            );
-            Ok(())
-        })
+    // Savepoints: a helper's nested memclone transactions (one rolled back, one committed) and
+    // a diesel-async transaction nested inside; all wait for the outermost commit.
+    let nested: Result<(), Error> = diesel_memclone::transaction(&mut pooled, async |conn| {
+        let failed = rename_in_savepoint(conn, cache, 1, "Ghost", true).await;
+        assert!(failed.is_err());
+        rename_in_savepoint(conn, cache, 1, "Annie", false).await?;
+        let plain: &mut AsyncPgConnection = conn;
+        plain
+            .transaction::<_, Error, _>(async |conn| {
+                write_user(conn, cache, 1, "Annabel").await?;
+                Ok(())
+            })
+            .await?;
+        assert_eq!(
+            observer.names().await,
+            (names(&["Anne"]), 0),
+            "savepoints released inside do not invalidate"
+        );
+        Ok(())
     })
     .await;
     nested.unwrap();
@@ -199,6 +187,7 @@ where
         (names(&["Annabel"]), 1),
         "the outermost commit invalidated"
     );
+    assert_eq!(observer.names().await, (names(&["Annabel"]), 0), "hit");
 }
 
 #[tokio::test]
@@ -232,6 +221,93 @@ async fn a_helpers_write_waits_for_the_commit_on_a_deadpool_pooled_connection() 
     deferred_until_commit_on(pooled, cache, &schema).await;
 }
 
+/// Two connections in one task: a write on the outer transaction's connection, made inside
+/// another connection's memclone transaction, waits for the outer commit (it is neither refused
+/// nor delivered with the inner commit).
+#[tokio::test]
+async fn a_write_on_an_outer_transactions_connection_waits_for_that_commit() {
+    let schema = unique("txn_two");
+    let Some(cache) = setup(&schema).await else {
+        return;
+    };
+    let mut outer = postgres_again(&schema).await;
+    let mut inner = postgres_again(&schema).await;
+    let observer = Observer::new(&schema, &cache).await;
+    assert_eq!(observer.names().await.1, 1, "fill");
+    let (cache, observer, inner) = (&cache, &observer, &mut inner);
+    let outcome: Result<(), Error> = diesel_memclone::transaction(&mut outer, async |outer| {
+        diesel_memclone::transaction(inner, async |_inner| {
+            write_user(outer, cache, 1, "Anne").await
+        })
+        .await?;
+        assert_eq!(
+            observer.names().await,
+            (names(&["Ann"]), 0),
+            "the inner commit does not deliver the outer connection's write"
+        );
+        assert_eq!(
+            user_names(cache, outer).await,
+            ["Anne"],
+            "the outer transaction's read bypasses what it wrote"
+        );
+        Ok(())
+    })
+    .await;
+    outcome.unwrap();
+    assert_eq!(
+        observer.names().await,
+        (names(&["Anne"]), 1),
+        "the outer commit did"
+    );
+}
+
+/// A pooled connection handed to another task after a memclone transaction carries nothing of
+/// it: the transaction future is `Send` (spawned), and in the next task a write in diesel-async's
+/// own transaction is refused while an autocommit write invalidates at once.
+#[tokio::test]
+async fn a_pooled_connection_reused_by_another_task_carries_no_transaction() {
+    let schema = unique("txn_reuse");
+    let Some(cache) = setup(&schema).await else {
+        return;
+    };
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(pooled_url(&schema));
+    let pool = deadpool::Pool::builder(manager)
+        .max_size(1)
+        .build()
+        .unwrap();
+    let observer = Observer::new(&schema, &cache).await;
+    assert_eq!(observer.names().await.1, 1, "fill");
+    let (first_pool, first_cache) = (pool.clone(), cache.clone());
+    tokio::spawn(async move {
+        let mut pooled = first_pool.get().await.unwrap();
+        diesel_memclone::transaction(&mut pooled, async |conn| {
+            write_user(conn, &first_cache, 1, "Anne").await
+        })
+        .await
+        .unwrap();
+    })
+    .await
+    .unwrap();
+    assert_eq!(observer.names().await, (names(&["Anne"]), 1), "committed");
+    let (second_pool, second_cache) = (pool.clone(), cache.clone());
+    tokio::spawn(async move {
+        let mut pooled = second_pool.get().await.unwrap();
+        let cache = &second_cache;
+        let refused = pooled
+            .transaction::<_, Error, _>(async |conn| write_user(conn, cache, 1, "Sneaky").await)
+            .await;
+        assert!(matches!(refused, Err(Error::UnmanagedTransaction)));
+        write_user(&mut pooled, cache, 1, "Annie").await.unwrap();
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        observer.names().await,
+        (names(&["Annie"]), 1),
+        "the autocommit write invalidated at once"
+    );
+}
+
 /// The text the refusal must contain: exactly what to write instead.
 const INSTEAD: &str = "write `diesel_memclone::transaction(conn, async |conn| { .. })` instead of `conn.transaction(async |conn| { .. })`";
 
@@ -260,7 +336,7 @@ async fn a_write_in_diesel_asyncs_own_transaction_is_refused_with_what_to_write_
     // A memclone transaction opened inside one is refused the same way.
     let refused = conn
         .transaction::<_, Error, _>(async |conn| {
-            diesel_memclone::transaction(conn, |_conn| Box::pin(async { Ok::<_, Error>(()) })).await
+            diesel_memclone::transaction(conn, async |_conn| Ok::<_, Error>(())).await
         })
         .await;
     assert!(refused.unwrap_err().to_string().contains(INSTEAD));
@@ -319,17 +395,15 @@ async fn a_helpers_write_waits_for_the_commit_on_a_bb8_pooled_mariadb_connection
     let mut pooled = pool.get().await.unwrap();
     let observer = Arc::new(Mutex::new(observer));
     let (cache_ref, observer_ref, counter_ref) = (cache.clone(), observer.clone(), counter.clone());
-    let outcome: Result<(), Error> = diesel_memclone::transaction(&mut pooled, |conn| {
-        Box::pin(async move {
-            write_user(conn, &cache_ref, "Anne").await?;
-            let mut observer = observer_ref.lock().await;
-            assert_eq!(
-                read_names_my(&mut observer, &cache_ref, &counter_ref).await,
-                (names(&["Ann"]), 0),
-                "still a hit before the commit"
-            );
-            Ok(())
-        })
+    let outcome: Result<(), Error> = diesel_memclone::transaction(&mut pooled, async move |conn| {
+        write_user(conn, &cache_ref, "Anne").await?;
+        let mut observer = observer_ref.lock().await;
+        assert_eq!(
+            read_names_my(&mut observer, &cache_ref, &counter_ref).await,
+            (names(&["Ann"]), 0),
+            "still a hit before the commit"
+        );
+        Ok(())
     })
     .await;
     outcome.unwrap();
