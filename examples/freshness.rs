@@ -248,14 +248,14 @@ impl Stop {
         if Instant::now() >= self.deadline {
             return true;
         }
-        if self.until_stale && self.tally.stale.load(Ordering::Relaxed) > 0 {
+        if self.until_stale && AtomicU64::load(&self.tally.stale, Ordering::Relaxed) > 0 {
             return true;
         }
         if self.reads.is_none() && self.writes.is_none() {
             return false;
         }
         let reached = |target: Option<u64>, done: &AtomicU64| {
-            target.is_none_or(|t| done.load(Ordering::Relaxed) >= t)
+            target.is_none_or(|t| AtomicU64::load(done, Ordering::Relaxed) >= t)
         };
         !self.until_stale
             && reached(self.reads, &self.tally.reads)
