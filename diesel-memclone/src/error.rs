@@ -18,8 +18,11 @@ pub enum Error {
     Store(StoreError),
     /// The cache was configured with a value it cannot use.
     Config(String),
-    /// A memclone write ran inside a transaction that memclone does not manage, so the
-    /// invalidation could not be deferred to the commit. Use [`crate::transaction`].
+    /// A memclone write (or [`crate::transaction`]) ran inside a database transaction that
+    /// memclone did not open, such as diesel-async's `conn.transaction(..)`: memclone cannot
+    /// know when it commits, so it cannot defer the invalidation. Open the outermost
+    /// transaction with [`crate::transaction`] instead; diesel-async transactions nested in it
+    /// are fine.
     UnmanagedTransaction,
     /// Waiting for another caller's fill lock timed out, and the lock's
     /// [`on_timeout`](crate::LockOptions::on_timeout) says to fail.
@@ -36,12 +39,16 @@ impl fmt::Display for Error {
             Error::Connection(e) => write!(f, "database connection error: {e}"),
             Error::Store(e) => write!(f, "cache store error: {e}"),
             Error::Config(msg) => write!(f, "invalid cache configuration: {msg}"),
-            Error::LockTimeout => f.write_str(
-                "timed out waiting for another caller to fill this cache entry",
-            ),
+            Error::LockTimeout => {
+                f.write_str("timed out waiting for another caller to fill this cache entry")
+            }
             Error::UnmanagedTransaction => f.write_str(
-                "a memclone write ran inside a transaction opened outside memclone; \
-                 open it with `diesel_memclone::transaction` so that invalidation waits for the commit",
+                "a memclone write ran inside a database transaction that memclone did not open \
+                 (such as diesel-async's `conn.transaction(..)`), so its cache invalidation \
+                 cannot wait for the commit; \
+                 write `diesel_memclone::transaction(conn, async |conn| { .. })` instead of \
+                 `conn.transaction(async |conn| { .. })` for the outermost transaction \
+                 (diesel-async transactions nested inside it are fine)",
             ),
         }
     }

@@ -5,7 +5,7 @@ use crate::cache::{cache, Cache, Invalidated, PendingWrite};
 use crate::error::{Error, Result};
 use crate::key::{self, WrittenStatement};
 use crate::model::{CacheValue, RowKey};
-use crate::transaction::{defer, write_timing, WriteTiming};
+use crate::transaction::{write_timing, WriteTiming};
 use diesel::backend::Backend;
 use diesel::query_builder::{
     AsChangeset, IncompleteInsertStatement, InsertStatement, IntoUpdateTarget, QueryFragment,
@@ -250,8 +250,8 @@ impl<S> Write<S> {
                 }
                 bumps
             }
-            WriteTiming::AfterCommit => {
-                defer(cache, tables, rows, uncache);
+            WriteTiming::AfterCommit(transaction) => {
+                transaction.defer(cache, tables, rows, uncache);
                 None
             }
         }
@@ -397,7 +397,7 @@ fn pending(
             tables.extend(also.iter().cloned());
             Some(PendingWrite::new(cache, tables))
         }
-        WriteTiming::AfterCommit => None,
+        WriteTiming::AfterCommit(_) => None,
     }
 }
 
