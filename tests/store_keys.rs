@@ -145,10 +145,18 @@ async fn generations_of_the_wrong_type_are_misses_and_replaced(cluster: bool) {
     let (post, queries) = counted!(counter, find_post(&cache, &mut conn, 1).await);
     assert_eq!((post.id, queries), (1, 0), "another table keeps hitting");
     let (names, queries) = counted!(counter, user_names(&cache, &mut conn).await);
-    assert_eq!((names.len(), queries), (2, 1), "a query under a bad generation: a miss");
+    assert_eq!(
+        (names.len(), queries),
+        (2, 1),
+        "a query under a bad generation: a miss"
+    );
     for id in 1..=2 {
         let (user, queries) = counted!(counter, find_user(&cache, &mut conn, id).await);
-        assert_eq!((user.id, queries), (id, 1), "a row under a bad generation: a miss");
+        assert_eq!(
+            (user.id, queries),
+            (id, 1),
+            "a row under a bad generation: a miss"
+        );
     }
     let (_, queries) = counted!(counter, {
         user_names(&cache, &mut conn).await;
@@ -258,7 +266,11 @@ async fn fresh_namespace_writes_through(cache: Cache, schema: &str) {
     assert_eq!(inserted, row);
     assert_eq!(cache.stats().written_through, 1, "the inserted row");
     let (found, queries) = counted!(counter, find_user(&cache, &mut conn, 7).await);
-    assert_eq!((found, queries), (row, 0), "a hit on the written-through row");
+    assert_eq!(
+        (found, queries),
+        (row, 0),
+        "a hit on the written-through row"
+    );
 }
 
 async fn row_generations_live_as_long_as_their_entries(cluster: bool) {
@@ -343,7 +355,10 @@ async fn scripts_run_by_sha_and_survive_a_flush(cluster: bool) {
     };
     user_names(&cache, &mut conn).await;
     // Scripts lost (a restart, a failover, SCRIPT FLUSH): the store loads them again.
-    store.command(&redis::cmd("SCRIPT").arg("FLUSH")).await.unwrap();
+    store
+        .command(&redis::cmd("SCRIPT").arg("FLUSH"))
+        .await
+        .unwrap();
     let before = command_calls(cluster, "evalsha").await;
     for name in ["a", "b", "c"] {
         diesel_memclone::update(users::table.find(1))
