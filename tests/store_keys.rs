@@ -356,7 +356,7 @@ async fn scripts_run_by_sha_and_survive_a_flush(cluster: bool) {
     user_names(&cache, &mut conn).await;
     // Scripts lost (a restart, a failover, SCRIPT FLUSH): the store loads them again.
     store
-        .command(&redis::cmd("SCRIPT").arg("FLUSH"))
+        .command(redis::cmd("SCRIPT").arg("FLUSH"))
         .await
         .unwrap();
     let before = command_calls(cluster, "evalsha").await;
