@@ -330,3 +330,68 @@ impl Store for MemoryStore {
         futures_util::future::ready(Ok(Some(current))).boxed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn until(store: &MemoryStore, key: &str) -> Option<Instant> {
+        store.map.get(key).and_then(|stored| stored.until)
+    }
+
+    #[test]
+    fn entries_extend_their_generations_and_never_shorten_them() {
+        let store = MemoryStore::new(1 << 20);
+        let keys = ["g:short", "g:long", "g:forever", "g:missing"].map(String::from);
+        store.set_generation(&keys[0], 1, Some(Duration::from_secs(1)));
+        store.set_generation(&keys[1], 2, Some(Duration::from_secs(3600)));
+        store.set_generation(&keys[2], 3, None);
+        let long = until(&store, &keys[1]);
+        let before = Instant::now();
+        let ttl = Duration::from_secs(60);
+        store
+            .put_with_generations("entry", vec![1], ttl, &keys)
+            .now_or_never()
+            .expect("ready")
+            .unwrap();
+        assert!(
+            until(&store, &keys[0]).is_some_and(|t| t >= before + ttl),
+            "extended"
+        );
+        assert_eq!(until(&store, &keys[1]), long, "never shortened");
+        assert_eq!(
+            until(&store, &keys[2]),
+            None,
+            "a lasting generation stays so"
+        );
+        assert!(
+            store.map.get(&keys[3]).is_none(),
+            "a missing one is not created"
+        );
+        let values: Vec<_> = keys.iter().map(|k| store.generation(k)).collect();
+        assert_eq!(
+            values,
+            [Some(1), Some(2), Some(3), None],
+            "values untouched"
+        );
+    }
+
+    #[test]
+    fn a_bump_creates_the_generation_it_observes() {
+        let store = MemoryStore::new(1 << 20);
+        let observe = ["t:egen".to_owned()];
+        let bump = TableBump {
+            sequence: "t:wseq",
+            keys: &[],
+            values: &[],
+            row_keys: &[],
+            row_values: &[],
+            rows_ttl: Duration::from_secs(60),
+            observe: &observe,
+        };
+        let bumped = store.bump_table(bump).now_or_never().expect("ready");
+        let observed = bumped.unwrap().expect("a sequence").observed;
+        assert_eq!(observed, [store.generation("t:egen")]);
+        assert!(observed[0].is_some());
+    }
+}

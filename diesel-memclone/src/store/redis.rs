@@ -15,6 +15,12 @@ use std::time::Duration;
 /// Every operation is one pipelined round trip: a hit is one `GET` for the entry plus one `GET`
 /// per generation it depends on, sent together. Generations are written with `SET .. NX GET`,
 /// so a missing generation is created with a fresh random value and never reset to an old one.
+/// Scripts are called by SHA (`EVALSHA`), and loaded again if the server lost them.
+///
+/// A key of the namespace that holds a value of another type (another writer, a bad migration)
+/// is a miss that gets replaced, never a store failure: an entry is counted as corrupt and
+/// refilled, a generation or a lock is replaced, and a write's script replaces whatever it
+/// finds, so that an invalidation is never lost to such a key.
 ///
 /// ```no_run
 /// # async fn demo() -> diesel_memclone::Result<()> {
