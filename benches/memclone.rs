@@ -378,7 +378,7 @@ fn render(c: &mut Criterion) {
         b.iter(|| {
             let text = diesel::debug_query::<diesel::pg::Pg, _>(&query).to_string();
             let end = text.find(" -- binds: ").unwrap_or(text.len());
-            criterion::black_box(end);
+            std::hint::black_box(end);
             text
         })
     });
@@ -391,7 +391,7 @@ fn render(c: &mut Criterion) {
             while i < bytes.len() && bytes[i] != b'"' {
                 i += if bytes[i] == b'\\' { 2 } else { 1 };
             }
-            criterion::black_box(i);
+            std::hint::black_box(i);
             text
         })
     });
