@@ -531,6 +531,42 @@ mod tests {
     }
 
     #[test]
+    fn rendered_sql_ends_where_the_literal_ends() {
+        use diesel::sqlite::Sqlite;
+        let tricky = "SELECT \"a\\b\" FROM t /* -- binds: [] */\n\tJOIN u ON 'x\"' = '\u{2028}'";
+        let query = diesel::sql_query(tricky).bind::<diesel::sql_types::Text, _>(" -- binds: \"");
+        let rendered = Rendered::of::<Sqlite, _>(&query);
+        assert!(rendered.0.starts_with(DEBUG_PREFIX), "{}", rendered.0);
+        assert_eq!(rendered.sql(), tricky);
+        let tables = tables_in_sql(&rendered.sql());
+        assert!(tables.contains(&"t".to_owned()) && tables.contains(&"u".to_owned()));
+        // Not Diesel's format: the whole text stands for the SQL (more tables, never fewer).
+        let other = Rendered("SELECT 1 FROM t".to_owned());
+        assert_eq!(other.escaped_sql(), "SELECT 1 FROM t");
+    }
+
+    #[test]
+    fn table_names_come_from_diesel() {
+        diesel::table! { #[sql_name = "People"] persons (id) { id -> Integer } }
+        diesel::table! { app.ledger (id) { id -> Integer } }
+        diesel::table! { #[sql_name = "odd\"name"] odd (id) { id -> Integer } }
+        assert_eq!(table_name(&persons::table), "people");
+        assert_eq!(table_name(&ledger::table), "ledger");
+        assert_eq!(table_name(&odd::table), "odd\"name");
+        // A read of the same tables names them the same way.
+        let sql =
+            Rendered::of::<diesel::pg::Pg, _>(&diesel::QueryDsl::select(ledger::table, ledger::id))
+                .sql();
+        assert!(tables_in_sql(&sql).contains(&"ledger".to_owned()), "{sql}");
+        let sql =
+            Rendered::of::<diesel::pg::Pg, _>(&diesel::QueryDsl::select(odd::table, odd::id)).sql();
+        assert!(
+            tables_in_sql(&sql).contains(&"odd\"name".to_owned()),
+            "{sql}"
+        );
+    }
+
+    #[test]
     fn hash_is_stable() {
         // Pinned: a change here silently splits every deployed cache.
         assert_eq!(stable_hash(&[b"a", b"bc"]), stable_hash(&[b"a", b"bc"]));
