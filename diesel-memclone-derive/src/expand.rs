@@ -323,9 +323,16 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
         const _: () = {
             impl ::diesel_memclone::CacheValue for #ident {
                 fn fingerprint() -> u64 {
-                    ::diesel_memclone::__private::hash64(
-                        <Self as ::diesel_memclone::MemClone>::SHAPE,
-                    )
+                    // The schema-qualified table is part of it: two schemas' tables of one name
+                    // share generations (safe) but must not share rows.
+                    static FINGERPRINT: ::std::sync::OnceLock<u64> = ::std::sync::OnceLock::new();
+                    *FINGERPRINT.get_or_init(|| {
+                        ::diesel_memclone::__private::hash64(&::std::format!(
+                            "{}|{}",
+                            <Self as ::diesel_memclone::MemClone>::SHAPE,
+                            ::diesel_memclone::__private::qualified_table_name(&#table_path::table),
+                        ))
+                    })
                 }
                 fn tables(out: &mut ::std::vec::Vec<&'static str>) {
                     out.push(<Self as ::diesel_memclone::MemClone>::table());

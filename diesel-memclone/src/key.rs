@@ -126,14 +126,17 @@ pub(crate) struct Rendered(pub(crate) String);
 const DEBUG_PREFIX: &str = "Query { sql: \"";
 
 impl Rendered {
-    /// Renders `query` for backend `DB`.
-    pub(crate) fn of<DB, Q>(query: &Q) -> Self
+    /// Renders `query` for backend `DB`; `None` when Diesel cannot build its SQL (an empty
+    /// changeset, say): running it would fail the same way, and Diesel says why.
+    pub(crate) fn of<DB, Q>(query: &Q) -> Option<Self>
     where
         DB: diesel::backend::Backend + Default,
         DB::QueryBuilder: Default,
         Q: diesel::query_builder::QueryFragment<DB>,
     {
-        Rendered(format!("{:?}", diesel::debug_query::<DB, _>(query)))
+        let mut text = String::new();
+        write!(text, "{:?}", diesel::debug_query::<DB, _>(query)).ok()?;
+        Some(Rendered(text))
     }
 
     /// The SQL as it appears escaped inside the rendering (cheap: no copy).
@@ -216,13 +219,42 @@ where
     if let Some(name) = names.read().unwrap_or_else(|e| e.into_inner()).get(&id) {
         return name;
     }
-    let rendered = Rendered::of::<diesel::pg::Pg, _>(&table.from_clause()).sql();
+    let rendered = Rendered::of::<diesel::pg::Pg, _>(&table.from_clause())
+        .map(|r| r.sql())
+        .unwrap_or_default();
     let name = last_identifier(&rendered).to_lowercase();
     let mut names = names.write().unwrap_or_else(|e| e.into_inner());
     // Leaked once per table type: a program has a fixed, small set of tables.
     names
         .entry(id)
         .or_insert_with(|| Box::leak(name.into_boxed_str()))
+}
+
+/// A table named by a string (`depends_on`, `also_invalidates`, `invalidate_table`), named the way
+/// [`table_name`] names it: `People`, `"People"`, `app.people` and `"app"."people"` are all
+/// `people`.
+pub(crate) fn table_from_text(name: &str) -> String {
+    last_identifier(name).to_lowercase()
+}
+
+/// A table's full name, with its schema when `table!` gives one (`app.people`), lower-cased: what
+/// tells apart two tables of one name in different schemas, whose rows must not share entries.
+pub fn qualified_table_name<T>(table: &T) -> String
+where
+    T: diesel::QuerySource,
+    T::FromClause: diesel::query_builder::QueryFragment<diesel::pg::Pg>,
+{
+    let rendered = Rendered::of::<diesel::pg::Pg, _>(&table.from_clause())
+        .map(|r| r.sql())
+        .unwrap_or_default();
+    let parts: Vec<String> = tokenize(&rendered)
+        .into_iter()
+        .filter_map(|t| match t {
+            Token::Ident(name) | Token::Word(name) => Some(name),
+            _ => None,
+        })
+        .collect();
+    parts.join(".")
 }
 
 /// The last of a chain of quoted identifiers: `"app"."people"` gives `people`.
@@ -245,10 +277,18 @@ enum Token {
     Word(String),
     Dot,
     Comma,
+    Open,
+    Close,
     Other,
 }
 
 fn tokenize(sql: &str) -> Vec<Token> {
+    tokenize_with(sql, false)
+}
+
+/// Tokens of `sql`; with `backslash_escapes`, a backslash escapes the next character in a string
+/// literal (MySQL's default), without it a backslash is an ordinary character (standard SQL).
+fn tokenize_with(sql: &str, backslash_escapes: bool) -> Vec<Token> {
     let mut tokens = Vec::new();
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
@@ -272,6 +312,10 @@ fn tokenize(sql: &str) -> Vec<Token> {
             '\'' => {
                 // A string literal: skip it whole.
                 while let Some(n) = chars.next() {
+                    if n == '\\' && backslash_escapes {
+                        chars.next();
+                        continue;
+                    }
                     if n == '\'' {
                         if chars.peek() == Some(&'\'') {
                             chars.next();
@@ -284,6 +328,8 @@ fn tokenize(sql: &str) -> Vec<Token> {
             }
             '.' => tokens.push(Token::Dot),
             ',' => tokens.push(Token::Comma),
+            '(' => tokens.push(Token::Open),
+            ')' => tokens.push(Token::Close),
             c if c.is_alphanumeric() || c == '_' => {
                 let mut word = String::from(c);
                 while let Some(&n) = chars.peek() {
@@ -304,9 +350,9 @@ fn tokenize(sql: &str) -> Vec<Token> {
 }
 
 const TABLE_KEYWORDS: &[&str] = &["from", "join", "update", "into"];
+/// Words that end a `FROM` list (`ON` and `USING` do not: `FROM a JOIN b ON .., c` lists `c`).
 const CLAUSE_KEYWORDS: &[&str] = &[
     "where",
-    "on",
     "group",
     "order",
     "limit",
@@ -316,7 +362,6 @@ const CLAUSE_KEYWORDS: &[&str] = &[
     "values",
     "union",
     "offset",
-    "using",
     "returning",
     "window",
     "for",
@@ -344,7 +389,29 @@ pub(crate) fn tables_of(rendered: &Rendered) -> std::sync::Arc<[String]> {
 /// (`"users"."id"`) and names that follow `FROM`, `JOIN`, `UPDATE`, `INTO` (with an optional
 /// schema, and comma-separated lists after `FROM`).
 pub(crate) fn tables_in_sql(sql: &str) -> Vec<String> {
-    let tokens = tokenize(sql);
+    // Whether a backslash escapes a quote depends on the server and its settings; read the
+    // statement both ways and keep every table either way finds.
+    let mut tables = tables_in_tokens(tokenize_with(sql, false));
+    for table in tables_in_tokens(tokenize_with(sql, true)) {
+        if !tables.contains(&table) {
+            tables.push(table);
+        }
+    }
+    tables
+}
+
+fn tables_in_tokens(tokens: Vec<Token>) -> Vec<String> {
+    // `FROM ONLY t`, `JOIN LATERAL (..)`: the modifier is not the table.
+    let mut kept: Vec<Token> = Vec::with_capacity(tokens.len());
+    for token in tokens {
+        let modifier = matches!(&token, Token::Word(w) if w == "only" || w == "lateral");
+        let after_table_keyword = matches!(kept.last(), Some(Token::Word(w)) if TABLE_KEYWORDS.contains(&w.as_str()))
+            || kept.last() == Some(&Token::Comma);
+        if !(modifier && after_table_keyword) {
+            kept.push(token);
+        }
+    }
+    let tokens = kept;
     let mut tables: Vec<String> = Vec::new();
     let mut push = |name: &str| {
         if !tables.iter().any(|t| t == name) {
@@ -357,17 +424,13 @@ pub(crate) fn tables_in_sql(sql: &str) -> Vec<String> {
             Token::Ident(name) => name.as_str(),
             Token::Word(word) => {
                 if TABLE_KEYWORDS.contains(&word.as_str()) {
-                    in_from_list = word == "from";
+                    in_from_list = word == "from" || (in_from_list && word == "join");
                 } else if CLAUSE_KEYWORDS.contains(&word.as_str()) {
                     in_from_list = false;
                 }
                 word.as_str()
             }
-            Token::Comma | Token::Dot => continue,
-            Token::Other => {
-                in_from_list = false;
-                continue;
-            }
+            Token::Comma | Token::Dot | Token::Open | Token::Close | Token::Other => continue,
         };
         let previous = i.checked_sub(1).map(|p| &tokens[p]);
         let after_keyword =
@@ -394,6 +457,23 @@ pub(crate) struct WrittenStatement {
     pub(crate) verb: String,
     /// The columns its `SET` clause assigns (an update, or an upsert's `DO UPDATE SET`).
     pub(crate) assigned: Vec<String>,
+    /// Other tables a raw statement names, invalidated with `table`.
+    pub(crate) also_named: Vec<String>,
+}
+
+impl WrittenStatement {
+    /// The verb of a statement whose SQL memclone could not read.
+    pub(crate) const UNKNOWN: &'static str = "unknown";
+
+    /// A write to `table` that memclone cannot read: every row may have changed or moved.
+    pub(crate) fn unknown(table: &str) -> Self {
+        WrittenStatement {
+            table: table.to_owned(),
+            verb: Self::UNKNOWN.to_owned(),
+            assigned: Vec::new(),
+            also_named: Vec::new(),
+        }
+    }
 }
 
 /// Reads a write statement's verb, table and assigned columns from its SQL.
@@ -411,9 +491,18 @@ pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
         .iter()
         .position(|t| matches!(t, Token::Word(w) if w == "set"))
     {
+        // Every name in the SET clause counts (over-approximating is safe); only a keyword at
+        // the statement's own level ends it, not one inside a subquery's parentheses.
+        let mut depth = 0usize;
         for token in &tokens[set + 1..] {
             match token {
-                Token::Word(w) if matches!(w.as_str(), "where" | "returning" | "from") => break,
+                Token::Open => depth += 1,
+                Token::Close => depth = depth.saturating_sub(1),
+                Token::Word(w)
+                    if depth == 0 && matches!(w.as_str(), "where" | "returning" | "from") =>
+                {
+                    break
+                }
                 Token::Ident(name) => assigned.push(name.clone()),
                 Token::Word(w) if !matches!(w.as_str(), "excluded" | "default" | "null") => {
                     assigned.push(w.clone())
@@ -426,6 +515,7 @@ pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
         table,
         verb,
         assigned,
+        also_named: Vec::new(),
     })
 }
 
@@ -535,7 +625,7 @@ mod tests {
         use diesel::sqlite::Sqlite;
         let tricky = "SELECT \"a\\b\" FROM t /* -- binds: [] */\n\tJOIN u ON 'x\"' = '\u{2028}'";
         let query = diesel::sql_query(tricky).bind::<diesel::sql_types::Text, _>(" -- binds: \"");
-        let rendered = Rendered::of::<Sqlite, _>(&query);
+        let rendered = Rendered::of::<Sqlite, _>(&query).unwrap();
         assert!(rendered.0.starts_with(DEBUG_PREFIX), "{}", rendered.0);
         assert_eq!(rendered.sql(), tricky);
         let tables = tables_in_sql(&rendered.sql());
@@ -552,18 +642,48 @@ mod tests {
         diesel::table! { #[sql_name = "odd\"name"] odd (id) { id -> Integer } }
         assert_eq!(table_name(&persons::table), "people");
         assert_eq!(table_name(&ledger::table), "ledger");
+        assert_eq!(qualified_table_name(&ledger::table), "app.ledger");
+        assert_eq!(qualified_table_name(&persons::table), "people");
         assert_eq!(table_name(&odd::table), "odd\"name");
         // A read of the same tables names them the same way.
         let sql =
             Rendered::of::<diesel::pg::Pg, _>(&diesel::QueryDsl::select(ledger::table, ledger::id))
+                .unwrap()
                 .sql();
         assert!(tables_in_sql(&sql).contains(&"ledger".to_owned()), "{sql}");
-        let sql =
-            Rendered::of::<diesel::pg::Pg, _>(&diesel::QueryDsl::select(odd::table, odd::id)).sql();
+        let sql = Rendered::of::<diesel::pg::Pg, _>(&diesel::QueryDsl::select(odd::table, odd::id))
+            .unwrap()
+            .sql();
         assert!(
             tables_in_sql(&sql).contains(&"odd\"name".to_owned()),
             "{sql}"
         );
+    }
+
+    #[test]
+    fn reads_found_by_the_review() {
+        let only = r#"SELECT COUNT(*) FROM  ONLY "users""#;
+        assert_eq!(tables_in_sql(only), vec!["users"]);
+        let lateral = "SELECT * FROM a JOIN LATERAL (SELECT * FROM b) x ON true, c";
+        for t in ["a", "b", "c"] {
+            assert!(tables_in_sql(lateral).contains(&t.to_owned()), "{t}");
+        }
+        let mysql_escape = r"SELECT * FROM a WHERE n = 'O\'Brien' AND id IN (SELECT id FROM b)";
+        assert!(tables_in_sql(mysql_escape).contains(&"b".to_owned()));
+        let standard = r"SELECT * FROM a WHERE n = 'C:\' AND id IN (SELECT id FROM b)";
+        assert!(tables_in_sql(standard).contains(&"b".to_owned()));
+        let moved = written_statement(
+            r#"UPDATE "users" SET "name" = (SELECT 'z' FROM users LIMIT 1), "id" = $1 WHERE ("users"."id" = $2)"#,
+        )
+        .unwrap();
+        assert!(
+            moved.assigned.contains(&"id".to_owned()),
+            "{:?}",
+            moved.assigned
+        );
+        for text in ["Ledger", "\"Ledger\"", "app.ledger", "\"app\".\"Ledger\""] {
+            assert_eq!(table_from_text(text), "ledger", "{text}");
+        }
     }
 
     #[test]

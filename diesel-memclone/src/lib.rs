@@ -93,6 +93,6 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     //! Used by the derive's generated code; not public API.
-    pub use crate::key::hash64;
+    pub use crate::key::{hash64, qualified_table_name};
     pub use diesel;
 }

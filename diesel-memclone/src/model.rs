@@ -111,9 +111,19 @@ scalar_values!(
     ()
 );
 
+/// Combines a container's name with its parts' fingerprints, in order: unlike XOR, it neither
+/// cancels (`Vec<Vec<T>>` is not `T`) nor commutes (`Vec<Option<T>>` is not `Option<Vec<T>>`).
+fn combine(container: &str, parts: &[u64]) -> u64 {
+    parts
+        .iter()
+        .fold(crate::key::hash64(container), |hash, part| {
+            xxhash_rust::xxh3::xxh3_64_with_seed(&part.to_le_bytes(), hash)
+        })
+}
+
 impl<T: CacheValue> CacheValue for Vec<T> {
     fn fingerprint() -> u64 {
-        crate::key::hash64("Vec").rotate_left(7) ^ T::fingerprint()
+        combine("Vec", &[T::fingerprint()])
     }
     fn tables(out: &mut Vec<&'static str>) {
         T::tables(out)
@@ -125,7 +135,7 @@ impl<T: CacheValue> CacheValue for Vec<T> {
 
 impl<T: CacheValue> CacheValue for Option<T> {
     fn fingerprint() -> u64 {
-        crate::key::hash64("Option").rotate_left(11) ^ T::fingerprint()
+        combine("Option", &[T::fingerprint()])
     }
     fn tables(out: &mut Vec<&'static str>) {
         T::tables(out)
@@ -141,9 +151,7 @@ macro_rules! tuple_values {
     ($($name:ident)+) => {
         impl<$($name: CacheValue),+> CacheValue for ($($name,)+) {
             fn fingerprint() -> u64 {
-                let mut hash = crate::key::hash64("tuple");
-                $( hash = hash.rotate_left(13) ^ $name::fingerprint(); )+
-                hash
+                combine("tuple", &[$($name::fingerprint()),+])
             }
             fn tables(out: &mut Vec<&'static str>) {
                 $( $name::tables(out); )+

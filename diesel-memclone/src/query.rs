@@ -54,7 +54,7 @@ pub mod dsl {
 }
 
 /// The SQL text with binds, for a query of backend `DB`.
-fn debug_sql<DB, Q>(query: &Q) -> key::Rendered
+fn debug_sql<DB, Q>(query: &Q) -> Option<key::Rendered>
 where
     DB: Backend + Default,
     DB::QueryBuilder: Default,
@@ -89,7 +89,7 @@ impl<Q> Cached<Q> {
     /// Adds a table the result depends on that the SQL does not name (a view's base table,
     /// a function that reads another table). Writes to it will invalidate this entry.
     pub fn depends_on(mut self, table: &str) -> Self {
-        self.extra_tables.push(table.to_lowercase());
+        self.extra_tables.push(key::table_from_text(table));
         self
     }
 
@@ -147,7 +147,10 @@ impl<Q> Cached<Q> {
     {
         let (query, this) = self.split();
         let query = query.as_query();
-        let sql = debug_sql::<C::Backend, _>(&query);
+        let Some(sql) = debug_sql::<C::Backend, _>(&query) else {
+            // Diesel cannot build this query's SQL: let it say why.
+            return Ok(query.load::<U>(conn).await?);
+        };
         let lookup = this.lookup_on::<Vec<U>, C>("load", &[sql], conn);
         let cache = this.cache();
         cache.read_through(lookup, || query.load::<U>(conn)).await
@@ -167,7 +170,9 @@ impl<Q> Cached<Q> {
     {
         let (query, this) = self.split();
         let query = query.as_query();
-        let sql = debug_sql::<C::Backend, _>(&query);
+        let Some(sql) = debug_sql::<C::Backend, _>(&query) else {
+            return Ok(query.get_result::<U>(conn).await?);
+        };
         let lookup = this.lookup_on::<Option<U>, C>("one", &[sql], conn);
         let cache = this.cache();
         let found = cache
@@ -229,10 +234,15 @@ impl<Q> Cached<Q> {
         let (query, this) = self.split();
         let query = query.as_query();
         let count_query = count_query.as_query();
-        let sqls = [
+        let (Some(rows_sql), Some(count_sql)) = (
             debug_sql::<C::Backend, _>(&query),
             debug_sql::<C::Backend, _>(&count_query),
-        ];
+        ) else {
+            let rows = query.load::<U>(conn).await?;
+            let total = count_query.get_result::<i64>(conn).await?;
+            return Ok((rows, total));
+        };
+        let sqls = [rows_sql, count_sql];
         let lookup = this.lookup_on::<(Vec<U>, i64), C>("load_and_count", &sqls, conn);
         let cache = this.cache();
         cache

@@ -64,7 +64,7 @@ impl OpenTransaction {
         tables: Vec<String>,
         rows: Option<Vec<RowKey>>,
         uncache: Vec<String>,
-    ) {
+    ) -> usize {
         let mut deferred = self.lock();
         deferred.written_tables.extend(tables.iter().cloned());
         deferred.writes.push(DeferredWrite {
@@ -73,6 +73,15 @@ impl OpenTransaction {
             rows,
             uncache,
         });
+        deferred.writes.len() - 1
+    }
+
+    /// Narrows the write recorded at `index` (before its statement ran, with every row of its
+    /// tables) to the rows the statement returned.
+    pub(crate) fn narrow(&self, index: usize, rows: Vec<RowKey>) {
+        if let Some(write) = self.lock().writes.get_mut(index) {
+            write.rows = Some(rows);
+        }
     }
 }
 

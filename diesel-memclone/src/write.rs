@@ -213,35 +213,51 @@ impl<S> Write<S> {
         <C::Backend as Backend>::QueryBuilder: Default,
         S: QueryFragment<C::Backend>,
     {
-        let sql = key::Rendered::of::<C::Backend, _>(&self.statement).sql();
-        let mut statement = key::written_statement(&sql).ok_or_else(|| {
-            Error::Config(format!(
-                "cannot tell which table this statement writes: {sql}"
-            ))
-        })?;
-        if let Some(table) = self.table {
-            statement.table = table.to_owned();
-        }
+        let sql = key::Rendered::of::<C::Backend, _>(&self.statement).map(|r| r.sql());
+        let parsed = sql.as_deref().and_then(key::written_statement);
+        let statement = match (self.table, parsed) {
+            (Some(table), Some(mut statement)) => {
+                statement.table = table.to_owned();
+                statement
+            }
+            // Diesel renders nothing to parse (an empty changeset, which fails when run) or
+            // something else than a write (an empty batch insert is `SELECT 1 .. WHERE 1=0`):
+            // the table is known, so invalidate it whole and write nothing through.
+            (Some(table), None) => WrittenStatement::unknown(table),
+            (None, Some(mut statement)) => {
+                // A raw statement may write more than its first table (`WITH .. UPDATE`, a
+                // multi-table `UPDATE`): every table it names is invalidated.
+                let mut named = sql.as_deref().map(key::tables_in_sql).unwrap_or_default();
+                named.retain(|t| *t != statement.table);
+                statement.also_named = named;
+                statement
+            }
+            (None, None) => {
+                return Err(Error::Config(format!(
+                    "cannot tell which table this statement writes: {}",
+                    sql.as_deref().unwrap_or("(Diesel could not build its SQL)")
+                )))
+            }
+        };
         Ok((statement, write_timing(conn)?))
     }
 
     /// Also invalidates `table` (its queries and all its rows) when this write commits: for
     /// tables a trigger or a foreign-key cascade changes, which the statement does not name.
     pub fn also_invalidates(mut self, table: &str) -> Self {
-        self.also.push(table.to_lowercase());
+        self.also.push(key::table_from_text(table));
         self
     }
 
+    /// Delivers an autocommit write's invalidation, or narrows a transaction's deferred one.
     async fn finish(
         cache: &Cache,
-        table: String,
-        also: Vec<String>,
+        tables: Vec<String>,
         rows: Option<Vec<RowKey>>,
         uncache: Vec<String>,
         timing: WriteTiming,
+        deferred: Option<usize>,
     ) -> Option<Invalidated> {
-        let mut tables = vec![table];
-        tables.extend(also);
         match timing {
             WriteTiming::Now => {
                 let bumps = cache.invalidate_written(&tables, rows.as_deref()).await;
@@ -251,7 +267,9 @@ impl<S> Write<S> {
                 bumps
             }
             WriteTiming::AfterCommit(transaction) => {
-                transaction.defer(cache, tables, rows, uncache);
+                if let (Some(index), Some(rows)) = (deferred, rows) {
+                    transaction.narrow(index, rows);
+                }
                 None
             }
         }
@@ -268,11 +286,11 @@ impl<S> Write<S> {
     {
         let (statement, timing) = self.prepare(conn)?;
         let cache = self.cache.unwrap_or_else(|| cache().clone());
-        let pending = pending(&cache, &statement.table, &self.also, &timing);
+        let tables = written_tables(&statement, &self.also);
+        let (pending, deferred) = pending(&cache, &tables, &self.uncache, &timing);
         let written = self.statement.execute(conn).await;
         // Invalidate even after an error: the statement may have changed rows before failing.
-        let table = statement.table;
-        Self::finish(&cache, table, self.also, None, self.uncache, timing).await;
+        Self::finish(&cache, tables, None, self.uncache, timing, deferred).await;
         if let Some(pending) = pending {
             pending.done();
         }
@@ -298,9 +316,10 @@ impl<S> Write<S> {
         // rows to other keys (it assigns a key column) or deletes rows it does not return
         // (`REPLACE`): then every row of the table is evicted.
         let moves_rows = statement.verb == "replace"
+            || statement.verb == WrittenStatement::UNKNOWN
             || U::key_columns()
                 .iter()
-                .any(|c| statement.assigned.iter().any(|a| a.eq_ignore_ascii_case(c)));
+                .any(|c| statement.assigned.contains(&c.to_lowercase()));
         // Rows written through must exist after the write: never a delete's.
         let rows_through = model_of::<U>(&table) && !moves_rows && statement.verb != "delete";
         // Writing through (the rows' entity entries, `cache_result` keys) needs the table's
@@ -311,15 +330,15 @@ impl<S> Write<S> {
             true => cache.write_sequence(&table).await,
             false => None,
         };
-        let pending = pending(&cache, &table, &self.also, &timing);
+        let tables = written_tables(&statement, &self.also);
+        let (pending, deferred) = pending(&cache, &tables, &self.uncache, &timing);
         let result = self.statement.load::<U>(conn).await;
         let rows = match &result {
             Ok(values) if !moves_rows => returned_rows(&table, values),
             _ => None,
         };
-        let also = self.also;
         let invalidated =
-            Self::finish(&cache, table, also, rows.clone(), self.uncache, timing).await;
+            Self::finish(&cache, tables, rows.clone(), self.uncache, timing, deferred).await;
         if let Some(pending) = pending {
             pending.done();
         }
@@ -383,21 +402,34 @@ impl<S> Write<S> {
     }
 }
 
-/// Guards an autocommit write from its statement to its invalidation: a future dropped in
-/// between (the statement may have committed) leaves the tables marked undelivered.
+/// The written table, then the other tables a raw statement names and the ones
+/// `also_invalidates` named.
+fn written_tables(statement: &WrittenStatement, also: &[String]) -> Vec<String> {
+    let mut tables = vec![statement.table.clone()];
+    for table in statement.also_named.iter().chain(also) {
+        if !tables.contains(table) {
+            tables.push(table.clone());
+        }
+    }
+    tables
+}
+
+/// Makes sure a write's invalidation survives the write's future being dropped once its
+/// statement may have run: an autocommit write is guarded (dropped armed, it marks its tables
+/// undelivered); a write in a transaction is recorded in the transaction *before* its
+/// statement runs, with every row of its tables, and narrowed to its rows once it returns them.
 fn pending(
     cache: &Cache,
-    table: &str,
-    also: &[String],
+    tables: &[String],
+    uncache: &[String],
     timing: &WriteTiming,
-) -> Option<PendingWrite> {
+) -> (Option<PendingWrite>, Option<usize>) {
     match timing {
-        WriteTiming::Now => {
-            let mut tables = vec![table.to_owned()];
-            tables.extend(also.iter().cloned());
-            Some(PendingWrite::new(cache, tables))
+        WriteTiming::Now => (Some(PendingWrite::new(cache, tables.to_vec())), None),
+        WriteTiming::AfterCommit(transaction) => {
+            let index = transaction.defer(cache, tables.to_vec(), None, uncache.to_vec());
+            (None, Some(index))
         }
-        WriteTiming::AfterCommit(_) => None,
     }
 }
 
