@@ -3,7 +3,7 @@
 use super::{fresh_generation, Bumped, Fetched, Store, StoreResult, TableBump, SEQUENCE_SHIFT};
 use crate::error::{Error, StoreError};
 use deadpool_redis::redis::{self, Value};
-use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::try_join_all;
 use futures_util::future::{BoxFuture, FutureExt, Shared as SharedFuture};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -273,30 +273,30 @@ impl RedisStoreBuilder {
         } else {
             let url = self.urls.into_iter().next().unwrap_or_default();
             #[cfg(feature = "redis-tls")]
-            if let Some(pem) = self.tls_root_certificates {
-                let certificates = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                };
-                let client = redis::Client::build_with_tls(url.as_str(), certificates)
-                    .map_err(|e| built(&e))?;
-                let manager = deadpool_redis::Manager::new(client.get_connection_info().clone())
-                    .map_err(|e| built(&e))?;
-                let pool = Pool::builder(manager)
+            let url = match self.tls_root_certificates {
+                Some(pem) => {
+                    let certificates = redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    };
+                    redis::Client::build_with_tls(url.as_str(), certificates)
+                        .map_err(|e| built(&e))?
+                        .get_connection_info()
+                        .clone()
+                }
+                None => redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                    .map_err(|e| built(&e))?,
+            };
+            // Without it, redis-rs gives up connecting after its own default of 1 s.
+            let connection = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.connect_timeout));
+            let manager =
+                deadpool_redis::Manager::new_with_config(url, connection).map_err(|e| built(&e))?;
+            Backend::Single(
+                Pool::builder(manager)
                     .config(pool_config)
                     .runtime(Runtime::Tokio1)
                     .build()
-                    .map_err(|e| built(&e))?;
-                return Ok(RedisStore {
-                    backend: Backend::Single(pool),
-                    shared: Shared::new(self.connections),
-                });
-            }
-            let mut config = Config::from_url(url);
-            config.pool = Some(pool_config);
-            Backend::Single(
-                config
-                    .create_pool(Some(Runtime::Tokio1))
                     .map_err(|e| built(&e))?,
             )
         };
