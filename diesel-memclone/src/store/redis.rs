@@ -25,7 +25,7 @@ use std::time::Duration;
 /// ```no_run
 /// # async fn demo() -> diesel_memclone::Result<()> {
 /// use diesel_memclone::{store::RedisStore, Cache};
-/// let store = RedisStore::builder("redis://127.0.0.1:6379").connections(4).build()?;
+/// let store = RedisStore::builder("redis://127.0.0.1:6379").connections(2).build()?;
 /// store.connect().await?; // optional: open the connections now rather than on first use
 /// let cache = Cache::builder().store(store).namespace("myapp").build()?;
 /// # let _ = cache; Ok(()) }
@@ -196,10 +196,13 @@ impl std::fmt::Debug for RedisStoreBuilder {
 
 impl RedisStoreBuilder {
     /// How many multiplexed connections to a single server the store opens and spreads its
-    /// operations over (default [`RedisStore::DEFAULT_CONNECTIONS`], at least 1). Each carries
-    /// any number of concurrent operations, pipelined, so a few are enough: more only help when
-    /// one connection's socket or its decoding task is the bottleneck. A cluster store uses one
-    /// cluster connection (itself one multiplexed connection per node) whatever this says.
+    /// operations over (default [`RedisStore::DEFAULT_CONNECTIONS`], at least 1). One
+    /// connection carries any number of concurrent operations, pipelined together, and the
+    /// pipelining is what makes it fast: on 2 cores, 16 and 64 tasks made the most hits per
+    /// second on 1 connection and fewer on each step up to 32 (`examples/connections.rs`).
+    /// More may help on many cores, where one connection's I/O task can fill a core: measure.
+    /// A cluster store uses one cluster connection (one multiplexed connection per node)
+    /// whatever this says.
     pub fn connections(mut self, connections: usize) -> Self {
         self.connections = connections.max(1);
         self
@@ -310,7 +313,7 @@ impl RedisStoreBuilder {
 impl RedisStore {
     /// How many multiplexed connections a store opens unless told otherwise (see
     /// [`RedisStoreBuilder::connections`]).
-    pub const DEFAULT_CONNECTIONS: usize = 4;
+    pub const DEFAULT_CONNECTIONS: usize = 1;
 
     /// Starts the options for a store at `url`: `redis://host:port/db`, or `rediss://` for TLS
     /// (with the `redis-tls` feature; `rediss://host:port/#insecure` skips the certificate check
