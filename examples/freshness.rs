@@ -154,7 +154,7 @@ async fn connect(schema: &str) -> AsyncPgConnection {
 fn cache_for(options: &Options, namespace: &str) -> Cache {
     let store = match &options.cluster {
         Some(urls) => RedisStore::cluster_builder(urls.split(',').map(str::trim)).build(),
-        None => RedisStore::builder(redis_url()).pool_size(32).build(),
+        None => RedisStore::builder(redis_url()).build(),
     }
     .expect("Redis URL");
     let mut builder = Cache::builder()

@@ -3,7 +3,11 @@
 //! ```text
 //! cargo run --release --example stampede -- --processes 4 --callers 250
 //! cargo run --release --example stampede -- --processes 4 --callers 250 --no-lock
+//! cargo run --release --example stampede -- --processes 4 --callers 250 --cold
 //! ```
+//!
+//! Each process opens its Redis connections (`RedisStore::connect`) before the burst, unless
+//! `--cold`: then the burst itself opens them, as in a process that just started.
 //!
 //! Each process starts `--callers` tasks at one agreed instant; all read one entry through the
 //! cache, whose fill is a slow PostgreSQL query (400 ms). In-process single-flight makes one load
@@ -30,6 +34,7 @@ struct Options {
     processes: usize,
     callers: usize,
     lock: bool,
+    cold: bool,
     child: Option<(String, u64)>,
 }
 
@@ -38,6 +43,7 @@ fn parse_options() -> Options {
         processes: 4,
         callers: 250,
         lock: true,
+        cold: false,
         child: None,
     };
     let mut args = std::env::args().skip(1);
@@ -47,6 +53,7 @@ fn parse_options() -> Options {
             "--processes" => options.processes = value().parse().expect("--processes N"),
             "--callers" => options.callers = value().parse().expect("--callers N"),
             "--no-lock" => options.lock = false,
+            "--cold" => options.cold = true,
             "--child" => {
                 let namespace = value();
                 options.child = Some((namespace, value().parse().expect("start instant")));
@@ -68,9 +75,11 @@ async fn child(options: &Options, namespace: &str, start_at: u64) {
     let database = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let mut builder = Cache::builder()
-        .store(RedisStore::builder(redis).build().expect("Redis URL"))
-        .namespace(namespace);
+    let store = RedisStore::builder(redis).build().expect("Redis URL");
+    if !options.cold {
+        store.connect().await.expect("Redis");
+    }
+    let mut builder = Cache::builder().store(store).namespace(namespace);
     if !options.lock {
         builder = builder.no_lock();
     }
@@ -140,6 +149,9 @@ async fn main() {
             .stdout(Stdio::piped());
         if !options.lock {
             command.arg("--no-lock");
+        }
+        if options.cold {
+            command.arg("--cold");
         }
         children.push(command.spawn().expect("spawn"));
     }

@@ -98,7 +98,6 @@ pub async fn connect() -> AsyncPgConnection {
 /// A Redis store and a cache on it, in a namespace of their own.
 pub fn redis_cache(namespace: &str) -> (RedisStore, Cache) {
     let store = RedisStore::builder(crate::redis_url())
-        .pool_size(64)
         .build()
         .expect("Redis URL");
     let cache = Cache::builder()

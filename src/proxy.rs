@@ -2,7 +2,7 @@
 //! "hanging" mid-test without touching the shared server.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -14,6 +14,7 @@ use tokio::sync::watch;
 pub struct Proxy {
     addr: SocketAddr,
     up: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
     cut: watch::Sender<u64>,
     stalled: watch::Sender<bool>,
 }
@@ -48,6 +49,8 @@ impl Proxy {
         let (cut, _) = watch::channel(0u64);
         let (stalled, _) = watch::channel(false);
         let accepting_up = up.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counting = accepted.clone();
         let cuts = cut.subscribe();
         let stalls = stalled.subscribe();
         tokio::spawn(async move {
@@ -56,6 +59,7 @@ impl Proxy {
                     let _ = client.shutdown().await;
                     continue;
                 }
+                counting.fetch_add(1, Ordering::SeqCst);
                 let mut cuts = cuts.clone();
                 // Only cuts after this connection was accepted end it.
                 cuts.borrow_and_update();
@@ -77,6 +81,7 @@ impl Proxy {
         Proxy {
             addr,
             up,
+            accepted,
             cut,
             stalled,
         }
@@ -85,6 +90,11 @@ impl Proxy {
     /// The proxy's Redis URL.
     pub fn url(&self) -> String {
         format!("redis://{}", self.addr)
+    }
+
+    /// Connections accepted and forwarded so far: how many connections a client opened.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Drops every open connection and refuses new ones.

@@ -489,14 +489,18 @@ async fn the_stampede_example_makes_one_query_for_all_processes() {
             .unwrap()
             .success());
     }
-    for (lock, expected) in [
-        (true, "callers=100 db_queries=1"),
-        (false, "callers=100 db_queries=2"),
+    for (lock, cold, expected) in [
+        (true, false, "callers=100 db_queries=1"),
+        (true, true, "callers=100 db_queries=1"),
+        (false, false, "callers=100 db_queries=2"),
     ] {
         let mut command = std::process::Command::new(&binary);
         command.args(["--processes", "2", "--callers", "50"]);
         if !lock {
             command.arg("--no-lock");
+        }
+        if cold {
+            command.arg("--cold");
         }
         let output = command.output().unwrap();
         assert!(output.status.success());

@@ -753,10 +753,16 @@ impl Cache {
         Fut: Future<Output = diesel::QueryResult<T>>,
     {
         let stats = &self.inner.stats;
+        // Taken before anything else: a database read shared when the store fails must begin
+        // after this call did (see `database_read`).
+        let began = self.inner.flights.ticket();
         let blocked = !self.deliver_pending().await && self.is_undelivered(&lookup.tables);
-        if lookup.policy == Policy::Bypass || blocked {
+        if lookup.policy == Policy::Bypass {
             bump(&stats.bypasses);
             return Ok(fill().await?);
+        }
+        if blocked {
+            return self.database_read(&lookup, began, fill).await;
         }
         let mut tags = None;
         let mut stale = None;
@@ -766,8 +772,7 @@ impl Cache {
                 .call(store.fetch(&lookup.key, &lookup.generations))
                 .await
             else {
-                bump(&stats.bypasses);
-                return Ok(fill().await?);
+                return self.database_read(&lookup, began, fill).await;
             };
             let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
             if let (Some(bytes), Some(current)) = (&fetched.entry, &current) {
@@ -801,10 +806,7 @@ impl Cache {
                 let ensured = store.ensure_generations(&lookup.generations, lookup.generation_ttl);
                 match self.call(ensured).await {
                     Ok(tags) => tags,
-                    Err(_) => {
-                        bump(&stats.bypasses);
-                        return Ok(fill().await?);
-                    }
+                    Err(_) => return self.database_read(&lookup, began, fill).await,
                 }
             }
         };
@@ -812,6 +814,56 @@ impl Cache {
             return self.revalidate(lookup, tags, stale, fill).await;
         }
         self.fill_once(lookup, tags, fill).await
+    }
+
+    /// A read the store cannot serve (it failed, timed out, or misses an invalidation): from the
+    /// database, and not stored. Callers of one entry in this process share one such read, as
+    /// long as it began after their own call began (`began`, a ticket): the generations cannot
+    /// be compared without the store, but a read that began later sees every write they saw.
+    async fn database_read<T, F, Fut>(&self, lookup: &Lookup, began: u64, fill: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = diesel::QueryResult<T>>,
+    {
+        let stats = &self.inner.stats;
+        // Only a plain read may share: a read in a transaction must see that transaction.
+        if lookup.policy != Policy::ReadWrite || !self.inner.single_flight {
+            bump(&stats.bypasses);
+            return Ok(fill().await?);
+        }
+        let key = format!("{}#database", lookup.key);
+        let leader = match self.inner.flights.join_after(key, Some(began)) {
+            Join::Lead(leader) => Some(leader),
+            Join::Follow(receiver) => {
+                let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
+                if let Ok(Some(entry)) = followed.await {
+                    if let Ok((value, _)) = codec::decode::<T>(&entry, &[]) {
+                        bump(&stats.coalesced);
+                        return Ok(value);
+                    }
+                }
+                // The leader gave up (an error, a cancelled call): read for ourselves.
+                None
+            }
+        };
+        bump(&stats.bypasses);
+        let value = fill().await?;
+        if let Some(leader) = leader {
+            if let Some(bytes) = codec::encode(&[], u64::MAX, &value) {
+                leader.publish(bytes.into());
+            }
+        }
+        Ok(value)
+    }
+
+    /// How long a single-flight follower waits for its leader: a leader that is alive but never
+    /// polled must not hold it for ever.
+    fn patience(&self) -> Duration {
+        self.inner
+            .lock
+            .as_ref()
+            .map_or(Duration::from_secs(30), |l| l.wait_timeout.max(l.ttl))
     }
 
     /// Stale-while-revalidate: one caller refreshes, the others get the expired value.
@@ -873,13 +925,7 @@ impl Cache {
             {
                 Join::Lead(lead) => leader = Some(lead),
                 Join::Follow(receiver) => {
-                    // A leader that is alive but never polled must not hold us for ever.
-                    let patience = self
-                        .inner
-                        .lock
-                        .as_ref()
-                        .map_or(Duration::from_secs(30), |l| l.wait_timeout.max(l.ttl));
-                    let followed = tokio::time::timeout(patience, flight::follow(receiver));
+                    let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
                     if let Ok(Some(entry)) = followed.await {
                         if let Ok((value, _)) = codec::decode::<T>(&entry, &tags) {
                             bump(&stats.coalesced);

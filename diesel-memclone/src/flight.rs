@@ -1,6 +1,7 @@
 //! Stampede protection: in-process single-flight, and the options of the distributed fill lock.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -105,9 +106,21 @@ type Published = Option<Arc<[u8]>>;
 /// In-process single-flight: concurrent callers of one key *and generations* share one load.
 /// Keying by the generations means a caller that arrives after an invalidation never joins a
 /// load that started before it.
+///
+/// Where the generations are unknown (the store is slow or down), [`Flights::join_after`] keeps
+/// the same promise by time instead: a caller joins only a load that began after its own call
+/// began, so the load sees every write the caller had seen commit.
 #[derive(Default)]
 pub(crate) struct Flights {
-    running: Mutex<HashMap<String, watch::Receiver<Published>>>,
+    running: Mutex<HashMap<String, Running>>,
+    /// Orders call starts and load starts (see [`Flights::ticket`]).
+    tickets: AtomicU64,
+}
+
+/// A load in progress: its followers' channel and the ticket taken when it began.
+struct Running {
+    receiver: watch::Receiver<Published>,
+    began: u64,
 }
 
 pub(crate) enum Join<'a> {
@@ -124,16 +137,31 @@ pub(crate) struct Leader<'a> {
 }
 
 impl Flights {
+    /// A ticket for the start of a call: tickets taken later compare greater, and what happened
+    /// before one ticket was taken happened before any later ticket was taken.
+    pub(crate) fn ticket(&self) -> u64 {
+        self.tickets.fetch_add(1, Ordering::SeqCst)
+    }
+
     pub(crate) fn join(&self, key: String) -> Join<'_> {
+        self.join_after(key, None)
+    }
+
+    /// Like [`join`](Flights::join), but with `since` (a [`ticket`](Flights::ticket) the caller
+    /// took when its call began) follows only a load that began after it; an older load is
+    /// replaced by this caller's own.
+    pub(crate) fn join_after(&self, key: String, since: Option<u64>) -> Join<'_> {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(receiver) = running.get(&key) {
+        if let Some(load) = running.get(&key) {
+            let recent = since.is_none_or(|since| load.began > since);
             // A leader that is gone leaves a closed channel: take over.
-            if receiver.has_changed().is_ok() {
-                return Join::Follow(receiver.clone());
+            if recent && load.receiver.has_changed().is_ok() {
+                return Join::Follow(load.receiver.clone());
             }
         }
         let (sender, receiver) = watch::channel(None);
-        running.insert(key.clone(), receiver);
+        let began = self.ticket();
+        running.insert(key.clone(), Running { receiver, began });
         Join::Lead(Leader {
             flights: self,
             key,
@@ -157,7 +185,7 @@ impl Drop for Leader<'_> {
             .unwrap_or_else(|e| e.into_inner());
         if running
             .get(&self.key)
-            .is_some_and(|r| r.same_channel(&self.sender.subscribe()))
+            .is_some_and(|load| load.receiver.same_channel(&self.sender.subscribe()))
         {
             running.remove(&self.key);
         }

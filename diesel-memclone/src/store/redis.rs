@@ -3,14 +3,15 @@
 use super::{fresh_generation, Bumped, Fetched, Store, StoreResult, TableBump, SEQUENCE_SHIFT};
 use crate::error::{Error, StoreError};
 use deadpool_redis::redis::{self, Value};
-use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::try_join_all;
-use futures_util::future::{BoxFuture, FutureExt};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use futures_util::future::{BoxFuture, FutureExt, Shared as SharedFuture};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-/// A [`Store`] on a Redis (or Valkey) server, through a [deadpool-redis](https://docs.rs/deadpool-redis) pool.
+/// A [`Store`] on a Redis (or Valkey) server, over multiplexed connections opened through a
+/// [deadpool-redis](https://docs.rs/deadpool-redis) pool.
 ///
 /// Every operation is one pipelined round trip: a hit is one `GET` for the entry plus one `GET`
 /// per generation it depends on, sent together. Generations are written with `SET .. NX GET`,
@@ -22,10 +23,16 @@ use std::time::Duration;
 /// refilled, a generation or a lock is replaced, and a write's script replaces whatever it
 /// finds, so that an invalidation is never lost to such a key.
 ///
+/// The store keeps a fixed number of [multiplexed](RedisStoreBuilder::connections) connections
+/// and spreads operations over them; each is opened once, by the first operation that needs
+/// it, while concurrent operations wait for that same connect. [`RedisStore::connect`] opens
+/// them all ahead of the first request.
+///
 /// ```no_run
 /// # async fn demo() -> diesel_memclone::Result<()> {
 /// use diesel_memclone::{store::RedisStore, Cache};
-/// let store = RedisStore::builder("redis://127.0.0.1:6379").pool_size(16).build()?;
+/// let store = RedisStore::builder("redis://127.0.0.1:6379").connections(2).build()?;
+/// store.connect().await?; // optional: open the connections now rather than on first use
 /// let cache = Cache::builder().store(store).namespace("myapp").build()?;
 /// # let _ = cache; Ok(()) }
 /// ```
@@ -38,19 +45,119 @@ pub struct RedisStore {
     shared: Arc<Shared>,
 }
 
-#[derive(Default)]
 struct Shared {
-    single: Vec<Mutex<Option<redis::aio::MultiplexedConnection>>>,
-    cluster: Mutex<Option<redis::cluster_async::ClusterConnection>>,
+    single: Vec<Slot<redis::aio::MultiplexedConnection>>,
+    cluster: Slot<redis::cluster_async::ClusterConnection>,
     next: AtomicUsize,
 }
 
 impl Shared {
     fn new(slots: usize) -> Arc<Self> {
         Arc::new(Shared {
-            single: (0..slots.max(1)).map(|_| Mutex::new(None)).collect(),
-            ..Default::default()
+            single: (0..slots.max(1)).map(|_| Slot::default()).collect(),
+            cluster: Slot::default(),
+            next: AtomicUsize::new(0),
         })
+    }
+}
+
+/// A connect in progress, awaited by every operation that needs its connection meanwhile.
+/// Why a connection could not be opened, shared by every caller that waited for it.
+type ConnectError = Arc<dyn std::error::Error + Send + Sync>;
+
+type Connecting<C> = SharedFuture<BoxFuture<'static, Result<C, ConnectError>>>;
+
+/// One shared connection: open, being opened, or not yet (or no longer) open.
+enum SlotState<C> {
+    Closed,
+    Connecting(u64, Connecting<C>),
+    Open(u64, C),
+}
+
+/// One shared connection and its state, behind a lock held only to look or swap.
+struct Slot<C> {
+    state: Mutex<SlotState<C>>,
+    /// Numbers the connects, so that a late outcome or failure touches only its own connection.
+    connects: AtomicU64,
+}
+
+impl<C> Default for Slot<C> {
+    fn default() -> Self {
+        Slot {
+            state: Mutex::new(SlotState::Closed),
+            connects: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A connection lent to one operation: `id` names it for [`Slot::forget`]; `fresh` when this
+/// operation waited for it to open (a failure on it is not worth a retry).
+struct Lent<C> {
+    conn: C,
+    id: u64,
+    fresh: bool,
+}
+
+impl<C: Clone + Send + 'static> Slot<C> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState<C>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The open connection, or the outcome of the one connect that every caller of a closed
+    /// slot waits for (`open` starts it).
+    async fn get(
+        &self,
+        open: impl FnOnce() -> BoxFuture<'static, Result<C, ConnectError>>,
+    ) -> StoreResult<Lent<C>> {
+        let (id, connecting) = {
+            let mut state = self.lock();
+            match &*state {
+                SlotState::Open(id, conn) => {
+                    return Ok(Lent {
+                        conn: conn.clone(),
+                        id: *id,
+                        fresh: false,
+                    })
+                }
+                SlotState::Connecting(id, connecting) => (*id, connecting.clone()),
+                SlotState::Closed => {
+                    let id = self.connects.fetch_add(1, Ordering::Relaxed);
+                    let connecting = open().shared();
+                    *state = SlotState::Connecting(id, connecting.clone());
+                    (id, connecting)
+                }
+            }
+        };
+        let outcome = connecting.await;
+        let mut state = self.lock();
+        if matches!(&*state, SlotState::Connecting(current, _) if *current == id) {
+            *state = match &outcome {
+                Ok(conn) => SlotState::Open(id, conn.clone()),
+                // The next operation tries again.
+                Err(_) => SlotState::Closed,
+            };
+        }
+        match outcome {
+            Ok(conn) => Ok(Lent {
+                conn,
+                id,
+                fresh: true,
+            }),
+            Err(error) => Err(StoreError::Backend(error)),
+        }
+    }
+
+    /// Closes connection `id` if it is still the slot's: of many operations failing on one
+    /// broken connection, the first closes it and the others leave its successor alone.
+    fn forget(&self, id: u64) {
+        let mut state = self.lock();
+        if matches!(&*state, SlotState::Open(current, _) if *current == id) {
+            *state = SlotState::Closed;
+        }
+    }
+
+    fn reset(&self) {
+        *self.lock() = SlotState::Closed;
     }
 }
 
@@ -62,43 +169,72 @@ enum Backend {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (kind, status) = match &self.backend {
-            Backend::Single(pool) => ("single", pool.status()),
-            Backend::Cluster(pool) => ("cluster", pool.status()),
+        let kind = match &self.backend {
+            Backend::Single(_) => "single",
+            Backend::Cluster(_) => "cluster",
         };
         f.debug_struct("RedisStore")
             .field("kind", &kind)
-            .field("pool", &status)
+            .field("connections", &self.shared.single.len())
             .finish()
     }
 }
 
 /// Options for a [`RedisStore`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct RedisStoreBuilder {
     urls: Vec<String>,
     cluster: bool,
-    pool_size: usize,
+    connections: usize,
     connect_timeout: Duration,
+    #[cfg(feature = "redis-tls")]
+    tls_root_certificates: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("urls", &self.urls.len())
+            .field("cluster", &self.cluster)
+            .field("connections", &self.connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisStoreBuilder {
-    /// Maximum number of pooled connections (default 16).
-    pub fn pool_size(mut self, size: usize) -> Self {
-        self.pool_size = size;
+    /// How many multiplexed connections to a single server the store opens and spreads its
+    /// operations over (default [`RedisStore::DEFAULT_CONNECTIONS`], at least 1). One
+    /// connection carries any number of concurrent operations, pipelined together, and the
+    /// pipelining is what makes it fast: on 2 cores, 16 and 64 tasks made the most hits per
+    /// second on 1 connection and fewer on each step up to 32 (`examples/connections.rs`).
+    /// More may help on many cores, where one connection's I/O task can fill a core: measure.
+    /// A cluster store uses one cluster connection (one multiplexed connection per node)
+    /// whatever this says.
+    pub fn connections(mut self, connections: usize) -> Self {
+        self.connections = connections.max(1);
         self
     }
 
-    /// How long to wait for a pooled connection or a new one (default 1 s). Each operation is
-    /// bounded again by the cache's [`store_timeout`](crate::CacheBuilder::store_timeout).
+    /// How long to wait for a new connection (default 1 s). Each operation is bounded again by
+    /// the cache's [`store_timeout`](crate::CacheBuilder::store_timeout).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Builds the pool. Connections are opened lazily, so an unreachable server is not an error
-    /// here (the cache fails open); a malformed URL is.
+    /// Trusts these certificate authorities (PEM, one or more) for `rediss://` URLs instead of
+    /// the system's: for a server whose certificate a private CA signed. Single servers only.
+    #[cfg(feature = "redis-tls")]
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_certificates = Some(pem.into());
+        self
+    }
+
+    /// Builds the store. Connections are opened on first use (or by [`RedisStore::connect`]),
+    /// so an unreachable server is not an error here (the cache fails open); a malformed URL
+    /// is, and so is a `rediss://` URL without the `redis-tls` feature.
     pub fn build(self) -> Result<RedisStore, Error> {
         if self.urls.is_empty() {
             return Err(Error::Config("no Redis URL given".into()));
@@ -106,20 +242,39 @@ impl RedisStoreBuilder {
         for url in &self.urls {
             redis::parse_redis_url(url)
                 .ok_or_else(|| Error::Config(format!("not a Redis URL: {url:?}")))?;
+            if url.starts_with("rediss://") && !cfg!(feature = "redis-tls") {
+                return Err(Error::Config(format!(
+                    "{url:?} asks for TLS: enable the `redis-tls` feature of diesel-memclone"
+                )));
+            }
+        }
+        #[cfg(feature = "redis-tls")]
+        if self.urls.iter().any(|url| url.starts_with("rediss://")) {
+            // rustls needs a process-wide crypto provider; if the application installed one
+            // already, that one stays.
+            let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let timeouts = Timeouts {
             wait: Some(self.connect_timeout),
             create: Some(self.connect_timeout),
             recycle: Some(self.connect_timeout),
         };
+        // The pool only opens connections: each is taken out of it for good, and it opens at
+        // most one per shared connection at a time.
         let pool_config = PoolConfig {
-            max_size: self.pool_size,
+            max_size: self.connections,
             timeouts,
             ..Default::default()
         };
         let built =
             |e: &dyn std::fmt::Display| Error::Config(format!("cannot build the Redis pool: {e}"));
         let backend = if self.cluster {
+            #[cfg(feature = "redis-tls")]
+            if self.tls_root_certificates.is_some() {
+                return Err(Error::Config(
+                    "tls_root_certificates applies to a single server, not a cluster".into(),
+                ));
+            }
             let mut config = deadpool_redis::cluster::Config::from_urls(self.urls);
             config.pool = Some(pool_config);
             Backend::Cluster(
@@ -129,31 +284,51 @@ impl RedisStoreBuilder {
             )
         } else {
             let url = self.urls.into_iter().next().unwrap_or_default();
-            let mut config = Config::from_url(url);
-            config.pool = Some(pool_config);
+            #[cfg(feature = "redis-tls")]
+            let url = match self.tls_root_certificates {
+                Some(pem) => {
+                    let certificates = redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    };
+                    redis::Client::build_with_tls(url.as_str(), certificates)
+                        .map_err(|e| built(&e))?
+                        .get_connection_info()
+                        .clone()
+                }
+                None => redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                    .map_err(|e| built(&e))?,
+            };
+            // Without it, redis-rs gives up connecting after its own default of 1 s.
+            let connection = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.connect_timeout));
+            let manager =
+                deadpool_redis::Manager::new_with_config(url, connection).map_err(|e| built(&e))?;
             Backend::Single(
-                config
-                    .create_pool(Some(Runtime::Tokio1))
+                Pool::builder(manager)
+                    .config(pool_config)
+                    .runtime(Runtime::Tokio1)
+                    .build()
                     .map_err(|e| built(&e))?,
             )
         };
-        let slots = self.pool_size.clamp(1, 4);
         Ok(RedisStore {
             backend,
-            shared: Shared::new(slots),
+            shared: Shared::new(self.connections),
         })
     }
 }
 
 impl RedisStore {
-    /// Starts the options for a store at `url` (`redis://host:port/db`).
+    /// How many multiplexed connections a store opens unless told otherwise (see
+    /// [`RedisStoreBuilder::connections`]).
+    pub const DEFAULT_CONNECTIONS: usize = 1;
+
+    /// Starts the options for a store at `url`: `redis://host:port/db`, or `rediss://` for TLS
+    /// (with the `redis-tls` feature; `rediss://host:port/#insecure` skips the certificate check
+    /// with `redis-tls-insecure`, for tests only).
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
-        RedisStoreBuilder {
-            urls: vec![url.into()],
-            cluster: false,
-            pool_size: 16,
-            connect_timeout: Duration::from_secs(1),
-        }
+        Self::builder_for(vec![url.into()], false)
     }
 
     /// Starts the options for a store on a Redis Cluster, given one or more of its nodes.
@@ -164,23 +339,31 @@ impl RedisStore {
     pub fn cluster_builder<S: Into<String>>(
         urls: impl IntoIterator<Item = S>,
     ) -> RedisStoreBuilder {
+        Self::builder_for(urls.into_iter().map(Into::into).collect(), true)
+    }
+
+    fn builder_for(urls: Vec<String>, cluster: bool) -> RedisStoreBuilder {
         RedisStoreBuilder {
-            urls: urls.into_iter().map(Into::into).collect(),
-            cluster: true,
-            pool_size: 4,
+            urls,
+            cluster,
+            connections: Self::DEFAULT_CONNECTIONS,
             connect_timeout: Duration::from_secs(1),
+            #[cfg(feature = "redis-tls")]
+            tls_root_certificates: None,
         }
     }
 
-    /// A store from an existing deadpool-redis pool.
+    /// A store whose connections `pool` opens: [`RedisStore::DEFAULT_CONNECTIONS`] of them, or
+    /// the pool's maximum size if smaller. Each is taken out of the pool for good.
     pub fn from_pool(pool: Pool) -> Self {
+        let connections = Self::DEFAULT_CONNECTIONS.min(pool.status().max_size);
         Self {
             backend: Backend::Single(pool),
-            shared: Shared::new(4),
+            shared: Shared::new(connections),
         }
     }
 
-    /// A store from an existing deadpool-redis cluster pool.
+    /// A store whose cluster connection `pool` opens (taken out of the pool for good).
     pub fn from_cluster_pool(pool: deadpool_redis::cluster::Pool) -> Self {
         Self {
             backend: Backend::Cluster(pool),
@@ -191,6 +374,27 @@ impl RedisStore {
     /// True when this store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         matches!(self.backend, Backend::Cluster(_))
+    }
+
+    /// Opens every connection now (those not open yet), rather than on first use: call it at
+    /// start-up so that the first burst of requests finds them open. Fails if one cannot be
+    /// opened; the store stays usable (it tries again on use).
+    pub async fn connect(&self) -> StoreResult<()> {
+        match &self.backend {
+            Backend::Single(pool) => {
+                try_join_all(
+                    self.shared
+                        .single
+                        .iter()
+                        .map(|slot| slot.get(|| open_single(pool))),
+                )
+                .await?;
+            }
+            Backend::Cluster(pool) => {
+                self.shared.cluster.get(|| open_cluster(pool)).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs one command and returns its reply (for inspection and tests). An error reply is an
@@ -267,22 +471,17 @@ impl RedisStore {
                 // A shared connection may have died while idle (a restart, a cut link): one
                 // retry on a fresh connection before reporting a failure.
                 for attempt in 0..2 {
-                    let cached = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let (mut conn, fresh) = match cached {
-                        Some(conn) => (conn, false),
-                        None => {
-                            let taken = pool.get().await.map_err(StoreError::backend)?;
-                            let conn = deadpool_redis::Connection::take(taken);
-                            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-                            (conn, true)
-                        }
-                    };
+                    let Lent {
+                        mut conn,
+                        id,
+                        fresh,
+                    } = slot.get(|| open_single(pool)).await?;
                     // No timer here: the cache bounds every operation with its own timeout and
                     // calls `reset` when it fires (a timer per call is measurable on a hit).
                     match pipe.query_async(&mut conn).await {
                         Ok(values) => return Ok(values),
                         Err(error) if broken(&error) => {
-                            *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                            slot.forget(id);
                             if fresh || attempt == 1 || !resend {
                                 return Err(StoreError::backend(error));
                             }
@@ -293,25 +492,10 @@ impl RedisStore {
                 Err(StoreError::Unavailable)
             }
             Backend::Cluster(pool) => {
-                let cached = self
-                    .shared
-                    .cluster
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                let shared = match cached {
-                    Some(conn) => conn,
-                    None => {
-                        let taken = pool.get().await.map_err(StoreError::backend)?;
-                        let conn = deadpool_redis::cluster::Connection::take(taken);
-                        *self
-                            .shared
-                            .cluster
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-                        conn
-                    }
-                };
+                let slot = &self.shared.cluster;
+                let Lent {
+                    conn: shared, id, ..
+                } = slot.get(|| open_cluster(pool)).await?;
                 let replies = try_join_all(cmds.iter().map(|cmd| {
                     let mut conn = shared.clone();
                     async move { in_place(cmd.query_async::<Value>(&mut conn).await) }
@@ -320,11 +504,7 @@ impl RedisStore {
                     Ok(values) => Ok(values),
                     Err(error) => {
                         if broken(&error) {
-                            *self
-                                .shared
-                                .cluster
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner()) = None;
+                            slot.forget(id);
                         }
                         Err(StoreError::backend(error))
                     }
@@ -332,6 +512,34 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// Opens a connection to a single server, to be shared: taken out of the pool.
+fn open_single(
+    pool: &Pool,
+) -> BoxFuture<'static, Result<redis::aio::MultiplexedConnection, ConnectError>> {
+    let pool = pool.clone();
+    async move {
+        match pool.get().await {
+            Ok(pooled) => Ok(deadpool_redis::Connection::take(pooled)),
+            Err(error) => Err(Arc::new(error) as ConnectError),
+        }
+    }
+    .boxed()
+}
+
+/// Opens a cluster connection, to be shared: taken out of the pool.
+fn open_cluster(
+    pool: &deadpool_redis::cluster::Pool,
+) -> BoxFuture<'static, Result<redis::cluster_async::ClusterConnection, ConnectError>> {
+    let pool = pool.clone();
+    async move {
+        match pool.get().await {
+            Ok(pooled) => Ok(deadpool_redis::cluster::Connection::take(pooled)),
+            Err(error) => Err(Arc::new(error) as ConnectError),
+        }
+    }
+    .boxed()
 }
 
 /// True for errors after which a connection should not be used again.
@@ -648,13 +856,9 @@ impl Store for RedisStore {
 
     fn reset(&self) {
         for slot in &self.shared.single {
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            slot.reset();
         }
-        *self
-            .shared
-            .cluster
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.shared.cluster.reset();
     }
 
     fn unlock<'a>(&'a self, key: &'a str, owner: u64) -> BoxFuture<'a, StoreResult<()>> {
