@@ -1,8 +1,8 @@
 //! Stampede protection across processes: every caller misses the same key at the same moment.
 //!
 //! ```text
-//! cargo run --release --example stampede -- --processes 4 --callers 250
-//! cargo run --release --example stampede -- --processes 4 --callers 250 --no-lock
+//! cargo run --release -p diesel-memclone-tests --example stampede -- --processes 4 --callers 250
+//! cargo run --release -p diesel-memclone-tests --example stampede -- --processes 4 --callers 250 --no-lock
 //! ```
 //!
 //! Each process starts `--callers` tasks at one agreed instant; all read one entry through the

@@ -1131,6 +1131,20 @@ pub fn install(cache: Cache) -> std::result::Result<(), Cache> {
 
 /// The process-wide default cache: the one [`install`]ed, or else an in-process cache with
 /// default options, created on first use.
+///
+/// That fallback belongs to one process: several replicas of a service each get their own, and
+/// a write in one never invalidates the others, which can serve stale rows for the default TTL
+/// (1 hour). It logs a warning once, when it is created. Replicas should [`install`] a cache on
+/// a shared Redis ([`store`](crate::store)`::RedisStore`, feature `redis`); a process that is
+/// alone on purpose installs [`Cache::in_memory()`] and is not warned.
 pub fn cache() -> &'static Cache {
-    DEFAULT.get_or_init(Cache::in_memory)
+    DEFAULT.get_or_init(|| {
+        // Once per process, and only on the implicit path: the multi-replica trap is silent.
+        tracing::warn!(
+            "diesel-memclone: no cache installed, using a per-process in-memory cache; \
+             other processes' writes will not invalidate it (install a Redis-backed cache for \
+             several replicas, or install Cache::in_memory() to silence this)"
+        );
+        Cache::in_memory()
+    })
 }
