@@ -70,7 +70,7 @@
 // docs.rs, where every feature is documented.
 #![cfg_attr(
     not(feature = "redis"),
-    doc = "\n[`store::RedisStore`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/store/struct.RedisStore.html"
+    doc = "\n\n[`store::RedisStore`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/store/struct.RedisStore.html"
 )]
 
 mod cache;
