@@ -368,9 +368,40 @@ fn throughput(c: &mut Criterion) {
     assert_eq!(cache.stats().misses, 1);
 }
 
+/// The part of a hit that names the query: rendering it and finding its SQL. Before: the
+/// `Display` form split at ` -- binds: `; after: the `Debug` form, whose SQL is a string literal.
+fn render(c: &mut Criterion) {
+    let mut group = c.benchmark_group("render");
+    let query = first_users(1)
+        .filter(bench_users::name.eq("someone"))
+        .select(BenchUser::as_select());
+    group.bench_function("display_split", |b| {
+        b.iter(|| {
+            let text = diesel::debug_query::<diesel::pg::Pg, _>(&query).to_string();
+            let end = text.find(" -- binds: ").unwrap_or(text.len());
+            std::hint::black_box(end);
+            text
+        })
+    });
+    group.bench_function("debug_literal", |b| {
+        b.iter(|| {
+            let text = format!("{:?}", diesel::debug_query::<diesel::pg::Pg, _>(&query));
+            let rest = text.strip_prefix("Query { sql: \"").unwrap_or(&text);
+            let bytes = rest.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() && bytes[i] != b'"' {
+                i += if bytes[i] == b'\\' { 2 } else { 1 };
+            }
+            std::hint::black_box(i);
+            text
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(2));
-    targets = hit_path, database, alternative, writes, throughput
+    targets = render, hit_path, database, alternative, writes, throughput
 }
 criterion_main!(benches);

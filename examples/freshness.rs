@@ -248,14 +248,14 @@ impl Stop {
         if Instant::now() >= self.deadline {
             return true;
         }
-        if self.until_stale && self.tally.stale.load(Ordering::Relaxed) > 0 {
+        if self.until_stale && AtomicU64::load(&self.tally.stale, Ordering::Relaxed) > 0 {
             return true;
         }
         if self.reads.is_none() && self.writes.is_none() {
             return false;
         }
         let reached = |target: Option<u64>, done: &AtomicU64| {
-            target.is_none_or(|t| done.load(Ordering::Relaxed) >= t)
+            target.is_none_or(|t| AtomicU64::load(done, Ordering::Relaxed) >= t)
         };
         !self.until_stale
             && reached(self.reads, &self.tally.reads)
@@ -278,23 +278,19 @@ async fn writer(
         let written: Result<i64, Error> = if random.below(2) == 0 {
             // Item and note in one transaction: invalidated after the commit.
             let cache2 = cache.clone();
-            diesel_memclone::transaction(&mut conn, |conn| {
-                Box::pin(async move {
-                    let item: Item = diesel_memclone::update(fresh_items::table.find(row))
-                        .set(fresh_items::version.eq(fresh_items::version + 1))
-                        .map(|s| s.returning(fresh_items::all_columns))
-                        .using(&cache2)
-                        .get_result(conn)
-                        .await?;
-                    diesel_memclone::update(
-                        fresh_notes::table.filter(fresh_notes::item_id.eq(row)),
-                    )
+            diesel_memclone::transaction(&mut conn, async move |conn| {
+                let item: Item = diesel_memclone::update(fresh_items::table.find(row))
+                    .set(fresh_items::version.eq(fresh_items::version + 1))
+                    .map(|s| s.returning(fresh_items::all_columns))
+                    .using(&cache2)
+                    .get_result(conn)
+                    .await?;
+                diesel_memclone::update(fresh_notes::table.filter(fresh_notes::item_id.eq(row)))
                     .set(fresh_notes::version.eq(item.version))
                     .using(&cache2)
                     .execute(conn)
                     .await?;
-                    Ok(item.version)
-                })
+                Ok(item.version)
             })
             .await
         } else {

@@ -594,8 +594,8 @@ async fn transactions_invalidate_after_commit_and_rollbacks_leave_nothing() {
 
     // Rollback: the write is undone and the cached entry stays valid (a hit, with the old name).
     let cache2 = cache.clone();
-    let rolled_back: Result<(), Error> = diesel_memclone::transaction(&mut conn, |conn| {
-        Box::pin(async move {
+    let rolled_back: Result<(), Error> =
+        diesel_memclone::transaction(&mut conn, async move |conn| {
             diesel_memclone::update(users::table.find(1))
                 .set(users::name.eq("Nope"))
                 .using(&cache2)
@@ -609,8 +609,7 @@ async fn transactions_invalidate_after_commit_and_rollbacks_leave_nothing() {
             );
             Err(Error::Database(diesel::result::Error::RollbackTransaction))
         })
-    })
-    .await;
+        .await;
     assert!(rolled_back.is_err());
     let (after, queries) = counted!(counter, {
         let v: Vec<String> = user_names(&cache, &mut conn).await;
@@ -625,37 +624,31 @@ async fn transactions_invalidate_after_commit_and_rollbacks_leave_nothing() {
     // Commit inside a savepoint whose sibling rolled back: the write lands and invalidates
     // after the outer commit.
     let cache2 = cache.clone();
-    diesel_memclone::transaction(&mut conn, |conn| {
-        Box::pin(async move {
-            let cache4 = cache2.clone();
-            let inner: Result<(), Error> = diesel_memclone::transaction(conn, |conn| {
-                Box::pin(async move {
-                    diesel_memclone::insert_into(users::table)
-                        .values(&user(9, "Ghost", "a"))
-                        .using(&cache4)
-                        .execute(conn)
-                        .await?;
-                    Err(Error::Database(diesel::result::Error::RollbackTransaction))
-                })
-            })
-            .await;
-            assert!(inner.is_err());
-            let cache3 = cache2.clone();
-            diesel_memclone::transaction(conn, |conn| {
-                Box::pin(async move {
-                    diesel_memclone::update(users::table.find(1))
-                        .set(users::name.eq("Anne"))
-                        .using(&cache3)
-                        .execute(conn)
-                        .await?;
-                    Ok::<_, Error>(())
-                })
-            })
-            .await?;
-            // Inside the open transaction, other processes still see the old entry: nothing
-            // has been invalidated before the commit.
+    diesel_memclone::transaction(&mut conn, async move |conn| {
+        let cache4 = cache2.clone();
+        let inner: Result<(), Error> = diesel_memclone::transaction(conn, async move |conn| {
+            diesel_memclone::insert_into(users::table)
+                .values(&user(9, "Ghost", "a"))
+                .using(&cache4)
+                .execute(conn)
+                .await?;
+            Err(Error::Database(diesel::result::Error::RollbackTransaction))
+        })
+        .await;
+        assert!(inner.is_err());
+        let cache3 = cache2.clone();
+        diesel_memclone::transaction(conn, async move |conn| {
+            diesel_memclone::update(users::table.find(1))
+                .set(users::name.eq("Anne"))
+                .using(&cache3)
+                .execute(conn)
+                .await?;
             Ok::<_, Error>(())
         })
+        .await?;
+        // Inside the open transaction, other processes still see the old entry: nothing
+        // has been invalidated before the commit.
+        Ok::<_, Error>(())
     })
     .await
     .unwrap();
@@ -1143,17 +1136,15 @@ async fn a_transaction_defers_only_its_own_connection() {
         .unwrap();
     let _: Vec<String> = user_names(&cache, &mut conn).await;
     let cache2 = cache.clone();
-    let outcome: Result<(), Error> = diesel_memclone::transaction(&mut conn, |_conn| {
-        Box::pin(async move {
-            diesel_memclone::update(users::table.find(1))
-                .set(users::name.eq("Anne"))
-                .using(&cache2)
-                .execute(&mut other)
-                .await?;
-            // The transaction on `conn` rolls back; the write on `other` committed and must
-            // have invalidated already.
-            Err(Error::Database(diesel::result::Error::RollbackTransaction))
-        })
+    let outcome: Result<(), Error> = diesel_memclone::transaction(&mut conn, async move |_conn| {
+        diesel_memclone::update(users::table.find(1))
+            .set(users::name.eq("Anne"))
+            .using(&cache2)
+            .execute(&mut other)
+            .await?;
+        // The transaction on `conn` rolls back; the write on `other` committed and must
+        // have invalidated already.
+        Err(Error::Database(diesel::result::Error::RollbackTransaction))
     })
     .await;
     assert!(outcome.is_err());

@@ -54,17 +54,15 @@ async fn read_during_open_write_is_never_served_after_commit(cache: Cache, schem
     let write = {
         let (cache, written, read_done) = (cache.clone(), written.clone(), read_done.clone());
         async move {
-            diesel_memclone::transaction(&mut writer, |conn| {
-                Box::pin(async move {
-                    diesel_memclone::update(users::table.find(1))
-                        .set(users::name.eq("v2"))
-                        .using(&cache)
-                        .execute(conn)
-                        .await?;
-                    written.notify_one();
-                    read_done.notified().await;
-                    Ok::<_, Error>(())
-                })
+            diesel_memclone::transaction(&mut writer, async move |conn| {
+                diesel_memclone::update(users::table.find(1))
+                    .set(users::name.eq("v2"))
+                    .using(&cache)
+                    .execute(conn)
+                    .await?;
+                written.notify_one();
+                read_done.notified().await;
+                Ok::<_, Error>(())
             })
             .await
             .unwrap();

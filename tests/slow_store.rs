@@ -1,6 +1,6 @@
 //! A Redis that hangs (bytes held back, connection open): reads come from the database within
-//! the store timeout, writes succeed, the failure is logged once rather than per call, and once
-//! Redis answers again the cache recovers.
+//! the store timeout, writes succeed, the failure is logged once rather than per call (a warning),
+//! and once Redis answers again the cache recovers (logged once, at info level).
 
 use diesel::prelude::*;
 use diesel_memclone::store::RedisStore;
@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Counts the WARN events memclone logs (a minimal `tracing` subscriber, no extra crate).
-struct WarnCounter(Arc<AtomicUsize>);
+/// Counts the WARN and INFO events memclone logs (a minimal `tracing` subscriber, no extra
+/// crate).
+struct WarnCounter(Arc<AtomicUsize>, Arc<AtomicUsize>);
 
 impl tracing::Subscriber for WarnCounter {
     fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
@@ -25,9 +26,11 @@ impl tracing::Subscriber for WarnCounter {
     fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
     fn event(&self, event: &tracing::Event<'_>) {
-        if *event.metadata().level() == tracing::Level::WARN {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
+        match *event.metadata().level() {
+            tracing::Level::WARN => self.0.fetch_add(1, Ordering::SeqCst),
+            tracing::Level::INFO => self.1.fetch_add(1, Ordering::SeqCst),
+            _ => 0,
+        };
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
@@ -40,7 +43,9 @@ async fn a_hanging_redis_means_database_reads_successful_writes_and_one_log_line
         return;
     };
     let warnings = Arc::new(AtomicUsize::new(0));
-    let _subscriber = tracing::subscriber::set_default(WarnCounter(warnings.clone()));
+    let infos = Arc::new(AtomicUsize::new(0));
+    let _subscriber =
+        tracing::subscriber::set_default(WarnCounter(warnings.clone(), infos.clone()));
     let upstream = redis_url()
         .trim_start_matches("redis://")
         .parse()
@@ -114,7 +119,12 @@ async fn a_hanging_redis_means_database_reads_successful_writes_and_one_log_line
     assert!(cache.undelivered_invalidations().is_empty());
     assert_eq!(
         AtomicUsize::load(&warnings, Ordering::SeqCst),
-        2,
-        "and one line for the recovery"
+        1,
+        "the recovery is no warning"
+    );
+    assert_eq!(
+        AtomicUsize::load(&infos, Ordering::SeqCst),
+        1,
+        "one info line for the recovery"
     );
 }

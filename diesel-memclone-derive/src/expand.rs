@@ -9,7 +9,7 @@ const MEMCLONE: &str = "memclone";
 const TTL: &str = "ttl";
 const NAME: &str = "name";
 const TABLE: &str = "table";
-const VALID_OPTIONS: &str = "`ttl = <seconds>`, `name = \"...\"`, `table = \"...\"`";
+const VALID_OPTIONS: &str = "`ttl = <seconds>`, `name = \"...\"`";
 
 /// Collects every error instead of stopping at the first.
 #[derive(Default)]
@@ -32,7 +32,6 @@ impl Errors {
 struct Options {
     ttl: Option<u64>,
     name: Option<String>,
-    table: Option<String>,
 }
 
 fn memclone_options(input: &DeriveInput, errors: &mut Errors, allowed: &[&str]) -> Options {
@@ -44,6 +43,14 @@ fn memclone_options(input: &DeriveInput, errors: &mut Errors, allowed: &[&str]) 
                 .get_ident()
                 .map(Ident::to_string)
                 .unwrap_or_default();
+            if key == TABLE && allowed.contains(&NAME) {
+                let _: Lit = meta.value()?.parse()?;
+                errors.push(meta.error(
+                    "`table` is no longer needed: memclone takes the table's SQL name from \
+                     Diesel's `table!` (its `#[sql_name]`, if any); remove this option",
+                ));
+                return Ok(());
+            }
             if !allowed.contains(&key.as_str()) {
                 return Err(meta.error(format!(
                     "unknown memclone option `{}`; expected one of {}",
@@ -64,12 +71,8 @@ fn memclone_options(input: &DeriveInput, errors: &mut Errors, allowed: &[&str]) 
                     other,
                     "`ttl` is a whole number of seconds, like `ttl = 60`",
                 )),
-                (NAME | TABLE, Lit::Str(text)) if !text.value().trim().is_empty() => {
-                    if key == NAME {
-                        options.name = Some(text.value());
-                    } else {
-                        options.table = Some(text.value().to_lowercase());
-                    }
+                (NAME, Lit::Str(text)) if !text.value().trim().is_empty() => {
+                    options.name = Some(text.value());
                 }
                 (_, other) => errors.push(syn::Error::new_spanned(
                     other,
@@ -86,7 +89,7 @@ fn memclone_options(input: &DeriveInput, errors: &mut Errors, allowed: &[&str]) 
 }
 
 fn allowed_list(allowed: &[&str]) -> String {
-    if allowed.len() == 3 {
+    if allowed.len() == 2 {
         return VALID_OPTIONS.to_owned();
     }
     allowed
@@ -219,6 +222,16 @@ fn shape(prefix: &str, name: &Ident, fields: &[Field]) -> String {
     shape
 }
 
+/// The `table!` column a field reads, as an identifier (`r#type` for a keyword).
+fn column_ident(column: &str, span: Span) -> Ident {
+    match column.strip_prefix("r#") {
+        Some(raw) => Ident::new_raw(raw, span),
+        None => syn::parse_str::<Ident>(column)
+            .map(|i| Ident::new(&i.to_string(), span))
+            .unwrap_or_else(|_| Ident::new_raw(column, span)),
+    }
+}
+
 /// Diesel's default table name: the struct name in snake case, plus `s`.
 fn default_table(name: &Ident) -> String {
     let mut out = String::new();
@@ -240,7 +253,7 @@ fn default_table(name: &Ident) -> String {
 pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
     let mut errors = Errors::default();
     let fields = named_fields(&input, "MemClone")?;
-    let options = memclone_options(&input, &mut errors, &[TTL, NAME, TABLE]);
+    let options = memclone_options(&input, &mut errors, &[TTL, NAME]);
     let diesel = diesel_options(&input, &mut errors);
     let ident = &input.ident;
 
@@ -248,13 +261,12 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
         .table
         .clone()
         .unwrap_or_else(|| Ident::new(&default_table(ident), Span::call_site()).into());
-    let table_sql = options.table.clone().unwrap_or_else(|| {
-        table_path
-            .segments
-            .last()
-            .map(|s| s.ident.to_string().to_lowercase())
-            .unwrap_or_default()
-    });
+    // Only the fingerprint's input: the table's name for the cache comes from Diesel at run time.
+    let table_rust = table_path
+        .segments
+        .last()
+        .map(|s| s.ident.to_string())
+        .unwrap_or_default();
 
     let key_idents = diesel
         .primary_key
@@ -280,12 +292,16 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
     errors.finish()?;
 
     let name = options.name.unwrap_or_else(|| ident.to_string());
-    let key_names: Vec<String> = key_idents
+    // The key columns' SQL names, from Diesel's `Column::NAME` (a `#[sql_name]` in `table!`).
+    let key_columns: Vec<TokenStream> = key_idents
         .iter()
         .filter_map(|k| fields.iter().find(|f| f.ident == *k))
-        .map(|f| f.column.to_lowercase())
+        .map(|f| {
+            let column = column_ident(&f.column, f.ident.span());
+            quote!(<#table_path::#column as ::diesel_memclone::__private::diesel::Column>::NAME)
+        })
         .collect();
-    let shape = shape(&table_sql, ident, &fields);
+    let shape = shape(&table_rust, ident, &fields);
     let ttl = match options.ttl {
         Some(seconds) => quote!(::core::option::Option::Some(#seconds)),
         None => quote!(::core::option::Option::None),
@@ -312,13 +328,14 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
                     )
                 }
                 fn tables(out: &mut ::std::vec::Vec<&'static str>) {
-                    out.push(<Self as ::diesel_memclone::MemClone>::TABLE);
+                    out.push(<Self as ::diesel_memclone::MemClone>::table());
                 }
                 fn rows(&self, out: &mut ::std::vec::Vec<::diesel_memclone::RowKey>) {
                     out.push(::diesel_memclone::MemClone::row_key(self));
                 }
                 fn key_columns() -> &'static [&'static str] {
-                    &[#(#key_names),*]
+                    const KEY_COLUMNS: &[&str] = &[#(#key_columns),*];
+                    KEY_COLUMNS
                 }
                 fn entity_ttl() -> ::core::option::Option<::core::time::Duration> {
                     <Self as ::diesel_memclone::MemClone>::TTL_SECONDS
@@ -328,7 +345,10 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
 
             impl ::diesel_memclone::MemClone for #ident {
                 const NAME: &'static str = #name;
-                const TABLE: &'static str = #table_sql;
+                fn table() -> &'static str {
+                    static TABLE: ::std::sync::OnceLock<&'static str> = ::std::sync::OnceLock::new();
+                    TABLE.get_or_init(|| ::diesel_memclone::table_name(&#table_path::table))
+                }
                 const SHAPE: &'static str = #shape;
                 const TTL_SECONDS: ::core::option::Option<u64> = #ttl;
                 type PrimaryKey = #pk_type;
@@ -406,17 +426,16 @@ mod tests {
         })
         .unwrap();
         assert!(
-            out.contains("const TABLE : & 'static str = \"posts\""),
+            out.contains("table_name (& crate :: schema :: posts :: table)"),
             "{out}"
         );
-        assert!(out.contains("crate :: schema :: posts :: table"), "{out}");
         assert!(out.contains("type PrimaryKey = (i32 , String ,)"), "{out}");
     }
 
     #[test]
     fn defaults_follow_diesel() {
         let out = expand(quote! { struct BlogPost { id: i64 } }).unwrap();
-        assert!(out.contains("\"blog_posts\""), "{out}");
+        assert!(out.contains("blog_posts :: table"), "{out}");
         assert!(out.contains("type PrimaryKey = i64"), "{out}");
     }
 
@@ -426,7 +445,10 @@ mod tests {
             struct Account { #[diesel(column_name = account_id)] id: i32, name: String }
         })
         .unwrap();
-        assert!(out.contains("& [\"account_id\"]"), "{out}");
+        assert!(
+            out.contains("< accounts :: account_id as :: diesel_memclone :: __private :: diesel :: Column > :: NAME"),
+            "{out}"
+        );
     }
 
     #[test]

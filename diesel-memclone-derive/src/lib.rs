@@ -12,9 +12,10 @@ use proc_macro::TokenStream;
 /// (defaults: the snake-case plural of the struct name, and `id`), and its own options:
 ///
 /// * `#[memclone(ttl = 60)]`: entry lifetime in seconds for this model's rows;
-/// * `#[memclone(name = "Person")]`: the model's name;
-/// * `#[memclone(table = "people")]`: the table's SQL name, when `table!` renamed it with
-///   `#[sql_name]`.
+/// * `#[memclone(name = "Person")]`: the model's name.
+///
+/// The table's name and the key columns' names come from Diesel itself (the `table!`'s
+/// `#[sql_name]` and the columns' `Column::NAME`), so a renamed table or column needs nothing.
 #[proc_macro_derive(MemClone, attributes(memclone, diesel))]
 pub fn derive_memclone(input: TokenStream) -> TokenStream {
     syn::parse2(input.into())

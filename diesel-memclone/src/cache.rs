@@ -133,7 +133,7 @@ impl Default for CacheBuilder {
             default_ttl: Duration::from_secs(3600),
             store_timeout: Duration::from_millis(250),
             retry_after: Duration::from_secs(1),
-            generation_ttl: Duration::from_secs(24 * 3600),
+            generation_ttl: Duration::from_secs(60),
             unguarded_fills: false,
             lock: Some(LockOptions::default()),
             single_flight: true,
@@ -176,8 +176,11 @@ impl CacheBuilder {
         self
     }
 
-    /// How long a row's generation is kept after its last use (default 24 hours). Expiry is
-    /// safe: a lost generation comes back with a fresh value, so older entries just miss.
+    /// How long a generation a write sets on a row lives before an entry is stored under it
+    /// (default 1 minute): long enough for the write to store its returned rows
+    /// (write-through). Once entries depend on a row's generation, it lives as long as the
+    /// longest of them, whatever this says, and no longer. Expiry is safe: a lost generation
+    /// comes back with a fresh value, so older entries just miss.
     pub fn generation_ttl(mut self, ttl: Duration) -> Self {
         self.generation_ttl = ttl;
         self
@@ -355,7 +358,7 @@ impl Health {
 
     fn succeeded(&self) {
         if self.down.swap(false, Ordering::Relaxed) {
-            tracing::warn!("diesel-memclone: cache store answers again");
+            tracing::info!("diesel-memclone: cache store answers again");
         }
     }
 }
@@ -434,7 +437,7 @@ impl Cache {
 
     /// Makes every cached query and entity of model `M` unreachable.
     pub async fn invalidate<M: crate::MemClone>(&self) {
-        self.invalidate_table(M::TABLE).await;
+        self.invalidate_table(M::table()).await;
     }
 
     /// Tables whose invalidation has not reached the store yet.
@@ -479,7 +482,9 @@ impl Cache {
                 key::entity_generation(ns, row.table),
                 key::row_generation(ns, row.table, &row.primary_key),
             ],
-            generation_ttl: Some(self.inner.generation_ttl),
+            // Created to live as long as the entry, and extended by every entry stored under
+            // them: a row's generation lives as long as the longest entry that needs it.
+            generation_ttl: Some(ttl.saturating_add(self.inner.stale_while_revalidate)),
             ttl,
             tables: vec![row.table.to_owned()],
             policy,
@@ -511,7 +516,10 @@ impl Cache {
             Ok(_) => inner.health.succeeded(),
             Err(error) => {
                 bump(&inner.stats.store_errors);
-                inner.health.failed(error);
+                // An error about one key is that key's miss, not a reason to skip the store.
+                if error.is_outage() {
+                    inner.health.failed(error);
+                }
             }
         }
         outcome
@@ -735,7 +743,16 @@ impl Cache {
                 fingerprint,
             );
             let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
-            let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
+            let ns = &self.inner.namespace;
+            let generations = [
+                key::entity_generation(ns, row.table),
+                key::row_generation(ns, row.table, &row.primary_key),
+            ];
+            let put = self
+                .inner
+                .store
+                .put_with_generations(&key, bytes, kept_for, &generations);
+            let _ = self.call(put).await;
         }
     }
 
@@ -1013,10 +1030,16 @@ impl Cache {
         let bytes = codec::encode(tags, fresh_until, value)?;
         let entry: Arc<[u8]> = bytes.as_slice().into();
         let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
+        let store = &self.inner.store;
+        // Generations that expire (a row's) are kept alive as long as the entry.
+        let put = match lookup.generation_ttl {
+            Some(_) => {
+                store.put_with_generations(&lookup.key, bytes, kept_for, &lookup.generations)
+            }
+            None => store.put(&lookup.key, bytes, kept_for),
+        };
         // A failed store write only costs a later miss.
-        let _ = self
-            .call(self.inner.store.put(&lookup.key, bytes, kept_for))
-            .await;
+        let _ = self.call(put).await;
         Some(entry)
     }
 

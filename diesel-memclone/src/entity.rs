@@ -29,8 +29,8 @@ impl Cache {
         C: AsyncConnection,
         M::FindQuery: LoadQuery<'q, C, M> + 'q,
     {
-        let row = RowKey::new(M::TABLE, &primary_key);
-        let tables = [M::TABLE.to_owned()];
+        let row = RowKey::new(M::table(), &primary_key);
+        let tables = [M::table().to_owned()];
         let policy = read_policy(conn, &tables);
         let lookup = self.entity_lookup(&row, entity_fingerprint::<M>(), ttl_of::<M>(self), policy);
         self.read_through(lookup, || async move {
@@ -64,8 +64,8 @@ impl Cache {
         M::FindQuery: LoadQuery<'q, C, M> + 'q,
     {
         let primary_key = row.primary_key();
-        let key = RowKey::new(M::TABLE, &primary_key);
-        let tables = [M::TABLE.to_owned()];
+        let key = RowKey::new(M::table(), &primary_key);
+        let tables = [M::table().to_owned()];
         // Move the row's generation first, so that a fill that read the database before this
         // reload cannot land over the reloaded row; if that fails, do not store at all.
         let policy = match read_policy(conn, &tables) {

@@ -114,11 +114,128 @@ pub(crate) fn query_entry(ns: &str, hash: &str, label: &str) -> String {
     key
 }
 
-/// The SQL part of `diesel::debug_query` output, without the trailing bind list.
-pub(crate) fn sql_part(debug: &str) -> &str {
-    match debug.find(" -- binds: ") {
-        Some(end) => &debug[..end],
-        None => debug,
+/// A statement as Diesel renders it for debugging: `Query { sql: "..", binds: [..] }`.
+///
+/// Diesel has no public way to walk a query's AST with a pass of our own, so the SQL and the binds
+/// come from `debug_query`'s `Debug` form, where the SQL is a Rust string literal: its end is
+/// unambiguous whatever the SQL contains (a raw query can contain ` -- binds: `; a string literal's
+/// closing quote cannot be forged, since quotes inside it are escaped). The whole rendering is
+/// the statement's identity; the SQL alone says which tables it names.
+pub(crate) struct Rendered(pub(crate) String);
+
+const DEBUG_PREFIX: &str = "Query { sql: \"";
+
+impl Rendered {
+    /// Renders `query` for backend `DB`.
+    pub(crate) fn of<DB, Q>(query: &Q) -> Self
+    where
+        DB: diesel::backend::Backend + Default,
+        DB::QueryBuilder: Default,
+        Q: diesel::query_builder::QueryFragment<DB>,
+    {
+        Rendered(format!("{:?}", diesel::debug_query::<DB, _>(query)))
+    }
+
+    /// The SQL as it appears escaped inside the rendering (cheap: no copy).
+    ///
+    /// If Diesel ever renders differently, the whole text stands for the SQL: scanning binds as
+    /// SQL can only add tables (one more generation read), never hide one.
+    pub(crate) fn escaped_sql(&self) -> &str {
+        let text = self.0.as_str();
+        let Some(rest) = text.strip_prefix(DEBUG_PREFIX) else {
+            return text;
+        };
+        let bytes = rest.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' => i += 2,
+                b'"' => return &rest[..i],
+                _ => i += 1,
+            }
+        }
+        text
+    }
+
+    /// The SQL text itself (unescaped).
+    pub(crate) fn sql(&self) -> String {
+        unescape_debug(self.escaped_sql())
+    }
+}
+
+/// Undoes the escapes of `str`'s `Debug` (`\"`, `\\`, `\n`, `\u{..}`, ...).
+pub(crate) fn unescape_debug(escaped: &str) -> String {
+    let mut out = String::with_capacity(escaped.len());
+    let mut chars = escaped.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('t') => out.push('\t'),
+            Some('0') => out.push('\0'),
+            Some('u') => {
+                let code: String = chars
+                    .by_ref()
+                    .skip_while(|c| *c == '{')
+                    .take_while(|c| *c != '}')
+                    .collect();
+                match u32::from_str_radix(&code, 16).ok().and_then(char::from_u32) {
+                    Some(decoded) => out.push(decoded),
+                    None => out.push(char::REPLACEMENT_CHARACTER),
+                }
+            }
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// A table's name for the cache: the last identifier of its `FROM` clause as Diesel renders it
+/// (so `#[sql_name = "people"] persons` is `people`, and `app.people` is `people`), lower-cased.
+///
+/// Every part of memclone names tables this way (the derive, the write helpers, the tables a
+/// cached query reads), so they cannot disagree. The schema is left out on purpose: a statement
+/// that relies on the search path names no schema, and two schemas' tables of one name sharing
+/// generations only costs extra invalidations, never a stale read.
+pub fn table_name<T>(table: &T) -> &'static str
+where
+    T: diesel::QuerySource + 'static,
+    T::FromClause: diesel::query_builder::QueryFragment<diesel::pg::Pg>,
+{
+    use std::any::TypeId;
+    use std::collections::HashMap;
+    use std::sync::{OnceLock, RwLock};
+    static NAMES: OnceLock<RwLock<HashMap<TypeId, &'static str>>> = OnceLock::new();
+    let names = NAMES.get_or_init(Default::default);
+    let id = TypeId::of::<T>();
+    if let Some(name) = names.read().unwrap_or_else(|e| e.into_inner()).get(&id) {
+        return name;
+    }
+    let rendered = Rendered::of::<diesel::pg::Pg, _>(&table.from_clause()).sql();
+    let name = last_identifier(&rendered).to_lowercase();
+    let mut names = names.write().unwrap_or_else(|e| e.into_inner());
+    // Leaked once per table type: a program has a fixed, small set of tables.
+    names
+        .entry(id)
+        .or_insert_with(|| Box::leak(name.into_boxed_str()))
+}
+
+/// The last of a chain of quoted identifiers: `"app"."people"` gives `people`.
+fn last_identifier(from_clause: &str) -> String {
+    match tokenize(from_clause)
+        .into_iter()
+        .rev()
+        .find_map(|t| match t {
+            Token::Ident(name) | Token::Word(name) => Some(name),
+            _ => None,
+        }) {
+        Some(name) => name,
+        None => from_clause.to_owned(),
     }
 }
 
@@ -205,17 +322,18 @@ const CLAUSE_KEYWORDS: &[&str] = &[
     "for",
 ];
 
-/// [`tables_in_sql`], remembered per SQL text (without binds): the same query shape is scanned
-/// once, not on every hit.
-pub(crate) fn tables_of(sql: &str) -> std::sync::Arc<[String]> {
+/// [`tables_in_sql`] of a rendered statement, remembered per SQL text (without binds): the same
+/// query shape is scanned once, not on every hit.
+pub(crate) fn tables_of(rendered: &Rendered) -> std::sync::Arc<[String]> {
     use std::sync::{Arc, OnceLock};
     static SCANNED: OnceLock<moka::sync::Cache<String, Arc<[String]>>> = OnceLock::new();
     let scanned = SCANNED.get_or_init(|| moka::sync::Cache::new(10_000));
-    if let Some(tables) = scanned.get(sql) {
+    let escaped = rendered.escaped_sql();
+    if let Some(tables) = scanned.get(escaped) {
         return tables;
     }
-    let tables: Arc<[String]> = tables_in_sql(sql).into();
-    scanned.insert(sql.to_owned(), tables.clone());
+    let tables: Arc<[String]> = tables_in_sql(&rendered.sql()).into();
+    scanned.insert(escaped.to_owned(), tables.clone());
     tables
 }
 
@@ -409,6 +527,42 @@ mod tests {
         assert_eq!(query_generation("app", "users"), "app:{t:users}:qgen");
         assert!(
             query_entry("app", "00ff", "active users").starts_with("app:{q:00ff}:active%20users")
+        );
+    }
+
+    #[test]
+    fn rendered_sql_ends_where_the_literal_ends() {
+        use diesel::sqlite::Sqlite;
+        let tricky = "SELECT \"a\\b\" FROM t /* -- binds: [] */\n\tJOIN u ON 'x\"' = '\u{2028}'";
+        let query = diesel::sql_query(tricky).bind::<diesel::sql_types::Text, _>(" -- binds: \"");
+        let rendered = Rendered::of::<Sqlite, _>(&query);
+        assert!(rendered.0.starts_with(DEBUG_PREFIX), "{}", rendered.0);
+        assert_eq!(rendered.sql(), tricky);
+        let tables = tables_in_sql(&rendered.sql());
+        assert!(tables.contains(&"t".to_owned()) && tables.contains(&"u".to_owned()));
+        // Not Diesel's format: the whole text stands for the SQL (more tables, never fewer).
+        let other = Rendered("SELECT 1 FROM t".to_owned());
+        assert_eq!(other.escaped_sql(), "SELECT 1 FROM t");
+    }
+
+    #[test]
+    fn table_names_come_from_diesel() {
+        diesel::table! { #[sql_name = "People"] persons (id) { id -> Integer } }
+        diesel::table! { app.ledger (id) { id -> Integer } }
+        diesel::table! { #[sql_name = "odd\"name"] odd (id) { id -> Integer } }
+        assert_eq!(table_name(&persons::table), "people");
+        assert_eq!(table_name(&ledger::table), "ledger");
+        assert_eq!(table_name(&odd::table), "odd\"name");
+        // A read of the same tables names them the same way.
+        let sql =
+            Rendered::of::<diesel::pg::Pg, _>(&diesel::QueryDsl::select(ledger::table, ledger::id))
+                .sql();
+        assert!(tables_in_sql(&sql).contains(&"ledger".to_owned()), "{sql}");
+        let sql =
+            Rendered::of::<diesel::pg::Pg, _>(&diesel::QueryDsl::select(odd::table, odd::id)).sql();
+        assert!(
+            tables_in_sql(&sql).contains(&"odd\"name".to_owned()),
+            "{sql}"
         );
     }
 

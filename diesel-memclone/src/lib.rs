@@ -89,6 +89,7 @@ pub use cache::{cache, install, Cache, CacheBuilder, Stats};
 pub use entity::{find, find_optional, invalidate, reload};
 pub use error::{Error, Result, StoreError};
 pub use flight::{LockOptions, OnLockTimeout};
+pub use key::table_name;
 pub use model::{CacheValue, MemClone, RowKey};
 pub use query::{dsl, Cached, CachedDsl};
 pub use transaction::transaction;

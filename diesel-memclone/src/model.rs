@@ -7,7 +7,7 @@ use std::fmt::Debug;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct RowKey {
-    /// The table's SQL name (lower case, unquoted).
+    /// The table's name for the cache (see [`table_name`](crate::table_name)).
     pub table: &'static str,
     /// The primary key, rendered with `Debug` (stable for integers, strings and tuples).
     pub primary_key: String,
@@ -58,8 +58,9 @@ pub trait CacheValue: Serialize + DeserializeOwned + Send + Sync + 'static {
 pub trait MemClone: CacheValue {
     /// The model's name (the struct name, or `#[memclone(name = "...")]`).
     const NAME: &'static str;
-    /// The table's SQL name.
-    const TABLE: &'static str;
+    /// The table's name for the cache, taken from Diesel's `table!` (its SQL name, lower-cased,
+    /// without the schema): see [`table_name`](crate::table_name).
+    fn table() -> &'static str;
     /// The shape the fingerprint is computed from: table, fields and their types.
     const SHAPE: &'static str;
     /// The model's entry lifetime in seconds (`#[memclone(ttl = 60)]`), if it has its own.
@@ -77,7 +78,7 @@ pub trait MemClone: CacheValue {
 
     /// This row's key in the store.
     fn row_key(&self) -> RowKey {
-        RowKey::new(Self::TABLE, self.primary_key())
+        RowKey::new(Self::table(), self.primary_key())
     }
 }
 

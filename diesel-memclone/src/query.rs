@@ -80,13 +80,13 @@ pub mod dsl {
 }
 
 /// The SQL text with binds, for a query of backend `DB`.
-fn debug_sql<DB, Q>(query: &Q) -> String
+fn debug_sql<DB, Q>(query: &Q) -> key::Rendered
 where
     DB: Backend + Default,
     DB::QueryBuilder: Default,
     Q: QueryFragment<DB>,
 {
-    diesel::debug_query::<DB, _>(query).to_string()
+    key::Rendered::of::<DB, _>(query)
 }
 
 impl<Q> Cached<Q> {
@@ -120,7 +120,7 @@ impl<Q> Cached<Q> {
     }
 
     /// Builds the lookup for a result of type `T` read by the statements `sqls`.
-    fn lookup<T: CacheValue, DB>(&self, kind: &str, sqls: &[String], scan_sql: bool) -> Lookup {
+    fn lookup<T: CacheValue>(&self, kind: &str, sqls: &[key::Rendered], scan_sql: bool) -> Lookup {
         let cache = self.cache.as_ref().unwrap_or_else(|| cache());
         let mut tables: Vec<String> = Vec::new();
         let mut add = |t: &str| {
@@ -129,9 +129,7 @@ impl<Q> Cached<Q> {
             }
         };
         for sql in sqls.iter().filter(|_| scan_sql) {
-            key::tables_of(key::sql_part(sql))
-                .iter()
-                .for_each(|t| add(t));
+            key::tables_of(sql).iter().for_each(|t| add(t));
         }
         let mut model_tables = Vec::new();
         T::tables(&mut model_tables);
@@ -139,14 +137,11 @@ impl<Q> Cached<Q> {
         self.extra_tables.iter().for_each(|t| add(t));
         tables.sort();
 
+        // Stable across builds and compilers: the result type is known by its fingerprint (not
+        // `type_name`, whose text Rust does not promise), the backend by the SQL it renders.
         let fingerprint = T::fingerprint().to_le_bytes();
-        let mut parts: Vec<&[u8]> = vec![
-            kind.as_bytes(),
-            std::any::type_name::<DB>().as_bytes(),
-            std::any::type_name::<T>().as_bytes(),
-            &fingerprint,
-        ];
-        parts.extend(sqls.iter().map(|s| s.as_bytes()));
+        let mut parts: Vec<&[u8]> = vec![kind.as_bytes(), &fingerprint];
+        parts.extend(sqls.iter().map(|s| s.0.as_bytes()));
         let hash = key::stable_hash(&parts);
         let key = match &self.custom_key {
             Some(custom) => cache.custom_key(custom),
@@ -372,10 +367,10 @@ impl<Q> Cached<Q> {
     fn lookup_on<T: CacheValue, C: AsyncConnection>(
         &self,
         kind: &str,
-        sqls: &[String],
+        sqls: &[key::Rendered],
         conn: &mut C,
     ) -> Lookup {
-        let mut lookup = self.lookup::<T, C::Backend>(kind, sqls, true);
+        let mut lookup = self.lookup::<T>(kind, sqls, true);
         lookup.policy = read_policy(conn, &lookup.tables);
         lookup
     }
@@ -474,7 +469,7 @@ impl Cache {
             options = options.depends_on(table);
         }
         // The key is not SQL: only the model tables and the extra tables count.
-        let mut lookup = options.lookup::<T, ()>("value", &[key.to_owned()], false);
+        let mut lookup = options.lookup::<T>("value", &[key::Rendered(key.to_owned())], false);
         lookup.policy = read_policy(conn, &lookup.tables);
         self.read_through(lookup, || fill(conn)).await
     }
@@ -507,7 +502,7 @@ impl Cache {
         for table in tables {
             options = options.depends_on(table);
         }
-        let lookup = options.lookup::<T, ()>("value", &[key.to_owned()], false);
+        let lookup = options.lookup::<T>("value", &[key::Rendered(key.to_owned())], false);
         self.read_through(lookup, fill).await
     }
 }

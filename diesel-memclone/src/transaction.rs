@@ -4,8 +4,8 @@ use crate::cache::{Cache, Policy};
 use crate::error::Error;
 use crate::model::RowKey;
 use diesel_async::{AsyncConnection, TransactionManager};
-use futures_util::future::BoxFuture;
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 struct DeferredWrite {
@@ -15,26 +15,91 @@ struct DeferredWrite {
     uncache: Vec<String>,
 }
 
-/// Invalidations recorded inside an open transaction, delivered after its commit.
-struct Deferred {
-    /// The connection whose transaction this is (its address).
-    conn: usize,
-    writes: Vec<DeferredWrite>,
-    written_tables: BTreeSet<String>,
+/// Which connection a transaction is open on: the address of the connection's transaction
+/// manager status.
+///
+/// Sound because:
+/// - the status lives inside the real connection (inline in `AsyncPgConnection` and
+///   `AsyncMysqlConnection`, behind the `Arc` of `SyncConnectionWrapper`), and diesel-async's
+///   pool wrappers (bb8, deadpool, mobc) reach it through their deref: a pooled object and the
+///   plain connection a helper receives from it give the same id, unlike their own addresses;
+/// - an id is compared only while the transaction that recorded it is open, that is while
+///   [`transaction`] holds the connection's `&mut` borrow: the connection cannot move, be
+///   dropped or go back to its pool meanwhile, so no other live connection (in this task or
+///   elsewhere) has its status at that address;
+/// - the record is task-local and scoped to the transaction's future: another task, a task
+///   spawned by the body, or the next user of a pooled connection never sees it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct ConnectionId(usize);
+
+impl ConnectionId {
+    fn of<C: AsyncConnection>(conn: &mut C) -> Self {
+        let status = C::TransactionManager::transaction_manager_status_mut(conn);
+        ConnectionId(std::ptr::from_mut(status).addr())
+    }
 }
 
-fn address<C>(conn: &C) -> usize {
-    conn as *const C as *const () as usize
+/// Invalidations recorded inside an open transaction, delivered after its commit.
+struct Deferred {
+    conn: ConnectionId,
+    writes: Vec<DeferredWrite>,
+    written_tables: BTreeSet<String>,
+    /// The memclone transaction (on another connection) this one was opened inside.
+    outer: Option<OpenTransaction>,
+}
+
+/// A memclone transaction open in this task.
+#[derive(Clone)]
+pub(crate) struct OpenTransaction(Arc<Mutex<Deferred>>);
+
+impl OpenTransaction {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Deferred> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a write made in this transaction, to be invalidated after its commit.
+    pub(crate) fn defer(
+        &self,
+        cache: &Cache,
+        tables: Vec<String>,
+        rows: Option<Vec<RowKey>>,
+        uncache: Vec<String>,
+    ) {
+        let mut deferred = self.lock();
+        deferred.written_tables.extend(tables.iter().cloned());
+        deferred.writes.push(DeferredWrite {
+            cache: cache.clone(),
+            tables,
+            rows,
+            uncache,
+        });
+    }
 }
 
 tokio::task_local! {
-    static DEFERRED: Arc<Mutex<Deferred>>;
+    /// The innermost memclone transaction open in this task; the others are its `outer` chain.
+    static INNERMOST: OpenTransaction;
 }
 
-fn with_deferred<R>(f: impl FnOnce(&mut Deferred) -> R) -> Option<R> {
-    DEFERRED
-        .try_with(|d| f(&mut d.lock().unwrap_or_else(|e| e.into_inner())))
-        .ok()
+/// The memclone transaction open on `conn` in this task, however deep among transactions on
+/// other connections.
+fn open_transaction_of(conn: ConnectionId) -> Option<OpenTransaction> {
+    let mut next = INNERMOST.try_with(OpenTransaction::clone).ok();
+    while let Some(transaction) = next {
+        let outer = {
+            let deferred = transaction.lock();
+            if deferred.conn == conn {
+                None
+            } else {
+                Some(deferred.outer.clone())
+            }
+        };
+        match outer {
+            None => return Some(transaction),
+            Some(outer) => next = outer,
+        }
+    }
+    None
 }
 
 /// True when `conn` is inside a transaction (or its transaction state is broken, which is
@@ -49,21 +114,24 @@ pub(crate) fn read_policy<C: AsyncConnection>(conn: &mut C, tables: &[String]) -
     if !in_transaction(conn) {
         return Policy::ReadWrite;
     }
-    // Not tied to the connection's address: a transaction opened on a pooled object and read
-    // through the connection it derefs to must still bypass what it wrote.
-    let wrote = with_deferred(|d| tables.iter().any(|t| d.written_tables.contains(t)));
-    match wrote {
-        Some(true) => Policy::Bypass,
+    let wrote = open_transaction_of(ConnectionId::of(conn)).is_some_and(|transaction| {
+        let deferred = transaction.lock();
+        tables.iter().any(|t| deferred.written_tables.contains(t))
+    });
+    if wrote {
+        Policy::Bypass
+    } else {
         // Data read inside a transaction may be uncommitted or an old snapshot: serve fresh
         // entries, never store.
-        _ => Policy::ReadOnly,
+        Policy::ReadOnly
     }
 }
 
 /// What a write must do with its invalidation.
 pub(crate) enum WriteTiming {
     Now,
-    AfterCommit,
+    /// Deliver it after the commit of this transaction.
+    AfterCommit(OpenTransaction),
 }
 
 /// Decides, before a write runs, when its invalidation can be delivered.
@@ -71,30 +139,32 @@ pub(crate) fn write_timing<C: AsyncConnection>(conn: &mut C) -> Result<WriteTimi
     if !in_transaction(conn) {
         return Ok(WriteTiming::Now);
     }
-    // Only the transaction memclone opened on *this* connection can defer the invalidation.
-    let here = address(conn);
-    match with_deferred(|d| d.conn == here) {
-        Some(true) => Ok(WriteTiming::AfterCommit),
-        _ => Err(Error::UnmanagedTransaction),
+    // Only a transaction memclone opened on this very connection can defer the invalidation:
+    // nothing tells memclone when any other one commits.
+    match open_transaction_of(ConnectionId::of(conn)) {
+        Some(transaction) => Ok(WriteTiming::AfterCommit(transaction)),
+        None => Err(Error::UnmanagedTransaction),
     }
 }
 
-/// Records a write made inside a memclone transaction.
-pub(crate) fn defer(
-    cache: &Cache,
-    tables: Vec<String>,
-    rows: Option<Vec<RowKey>>,
-    uncache: Vec<String>,
-) {
-    with_deferred(|d| {
-        d.written_tables.extend(tables.iter().cloned());
-        d.writes.push(DeferredWrite {
-            cache: cache.clone(),
-            tables,
-            rows,
-            uncache,
-        });
-    });
+/// What a transaction body must be: an async closure (`async |conn| { .. }`) whose future is
+/// `Send`.
+///
+/// The same device as diesel-async 0.9's `AsyncConnection::transaction` bound: `AsyncFnOnce`
+/// alone cannot say that the future is `Send`.
+pub trait TransactionBody<T, R>:
+    AsyncFnOnce(T) -> R + FnOnce(T) -> <Self as TransactionBody<T, R>>::Fut
+{
+    /// The future the body returns.
+    type Fut: Future<Output = R>;
+}
+
+impl<F, T, Fut, R> TransactionBody<T, R> for F
+where
+    F: AsyncFnOnce(T) -> R + FnOnce(T) -> Fut,
+    Fut: Future<Output = R>,
+{
+    type Fut = Fut;
 }
 
 /// Runs `body` in a database transaction whose memclone writes invalidate after the commit.
@@ -102,6 +172,18 @@ pub(crate) fn defer(
 /// Inside, a cached read of a table this transaction wrote goes to the database, and nothing
 /// read inside is stored for others. A rollback (an `Err` from `body`) leaves no trace in the
 /// cache. Nested calls become savepoints; their writes are delivered with the outermost commit.
+///
+/// The transaction belongs to the connection, not to the handle: `conn` may be a pooled
+/// connection (bb8, deadpool) and the body may pass it on to helpers taking the plain
+/// connection type (`&mut AsyncPgConnection`), whose memclone writes are deferred all the same.
+/// diesel-async's own `conn.transaction(..)` may be nested inside (its writes wait for this
+/// commit), but memclone writes are refused with [`Error::UnmanagedTransaction`] in an
+/// outermost transaction memclone did not open: it cannot know when that one commits.
+///
+/// `body` is an async closure, as for diesel-async 0.9's `transaction`: it may borrow from
+/// its surroundings. (A closure returning `Box::pin(async move { .. })` is not accepted: Rust
+/// infers a plain closure's signature from `Fn` bounds only, not from the `AsyncFnOnce` one an
+/// async closure needs; write `async move |conn| { .. }` instead.)
 ///
 /// ```
 /// # use diesel::prelude::*;
@@ -112,14 +194,12 @@ pub(crate) fn defer(
 /// # let mut conn = SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
 /// # diesel::sql_query("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)").execute(&mut conn).await?;
 /// use diesel_memclone as memclone;
-/// memclone::transaction(&mut conn, |conn| {
-///     Box::pin(async move {
-///         memclone::insert_into(users::table)
-///             .values((users::id.eq(1), users::name.eq("Ada")))
-///             .execute(conn)
-///             .await?;
-///         Ok::<_, memclone::Error>(())
-///     })
+/// memclone::transaction(&mut conn, async |conn| {
+///     memclone::insert_into(users::table)
+///         .values((users::id.eq(1), users::name.eq("Ada")))
+///         .execute(conn)
+///         .await?;
+///     Ok::<_, memclone::Error>(())
 /// })
 /// .await?;
 /// # Ok(()) }
@@ -127,37 +207,37 @@ pub(crate) fn defer(
 pub async fn transaction<C, R, E, F>(conn: &mut C, body: F) -> Result<R, E>
 where
     C: AsyncConnection,
-    F: for<'r> FnOnce(&'r mut C) -> BoxFuture<'r, Result<R, E>> + Send,
+    for<'r> F: AsyncFnOnce(&'r mut C) -> Result<R, E>
+        + TransactionBody<&'r mut C, Result<R, E>, Fut: Send>
+        + Send,
     E: From<Error> + Send,
     R: Send,
 {
-    let here = address(conn);
-    let nested = with_deferred(|d| d.conn == here).unwrap_or(false);
-    if nested {
+    let here = ConnectionId::of(conn);
+    if open_transaction_of(here).is_some() {
+        // Nested on the same connection: a savepoint of the open transaction.
         return run(conn, body).await.0;
     }
     if in_transaction(conn) {
-        // A savepoint's "commit" is not a commit: invalidating then would be too early.
+        // A transaction memclone did not open: its commit would go unseen, and a savepoint's
+        // "commit" is not a commit.
         return Err(Error::UnmanagedTransaction.into());
     }
-    let deferred = Arc::new(Mutex::new(Deferred {
+    let transaction = OpenTransaction(Arc::new(Mutex::new(Deferred {
         conn: here,
         writes: Vec::new(),
         written_tables: BTreeSet::new(),
-    }));
+        outer: INNERMOST.try_with(OpenTransaction::clone).ok(),
+    })));
     // Dropped before the invalidations are delivered (a cancelled future, even during the
     // commit), the guard records them as undelivered: too much invalidation is harmless.
-    let mut guard = DeferredGuard(Some(deferred.clone()));
-    let (result, body_succeeded) = DEFERRED.scope(deferred.clone(), run(conn, body)).await;
+    let mut guard = DeferredGuard(Some(transaction.clone()));
+    let (result, body_succeeded) = INNERMOST.scope(transaction.clone(), run(conn, body)).await;
     // Invalidate unless the body failed (a rollback): also when the commit itself reported an
     // error, since it may have committed all the same.
     if body_succeeded {
         loop {
-            let next = deferred
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .writes
-                .pop();
+            let next = transaction.lock().writes.pop();
             let Some(write) = next else { break };
             let cache = &write.cache;
             cache
@@ -173,13 +253,12 @@ where
 }
 
 /// Marks a transaction's remaining deferred invalidations undelivered when dropped armed.
-struct DeferredGuard(Option<Arc<Mutex<Deferred>>>);
+struct DeferredGuard(Option<OpenTransaction>);
 
 impl Drop for DeferredGuard {
     fn drop(&mut self) {
-        if let Some(deferred) = self.0.take() {
-            let writes =
-                std::mem::take(&mut deferred.lock().unwrap_or_else(|e| e.into_inner()).writes);
+        if let Some(transaction) = self.0.take() {
+            let writes = std::mem::take(&mut transaction.lock().writes);
             for write in writes {
                 write.cache.mark_undelivered(&write.tables);
             }
@@ -191,13 +270,15 @@ impl Drop for DeferredGuard {
 async fn run<C, R, E, F>(conn: &mut C, body: F) -> (Result<R, E>, bool)
 where
     C: AsyncConnection,
-    F: for<'r> FnOnce(&'r mut C) -> BoxFuture<'r, Result<R, E>> + Send,
+    for<'r> F: AsyncFnOnce(&'r mut C) -> Result<R, E>
+        + TransactionBody<&'r mut C, Result<R, E>, Fut: Send>
+        + Send,
     E: From<Error> + Send,
 {
     if let Err(error) = C::TransactionManager::begin_transaction(conn).await {
         return (Err(Error::from(error).into()), false);
     }
-    match body(conn).await {
+    match body(&mut *conn).await {
         Ok(value) => match C::TransactionManager::commit_transaction(conn).await {
             Ok(()) => (Ok(value), true),
             Err(error) => (Err(Error::from(error).into()), true),

@@ -5,7 +5,7 @@ use crate::cache::{cache, Cache, Invalidated, PendingWrite};
 use crate::error::{Error, Result};
 use crate::key::{self, WrittenStatement};
 use crate::model::{CacheValue, RowKey};
-use crate::transaction::{defer, write_timing, WriteTiming};
+use crate::transaction::{write_timing, WriteTiming};
 use diesel::backend::Backend;
 use diesel::query_builder::{
     AsChangeset, IncompleteInsertStatement, InsertStatement, IntoUpdateTarget, QueryFragment,
@@ -66,6 +66,8 @@ use std::time::Duration;
 #[must_use = "a write does nothing until executed"]
 pub struct Write<S> {
     statement: S,
+    /// The written table, from Diesel's table type when the builder knows it.
+    table: Option<&'static str>,
     cache: Option<Cache>,
     uncache: Vec<String>,
     cache_result: Option<CacheResult>,
@@ -91,34 +93,68 @@ impl std::fmt::Debug for CacheResult {
 }
 
 /// `INSERT INTO target`, like [`diesel::insert_into`].
-pub fn insert_into<T: Table>(target: T) -> Write<IncompleteInsertStatement<T>> {
-    write(diesel::insert_into(target))
+pub fn insert_into<T>(target: T) -> Write<IncompleteInsertStatement<T>>
+where
+    T: Table + 'static,
+    T::FromClause: QueryFragment<diesel::pg::Pg>,
+{
+    Write {
+        table: Some(crate::key::table_name(&target)),
+        ..write(diesel::insert_into(target))
+    }
 }
 
 /// `REPLACE INTO target` (MySQL, SQLite), like [`diesel::replace_into`].
-pub fn replace_into<T: Table>(
+pub fn replace_into<T>(
     target: T,
-) -> Write<IncompleteInsertStatement<T, diesel::query_builder::Replace>> {
-    write(diesel::replace_into(target))
+) -> Write<IncompleteInsertStatement<T, diesel::query_builder::Replace>>
+where
+    T: Table + 'static,
+    T::FromClause: QueryFragment<diesel::pg::Pg>,
+{
+    Write {
+        table: Some(crate::key::table_name(&target)),
+        ..write(diesel::replace_into(target))
+    }
 }
 
 /// `UPDATE target`, like [`diesel::update`].
-pub fn update<T: IntoUpdateTarget>(target: T) -> Write<UpdateStatement<T::Table, T::WhereClause>> {
-    write(diesel::update(target))
+pub fn update<T>(target: T) -> Write<UpdateStatement<T::Table, T::WhereClause>>
+where
+    T: IntoUpdateTarget,
+    T::Table: 'static,
+    <T::Table as QuerySource>::FromClause: QueryFragment<diesel::pg::Pg>,
+{
+    Write {
+        table: Some(crate::key::table_name(&T::table())),
+        ..write(diesel::update(target))
+    }
 }
 
 /// `DELETE FROM target`, like [`diesel::delete`].
-pub fn delete<T: IntoUpdateTarget>(
+pub fn delete<T>(
     target: T,
-) -> Write<diesel::query_builder::DeleteStatement<T::Table, T::WhereClause>> {
-    write(diesel::delete(target))
+) -> Write<diesel::query_builder::DeleteStatement<T::Table, T::WhereClause>>
+where
+    T: IntoUpdateTarget,
+    T::Table: 'static,
+    <T::Table as QuerySource>::FromClause: QueryFragment<diesel::pg::Pg>,
+{
+    Write {
+        table: Some(crate::key::table_name(&T::table())),
+        ..write(diesel::delete(target))
+    }
 }
 
 /// Any complete write statement (an upsert, `insert_or_ignore_into`, a statement with
-/// `RETURNING`): the table it writes is read from its SQL.
+/// `RETURNING`, raw SQL): the table it writes is the first one its SQL names after
+/// `INSERT INTO`, `REPLACE INTO`, `UPDATE` or `DELETE FROM`. Prefer [`insert_into`], [`update`]
+/// and [`delete`] (with [`map`](Write::map) for the rest of the builder), which take the table
+/// from Diesel's table type.
 pub fn write<S>(statement: S) -> Write<S> {
     Write {
         statement,
+        table: None,
         cache: None,
         uncache: Vec::new(),
         cache_result: None,
@@ -197,6 +233,7 @@ impl<S> Write<S> {
     pub fn map<S2>(self, f: impl FnOnce(S) -> S2) -> Write<S2> {
         Write {
             statement: f(self.statement),
+            table: self.table,
             cache: self.cache,
             uncache: self.uncache,
             cache_result: self.cache_result,
@@ -211,12 +248,15 @@ impl<S> Write<S> {
         <C::Backend as Backend>::QueryBuilder: Default,
         S: QueryFragment<C::Backend>,
     {
-        let sql = diesel::debug_query::<C::Backend, _>(&self.statement).to_string();
-        let statement = key::written_statement(key::sql_part(&sql)).ok_or_else(|| {
+        let sql = key::Rendered::of::<C::Backend, _>(&self.statement).sql();
+        let mut statement = key::written_statement(&sql).ok_or_else(|| {
             Error::Config(format!(
                 "cannot tell which table this statement writes: {sql}"
             ))
         })?;
+        if let Some(table) = self.table {
+            statement.table = table.to_owned();
+        }
         Ok((statement, write_timing(conn)?))
     }
 
@@ -245,8 +285,8 @@ impl<S> Write<S> {
                 }
                 bumps
             }
-            WriteTiming::AfterCommit => {
-                defer(cache, tables, rows, uncache);
+            WriteTiming::AfterCommit(transaction) => {
+                transaction.defer(cache, tables, rows, uncache);
                 None
             }
         }
@@ -295,7 +335,7 @@ impl<S> Write<S> {
         let moves_rows = statement.verb == "replace"
             || U::key_columns()
                 .iter()
-                .any(|c| statement.assigned.iter().any(|a| a == c));
+                .any(|c| statement.assigned.iter().any(|a| a.eq_ignore_ascii_case(c)));
         // Rows written through must exist after the write: never a delete's.
         let rows_through = model_of::<U>(&table) && !moves_rows && statement.verb != "delete";
         // Writing through (the rows' entity entries, `cache_result` keys) needs the table's
@@ -392,7 +432,7 @@ fn pending(
             tables.extend(also.iter().cloned());
             Some(PendingWrite::new(cache, tables))
         }
-        WriteTiming::AfterCommit => None,
+        WriteTiming::AfterCommit(_) => None,
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::{fresh_generation, Bumped, Fetched, Store, StoreResult, TableBump, SEQUENCE_SHIFT};
 use futures_util::future::{BoxFuture, FutureExt};
+use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache as MokaCache;
 use moka::Expiry;
 use std::sync::Arc;
@@ -18,6 +19,19 @@ enum Slot {
 struct Stored {
     slot: Slot,
     ttl: Option<Duration>,
+    /// When the value expires (`ttl` after it was written), to extend it, never shorten it.
+    until: Option<Instant>,
+}
+
+impl Stored {
+    fn new(slot: Slot, ttl: Option<Duration>) -> Self {
+        let until = ttl.and_then(|ttl| Instant::now().checked_add(ttl));
+        Self { slot, ttl, until }
+    }
+
+    fn generation(value: u64, ttl: Option<Duration>) -> Self {
+        Self::new(Slot::Generation(value), ttl)
+    }
 }
 
 struct PerEntryTtl;
@@ -125,11 +139,64 @@ impl MemoryStore {
     }
 
     fn insert_entry(&self, key: &str, bytes: Arc<[u8]>, ttl: Duration) {
-        let stored = Stored {
-            slot: Slot::Entry(bytes),
-            ttl: Some(ttl),
+        self.map
+            .insert(key.to_owned(), Stored::new(Slot::Entry(bytes), Some(ttl)));
+    }
+
+    /// Sets a generation. Every write of a generation goes through the key's lock (moka's
+    /// `and_compute_with`), so that an extension never puts back a value a write replaced.
+    fn set_generation(&self, key: &str, value: u64, ttl: Option<Duration>) {
+        self.map
+            .entry_by_ref(key)
+            .and_compute_with(|_| Op::Put(Stored::generation(value, ttl)));
+    }
+
+    /// The generation's value, created fresh when missing (or of another kind).
+    fn ensure_generation(&self, key: &str, ttl: Option<Duration>) -> u64 {
+        let mut created = None;
+        let result = self
+            .map
+            .entry_by_ref(key)
+            .and_compute_with(|held| match held {
+                Some(held) if matches!(held.value().slot, Slot::Generation(_)) => Op::Nop,
+                _ => {
+                    let value = fresh_generation();
+                    created = Some(value);
+                    Op::Put(Stored::generation(value, ttl))
+                }
+            });
+        match result {
+            CompResult::Unchanged(held)
+            | CompResult::Inserted(held)
+            | CompResult::ReplacedWith(held) => match held.value().slot {
+                Slot::Generation(value) => value,
+                Slot::Entry(_) | Slot::Lock(_) => created.unwrap_or_else(fresh_generation),
+            },
+            CompResult::StillNone(_) | CompResult::Removed(_) => {
+                created.unwrap_or_else(fresh_generation)
+            }
+        }
+    }
+
+    /// Makes a generation that expires live at least `ttl` from now.
+    fn extend_generation(&self, key: &str, ttl: Duration) {
+        let Some(until) = Instant::now().checked_add(ttl) else {
+            return;
         };
-        self.map.insert(key.to_owned(), stored);
+        self.map
+            .entry_by_ref(key)
+            .and_compute_with(|held| match held {
+                Some(held) => {
+                    let held = held.into_value();
+                    match (&held.slot, held.until) {
+                        (Slot::Generation(value), Some(current)) if current < until => {
+                            Op::Put(Stored::generation(*value, Some(ttl)))
+                        }
+                        _ => Op::Nop,
+                    }
+                }
+                None => Op::Nop,
+            });
     }
 
     fn generation(&self, key: &str) -> Option<u64> {
@@ -164,6 +231,20 @@ impl Store for MemoryStore {
         futures_util::future::ready(Ok(())).boxed()
     }
 
+    fn put_with_generations<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+        generations: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        self.insert_entry(key, value.into(), ttl);
+        for generation in generations {
+            self.extend_generation(generation, ttl);
+        }
+        futures_util::future::ready(Ok(())).boxed()
+    }
+
     fn remove<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, StoreResult<()>> {
         for key in keys {
             self.map.invalidate(key);
@@ -176,33 +257,10 @@ impl Store for MemoryStore {
         keys: &'a [String],
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, StoreResult<Vec<u64>>> {
+        // Atomic per key: of two racing creators, one value wins and both see it.
         let values = keys
             .iter()
-            .map(|key| {
-                // Atomic per key: of two racing creators, one value wins and both see it.
-                let stored = self
-                    .map
-                    .entry_by_ref(key.as_str())
-                    .or_insert_with(|| Stored {
-                        slot: Slot::Generation(fresh_generation()),
-                        ttl,
-                    });
-                match stored.value().slot {
-                    Slot::Generation(value) => value,
-                    // A key of the wrong kind: replace it with a fresh generation.
-                    Slot::Entry(_) | Slot::Lock(_) => {
-                        let value = fresh_generation();
-                        self.map.insert(
-                            key.clone(),
-                            Stored {
-                                slot: Slot::Generation(value),
-                                ttl,
-                            },
-                        );
-                        value
-                    }
-                }
-            })
+            .map(|key| self.ensure_generation(key, ttl))
             .collect();
         futures_util::future::ready(Ok(values)).boxed()
     }
@@ -214,11 +272,7 @@ impl Store for MemoryStore {
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, StoreResult<()>> {
         for (key, value) in keys.iter().zip(values) {
-            let stored = Stored {
-                slot: Slot::Generation(*value),
-                ttl,
-            };
-            self.map.insert(key.clone(), stored);
+            self.set_generation(key, *value, ttl);
         }
         futures_util::future::ready(Ok(())).boxed()
     }
@@ -229,10 +283,10 @@ impl Store for MemoryStore {
         owner: u64,
         ttl: Duration,
     ) -> BoxFuture<'a, StoreResult<bool>> {
-        let entry = self.map.entry_by_ref(key).or_insert_with(|| Stored {
-            slot: Slot::Lock(owner),
-            ttl: Some(ttl),
-        });
+        let entry = self
+            .map
+            .entry_by_ref(key)
+            .or_insert_with(|| Stored::new(Slot::Lock(owner), Some(ttl)));
         let taken = matches!(entry.value().slot, Slot::Lock(holder) if holder == owner);
         futures_util::future::ready(Ok(taken)).boxed()
     }
@@ -240,9 +294,9 @@ impl Store for MemoryStore {
     fn unlock<'a>(&'a self, key: &'a str, owner: u64) -> BoxFuture<'a, StoreResult<()>> {
         self.map.entry_by_ref(key).and_compute_with(|held| match held {
             Some(held) if matches!(held.value().slot, Slot::Lock(holder) if holder == owner) => {
-                moka::ops::compute::Op::Remove
+                Op::Remove
             }
-            _ => moka::ops::compute::Op::Nop,
+            _ => Op::Nop,
         });
         futures_util::future::ready(Ok(())).boxed()
     }
@@ -253,24 +307,18 @@ impl Store for MemoryStore {
         let rows = bump.row_keys.iter().zip(bump.row_values);
         let rows = rows.map(|kv| (kv, Some(bump.rows_ttl)));
         for ((key, value), ttl) in table.chain(rows) {
-            let stored = Stored {
-                slot: Slot::Generation(*value),
-                ttl,
-            };
-            self.map.insert(key.clone(), stored);
+            self.set_generation(key, *value, ttl);
         }
         // A missing sequence restarts from a random base, never from 0 (see the Redis store).
         let current = self.generation(bump.sequence);
         let next = current.unwrap_or_else(|| fresh_generation() >> SEQUENCE_SHIFT) + 1;
-        let stored = Stored {
-            slot: Slot::Generation(next),
-            ttl: None,
-        };
-        self.map.insert(bump.sequence.to_owned(), stored);
+        self.map
+            .insert(bump.sequence.to_owned(), Stored::generation(next, None));
+        // A missing observed generation is created (see `TableBump::observe`).
         let observed = bump
             .observe
             .iter()
-            .map(|key| self.generation(key))
+            .map(|key| Some(self.ensure_generation(key, Some(bump.rows_ttl))))
             .collect();
         futures_util::future::ready(Ok(Some(Bumped::new(next, observed)))).boxed()
     }
@@ -282,14 +330,76 @@ impl Store for MemoryStore {
             None => {
                 // Created here if missing, from a random base (as a bump would).
                 let base = fresh_generation() >> SEQUENCE_SHIFT;
-                let stored = Stored {
-                    slot: Slot::Generation(base),
-                    ttl: None,
-                };
-                self.map.insert(sequence.to_owned(), stored);
+                self.map
+                    .insert(sequence.to_owned(), Stored::generation(base, None));
                 base
             }
         };
         futures_util::future::ready(Ok(Some(current))).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn until(store: &MemoryStore, key: &str) -> Option<Instant> {
+        store.map.get(key).and_then(|stored| stored.until)
+    }
+
+    #[test]
+    fn entries_extend_their_generations_and_never_shorten_them() {
+        let store = MemoryStore::new(1 << 20);
+        let keys = ["g:short", "g:long", "g:forever", "g:missing"].map(String::from);
+        store.set_generation(&keys[0], 1, Some(Duration::from_secs(1)));
+        store.set_generation(&keys[1], 2, Some(Duration::from_secs(3600)));
+        store.set_generation(&keys[2], 3, None);
+        let long = until(&store, &keys[1]);
+        let before = Instant::now();
+        let ttl = Duration::from_secs(60);
+        store
+            .put_with_generations("entry", vec![1], ttl, &keys)
+            .now_or_never()
+            .expect("ready")
+            .unwrap();
+        assert!(
+            until(&store, &keys[0]).is_some_and(|t| t >= before + ttl),
+            "extended"
+        );
+        assert_eq!(until(&store, &keys[1]), long, "never shortened");
+        assert_eq!(
+            until(&store, &keys[2]),
+            None,
+            "a lasting generation stays so"
+        );
+        assert!(
+            store.map.get(&keys[3]).is_none(),
+            "a missing one is not created"
+        );
+        let values: Vec<_> = keys.iter().map(|k| store.generation(k)).collect();
+        assert_eq!(
+            values,
+            [Some(1), Some(2), Some(3), None],
+            "values untouched"
+        );
+    }
+
+    #[test]
+    fn a_bump_creates_the_generation_it_observes() {
+        let store = MemoryStore::new(1 << 20);
+        let observe = ["t:egen".to_owned()];
+        let bump = TableBump {
+            sequence: "t:wseq",
+            keys: &[],
+            values: &[],
+            row_keys: &[],
+            row_values: &[],
+            rows_ttl: Duration::from_secs(60),
+            observe: &observe,
+        };
+        let bumped = store.bump_table(bump).now_or_never().expect("ready");
+        let observed = bumped.unwrap().expect("a sequence").observed;
+        assert_eq!(observed, [store.generation("t:egen")]);
+        assert!(observed[0].is_some());
     }
 }

@@ -62,6 +62,25 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
     ) -> BoxFuture<'a, StoreResult<()>>;
 
+    /// Stores an entry for `ttl`, and keeps each of `generations` (the generations it is tagged
+    /// with) alive at least as long, so that a generation lives as long as the longest entry
+    /// that depends on it and no longer. A generation that never expires stays so; a missing
+    /// one is not created (the entry then simply misses).
+    ///
+    /// The default only stores the entry: generations then live the time they were created
+    /// with, and entries outliving them miss early (never stale: a missing generation is
+    /// recreated with a fresh value).
+    fn put_with_generations<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+        generations: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        let _ = generations;
+        self.put(key, value, ttl)
+    }
+
     /// Deletes keys (missing keys are fine).
     fn remove<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, StoreResult<()>>;
 
@@ -142,13 +161,17 @@ pub struct TableBump<'a> {
     pub keys: &'a [String],
     /// Their new values.
     pub values: &'a [u64],
-    /// The written rows' generations to set, which expire after `rows_ttl`.
+    /// The written rows' generations to set, which expire after `rows_ttl` unless an entry
+    /// stored under them extends them (see [`Store::put_with_generations`]).
     pub row_keys: &'a [String],
     /// Their new values.
     pub row_values: &'a [u64],
-    /// How long a row generation lives.
+    /// How long a generation this bump sets on a row (or creates to observe) lives before an
+    /// entry stored under it extends it.
     pub rows_ttl: Duration,
-    /// Generations to read once the others are set.
+    /// Generations to read once the others are set. A missing one is created with a fresh
+    /// value that lives `rows_ttl` (unless an entry stored under it extends it), so that a
+    /// write can write its rows through even in a namespace no read has used yet.
     pub observe: &'a [String],
 }
 

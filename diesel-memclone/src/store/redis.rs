@@ -7,7 +7,7 @@ use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::try_join_all;
 use futures_util::future::{BoxFuture, FutureExt};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 /// A [`Store`] on a Redis (or Valkey) server, through a [deadpool-redis](https://docs.rs/deadpool-redis) pool.
@@ -15,6 +15,12 @@ use std::time::Duration;
 /// Every operation is one pipelined round trip: a hit is one `GET` for the entry plus one `GET`
 /// per generation it depends on, sent together. Generations are written with `SET .. NX GET`,
 /// so a missing generation is created with a fresh random value and never reset to an old one.
+/// Scripts are called by SHA (`EVALSHA`), and loaded again if the server lost them.
+///
+/// A key of the namespace that holds a value of another type (another writer, a bad migration)
+/// is a miss that gets replaced, never a store failure: an entry is counted as corrupt and
+/// refilled, a generation or a lock is replaced, and a write's script replaces whatever it
+/// finds, so that an invalidation is never lost to such a key.
 ///
 /// ```no_run
 /// # async fn demo() -> diesel_memclone::Result<()> {
@@ -187,35 +193,74 @@ impl RedisStore {
         matches!(self.backend, Backend::Cluster(_))
     }
 
-    /// Runs one command and returns its reply (for inspection and tests).
+    /// Runs one command and returns its reply (for inspection and tests). An error reply is an
+    /// error whose [`source`](std::error::Error::source) is the `redis::RedisError`.
     pub async fn command(&self, cmd: &redis::Cmd) -> StoreResult<Value> {
-        Ok(self
-            .run(std::slice::from_ref(cmd))
-            .await?
-            .pop()
-            .unwrap_or(Value::Nil))
+        reply(
+            self.run(std::slice::from_ref(cmd))
+                .await?
+                .pop()
+                .unwrap_or(Value::Nil),
+        )
     }
 
     /// Runs commands in one round trip: one pipeline on a single server; on a cluster, every
     /// command at once over the multiplexed connection (a pipeline must stay in one slot there).
+    /// Error replies come back in place (`Value::ServerError`), for the caller to judge.
     async fn run(&self, cmds: &[redis::Cmd]) -> StoreResult<Vec<Value>> {
-        self.run_with(cmds, true).await
+        self.run_loading_scripts(cmds, true).await
     }
 
     /// Like `run`, never resent: for commands that set generations to given values, where a
     /// resend after a first send that did execute could restore a value another writer had
     /// already replaced. A failure is reported, and the cache retries later with fresh values.
     async fn run_once(&self, cmds: &[redis::Cmd]) -> StoreResult<Vec<Value>> {
-        self.run_with(cmds, false).await
+        self.run_loading_scripts(cmds, false).await
+    }
+
+    /// Scripts are called by SHA (`EVALSHA`: 40 bytes instead of the script's text). A server
+    /// that lost them (a restart, a failover, `SCRIPT FLUSH`) refuses with `NOSCRIPT`, which
+    /// means the command did not run: it is sent again once the scripts are loaded, as
+    /// `redis::Script::invoke_async` does for a single call (and safe for `run_once`).
+    async fn run_loading_scripts(
+        &self,
+        cmds: &[redis::Cmd],
+        resend: bool,
+    ) -> StoreResult<Vec<Value>> {
+        let mut values = self.run_with(cmds, resend).await?;
+        let refused: Vec<usize> = (0..values.len())
+            .filter(|&i| is_noscript(&values[i]))
+            .collect();
+        if refused.is_empty() {
+            return Ok(values);
+        }
+        let loads: Vec<redis::Cmd> = SCRIPT_SOURCES
+            .iter()
+            .map(|source| {
+                let mut cmd = redis::cmd("SCRIPT");
+                cmd.arg("LOAD").arg(*source);
+                cmd
+            })
+            .collect();
+        for loaded in self.run_with(&loads, true).await? {
+            reply(loaded)?;
+        }
+        let again: Vec<redis::Cmd> = refused.iter().map(|&i| cmds[i].clone()).collect();
+        let replies = self.run_with(&again, resend).await?;
+        for (i, value) in refused.into_iter().zip(replies) {
+            values[i] = value;
+        }
+        Ok(values)
     }
 
     async fn run_with(&self, cmds: &[redis::Cmd], resend: bool) -> StoreResult<Vec<Value>> {
-        let failed = |e: &dyn std::fmt::Display| StoreError::Backend(e.to_string());
         match &self.backend {
             Backend::Single(pool) => {
                 let n = self.shared.next.fetch_add(1, Ordering::Relaxed) % self.shared.single.len();
                 let slot = &self.shared.single[n];
                 let mut pipe = redis::pipe();
+                // Error replies come back in place, for each operation to judge per key.
+                pipe.ignore_errors();
                 for cmd in cmds {
                     pipe.add_command(cmd.clone());
                 }
@@ -226,7 +271,7 @@ impl RedisStore {
                     let (mut conn, fresh) = match cached {
                         Some(conn) => (conn, false),
                         None => {
-                            let taken = pool.get().await.map_err(|e| failed(&e))?;
+                            let taken = pool.get().await.map_err(StoreError::backend)?;
                             let conn = deadpool_redis::Connection::take(taken);
                             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
                             (conn, true)
@@ -239,10 +284,10 @@ impl RedisStore {
                         Err(error) if broken(&error) => {
                             *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
                             if fresh || attempt == 1 || !resend {
-                                return Err(failed(&error));
+                                return Err(StoreError::backend(error));
                             }
                         }
-                        Err(error) => return Err(failed(&error)),
+                        Err(error) => return Err(StoreError::backend(error)),
                     }
                 }
                 Err(StoreError::Unavailable)
@@ -257,7 +302,7 @@ impl RedisStore {
                 let shared = match cached {
                     Some(conn) => conn,
                     None => {
-                        let taken = pool.get().await.map_err(|e| failed(&e))?;
+                        let taken = pool.get().await.map_err(StoreError::backend)?;
                         let conn = deadpool_redis::cluster::Connection::take(taken);
                         *self
                             .shared
@@ -269,7 +314,7 @@ impl RedisStore {
                 };
                 let replies = try_join_all(cmds.iter().map(|cmd| {
                     let mut conn = shared.clone();
-                    async move { cmd.query_async::<Value>(&mut conn).await }
+                    async move { in_place(cmd.query_async::<Value>(&mut conn).await) }
                 }));
                 match replies.await {
                     Ok(values) => Ok(values),
@@ -281,7 +326,7 @@ impl RedisStore {
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner()) = None;
                         }
-                        Err(failed(&error))
+                        Err(StoreError::backend(error))
                     }
                 }
             }
@@ -295,6 +340,55 @@ fn broken(error: &redis::RedisError) -> bool {
         || error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()
+}
+
+/// A cluster command's error reply as a value in place, as a pipeline with `ignore_errors`
+/// gives it on a single server; connection failures stay errors.
+fn in_place(result: redis::RedisResult<Value>) -> redis::RedisResult<Value> {
+    match result {
+        Err(error) if !broken(&error) => match error.clone().into_server_errors() {
+            Some(errors) if errors.len() == 1 => Ok(Value::ServerError(errors[0].1.clone())),
+            _ => Err(error),
+        },
+        other => other,
+    }
+}
+
+/// A reply as a result: an error reply about the type of a key is a [`StoreError::Key`], any
+/// other a [`StoreError::Backend`]; both keep the `redis::RedisError` as their source.
+fn reply(value: Value) -> StoreResult<Value> {
+    match value {
+        Value::ServerError(error) => {
+            let wrong_type = error.code() == "WRONGTYPE";
+            let error = redis::RedisError::from(error);
+            Err(match wrong_type {
+                true => StoreError::key(error),
+                false => StoreError::backend(error),
+            })
+        }
+        other => Ok(other),
+    }
+}
+
+/// A reply, or `None` when the key holds a value of another type (written by someone else:
+/// the caller treats it as missing and replaces it).
+fn unless_wrong_type(value: Value) -> StoreResult<Option<Value>> {
+    match reply(value) {
+        Ok(value) => Ok(Some(value)),
+        Err(StoreError::Key(_)) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+fn is_noscript(value: &Value) -> bool {
+    matches!(value, Value::ServerError(error) if error.kind() == Some(redis::ServerErrorKind::NoScript))
+}
+
+/// Checks every reply of a batch of writes.
+fn replies(values: Vec<Value>) -> StoreResult<()> {
+    values
+        .into_iter()
+        .try_for_each(|value| reply(value).map(drop))
 }
 
 fn millis(ttl: Duration) -> u64 {
@@ -313,6 +407,13 @@ fn set_generation(key: &str, value: u64, ttl: Option<Duration>) -> redis::Cmd {
 fn get(key: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("GET");
     cmd.arg(key);
+    cmd
+}
+
+/// `EVALSHA` of one of the store's scripts, with its number of keys (keys and arguments follow).
+fn evalsha(script: &redis::Script, keys: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys);
     cmd
 }
 
@@ -335,12 +436,26 @@ impl Store for RedisStore {
                 .map(get)
                 .collect();
             let mut values = self.run(&cmds).await?.into_iter();
-            let entry = match values.next() {
-                Some(Value::BulkString(bytes)) => Some(bytes),
+            let entry = match values.next().map(unless_wrong_type).transpose()? {
+                Some(Some(Value::BulkString(bytes))) => Some(bytes),
+                // Not an entry at all (a key of another type): reported as an entry that does
+                // not decode, so that the cache counts it as corrupt and replaces it.
+                Some(None) => Some(Vec::new()),
                 _ => None,
             };
-            let generations = values.map(|v| parse_generation(&v)).collect();
-            Ok(Fetched { entry, generations })
+            let mut current = Vec::with_capacity(generations.len());
+            for value in values {
+                // A generation of the wrong type is missing: the cache replaces it.
+                current.push(
+                    unless_wrong_type(value)?
+                        .as_ref()
+                        .and_then(parse_generation),
+                );
+            }
+            Ok(Fetched {
+                entry,
+                generations: current,
+            })
         }
         .boxed()
     }
@@ -351,10 +466,29 @@ impl Store for RedisStore {
         value: Vec<u8>,
         ttl: Duration,
     ) -> BoxFuture<'a, StoreResult<()>> {
+        self.put_with_generations(key, value, ttl, &[])
+    }
+
+    fn put_with_generations<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+        generations: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<()>> {
         async move {
+            // SET replaces a key of any type.
             let mut cmd = redis::cmd("SET");
             cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
-            self.run(&[cmd]).await.map(drop)
+            let mut cmds = vec![cmd];
+            // Each generation lives at least as long as the entry: `GT` never shortens a TTL,
+            // never gives one to a generation that has none, and never creates a missing key.
+            cmds.extend(generations.iter().map(|generation| {
+                let mut cmd = redis::cmd("PEXPIRE");
+                cmd.arg(generation).arg(millis(ttl)).arg("GT");
+                cmd
+            }));
+            replies(self.run(&cmds).await?)
         }
         .boxed()
     }
@@ -373,7 +507,7 @@ impl Store for RedisStore {
             if cmds.is_empty() {
                 return Ok(());
             }
-            self.run(&cmds).await.map(drop)
+            replies(self.run(&cmds).await?)
         }
         .boxed()
     }
@@ -398,21 +532,24 @@ impl Store for RedisStore {
             let mut result = Vec::with_capacity(keys.len());
             let mut repairs = Vec::new();
             for ((key, fresh), previous) in keys.iter().zip(fresh).zip(previous) {
-                match previous {
-                    Value::Nil => result.push(fresh),
-                    other => match parse_generation(&other) {
-                        Some(existing) => result.push(existing),
-                        None => {
-                            // Not a generation (a foreign or corrupt value): replace it.
-                            let value = fresh_generation();
-                            repairs.push(set_generation(key, value, ttl));
-                            result.push(value);
-                        }
-                    },
+                let previous = unless_wrong_type(previous)?;
+                match previous
+                    .as_ref()
+                    .map(|value| (value, parse_generation(value)))
+                {
+                    Some((Value::Nil, _)) => result.push(fresh),
+                    Some((_, Some(existing))) => result.push(existing),
+                    // Not a generation (a foreign or corrupt value, or a key of another type):
+                    // replace it with a fresh one.
+                    _ => {
+                        let value = fresh_generation();
+                        repairs.push(set_generation(key, value, ttl));
+                        result.push(value);
+                    }
                 }
             }
             if !repairs.is_empty() {
-                self.run_once(&repairs).await?;
+                replies(self.run_once(&repairs).await?)?;
             }
             Ok(result)
         }
@@ -434,7 +571,7 @@ impl Store for RedisStore {
             if cmds.is_empty() {
                 return Ok(());
             }
-            self.run_once(&cmds).await.map(drop)
+            replies(self.run_once(&cmds).await?)
         }
         .boxed()
     }
@@ -446,13 +583,10 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, StoreResult<bool>> {
         async move {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(key).arg(owner).arg("NX").arg("PX").arg(millis(ttl));
-            let reply = self.run(&[cmd]).await?;
-            Ok(matches!(
-                reply.first(),
-                Some(Value::Okay) | Some(Value::SimpleString(_))
-            ))
+            let mut cmd = evalsha(&SCRIPTS.lock, 1);
+            cmd.arg(key).arg(owner).arg(millis(ttl));
+            let reply = reply(self.run(&[cmd]).await?.pop().unwrap_or(Value::Nil))?;
+            Ok(matches!(reply, Value::Okay | Value::SimpleString(_)))
         }
         .boxed()
     }
@@ -460,17 +594,21 @@ impl Store for RedisStore {
     fn bump_table<'a>(&'a self, bump: TableBump<'a>) -> BoxFuture<'a, StoreResult<Option<Bumped>>> {
         async move {
             // One script in the table's slot: every key shares its hash tag.
-            let mut cmd = redis::cmd("EVAL");
             let key_count = 1 + bump.keys.len() + bump.row_keys.len() + bump.observe.len();
-            cmd.arg(BUMP_TABLE_SCRIPT).arg(key_count).arg(bump.sequence);
+            let mut cmd = evalsha(&SCRIPTS.bump_table, key_count);
+            cmd.arg(bump.sequence);
             cmd.arg(bump.keys).arg(bump.row_keys).arg(bump.observe);
             cmd.arg(bump.keys.len()).arg(bump.row_keys.len());
             cmd.arg(millis(bump.rows_ttl))
                 .arg(bump.values)
                 .arg(bump.row_values);
+            // Values for observed generations that are missing, which the script creates.
+            for _ in bump.observe {
+                cmd.arg(fresh_generation());
+            }
             cmd.arg(fresh_generation() >> SEQUENCE_SHIFT);
-            let reply = self.run_once(&[cmd]).await?;
-            let Some(Value::Array(items)) = reply.first() else {
+            let reply = reply(self.run_once(&[cmd]).await?.pop().unwrap_or(Value::Nil))?;
+            let Value::Array(items) = reply else {
                 return Ok(None);
             };
             let mut items = items.iter();
@@ -487,19 +625,21 @@ impl Store for RedisStore {
 
     fn write_sequence<'a>(&'a self, sequence: &'a str) -> BoxFuture<'a, StoreResult<Option<u64>>> {
         async move {
-            // Created here if missing, from a random base (as the bump script would).
+            // Created here if missing, from a random base (as the bump script would). A key of
+            // another type: no sequence (nothing is written through), and the bump replaces it.
             let mut cmd = redis::cmd("SET");
             cmd.arg(sequence)
                 .arg(fresh_generation() >> SEQUENCE_SHIFT)
                 .arg("NX")
                 .arg("GET");
-            match self.run(&[cmd]).await?.first() {
-                Some(Value::Nil) => Ok(self
-                    .run(&[get(sequence)])
-                    .await?
-                    .first()
-                    .and_then(parse_generation)),
-                Some(other) => Ok(parse_generation(other)),
+            let previous = self.run(&[cmd]).await?.pop().unwrap_or(Value::Nil);
+            match unless_wrong_type(previous)? {
+                Some(Value::Nil) => {
+                    let current = self.run(&[get(sequence)]).await?.pop();
+                    let current = current.map(unless_wrong_type).transpose()?.flatten();
+                    Ok(current.as_ref().and_then(parse_generation))
+                }
+                Some(other) => Ok(parse_generation(&other)),
                 None => Ok(None),
             }
         }
@@ -520,27 +660,66 @@ impl Store for RedisStore {
     fn unlock<'a>(&'a self, key: &'a str, owner: u64) -> BoxFuture<'a, StoreResult<()>> {
         async move {
             // Only the owner may free the lock: compare and delete in one script.
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(UNLOCK_SCRIPT).arg(1).arg(key).arg(owner);
-            self.run(&[cmd]).await.map(drop)
+            let mut cmd = evalsha(&SCRIPTS.unlock, 1);
+            cmd.arg(key).arg(owner);
+            replies(self.run(&[cmd]).await?)
         }
         .boxed()
     }
 }
 
+/// The store's scripts, called by SHA.
+struct Scripts {
+    bump_table: redis::Script,
+    lock: redis::Script,
+    unlock: redis::Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    bump_table: redis::Script::new(BUMP_TABLE_SCRIPT),
+    lock: redis::Script::new(LOCK_SCRIPT),
+    unlock: redis::Script::new(UNLOCK_SCRIPT),
+});
+
+/// What `SCRIPT LOAD` sends when a server lost the scripts.
+const SCRIPT_SOURCES: [&str; 3] = [BUMP_TABLE_SCRIPT, LOCK_SCRIPT, UNLOCK_SCRIPT];
+
 /// KEYS: the sequence, the table's generations (n), the rows' generations (m), the generations
-/// to observe; ARGV: n, m, the rows' time to live in ms, then the n + m new values. Returns the
-/// new sequence followed by the observed values. A missing (or foreign) sequence restarts from
-/// the random base in the last ARGV, never from 0, so that an evicted sequence cannot count up
-/// to a value a writer read before the eviction.
+/// to observe (o); ARGV: n, m, the time to live in ms of the rows' generations, the n + m new
+/// values, o fresh values, the sequence's random base. Returns the new sequence followed by the
+/// observed values. An observed generation that is missing (or not a generation) is created
+/// with its fresh value, living as long as the rows' generations: what a write needs to write
+/// its rows through in a namespace no read has used yet. A missing (or foreign) sequence
+/// restarts from the random base, never from 0, so that an evicted sequence cannot count up to
+/// a value a writer read before the eviction. `SET` replaces a key of any type and `TYPE` is
+/// checked before every `GET`: a key someone else wrote never makes an invalidation fail.
 const BUMP_TABLE_SCRIPT: &str = "local n, m, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] \
+     local function value(key) \
+       if redis.call('TYPE', key).ok ~= 'string' then return false end \
+       return redis.call('GET', key) \
+     end \
      for i = 1, n do redis.call('SET', KEYS[1 + i], ARGV[3 + i]) end \
      for i = 1, m do redis.call('SET', KEYS[1 + n + i], ARGV[3 + n + i], 'PX', ttl) end \
-     local seq = redis.call('GET', KEYS[1]) \
-     if not seq or not tonumber(seq) then redis.call('SET', KEYS[1], ARGV[#ARGV]) end \
+     local seq = value(KEYS[1]) \
+     if not seq or not string.match(seq, '^%d+$') or #seq > 18 then \
+       redis.call('SET', KEYS[1], ARGV[#ARGV]) \
+     end \
      local out = { redis.call('INCR', KEYS[1]) } \
-     for i = n + m + 2, #KEYS do out[#out + 1] = redis.call('GET', KEYS[i]) or false end \
+     for i = n + m + 2, #KEYS do \
+       local current = value(KEYS[i]) \
+       if not current or not string.match(current, '^%d+$') then \
+         current = ARGV[2 + i] \
+         redis.call('SET', KEYS[i], current, 'PX', ttl) \
+       end \
+       out[#out + 1] = current \
+     end \
      return out";
 
-const UNLOCK_SCRIPT: &str =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+/// Takes a lock (`SET NX PX`); a lock key of another type is garbage, replaced.
+const LOCK_SCRIPT: &str = "local kind = redis.call('TYPE', KEYS[1]).ok \
+     if kind ~= 'none' and kind ~= 'string' then redis.call('DEL', KEYS[1]) end \
+     return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])";
+
+const UNLOCK_SCRIPT: &str = "if redis.call('TYPE', KEYS[1]).ok == 'string' \
+     and redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end \
+     return 0";
