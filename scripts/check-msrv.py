@@ -49,12 +49,13 @@ def main():
             match = re.match(r"(\S+) v(\S+)", line)
             if match:
                 used.add((match.group(1), match.group(2)))
+        dependencies = used - {(m["name"], m["version"]) for m in members}
         newest = max(
-            ((rust_version.get(p) or "0", p) for p in used),
+            ((rust_version.get(p) or "0", p) for p in dependencies),
             key=lambda item: version_tuple(item[0]),
         )
         too_new = sorted(
-            (p for p in used
+            (p for p in dependencies
              if rust_version.get(p) and version_tuple(rust_version[p]) > version_tuple(declared)),
         )
         print(f"{member['name']}: rust-version {declared}, {len(used)} packages, "
