@@ -1,8 +1,6 @@
 //! The implicit default cache belongs to one process, and says so once: its first use logs one
 //! warning, later uses none. (A binary of its own: the default cache is process-wide.)
 
-use diesel::prelude::*;
-use diesel_async::RunQueryDsl;
 use diesel_memclone::prelude::*;
 use diesel_memclone_tests::schema::users;
 use diesel_memclone_tests::{sqlite, User};
