@@ -9,7 +9,8 @@
 //!   against the bare Diesel update;
 //! * `throughput`: hits per second from 1, 16 and 64 concurrent tasks.
 //!
-//! `cargo bench` (PostgreSQL and Redis as for the tests). `BENCHMARKS.md` holds a run's medians.
+//! `cargo bench -p diesel-memclone-tests` (PostgreSQL and Redis as for the tests). `BENCHMARKS.md`
+//! holds a run's medians.
 
 // mimalloc, as in the benches: with glibc's malloc the cost of the same decode depends on the
 // allocation history (consolidation of freed chunks), which adds noise unrelated to the cache.

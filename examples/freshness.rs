@@ -3,8 +3,8 @@
 //! read is checked against the newest version committed before that read began.
 //!
 //! ```text
-//! cargo run --release --example freshness -- --processes 3 --seconds 20
-//! cargo run --release --example freshness -- --processes 3 --seconds 20 \
+//! cargo run --release -p diesel-memclone-tests --example freshness -- --processes 3 --seconds 20
+//! cargo run --release -p diesel-memclone-tests --example freshness -- --processes 3 --seconds 20 \
 //!     --redis-cluster redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002
 //! ```
 //!

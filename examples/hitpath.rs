@@ -1,7 +1,7 @@
 //! The hit path against its floor, without criterion.
 //!
 //! ```text
-//! cargo run --release --example hitpath
+//! cargo run --release -p diesel-memclone-tests --example hitpath
 //! ```
 //!
 //! For results of 1, 100 and 1000 rows, fills one cached query on Redis, then alternates a

@@ -1,9 +1,9 @@
 //! Stampede protection across processes: every caller misses the same key at the same moment.
 //!
 //! ```text
-//! cargo run --release --example stampede -- --processes 4 --callers 250
-//! cargo run --release --example stampede -- --processes 4 --callers 250 --no-lock
-//! cargo run --release --example stampede -- --processes 4 --callers 250 --cold
+//! cargo run --release -p diesel-memclone-tests --example stampede -- --processes 4 --callers 250
+//! cargo run --release -p diesel-memclone-tests --example stampede -- --processes 4 --callers 250 --no-lock
+//! cargo run --release -p diesel-memclone-tests --example stampede -- --processes 4 --callers 250 --cold
 //! ```
 //!
 //! Each process opens its Redis connections (`RedisStore::connect`) before the burst, unless

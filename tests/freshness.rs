@@ -25,7 +25,13 @@ fn checker() -> PathBuf {
     if !binary.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--example", "freshness"])
+            .args([
+                "build",
+                "-p",
+                "diesel-memclone-tests",
+                "--example",
+                "freshness",
+            ])
             .status()
             .expect("cargo build");
         assert!(status.success(), "building the freshness example failed");

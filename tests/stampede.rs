@@ -484,7 +484,13 @@ async fn the_stampede_example_makes_one_query_for_all_processes() {
     if !binary.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         assert!(std::process::Command::new(cargo)
-            .args(["build", "--example", "stampede"])
+            .args([
+                "build",
+                "-p",
+                "diesel-memclone-tests",
+                "--example",
+                "stampede"
+            ])
             .status()
             .unwrap()
             .success());

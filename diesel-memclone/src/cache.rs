@@ -69,6 +69,37 @@ impl std::fmt::Debug for Cache {
 }
 
 /// Options for a [`Cache`]; start with [`Cache::builder`].
+///
+/// ```
+/// # use diesel::prelude::*;
+/// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+/// # use diesel_memclone::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+/// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+/// # #[diesel(table_name = users)]
+/// # struct User { id: i32, name: String, status: String }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> diesel_memclone::Result<()> {
+/// # let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+/// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+/// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+/// use diesel_memclone::{store::MemoryStore, Cache};
+/// use std::time::Duration;
+///
+/// // A second cache beside the process-wide default, with its own store and options, used by
+/// // the queries and writes that name it.
+/// let reports = Cache::builder()
+///     .store(MemoryStore::new(16 * 1024 * 1024))
+///     .namespace("reports")
+///     .default_ttl(Duration::from_secs(30))
+///     .ttl_jitter(0.1)
+///     .build()?;
+/// let n = users::table.cached("n_users").using(&reports).count(&mut conn).await?;
+/// assert_eq!(n, 2);
+/// assert_eq!(reports.stats().misses, 1);
+/// # Ok(()) }
+/// ```
 #[must_use]
 pub struct CacheBuilder {
     store: Option<Arc<dyn Store>>,
@@ -1201,6 +1232,20 @@ pub fn install(cache: Cache) -> std::result::Result<(), Cache> {
 
 /// The process-wide default cache: the one [`install`]ed, or else an in-process cache with
 /// default options, created on first use.
+///
+/// That fallback belongs to one process: several replicas of a service each get their own, and
+/// a write in one never invalidates the others, which can serve stale rows for the default TTL
+/// (1 hour). It logs a warning once, when it is created. Replicas should [`install`] a cache on
+/// a shared Redis ([`store`](crate::store)`::RedisStore`, feature `redis`); a process that is
+/// alone on purpose installs [`Cache::in_memory()`] and is not warned.
 pub fn cache() -> &'static Cache {
-    DEFAULT.get_or_init(Cache::in_memory)
+    DEFAULT.get_or_init(|| {
+        // Once per process, and only on the implicit path: the multi-replica trap is silent.
+        tracing::warn!(
+            "diesel-memclone: no cache installed, using a per-process in-memory cache; \
+             other processes' writes will not invalidate it (install a Redis-backed cache for \
+             several replicas, or install Cache::in_memory() to silence this)"
+        );
+        Cache::in_memory()
+    })
 }

@@ -91,6 +91,27 @@ fn entity_fingerprint<M: MemClone>() -> u64 {
 }
 
 /// [`Cache::find`] on the default cache: `memclone::find::<User, _>(&mut conn, 1)`.
+///
+/// ```
+/// # use diesel::prelude::*;
+/// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+/// # use diesel_memclone::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+/// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+/// # #[diesel(table_name = users)]
+/// # struct User { id: i32, name: String, status: String }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> diesel_memclone::Result<()> {
+/// # let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+/// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+/// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+/// let ada = diesel_memclone::find::<User, _>(&mut conn, 1).await?;
+/// assert_eq!(ada.name, "Ada");
+/// // A missing row is an error; see `find_optional`.
+/// assert!(diesel_memclone::find::<User, _>(&mut conn, 9).await.unwrap_err().is_not_found());
+/// # Ok(()) }
+/// ```
 pub async fn find<'q, M, C>(conn: &mut C, primary_key: M::PrimaryKey) -> Result<M>
 where
     M: MemClone + Send,
@@ -101,6 +122,25 @@ where
 }
 
 /// [`Cache::find_optional`] on the default cache.
+///
+/// ```
+/// # use diesel::prelude::*;
+/// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+/// # use diesel_memclone::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+/// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+/// # #[diesel(table_name = users)]
+/// # struct User { id: i32, name: String, status: String }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> diesel_memclone::Result<()> {
+/// # let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+/// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+/// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+/// let nobody = diesel_memclone::find_optional::<User, _>(&mut conn, 9).await?;
+/// assert!(nobody.is_none());
+/// # Ok(()) }
+/// ```
 pub async fn find_optional<'q, M, C>(conn: &mut C, primary_key: M::PrimaryKey) -> Result<Option<M>>
 where
     M: MemClone + Send,
@@ -111,6 +151,34 @@ where
 }
 
 /// [`Cache::reload`] on the default cache: `memclone::reload(&mut user, &mut conn)`.
+///
+/// ```
+/// # use diesel::prelude::*;
+/// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+/// # use diesel_memclone::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+/// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+/// # #[diesel(table_name = users)]
+/// # struct User { id: i32, name: String, status: String }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> diesel_memclone::Result<()> {
+/// # let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+/// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+/// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+/// let mut ada = User::find_cached(&mut conn, 1).await?;
+/// // A write that bypasses memclone (raw SQL, another service) leaves the cached row stale...
+/// diesel::update(users::table.find(1))
+///     .set(users::name.eq("Ada L."))
+///     .execute(&mut conn)
+///     .await?;
+/// assert_eq!(User::find_cached(&mut conn, 1).await?.name, "Ada");
+/// // ...until it is reloaded, which reads the database and refreshes the cached row.
+/// diesel_memclone::reload(&mut ada, &mut conn).await?;
+/// assert_eq!(ada.name, "Ada L.");
+/// assert_eq!(User::find_cached(&mut conn, 1).await?.name, "Ada L.");
+/// # Ok(()) }
+/// ```
 pub async fn reload<'q, M, C>(row: &mut M, conn: &mut C) -> Result<()>
 where
     M: MemClone + Send,

@@ -8,6 +8,47 @@ use std::sync::Arc;
 /// Store failures never appear here on the read or write paths: the cache fails open (the
 /// database answers and the write succeeds). They surface only where a caller asked the store
 /// for something directly, such as building a cache against an unreachable Redis.
+///
+/// A missing row is `Error::Database(diesel::result::Error::NotFound)`, as in Diesel: test it
+/// with [`is_not_found`](Error::is_not_found), or use the `Option`-returning reads
+/// ([`find_optional`](crate::find_optional), a cached `load` of at most one row).
+///
+/// The error converts both ways with [`diesel::result::Error`], so `?` works in code that
+/// returns Diesel's `QueryResult`: adding `.cached(..)` to a query there changes one line.
+/// A not-found stays `NotFound` and a database error stays itself; the implementation of
+/// `From<Error> for diesel::result::Error` below says what the others become.
+///
+/// ```
+/// use diesel::prelude::*;
+/// use diesel_async::RunQueryDsl;
+/// use diesel_memclone::prelude::*;
+/// # use diesel_async::{sync_connection_wrapper::SyncConnectionWrapper, AsyncConnection};
+/// # use serde::{Deserialize, Serialize};
+/// # diesel::table! { users (id) { id -> Integer, name -> Text } }
+/// # #[derive(Queryable, Selectable, Serialize, Deserialize, MemClone)]
+/// # #[diesel(table_name = users)]
+/// # struct User { id: i32, name: String }
+/// # type Conn = SyncConnectionWrapper<diesel::SqliteConnection>;
+///
+/// // Existing code that returns Diesel's QueryResult keeps its signature.
+/// async fn name_of(conn: &mut Conn, user: i32) -> QueryResult<String> {
+///     let row: User = users::table
+///         .find(user)
+///         .cached("user")              // the one added line
+///         .get_result(conn)
+///         .await?;
+///     Ok(row.name)
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> QueryResult<()> {
+/// # let mut conn = Conn::establish(":memory:").await.unwrap();
+/// # diesel::sql_query("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+/// #     .execute(&mut conn).await?;
+/// // A missing row is still Diesel's NotFound.
+/// assert_eq!(name_of(&mut conn, 7).await, Err(diesel::result::Error::NotFound));
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
@@ -72,6 +113,36 @@ impl From<diesel::result::Error> for Error {
     }
 }
 
+/// Lets `?` turn a memclone error into Diesel's, in code that returns `QueryResult`.
+///
+/// * a database error, `NotFound` included, is returned as it was;
+/// * every other error (the store, the configuration, a fill lock's timeout, an unmanaged
+///   transaction, a connection error) becomes
+///   [`QueryBuilderError`](diesel::result::Error::QueryBuilderError) holding the memclone error,
+///   which `downcast_ref::<diesel_memclone::Error>()` gets back. Diesel uses that variant for
+///   errors raised on the client side before the database answers, which is where these arise;
+///   it is not a database error (callers that retry on `DatabaseError` kinds do not retry them)
+///   and not a row-decoding error, as `DeserializationError` would suggest.
+///
+/// ```
+/// use diesel_memclone::Error;
+///
+/// let not_found: diesel::result::Error = Error::Database(diesel::result::Error::NotFound).into();
+/// assert_eq!(not_found, diesel::result::Error::NotFound);
+///
+/// let timeout: diesel::result::Error = Error::LockTimeout.into();
+/// let diesel::result::Error::QueryBuilderError(inner) = &timeout else { unreachable!() };
+/// assert!(matches!(inner.downcast_ref::<Error>(), Some(Error::LockTimeout)));
+/// ```
+impl From<Error> for diesel::result::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Database(e) => e,
+            other => diesel::result::Error::QueryBuilderError(Box::new(other)),
+        }
+    }
+}
+
 impl From<diesel::ConnectionError> for Error {
     fn from(e: diesel::ConnectionError) -> Self {
         Error::Connection(e)
@@ -85,7 +156,14 @@ impl From<StoreError> for Error {
 }
 
 impl Error {
-    /// True when the database reported that no row matched.
+    /// True when no row matched: a `get_result`, `first`, [`find`](crate::find) or
+    /// [`reload`](crate::reload) whose row does not exist (`Error::Database(NotFound)`).
+    ///
+    /// ```
+    /// use diesel_memclone::Error;
+    /// assert!(Error::Database(diesel::result::Error::NotFound).is_not_found());
+    /// assert!(!Error::LockTimeout.is_not_found());
+    /// ```
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Database(diesel::result::Error::NotFound))
     }

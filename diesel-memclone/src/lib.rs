@@ -7,7 +7,12 @@
 //! * [`insert_into`], [`update`], [`delete`], [`replace_into`] and [`write()`] run the write and
 //!   then invalidate every cached query of the written table (one O(1) generation bump) and the
 //!   written rows' entity entries;
-//! * two stores: [`store::MemoryStore`] (the embedded default) and [`store::RedisStore`].
+//! * two stores: [`store::MemoryStore`] (the embedded default, one per process) and
+//!   [`store::RedisStore`] (feature `redis`; shared by every process that uses it).
+//!
+//! Without [`install`], each process gets its own in-process cache: replicas of a service then
+//! never invalidate each other and can serve stale rows for the default TTL (1 hour). Install
+//! a cache on Redis when several processes write.
 //!
 //! # Example
 //!
@@ -54,7 +59,19 @@
 //!
 //! See the README for the contract (what is guaranteed fresh, and when), Redis set-up, and the
 //! options.
+//!
+//! # Cargo features
+//!
+//! * `derive` (default): re-exports `#[derive(MemClone)]` and `#[derive(CacheValue)]`;
+//! * `redis`: [`store::RedisStore`], over a deadpool-redis pool (single server or Cluster);
+//! * `postgres`, `mysql`, `sqlite`: forward diesel-async's backends.
 #![cfg_attr(docsrs, feature(doc_cfg))]
+// Without the `redis` feature `RedisStore` does not exist; the links above then point at
+// docs.rs, where every feature is documented.
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "\n\n[`store::RedisStore`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/store/struct.RedisStore.html"
+)]
 
 mod cache;
 mod codec;
@@ -79,9 +96,11 @@ pub use transaction::transaction;
 pub use write::{delete, insert_into, replace_into, update, write, Write};
 
 #[cfg(feature = "derive")]
+#[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
 pub use diesel_memclone_derive::{CacheValue, MemClone};
 
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use deadpool_redis;
 pub use diesel_async;
 
@@ -89,6 +108,13 @@ pub use diesel_async;
 pub mod prelude {
     pub use crate::{CacheValue, CachedDsl, MemClone};
 }
+
+// The README's Rust blocks run as doc tests of this crate (`cargo test --doc`). `doctest` is set
+// only while rustdoc collects doc tests, so a packaged crate, which has no README at this path,
+// never reads it.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+mod readme_doctests {}
 
 #[doc(hidden)]
 pub mod __private {

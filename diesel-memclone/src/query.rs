@@ -36,6 +36,32 @@ pub trait CachedDsl: Sized {
 impl<T: AsQuery> CachedDsl for T {}
 
 /// A query to be answered from the cache; made by [`CachedDsl::cached`].
+///
+/// ```
+/// # use diesel::prelude::*;
+/// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+/// # use diesel_memclone::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+/// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+/// # #[diesel(table_name = users)]
+/// # struct User { id: i32, name: String, status: String }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> diesel_memclone::Result<()> {
+/// # let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+/// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+/// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+/// // Answered by the database the first time, then by the cache until a memclone write to
+/// // `users` (or the TTL) invalidates it.
+/// let active: Vec<User> = users::table
+///     .filter(users::status.eq("active"))
+///     .cached("active_users")
+///     .ttl(std::time::Duration::from_secs(60))
+///     .load(&mut conn)
+///     .await?;
+/// assert_eq!(active.len(), 1);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 #[must_use = "a cached query does nothing until loaded"]
 pub struct Cached<Q> {
@@ -136,6 +162,30 @@ impl<Q> Cached<Q> {
     }
 
     /// Loads every row, like Diesel's `load`.
+    ///
+    /// ```
+    /// # use diesel::prelude::*;
+    /// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+    /// # use diesel_memclone::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+    /// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+    /// # #[diesel(table_name = users)]
+    /// # struct User { id: i32, name: String, status: String }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> diesel_memclone::Result<()> {
+    /// # let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+    /// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+    /// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+    /// let names: Vec<String> = users::table
+    ///     .select(users::name)
+    ///     .order(users::id)
+    ///     .cached("names")
+    ///     .load(&mut conn)
+    ///     .await?;
+    /// assert_eq!(names, ["Ada", "Bob"]);
+    /// # Ok(()) }
+    /// ```
     pub async fn load<'q, U, C>(self, conn: &mut C) -> Result<Vec<U>>
     where
         C: AsyncConnection,
@@ -159,6 +209,29 @@ impl<Q> Cached<Q> {
     /// Loads one row, like Diesel's `get_result`; no row is
     /// [`Error::Database(NotFound)`](diesel::result::Error::NotFound), and that answer is
     /// cached too (until a write to the table).
+    ///
+    /// ```
+    /// # use diesel::prelude::*;
+    /// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+    /// # use diesel_memclone::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+    /// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+    /// # #[diesel(table_name = users)]
+    /// # struct User { id: i32, name: String, status: String }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> diesel_memclone::Result<()> {
+    /// # let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+    /// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+    /// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+    /// let ada: User = users::table.find(1).cached("user").get_result(&mut conn).await?;
+    /// assert_eq!(ada.name, "Ada");
+    ///
+    /// // No row is Diesel's NotFound, cached like any other answer.
+    /// let missing = users::table.find(9).cached("user").get_result::<User, _>(&mut conn).await;
+    /// assert!(missing.unwrap_err().is_not_found());
+    /// # Ok(()) }
+    /// ```
     pub async fn get_result<'q, U, C>(self, conn: &mut C) -> Result<U>
     where
         C: AsyncConnection,
@@ -185,6 +258,29 @@ impl<Q> Cached<Q> {
     }
 
     /// The first row, like Diesel's `first` (adds `LIMIT 1`).
+    ///
+    /// ```
+    /// # use diesel::prelude::*;
+    /// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+    /// # use diesel_memclone::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+    /// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+    /// # #[diesel(table_name = users)]
+    /// # struct User { id: i32, name: String, status: String }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> diesel_memclone::Result<()> {
+    /// # let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+    /// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+    /// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+    /// let newest: User = users::table
+    ///     .order(users::id.desc())
+    ///     .cached("newest_user")
+    ///     .first(&mut conn)
+    ///     .await?;
+    /// assert_eq!(newest.name, "Bob");
+    /// # Ok(()) }
+    /// ```
     pub async fn first<'q, U, C>(self, conn: &mut C) -> Result<U>
     where
         C: AsyncConnection,
@@ -199,6 +295,29 @@ impl<Q> Cached<Q> {
     }
 
     /// The number of rows, like Diesel's `.count().get_result::<i64>()`.
+    ///
+    /// ```
+    /// # use diesel::prelude::*;
+    /// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+    /// # use diesel_memclone::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+    /// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+    /// # #[diesel(table_name = users)]
+    /// # struct User { id: i32, name: String, status: String }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> diesel_memclone::Result<()> {
+    /// # let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+    /// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+    /// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+    /// let active = users::table
+    ///     .filter(users::status.eq("active"))
+    ///     .cached("n_active")
+    ///     .count(&mut conn)
+    ///     .await?;
+    /// assert_eq!(active, 1);
+    /// # Ok(()) }
+    /// ```
     pub async fn count<'q, C>(self, conn: &mut C) -> Result<i64>
     where
         C: AsyncConnection,
@@ -299,6 +418,42 @@ impl Cache {
     /// The identity is `label`, `key`, the value's type and its fingerprint: put every input of
     /// the computation in `key`. The value depends on the tables of the models its type holds,
     /// plus `extra_tables`; a write to any of them invalidates it.
+    ///
+    /// ```
+    /// # use diesel::prelude::*;
+    /// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+    /// # use diesel_memclone::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+    /// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+    /// # #[diesel(table_name = users)]
+    /// # struct User { id: i32, name: String, status: String }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> diesel_memclone::Result<()> {
+    /// # let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+    /// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+    /// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+    /// // Any computation over one or more queries; a write to `users` invalidates the value,
+    /// // because `User` is in its type.
+    /// let cache = diesel_memclone::cache();
+    /// let by_status: Vec<(String, Vec<User>)> = cache
+    ///     .load_with("users_by_status", "all", &[], &mut conn, |conn| {
+    ///         Box::pin(async move {
+    ///             let rows: Vec<User> = users::table.order(users::id).load(conn).await?;
+    ///             let mut groups: Vec<(String, Vec<User>)> = Vec::new();
+    ///             for user in rows {
+    ///                 match groups.iter_mut().find(|(status, _)| *status == user.status) {
+    ///                     Some((_, members)) => members.push(user),
+    ///                     None => groups.push((user.status.clone(), vec![user])),
+    ///                 }
+    ///             }
+    ///             Ok(groups)
+    ///         })
+    ///     })
+    ///     .await?;
+    /// assert_eq!(by_status.len(), 2);
+    /// # Ok(()) }
+    /// ```
     pub async fn load_with<T, C, F>(
         &self,
         label: &str,

@@ -27,6 +27,41 @@ use std::time::Duration;
 /// [`get_results`](Write::get_results). Any builder method without a forwarder here is reached
 /// through [`map`](Write::map), for example an upsert:
 /// `memclone::insert_into(users).values(&u).map(|s| s.on_conflict(id).do_update().set(&u))`.
+///
+/// ```
+/// # use diesel::prelude::*;
+/// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+/// # use diesel_memclone::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+/// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+/// # #[diesel(table_name = users)]
+/// # struct User { id: i32, name: String, status: String }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> diesel_memclone::Result<()> {
+/// # let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+/// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+/// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+/// use diesel_memclone as memclone;
+///
+/// let cached = || users::table.filter(users::status.eq("active")).cached("active");
+/// assert_eq!(cached().count(&mut conn).await?, 1);
+///
+/// // The update runs, then invalidates every cached query of `users` and the rows' entries.
+/// memclone::update(users::table.find(2))
+///     .set(users::status.eq("active"))
+///     .execute(&mut conn)
+///     .await?;
+/// assert_eq!(cached().count(&mut conn).await?, 2);
+///
+/// memclone::insert_into(users::table)
+///     .values(&User { id: 3, name: "Cy".into(), status: "active".into() })
+///     .execute(&mut conn)
+///     .await?;
+/// memclone::delete(users::table.find(1)).execute(&mut conn).await?;
+/// assert_eq!(cached().count(&mut conn).await?, 2);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 #[must_use = "a write does nothing until executed"]
 pub struct Write<S> {

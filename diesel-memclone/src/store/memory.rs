@@ -58,10 +58,18 @@ impl Expiry<String, Stored> for PerEntryTtl {
 /// Evicting a generation is safe: a missing generation is recreated with a fresh value, so the
 /// entries filled under the old one simply miss.
 ///
+/// It lives in one process: use it for a single process, tests, or data that no other process
+/// writes; several processes that write share a Redis store instead.
+///
 /// ```
-/// use diesel_memclone::store::MemoryStore;
+/// use diesel_memclone::{store::MemoryStore, Cache};
+///
 /// let store = MemoryStore::new(64 * 1024 * 1024); // at most ~64 MiB of entries
-/// # let _ = store;
+/// let cache = Cache::builder().store(store.clone()).build()?;
+/// // Installing it says that one process is intended (no warning about the implicit default).
+/// let _ = diesel_memclone::install(cache);
+/// assert!(store.is_empty());
+/// # Ok::<(), diesel_memclone::Error>(())
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {

@@ -6,13 +6,91 @@
 //!
 //! Each step prints HIT or MISS (from the cache's counters) and how many SQL statements the
 //! database ran for it (from Diesel's instrumentation).
+//!
+//! It lives in the library's package and needs only what a user of the crate depends on
+//! (diesel-memclone, diesel and diesel-async with SQLite, tokio, serde), so it builds quickly.
 
+use diesel::connection::{Instrumentation, InstrumentationEvent};
 use diesel::prelude::*;
-use diesel_async::RunQueryDsl;
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_memclone as memclone;
 use diesel_memclone::prelude::*;
-use diesel_memclone_tests::schema::{posts, users};
-use diesel_memclone_tests::{sqlite, Post, QueryCounter, User};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+mod schema {
+    diesel::table! {
+        users (id) {
+            id -> Integer,
+            name -> Text,
+            status -> Text,
+        }
+    }
+
+    diesel::table! {
+        posts (id) {
+            id -> Integer,
+            user_id -> Integer,
+            title -> Text,
+        }
+    }
+
+    diesel::joinable!(posts -> users (user_id));
+    diesel::allow_tables_to_appear_in_same_query!(users, posts);
+}
+
+use schema::{posts, users};
+
+/// A user.
+#[derive(
+    Debug, Queryable, Selectable, Identifiable, Insertable, Serialize, Deserialize, MemClone,
+)]
+#[diesel(table_name = users)]
+struct User {
+    id: i32,
+    name: String,
+    status: String,
+}
+
+/// A post, belonging to a user; its entries live 10 minutes.
+#[derive(
+    Debug,
+    Queryable,
+    Selectable,
+    Identifiable,
+    Insertable,
+    Associations,
+    Serialize,
+    Deserialize,
+    MemClone,
+)]
+#[diesel(table_name = posts, belongs_to(User))]
+#[memclone(ttl = 600)]
+struct Post {
+    id: i32,
+    user_id: i32,
+    title: String,
+}
+
+/// Counts the SQL statements a connection runs.
+#[derive(Clone, Default)]
+struct QueryCounter(Arc<AtomicUsize>);
+
+impl QueryCounter {
+    fn get(&self) -> usize {
+        AtomicUsize::load(&self.0, Ordering::SeqCst)
+    }
+}
+
+impl Instrumentation for QueryCounter {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        if let InstrumentationEvent::StartQuery { .. } = event {
+            AtomicUsize::fetch_add(&self.0, 1, Ordering::SeqCst);
+        }
+    }
+}
 
 struct Step {
     counter: QueryCounter,
@@ -45,9 +123,14 @@ impl Step {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> memclone::Result<()> {
-    let mut conn = sqlite().await;
+    let mut conn = SyncConnectionWrapper::<SqliteConnection>::establish(":memory:").await?;
+    conn.batch_execute(
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+         CREATE TABLE posts (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL, title TEXT NOT NULL);",
+    )
+    .await?;
     let counter = QueryCounter::default();
-    counter.attach(&mut conn);
+    conn.set_instrumentation(counter.clone());
     let active = || {
         users::table
             .inner_join(posts::table)
