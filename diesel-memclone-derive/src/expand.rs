@@ -398,19 +398,27 @@ pub(crate) fn cache_value(input: DeriveInput) -> syn::Result<TokenStream> {
     errors.finish()?;
     let ident = &input.ident;
     let shape = shape("value", ident, &fields);
-    let types = fields.iter().map(|f| &f.ty);
+    // A field's tables and rows come from its type when that is a `CacheValue` (a model, a
+    // `Vec` of models) and are empty otherwise, so that any serde field type derives (a
+    // `NaiveDateTime`, a `serde_json::Value`, an enum); see `diesel_memclone::__private::field`.
+    let types: Vec<&syn::Type> = fields.iter().map(|f| &f.ty).collect();
     let names = fields.iter().map(|f| &f.ident);
     Ok(quote! {
         const _: () = {
+            #[allow(unused_imports)]
+            use ::diesel_memclone::__private::field::{PlainField as _, ValueField as _};
+
             impl ::diesel_memclone::CacheValue for #ident {
                 fn fingerprint() -> u64 {
                     ::diesel_memclone::__private::hash64(#shape)
                 }
                 fn tables(out: &mut ::std::vec::Vec<&'static str>) {
-                    #( <#types as ::diesel_memclone::CacheValue>::tables(out); )*
+                    #( (&::diesel_memclone::__private::field::Probe::<#types>::NEW)
+                        .field_tables(out); )*
                 }
                 fn rows(&self, out: &mut ::std::vec::Vec<::diesel_memclone::RowKey>) {
-                    #( ::diesel_memclone::CacheValue::rows(&self.#names, out); )*
+                    #( (&::diesel_memclone::__private::field::Probe::<#types>::NEW)
+                        .field_rows(&self.#names, out); )*
                 }
             }
         };

@@ -724,8 +724,9 @@ impl Cache {
             .flatten()
     }
 
-    /// Stores a written row's entity entry, tagged with the generations the write left.
-    pub(crate) async fn put_entity<T: Serialize>(
+    /// Stores a written row's entity entry (`Some(value)`, as entity reads decode it), tagged
+    /// with the generations the write left.
+    pub(crate) async fn put_entity<T: Serialize + DeserializeOwned>(
         &self,
         row: &RowKey,
         fingerprint: u64,
@@ -735,7 +736,7 @@ impl Cache {
     ) {
         let ttl = ttl.unwrap_or(self.inner.default_ttl);
         let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
-        if let Some(bytes) = codec::encode(&tags, fresh_until, value) {
+        if let Some(bytes) = codec::encode_as::<Option<T>, _>(&tags, fresh_until, &Some(value)) {
             bump(&self.inner.stats.written_through);
             let key = key::entity_entry(
                 &self.inner.namespace,
@@ -757,9 +758,10 @@ impl Cache {
         }
     }
 
-    /// Stores a write's returned value under a custom key, tagged with the query generation the
-    /// write itself set (see [`Write::cache_result`](crate::Write::cache_result)).
-    pub(crate) async fn put_custom<T: Serialize>(
+    /// Stores a write's returned value under a custom key (`Some(value)`, as readers decode
+    /// it), tagged with the query generation the write itself set (see
+    /// [`Write::cache_result`](crate::Write::cache_result)).
+    pub(crate) async fn put_custom<T: Serialize + DeserializeOwned>(
         &self,
         custom: &str,
         generation: u64,
@@ -767,7 +769,8 @@ impl Cache {
         value: &T,
     ) {
         let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
-        if let Some(bytes) = codec::encode(&[generation], fresh_until, value) {
+        let entry = Some(value);
+        if let Some(bytes) = codec::encode_as::<Option<T>, _>(&[generation], fresh_until, &entry) {
             bump(&self.inner.stats.written_through);
             let key = self.custom_key(custom);
             let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
@@ -1066,7 +1069,7 @@ impl Cache {
     }
 
     /// Encodes and stores an entry; returns the bytes (also for single-flight followers).
-    async fn store_entry<T: Serialize>(
+    async fn store_entry<T: Serialize + DeserializeOwned>(
         &self,
         lookup: &Lookup,
         tags: &[u64],

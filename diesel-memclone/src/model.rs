@@ -173,3 +173,50 @@ tuple_values!(A B C D E);
 tuple_values!(A B C D E F);
 tuple_values!(A B C D E F G);
 tuple_values!(A B C D E F G H);
+
+/// How `#[derive(CacheValue)]` asks a field for its tables and rows: through
+/// [`CacheValue`] when the field's type implements it (a model, a `Vec` or `Option` of models,
+/// another derived value), and not at all otherwise (a `chrono::NaiveDateTime`, a `Uuid`, a
+/// `serde_json::Value`, an enum: any `Serialize + DeserializeOwned` type). The derive sees
+/// concrete field types, so method resolution picks the first impl whose bound holds
+/// (autoref specialization) without the derive naming a bound. Not public API.
+#[doc(hidden)]
+pub mod field {
+    use super::{CacheValue, RowKey};
+    use std::marker::PhantomData;
+
+    /// Stands for a field of type `T`.
+    pub struct Probe<T>(PhantomData<fn() -> T>);
+
+    impl<T> Probe<T> {
+        /// The probe.
+        pub const NEW: Self = Probe(PhantomData);
+    }
+
+    /// Fields whose type is a [`CacheValue`]: chosen first.
+    pub trait ValueField<T> {
+        /// The tables of the field's type.
+        fn field_tables(&self, out: &mut Vec<&'static str>);
+        /// The rows the field holds.
+        fn field_rows(&self, value: &T, out: &mut Vec<RowKey>);
+    }
+
+    impl<T: CacheValue> ValueField<T> for Probe<T> {
+        fn field_tables(&self, out: &mut Vec<&'static str>) {
+            T::tables(out)
+        }
+        fn field_rows(&self, value: &T, out: &mut Vec<RowKey>) {
+            value.rows(out)
+        }
+    }
+
+    /// Every other field: no tables, no rows.
+    pub trait PlainField<T> {
+        /// Nothing.
+        fn field_tables(&self, _out: &mut Vec<&'static str>) {}
+        /// Nothing.
+        fn field_rows(&self, _value: &T, _out: &mut Vec<RowKey>) {}
+    }
+
+    impl<T> PlainField<T> for &Probe<T> {}
+}

@@ -396,9 +396,8 @@ impl<S> Write<S> {
                 let written = values.iter().zip(rows).zip(&invalidated.row_generations);
                 for ((value, row), row_generation) in written {
                     let tags = [entity_generation, *row_generation];
-                    let entry = Some(value);
                     cache
-                        .put_entity(row, U::fingerprint(), tags, U::entity_ttl(), &entry)
+                        .put_entity(row, U::fingerprint(), tags, U::entity_ttl(), value)
                         .await;
                 }
             }
@@ -410,9 +409,8 @@ impl<S> Write<S> {
         {
             for value in &values {
                 if let Some(key) = (caching.key)(value as &dyn Any) {
-                    let entry = Some(value);
                     cache
-                        .put_custom(&key, bump.query_generation, caching.ttl, &entry)
+                        .put_custom(&key, bump.query_generation, caching.ttl, value)
                         .await;
                 }
             }
