@@ -8,7 +8,7 @@
 //! * `encode_old` / `encode_new`: the fill's encode before (bincode) and today's (bincode; the
 //!   type's first fills and then one in 64 are read back before they are stored).
 //!
-//! `cargo bench --bench codec`; BENCHMARKS.md quotes a run's medians.
+//! `cargo bench -p diesel-memclone-tests --bench codec`; BENCHMARKS.md quotes a run's medians.
 
 // mimalloc, as in the other benches.
 #[global_allocator]

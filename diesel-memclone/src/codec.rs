@@ -352,7 +352,7 @@ fn split_u64(bytes: &[u8]) -> Option<(u64, &[u8])> {
 pub mod bench {
     use serde::{de::DeserializeOwned, Serialize};
 
-    /// [`encode`](super::encode), as a fill runs it.
+    /// The codec's `encode`, as a fill runs it.
     pub fn encode<T: Serialize + DeserializeOwned>(
         generations: &[u64],
         fresh_until: u64,
@@ -377,7 +377,7 @@ pub mod bench {
         Some(out)
     }
 
-    /// [`decode`](super::decode), as a hit runs it.
+    /// The codec's `decode`, as a hit runs it.
     pub fn decode<T: DeserializeOwned>(bytes: &[u8], current: &[u64]) -> Option<(T, u64)> {
         super::decode(bytes, current).ok()
     }
