@@ -5,7 +5,9 @@ use crate::error::{Error, Result, StoreError};
 use crate::flight::{self, Flights, Join, LockOptions, OnLockTimeout};
 use crate::key;
 use crate::model::RowKey;
-use crate::store::{MemoryStore, Store, StoreResult};
+use crate::near::{Near, NearCache, NearListener};
+use crate::store::{FollowChanges, MemoryStore, Store, StoreResult};
+use futures_util::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -56,6 +58,10 @@ struct Inner {
     retrying: AtomicBool,
     has_undelivered: AtomicBool,
     stats: Counters,
+    /// The near tier, when one was asked for.
+    near: Option<Arc<Near>>,
+    /// Its change stream, until the first read spawns it on the runtime.
+    near_stream: Mutex<Option<BoxFuture<'static, ()>>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -113,6 +119,7 @@ pub struct CacheBuilder {
     single_flight: bool,
     ttl_jitter: f64,
     stale_while_revalidate: Duration,
+    near: Option<NearCache>,
 }
 
 impl std::fmt::Debug for CacheBuilder {
@@ -139,6 +146,7 @@ impl Default for CacheBuilder {
             single_flight: true,
             ttl_jitter: 0.0,
             stale_while_revalidate: Duration::ZERO,
+            near: None,
         }
     }
 }
@@ -221,6 +229,19 @@ impl CacheBuilder {
         self
     }
 
+    /// Keeps the hottest entries, and the generations that validate them, in this process too,
+    /// in front of a Redis store: a read whose entry and generations are held here asks
+    /// nothing of Redis, and a read whose generations are held needs only its entry's `GET`.
+    /// Redis tells the tier of every change (see [`NearCache`] for what `max_lag` promises).
+    ///
+    /// [`build`](CacheBuilder::build) fails on a store that cannot report changes (the
+    /// in-process store, which needs no near tier, or a `RedisStore` made from a pool without
+    /// [`NearCache::tracking_url`]).
+    pub fn near_cache(mut self, options: NearCache) -> Self {
+        self.near = Some(options);
+        self
+    }
+
     /// **Broken on purpose, for tests of the freshness checker only**: fills read the
     /// generations *after* their database read, the classic race that lets a fill store data a
     /// concurrent write already replaced. Never use it elsewhere.
@@ -255,6 +276,34 @@ impl CacheBuilder {
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::default()));
+        let (near, near_stream) = match self.near {
+            None => (None, None),
+            Some(options) => {
+                if options.max_lag.is_zero() {
+                    return Err(Error::Config("max_lag must be greater than zero".into()));
+                }
+                let near = Near::new(options);
+                let prefixes = vec![
+                    key::generation_prefix(&self.namespace),
+                    key::custom_prefix(&self.namespace),
+                ];
+                let follow = FollowChanges::new(
+                    prefixes,
+                    near.options.heartbeat(),
+                    near.options.tracking_url.clone(),
+                    Arc::new(NearListener(Arc::downgrade(&near))),
+                );
+                let Some(stream) = store.follow_changes(follow) else {
+                    return Err(Error::Config(
+                        "the near cache needs a store that reports changes: a RedisStore built \
+                         from URLs, or from a pool with NearCache::tracking_url (the in-process \
+                         store needs no near tier)"
+                            .into(),
+                    ));
+                };
+                (Some(near), Some(stream))
+            }
+        };
         Ok(Cache {
             inner: Arc::new(Inner {
                 store,
@@ -275,6 +324,8 @@ impl CacheBuilder {
                 retrying: AtomicBool::new(false),
                 has_undelivered: AtomicBool::new(false),
                 stats: Counters::default(),
+                near,
+                near_stream: Mutex::new(near_stream),
             }),
         })
     }
@@ -307,6 +358,20 @@ pub struct Stats {
     pub stale_served: u64,
     /// Rows a write stored because no other write overlapped it (write-through).
     pub written_through: u64,
+    /// Reads answered by the near tier without asking Redis (also counted in `hits`).
+    pub near_hits: u64,
+    /// Reads the near tier could have answered (it was in sync and knew the generations) but
+    /// did not hold the entry for.
+    pub near_misses: u64,
+    /// Times the near tier forgot everything: its invalidation stream was lost or restarted,
+    /// or Redis flushed its data.
+    pub near_flushes: u64,
+    /// The longest heartbeat round trip on the near tier's invalidation stream, in
+    /// microseconds: how late, at worst, a change was known to arrive while the stream was
+    /// healthy.
+    pub invalidation_lag_us: u64,
+    /// About how many bytes of entries the near tier holds now.
+    pub near_bytes: u64,
 }
 
 #[derive(Default)]
@@ -425,6 +490,11 @@ impl Cache {
             lock_timeouts: load(&c.lock_timeouts),
             stale_served: load(&c.stale_served),
             written_through: load(&c.written_through),
+            near_hits: self.inner.near.as_ref().map_or(0, |n| load(&n.hits)),
+            near_misses: self.inner.near.as_ref().map_or(0, |n| load(&n.misses)),
+            near_flushes: self.inner.near.as_ref().map_or(0, |n| load(&n.flushes)),
+            invalidation_lag_us: self.inner.near.as_ref().map_or(0, |n| load(&n.lag_max_us)),
+            near_bytes: self.inner.near.as_ref().map_or(0, |n| n.size().1),
         }
     }
 
@@ -463,6 +533,7 @@ impl Cache {
     pub async fn uncache<S: AsRef<str>>(&self, keys: &[S]) {
         let keys: Vec<String> = keys.iter().map(|k| self.custom_key(k.as_ref())).collect();
         let _ = self.call(self.inner.store.remove(&keys)).await;
+        self.forget_near(&keys);
     }
 
     pub(crate) fn query_key(&self, hash: &str, label: &str) -> String {
@@ -657,7 +728,12 @@ impl Cache {
             };
             // One atomic script per table: its generations, its rows' generations and its
             // write sequence move together, which is what makes write-through safe.
-            let bumped = self.call(store.bump_table(bump)).await?;
+            let bumped = self.call(store.bump_table(bump)).await;
+            // Whatever the outcome, this process stops trusting what it knew of these keys:
+            // read-your-writes, with no window, in the near tier.
+            self.forget_near(&keys);
+            self.forget_near(&row_keys);
+            let bumped = bumped?;
             bumps.push(TableBump {
                 sequence: bumped.as_ref().map(|b| b.sequence),
                 query_generation: values[0],
@@ -712,7 +788,9 @@ impl Cache {
             rows_ttl: self.inner.generation_ttl,
             observe: &[],
         };
-        self.call(self.inner.store.bump_table(bump)).await.is_ok()
+        let bumped = self.call(self.inner.store.bump_table(bump)).await.is_ok();
+        self.forget_near(&row_keys);
+        bumped
     }
 
     /// The table's write sequence before a write whose result may be cached.
@@ -775,6 +853,7 @@ impl Cache {
             let key = self.custom_key(custom);
             let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
             let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
+            self.forget_near(std::slice::from_ref(&key));
         }
     }
 
@@ -798,33 +877,28 @@ impl Cache {
         if blocked {
             return self.database_read(&lookup, began, fill).await;
         }
+        let near = self.near();
         let mut tags = None;
         let mut stale = None;
         if lookup.policy != Policy::Refresh {
-            let store = &self.inner.store;
-            let Ok(fetched) = self
-                .call(store.fetch(&lookup.key, &lookup.generations))
-                .await
-            else {
-                return self.database_read(&lookup, began, fill).await;
-            };
-            let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
-            if let (Some(bytes), Some(current)) = (&fetched.entry, &current) {
-                match codec::decode::<T>(bytes, current) {
-                    Ok((value, fresh_until)) if codec::now_millis() < fresh_until => {
-                        bump(&stats.hits);
-                        return Ok(value);
-                    }
-                    // Expired, but physically kept for the stale-while-revalidate window.
-                    Ok((value, _)) if !self.inner.stale_while_revalidate.is_zero() => {
-                        stale = Some(value)
-                    }
-                    Ok(_) => {}
-                    Err(Reject::Corrupt) => bump(&stats.corrupt_entries),
-                    Err(Reject::Outdated) => {}
+            let mut read = None;
+            if let Some(near) = near.filter(|near| near.in_sync()) {
+                if let Some(current) = near.generations(&lookup.generations) {
+                    read = Some(self.near_read::<T>(near, &lookup, current).await);
                 }
             }
-            tags = current;
+            let read = match read {
+                Some(read) => read,
+                None => self.store_read::<T>(near, &lookup).await,
+            };
+            match read {
+                StoreRead::Hit(value) => return Ok(value),
+                StoreRead::Failed => return self.database_read(&lookup, began, fill).await,
+                StoreRead::Miss(current, expired) => {
+                    tags = current;
+                    stale = expired;
+                }
+            }
         }
         if lookup.policy == Policy::ReadOnly {
             bump(&stats.bypasses);
@@ -837,9 +911,15 @@ impl Cache {
             Some(tags) => tags,
             None => {
                 let store = &self.inner.store;
+                let stamps = near.map(|near| near.stamps(&lookup.generations));
                 let ensured = store.ensure_generations(&lookup.generations, lookup.generation_ttl);
                 match self.call(ensured).await {
-                    Ok(tags) => tags,
+                    Ok(tags) => {
+                        if let (Some(near), Some(stamps)) = (near, stamps) {
+                            near.learn_all(&lookup.generations, &tags, &stamps);
+                        }
+                        tags
+                    }
                     Err(_) => return self.database_read(&lookup, began, fill).await,
                 }
             }
@@ -848,6 +928,154 @@ impl Cache {
             return self.revalidate(lookup, tags, stale, fill).await;
         }
         self.fill_once(lookup, tags, fill).await
+    }
+
+    /// The near tier, its change stream started (on the first read inside a runtime).
+    fn near(&self) -> Option<&Near> {
+        let near = self.inner.near.as_deref()?;
+        if near.start() {
+            let mut pending = self
+                .inner
+                .near_stream
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match (tokio::runtime::Handle::try_current(), pending.take()) {
+                (Ok(runtime), Some(stream)) => drop(runtime.spawn(stream)),
+                (Err(_), Some(stream)) => {
+                    *pending = Some(stream);
+                    near.not_started();
+                }
+                _ => {}
+            }
+        }
+        Some(near)
+    }
+
+    /// Waits until the near tier has applied every change Redis made before this call (a
+    /// heartbeat sent after it came back), or `timeout` passed: true in the first case. For
+    /// start-up, when a process wants near reads from its first request, and for tests. Always
+    /// false without a near tier.
+    pub async fn near_cache_ready(&self, timeout: Duration) -> bool {
+        let Some(near) = self.near() else {
+            return false;
+        };
+        let began = Instant::now();
+        let deadline = began + timeout;
+        while !near.synced_since(began) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        true
+    }
+
+    /// Forgets keys in the near tier (this process changed or removed them).
+    fn forget_near(&self, keys: &[String]) {
+        if let Some(near) = self.inner.near.as_deref() {
+            for key in keys {
+                near.forget(key);
+            }
+        }
+    }
+
+    /// A read whose generations the near tier knows: its entry from the tier, or else the
+    /// entry alone from the store (one `GET`), validated against those generations.
+    async fn near_read<T: DeserializeOwned>(
+        &self,
+        near: &Near,
+        lookup: &Lookup,
+        current: Vec<u64>,
+    ) -> StoreRead<T> {
+        let stats = &self.inner.stats;
+        if let Some(bytes) = near.entry(&lookup.key) {
+            if let Ok((value, fresh_until)) = codec::decode::<T>(&bytes, &current) {
+                if codec::now_millis() < fresh_until {
+                    bump(&near.hits);
+                    bump(&stats.hits);
+                    return StoreRead::Hit(value);
+                }
+            }
+        }
+        bump(&near.misses);
+        let stamp = near.stamp(&lookup.key);
+        let Ok(fetched) = self.call(self.inner.store.fetch(&lookup.key, &[])).await else {
+            return StoreRead::Failed;
+        };
+        let expired = match fetched.entry {
+            Some(bytes) => self.judge::<T>(Some(near), lookup, bytes, &current, stamp),
+            None => None,
+        };
+        match expired {
+            Some(Judged::Fresh(value)) => StoreRead::Hit(value),
+            Some(Judged::Expired(value)) => StoreRead::Miss(Some(current), Some(value)),
+            None => StoreRead::Miss(Some(current), None),
+        }
+    }
+
+    /// A read of the entry and its generations from the store, in one round trip; what it
+    /// learns of the generations goes to the near tier, if any.
+    async fn store_read<T: DeserializeOwned>(
+        &self,
+        near: Option<&Near>,
+        lookup: &Lookup,
+    ) -> StoreRead<T> {
+        let stamps = near.map(|near| (near.stamps(&lookup.generations), near.stamp(&lookup.key)));
+        let store = &self.inner.store;
+        let Ok(fetched) = self
+            .call(store.fetch(&lookup.key, &lookup.generations))
+            .await
+        else {
+            return StoreRead::Failed;
+        };
+        let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
+        let mut entry_stamp = 0;
+        if let (Some(near), Some((stamps, stamp))) = (near, stamps) {
+            near.learn_some(&lookup.generations, &fetched.generations, &stamps);
+            entry_stamp = stamp;
+        }
+        if let (Some(bytes), Some(current)) = (fetched.entry, &current) {
+            match self.judge::<T>(near, lookup, bytes, current, entry_stamp) {
+                Some(Judged::Fresh(value)) => return StoreRead::Hit(value),
+                Some(Judged::Expired(value)) => {
+                    return StoreRead::Miss(Some(current.clone()), Some(value))
+                }
+                None => {}
+            }
+        }
+        StoreRead::Miss(current, None)
+    }
+
+    /// Decodes an entry read from the store under `current` generations: fresh (counted as a
+    /// hit, and kept in the near tier), expired but in the stale-while-revalidate window, or
+    /// unusable (`None`; counted when corrupt).
+    fn judge<T: DeserializeOwned>(
+        &self,
+        near: Option<&Near>,
+        lookup: &Lookup,
+        bytes: Vec<u8>,
+        current: &[u64],
+        stamp: u64,
+    ) -> Option<Judged<T>> {
+        match codec::decode::<T>(&bytes, current) {
+            Ok((value, fresh_until)) if codec::now_millis() < fresh_until => {
+                bump(&self.inner.stats.hits);
+                if let Some(near) = near {
+                    near.keep(&lookup.key, bytes.into(), fresh_until, stamp);
+                }
+                Some(Judged::Fresh(value))
+            }
+            // Expired, but physically kept for the stale-while-revalidate window.
+            Ok((value, _)) if !self.inner.stale_while_revalidate.is_zero() => {
+                Some(Judged::Expired(value))
+            }
+            Ok(_) => None,
+            Err(Reject::Corrupt) => {
+                bump(&self.inner.stats.corrupt_entries);
+                None
+            }
+            Err(Reject::Outdated) => None,
+        }
     }
 
     /// A read the store cannot serve (it failed, timed out, or misses an invalidation): from the
@@ -1088,8 +1316,14 @@ impl Cache {
             }
             None => store.put(&lookup.key, bytes, kept_for),
         };
+        let near = self.inner.near.as_deref();
+        let stamp = near.map(|near| near.stamp(&lookup.key));
         // A failed store write only costs a later miss.
-        let _ = self.call(put).await;
+        if self.call(put).await.is_ok() {
+            if let (Some(near), Some(stamp)) = (near, stamp) {
+                near.keep(&lookup.key, entry.clone(), fresh_until, stamp);
+            }
+        }
         Some(entry)
     }
 
@@ -1179,6 +1413,22 @@ pub(crate) struct TableBump {
     pub(crate) query_generation: u64,
     /// The table's entity generation, observed with the bump (when the rows were known).
     pub(crate) entity_generation: Option<u64>,
+}
+
+/// What a read of the store found.
+enum StoreRead<T> {
+    /// A fresh entry.
+    Hit(T),
+    /// No fresh entry: the current generations, if all known, and an expired value that the
+    /// stale-while-revalidate window still allows.
+    Miss(Option<Vec<u64>>, Option<T>),
+    /// The store failed.
+    Failed,
+}
+
+enum Judged<T> {
+    Fresh(T),
+    Expired(T),
 }
 
 enum LockWait<T> {

@@ -54,6 +54,17 @@ pub(crate) fn escape(text: &str, out: &mut String) {
     }
 }
 
+/// What every generation key (and write sequence) of the namespace starts with: the keys a
+/// near tier follows.
+pub(crate) fn generation_prefix(ns: &str) -> String {
+    format!("{ns}:{{t:")
+}
+
+/// What every custom entry key of the namespace starts with.
+pub(crate) fn custom_prefix(ns: &str) -> String {
+    format!("{ns}:{{k:")
+}
+
 pub(crate) fn query_generation(ns: &str, table: &str) -> String {
     let mut key = format!("{ns}:{{t:");
     escape(table, &mut key);

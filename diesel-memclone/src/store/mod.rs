@@ -7,6 +7,8 @@ use std::time::Duration;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "redis")]
+mod tracking;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
@@ -148,6 +150,74 @@ pub trait Store: Send + Sync + 'static {
     fn unlock<'a>(&'a self, key: &'a str, owner: u64) -> BoxFuture<'a, StoreResult<()>> {
         let _ = (key, owner);
         futures_util::future::ready(Ok(())).boxed()
+    }
+
+    /// For a near tier: a task that reports every change to keys starting with one of
+    /// `follow.prefixes` to `follow.listener` until the listener is closed, or `None` when the
+    /// store cannot report changes (the default; a cache refuses a near tier on such a store).
+    ///
+    /// The task must call [`ChangeListener::lost`] as soon as it may have missed a change (a
+    /// connection lost or hung, a server restarted), [`ChangeListener::flush`] once it follows
+    /// changes again (and before any [`synced`](ChangeListener::synced)), and
+    /// [`ChangeListener::synced`] after each heartbeat that proves every change before it was
+    /// reported.
+    fn follow_changes(&self, follow: FollowChanges) -> Option<BoxFuture<'static, ()>> {
+        let _ = follow;
+        None
+    }
+}
+
+/// Where a store reports changes for a near tier (see [`Store::follow_changes`]).
+pub trait ChangeListener: Send + Sync + 'static {
+    /// `key` changed, expired or was evicted.
+    fn changed(&self, key: &[u8]);
+    /// Anything may have changed (`FLUSHALL`, a new connection): forget everything.
+    fn flush(&self);
+    /// The stream may have missed changes: stop answering and forget everything until the next
+    /// [`synced`](ChangeListener::synced).
+    fn lost(&self);
+    /// Every change made before `sent` has been reported; the heartbeat took `round_trip`.
+    fn synced(&self, sent: std::time::Instant, round_trip: Duration);
+    /// True once nobody listens any more: the task ends.
+    fn is_closed(&self) -> bool;
+}
+
+/// What [`Store::follow_changes`] follows and whom it tells.
+#[non_exhaustive]
+pub struct FollowChanges {
+    /// Changes to keys starting with one of these are reported.
+    pub prefixes: Vec<String>,
+    /// How often to prove the stream is in sync.
+    pub heartbeat: Duration,
+    /// Where to connect instead of the store's own address, if set.
+    pub address: Option<String>,
+    /// Whom to tell.
+    pub listener: std::sync::Arc<dyn ChangeListener>,
+}
+
+impl std::fmt::Debug for FollowChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FollowChanges")
+            .field("prefixes", &self.prefixes)
+            .field("heartbeat", &self.heartbeat)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FollowChanges {
+    /// A request from its parts (for callers of [`Store::follow_changes`]).
+    pub fn new(
+        prefixes: Vec<String>,
+        heartbeat: Duration,
+        address: Option<String>,
+        listener: std::sync::Arc<dyn ChangeListener>,
+    ) -> Self {
+        Self {
+            prefixes,
+            heartbeat,
+            address,
+            listener,
+        }
     }
 }
 

@@ -1,6 +1,9 @@
 //! The Redis store, over a deadpool-redis pool.
 
-use super::{fresh_generation, Bumped, Fetched, Store, StoreResult, TableBump, SEQUENCE_SHIFT};
+use super::tracking::{self, Targets};
+use super::{
+    fresh_generation, Bumped, Fetched, FollowChanges, Store, StoreResult, TableBump, SEQUENCE_SHIFT,
+};
 use crate::error::{Error, StoreError};
 use deadpool_redis::redis::{self, Value};
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
@@ -43,6 +46,8 @@ pub struct RedisStore {
     /// checkout verifies its connection with a `PING` round trip, which would double the cost of
     /// a hit; a multiplexed connection needs no checkout: each operation clones it.
     shared: Arc<Shared>,
+    /// Where a near tier's change stream connects (unknown for a store made from a pool).
+    targets: Option<Targets>,
 }
 
 struct Shared {
@@ -268,6 +273,7 @@ impl RedisStoreBuilder {
         };
         let built =
             |e: &dyn std::fmt::Display| Error::Config(format!("cannot build the Redis pool: {e}"));
+        let targets;
         let backend = if self.cluster {
             #[cfg(feature = "redis-tls")]
             if self.tls_root_certificates.is_some() {
@@ -275,6 +281,12 @@ impl RedisStoreBuilder {
                     "tls_root_certificates applies to a single server, not a cluster".into(),
                 ));
             }
+            let seeds = self
+                .urls
+                .iter()
+                .map(|url| tracking::info(url).map_err(|e| built(&e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            targets = Some(Targets::Cluster(seeds));
             let mut config = deadpool_redis::cluster::Config::from_urls(self.urls);
             config.pool = Some(pool_config);
             Backend::Cluster(
@@ -299,6 +311,10 @@ impl RedisStoreBuilder {
                 None => redis::IntoConnectionInfo::into_connection_info(url.as_str())
                     .map_err(|e| built(&e))?,
             };
+            targets = Some(Targets::Single(
+                redis::IntoConnectionInfo::into_connection_info(url.clone())
+                    .map_err(|e| built(&e))?,
+            ));
             // Without it, redis-rs gives up connecting after its own default of 1 s.
             let connection = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(self.connect_timeout));
@@ -315,6 +331,7 @@ impl RedisStoreBuilder {
         Ok(RedisStore {
             backend,
             shared: Shared::new(self.connections),
+            targets,
         })
     }
 }
@@ -360,6 +377,7 @@ impl RedisStore {
         Self {
             backend: Backend::Single(pool),
             shared: Shared::new(connections),
+            targets: None,
         }
     }
 
@@ -368,6 +386,7 @@ impl RedisStore {
         Self {
             backend: Backend::Cluster(pool),
             shared: Shared::new(1),
+            targets: None,
         }
     }
 
@@ -852,6 +871,14 @@ impl Store for RedisStore {
             }
         }
         .boxed()
+    }
+
+    fn follow_changes(&self, follow: FollowChanges) -> Option<BoxFuture<'static, ()>> {
+        let targets = match &follow.address {
+            Some(url) => Targets::Single(tracking::info(url).ok()?),
+            None => self.targets.clone()?,
+        };
+        Some(tracking::follow(targets, follow).boxed())
     }
 
     fn reset(&self) {

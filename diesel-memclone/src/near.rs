@@ -1,0 +1,409 @@
+//! The near tier: entries and generations kept in this process, in front of a shared store
+//! (Redis), and trusted only while the store's change stream says they are current.
+//!
+//! Two maps live here:
+//!
+//! * the **view**: the values of generation keys this process has read or set, each removed the
+//!   moment the store reports the key changed (Redis `CLIENT TRACKING` in broadcast mode, on a
+//!   connection of its own). A read whose generations are all in the view knows them without
+//!   asking the store;
+//! * the **entries**: encoded entries as the store holds them, bounded in bytes, each kept no
+//!   longer than its own freshness. An entry is served when the generations it was filled under
+//!   equal the view's, exactly as a store entry is validated on read.
+//!
+//! Both are trusted only while the change stream is known to be in sync: a heartbeat sent at
+//! `t` whose reply came back proves that every change Redis made before `t` has been applied
+//! here (the stream and the reply share one connection, in order, and changes are applied as
+//! they arrive, before the reply is seen). Near reads stop when the last such `t` is more than
+//! `max_lag` ago, and the view and entries are flushed whenever the stream was lost.
+//!
+//! A value read from the store is put in the view only if no change to that key arrived between
+//! the moment before the read was sent and the moment it is put: each key hashes to a stripe
+//! whose counter every change (and every local invalidation) advances, and an insert that sees
+//! its stripe moved takes itself back out.
+
+use crate::codec;
+use crate::store::ChangeListener;
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Options of the near tier, an in-process copy of the hottest entries in front of a Redis
+/// store (see [`CacheBuilder::near_cache`](crate::CacheBuilder::near_cache)).
+///
+/// A near hit costs what an in-process lookup and a decode cost and asks nothing of Redis. It is
+/// served only while this process is known to have heard of every change Redis made more than
+/// [`max_lag`](NearCache::max_lag) ago: a write made through another process can be served
+/// stale here for at most that long. Writes made through this process are seen at once.
+///
+/// ```no_run
+/// # fn demo() -> diesel_memclone::Result<()> {
+/// use diesel_memclone::{store::RedisStore, Cache, NearCache};
+/// use std::time::Duration;
+///
+/// let store = RedisStore::builder("redis://127.0.0.1:6379").build()?;
+/// let cache = Cache::builder()
+///     .store(store)
+///     .near_cache(NearCache::new().max_bytes(64 << 20).max_lag(Duration::from_millis(50)))
+///     .build()?;
+/// # let _ = cache; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct NearCache {
+    pub(crate) max_bytes: u64,
+    pub(crate) max_lag: Duration,
+    pub(crate) tracking_url: Option<String>,
+}
+
+impl Default for NearCache {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 * 1024 * 1024,
+            max_lag: Self::DEFAULT_MAX_LAG,
+            tracking_url: None,
+        }
+    }
+}
+
+impl NearCache {
+    /// The default [`max_lag`](NearCache::max_lag): 100 ms.
+    pub const DEFAULT_MAX_LAG: Duration = Duration::from_millis(100);
+
+    /// A near tier of 64 MiB with a `max_lag` of 100 ms.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// About how many bytes of entries (keys and encoded values) the tier holds at most
+    /// (default 64 MiB); the least useful go first.
+    pub fn max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// The longest a write made by another process can go unseen here (default 100 ms).
+    ///
+    /// The tier answers only while a heartbeat sent on the invalidation connection less than
+    /// `max_lag` ago has come back, which proves that every change before it arrived. If the
+    /// connection is lost, hangs, or Redis restarts, near reads stop within `max_lag` and go to
+    /// Redis until the stream is back and the tier has been flushed. The cost: one `PING` every
+    /// quarter of `max_lag` on that connection (40 a second at the default).
+    pub fn max_lag(mut self, max_lag: Duration) -> Self {
+        self.max_lag = max_lag;
+        self
+    }
+
+    /// Opens the invalidation connection at this address instead of the store's (single
+    /// servers only): for a proxy or tunnel in front of the same server. It must reach the
+    /// server the store writes to, or the tier never hears of changes.
+    pub fn tracking_url(mut self, url: impl Into<String>) -> Self {
+        self.tracking_url = Some(url.into());
+        self
+    }
+
+    /// The heartbeat period: four beats per `max_lag`, so that one late beat does not stop the
+    /// tier.
+    pub(crate) fn heartbeat(&self) -> Duration {
+        (self.max_lag / 4).max(Duration::from_micros(250))
+    }
+}
+
+const STRIPES: usize = 256;
+
+/// An encoded entry and when the tier drops it.
+#[derive(Clone)]
+pub(crate) struct NearEntry {
+    pub(crate) bytes: Arc<[u8]>,
+    lives: Duration,
+}
+
+struct UntilFresh;
+
+impl moka::Expiry<String, NearEntry> for UntilFresh {
+    fn expire_after_create(&self, _: &String, value: &NearEntry, _: Instant) -> Option<Duration> {
+        Some(value.lives)
+    }
+}
+
+/// The near tier's state, shared with the change stream's listener.
+pub(crate) struct Near {
+    view: DashMap<Box<str>, u64>,
+    stripes: Box<[AtomicU64]>,
+    entries: moka::sync::Cache<String, NearEntry>,
+    /// Nanoseconds after `base` at which the last acknowledged heartbeat was sent; 0: not in
+    /// sync.
+    synced_at: AtomicU64,
+    base: Instant,
+    max_lag_nanos: u64,
+    started: AtomicBool,
+    pub(crate) options: NearCache,
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    /// The longest heartbeat round trip seen, in microseconds.
+    pub(crate) lag_max_us: AtomicU64,
+}
+
+impl Near {
+    pub(crate) fn new(options: NearCache) -> Arc<Self> {
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(options.max_bytes)
+            .weigher(|key: &String, value: &NearEntry| {
+                u32::try_from(key.len() + value.bytes.len() + 64).unwrap_or(u32::MAX)
+            })
+            .expire_after(UntilFresh)
+            .build();
+        Arc::new(Self {
+            view: DashMap::new(),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            entries,
+            synced_at: AtomicU64::new(0),
+            base: Instant::now(),
+            max_lag_nanos: u64::try_from(options.max_lag.as_nanos()).unwrap_or(u64::MAX),
+            started: AtomicBool::new(false),
+            options,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            lag_max_us: AtomicU64::new(0),
+        })
+    }
+
+    /// True the first time only: the caller starts the change stream.
+    pub(crate) fn start(&self) -> bool {
+        !self.started.load(Ordering::Relaxed) && !self.started.swap(true, Ordering::AcqRel)
+    }
+
+    /// Lets a later call start the stream again (it could not be started now).
+    pub(crate) fn not_started(&self) {
+        self.started.store(false, Ordering::Release);
+    }
+
+    /// True while the tier may answer: a heartbeat sent less than `max_lag` ago came back.
+    pub(crate) fn in_sync(&self) -> bool {
+        let synced = self.synced_at.load(Ordering::Acquire);
+        synced != 0 && self.now_nanos().saturating_sub(synced) <= self.max_lag_nanos
+    }
+
+    /// True once a heartbeat sent at or after `since` has come back: every change Redis made
+    /// before `since` has been applied.
+    pub(crate) fn synced_since(&self, since: Instant) -> bool {
+        let since = u64::try_from(since.saturating_duration_since(self.base).as_nanos())
+            .unwrap_or(u64::MAX);
+        self.synced_at.load(Ordering::Acquire) >= since.max(1)
+    }
+
+    fn now_nanos(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn stripe(&self, key: &str) -> &AtomicU64 {
+        let hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+        &self.stripes[(hash as usize) % STRIPES]
+    }
+
+    /// Taken before a read of `keys` is sent: [`Near::learn`] puts what it read in the view only
+    /// if none of them changed since.
+    pub(crate) fn stamp(&self, key: &str) -> u64 {
+        self.stripe(key).load(Ordering::SeqCst)
+    }
+
+    /// [`Near::stamp`] of each key.
+    pub(crate) fn stamps(&self, keys: &[String]) -> Vec<u64> {
+        keys.iter().map(|key| self.stamp(key)).collect()
+    }
+
+    /// [`Near::learn`] of each key.
+    pub(crate) fn learn_all(&self, keys: &[String], values: &[u64], stamps: &[u64]) {
+        for ((key, value), stamp) in keys.iter().zip(values).zip(stamps) {
+            self.learn(key, *value, *stamp);
+        }
+    }
+
+    /// [`Near::learn`] of each key whose value was found.
+    pub(crate) fn learn_some(&self, keys: &[String], values: &[Option<u64>], stamps: &[u64]) {
+        for ((key, value), stamp) in keys.iter().zip(values).zip(stamps) {
+            if let Some(value) = value {
+                self.learn(key, *value, *stamp);
+            }
+        }
+    }
+
+    /// The current values of `keys` when the view knows all of them (ask [`Near::in_sync`]
+    /// first).
+    pub(crate) fn generations(&self, keys: &[String]) -> Option<Vec<u64>> {
+        keys.iter()
+            .map(|key| self.view.get(key.as_str()).map(|value| *value))
+            .collect()
+    }
+
+    /// Puts a generation read from the store in the view, unless it changed since `stamp`.
+    pub(crate) fn learn(&self, key: &str, value: u64, stamp: u64) {
+        let stripe = self.stripe(key);
+        if stripe.load(Ordering::SeqCst) != stamp {
+            return;
+        }
+        self.view.insert(key.into(), value);
+        // A change that arrived while it was put: take it back out (the change's removal may
+        // have run before the insert).
+        if stripe.load(Ordering::SeqCst) != stamp {
+            self.view.remove(key);
+        }
+    }
+
+    /// The entry under `key`, if held.
+    pub(crate) fn entry(&self, key: &str) -> Option<Arc<[u8]>> {
+        self.entries.get(key).map(|entry| entry.bytes)
+    }
+
+    /// Keeps an entry (as the store holds it) until `fresh_until` (unix ms), unless `key` changed
+    /// since `stamp` (entries under keys the stream follows, such as custom keys).
+    pub(crate) fn keep(&self, key: &str, bytes: Arc<[u8]>, fresh_until: u64, stamp: u64) {
+        let left = fresh_until.saturating_sub(codec::now_millis());
+        if left == 0 {
+            return;
+        }
+        let stripe = self.stripe(key);
+        if stripe.load(Ordering::SeqCst) != stamp {
+            return;
+        }
+        let lives = Duration::from_millis(left);
+        self.entries
+            .insert(key.to_owned(), NearEntry { bytes, lives });
+        if stripe.load(Ordering::SeqCst) != stamp {
+            self.entries.invalidate(key);
+        }
+    }
+
+    /// Forgets a key: a change reported by the store, or one this process made.
+    pub(crate) fn forget(&self, key: &str) {
+        self.stripe(key).fetch_add(1, Ordering::SeqCst);
+        self.view.remove(key);
+        self.entries.invalidate(key);
+    }
+
+    /// Forgets everything.
+    pub(crate) fn flush(&self) {
+        for stripe in self.stripes.iter() {
+            stripe.fetch_add(1, Ordering::SeqCst);
+        }
+        self.view.clear();
+        self.entries.invalidate_all();
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Entries held and their weight in bytes (approximate while writes are in flight).
+    pub(crate) fn size(&self) -> (u64, u64) {
+        self.entries.run_pending_tasks();
+        (self.entries.entry_count(), self.entries.weighted_size())
+    }
+}
+
+/// What the change stream reports to: the tier, held weakly so that the stream ends with the
+/// cache.
+pub(crate) struct NearListener(pub(crate) std::sync::Weak<Near>);
+
+impl ChangeListener for NearListener {
+    fn changed(&self, key: &[u8]) {
+        if let Some(near) = self.0.upgrade() {
+            match std::str::from_utf8(key) {
+                Ok(key) => near.forget(key),
+                // Not a key this crate wrote; cannot be matched: forget everything.
+                Err(_) => near.flush(),
+            }
+        }
+    }
+
+    fn flush(&self) {
+        if let Some(near) = self.0.upgrade() {
+            near.flush();
+        }
+    }
+
+    fn lost(&self) {
+        if let Some(near) = self.0.upgrade() {
+            near.synced_at.store(0, Ordering::Release);
+            near.flush();
+        }
+    }
+
+    fn synced(&self, sent: Instant, round_trip: Duration) {
+        if let Some(near) = self.0.upgrade() {
+            let at = u64::try_from(sent.saturating_duration_since(near.base).as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            near.synced_at.fetch_max(at, Ordering::AcqRel);
+            let us = u64::try_from(round_trip.as_micros()).unwrap_or(u64::MAX);
+            near.lag_max_us.fetch_max(us, Ordering::Relaxed);
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn near() -> Arc<Near> {
+        Near::new(NearCache::new().max_bytes(1 << 20))
+    }
+
+    #[test]
+    fn a_change_between_stamp_and_learn_keeps_the_value_out() {
+        let near = near();
+        let stamp = near.stamp("g");
+        near.forget("g");
+        near.learn("g", 7, stamp);
+        assert_eq!(near.generations(&["g".into()]), None);
+        let stamp = near.stamp("g");
+        near.learn("g", 8, stamp);
+        assert_eq!(near.generations(&["g".into()]), Some(vec![8]));
+    }
+
+    #[test]
+    fn out_of_sync_until_a_heartbeat_and_after_a_loss() {
+        let near = near();
+        let listener = NearListener(Arc::downgrade(&near));
+        assert!(!near.in_sync());
+        listener.synced(Instant::now(), Duration::from_micros(30));
+        assert!(near.in_sync());
+        listener.lost();
+        assert!(!near.in_sync());
+        let stale = Instant::now();
+        std::thread::sleep(NearCache::DEFAULT_MAX_LAG + Duration::from_millis(20));
+        listener.synced(stale, Duration::from_millis(1));
+        assert!(
+            !near.in_sync(),
+            "a heartbeat older than max_lag proves nothing now"
+        );
+    }
+
+    #[test]
+    fn entries_are_bounded_in_bytes() {
+        let near = near();
+        let until = codec::now_millis() + 60_000;
+        for i in 0..200 {
+            let key = format!("k{i}");
+            let stamp = near.stamp(&key);
+            near.keep(&key, vec![0u8; 16 * 1024].into(), until, stamp);
+        }
+        let (_, bytes) = near.size();
+        assert!(bytes <= 1 << 20, "{bytes} bytes held");
+    }
+
+    #[test]
+    fn the_listener_ends_with_the_tier() {
+        let near = near();
+        let listener = NearListener(Arc::downgrade(&near));
+        assert!(!listener.is_closed());
+        drop(near);
+        assert!(listener.is_closed());
+    }
+}
