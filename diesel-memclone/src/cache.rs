@@ -5,9 +5,8 @@ use crate::error::{Error, Result, StoreError};
 use crate::flight::{self, Flights, Join, LockOptions, OnLockTimeout};
 use crate::key;
 use crate::model::RowKey;
-use crate::near::{Near, NearCache, NearListener};
-use crate::store::{FollowChanges, MemoryStore, Store, StoreResult};
-use futures_util::future::BoxFuture;
+use crate::near::{Near, NearCache};
+use crate::store::{MemoryStore, Store, StoreResult};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -60,8 +59,6 @@ struct Inner {
     stats: Counters,
     /// The near tier, when one was asked for.
     near: Option<Arc<Near>>,
-    /// Its change stream, until the first read spawns it on the runtime.
-    near_stream: Mutex<Option<BoxFuture<'static, ()>>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -276,32 +273,27 @@ impl CacheBuilder {
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::default()));
-        let (near, near_stream) = match self.near {
-            None => (None, None),
+        let near = match self.near {
+            None => None,
             Some(options) => {
                 if options.max_lag.is_zero() {
                     return Err(Error::Config("max_lag must be greater than zero".into()));
                 }
-                let near = Near::new(options);
                 let prefixes = vec![
                     key::generation_prefix(&self.namespace),
                     key::custom_prefix(&self.namespace),
                 ];
-                let follow = FollowChanges::new(
-                    prefixes,
-                    near.options.heartbeat(),
-                    near.options.tracking_url.clone(),
-                    Arc::new(NearListener(Arc::downgrade(&near))),
-                );
-                let Some(stream) = store.follow_changes(follow) else {
+                let near = Near::new(options, prefixes);
+                // Asked once here, not polled, to refuse a store that cannot report changes.
+                if store.follow_changes(near.request()).is_none() {
                     return Err(Error::Config(
                         "the near cache needs a store that reports changes: a RedisStore built \
                          from URLs, or from a pool with NearCache::tracking_url (the in-process \
                          store needs no near tier)"
                             .into(),
                     ));
-                };
-                (Some(near), Some(stream))
+                }
+                Some(near)
             }
         };
         Ok(Cache {
@@ -325,7 +317,6 @@ impl CacheBuilder {
                 has_undelivered: AtomicBool::new(false),
                 stats: Counters::default(),
                 near,
-                near_stream: Mutex::new(near_stream),
             }),
         })
     }
@@ -932,23 +923,9 @@ impl Cache {
 
     /// The near tier, its change stream started (on the first read inside a runtime).
     fn near(&self) -> Option<&Near> {
-        let near = self.inner.near.as_deref()?;
-        if near.start() {
-            let mut pending = self
-                .inner
-                .near_stream
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            match (tokio::runtime::Handle::try_current(), pending.take()) {
-                (Ok(runtime), Some(stream)) => drop(runtime.spawn(stream)),
-                (Err(_), Some(stream)) => {
-                    *pending = Some(stream);
-                    near.not_started();
-                }
-                _ => {}
-            }
-        }
-        Some(near)
+        let near = self.inner.near.as_ref()?;
+        near.follow(&*self.inner.store);
+        Some(near.as_ref())
     }
 
     /// Waits until the near tier has applied every change Redis made before this call (a

@@ -23,7 +23,7 @@
 //! its stripe moved takes itself back out.
 
 use crate::codec;
-use crate::store::ChangeListener;
+use crate::store::{ChangeListener, FollowChanges, Store};
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -138,7 +138,8 @@ pub(crate) struct Near {
     base: Instant,
     max_lag_nanos: u64,
     started: AtomicBool,
-    pub(crate) options: NearCache,
+    /// What the store's change stream is asked to follow, and whom it tells.
+    request: FollowChanges,
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) flushes: AtomicU64,
@@ -147,7 +148,8 @@ pub(crate) struct Near {
 }
 
 impl Near {
-    pub(crate) fn new(options: NearCache) -> Arc<Self> {
+    /// A tier following changes to keys that start with `prefixes`.
+    pub(crate) fn new(options: NearCache, prefixes: Vec<String>) -> Arc<Self> {
         let entries = moka::sync::Cache::builder()
             .max_capacity(options.max_bytes)
             .weigher(|key: &String, value: &NearEntry| {
@@ -155,7 +157,13 @@ impl Near {
             })
             .expire_after(UntilFresh)
             .build();
-        Arc::new(Self {
+        Arc::new_cyclic(|near| Self {
+            request: FollowChanges::new(
+                prefixes,
+                options.heartbeat(),
+                options.tracking_url.clone(),
+                Arc::new(NearListener(near.clone())),
+            ),
             view: DashMap::new(),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             entries,
@@ -163,7 +171,6 @@ impl Near {
             base: Instant::now(),
             max_lag_nanos: u64::try_from(options.max_lag.as_nanos()).unwrap_or(u64::MAX),
             started: AtomicBool::new(false),
-            options,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
@@ -171,14 +178,30 @@ impl Near {
         })
     }
 
-    /// True the first time only: the caller starts the change stream.
-    pub(crate) fn start(&self) -> bool {
-        !self.started.load(Ordering::Relaxed) && !self.started.swap(true, Ordering::AcqRel)
+    /// What to ask of the store's change stream.
+    pub(crate) fn request(&self) -> FollowChanges {
+        self.request.clone()
     }
 
-    /// Lets a later call start the stream again (it could not be started now).
-    pub(crate) fn not_started(&self) {
-        self.started.store(false, Ordering::Release);
+    /// Starts the store's change stream on the current runtime, unless it runs already. Outside
+    /// a runtime it is started by a later call. If its runtime shuts down, the tier is out of
+    /// sync and flushed, and the next call (on another runtime) starts it again.
+    pub(crate) fn follow(self: &Arc<Self>, store: &dyn Store) {
+        if self.started.load(Ordering::Relaxed) || self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let stream = tokio::runtime::Handle::try_current()
+            .ok()
+            .and_then(|runtime| Some((runtime, store.follow_changes(self.request())?)));
+        let Some((runtime, stream)) = stream else {
+            self.started.store(false, Ordering::Release);
+            return;
+        };
+        let following = Following(Arc::downgrade(self));
+        drop(runtime.spawn(async move {
+            let _following = following;
+            stream.await;
+        }));
     }
 
     /// True while the tier may answer: a heartbeat sent less than `max_lag` ago came back.
@@ -303,6 +326,19 @@ impl Near {
     }
 }
 
+/// Held by the running change stream: when the stream ends or is dropped (its runtime shut
+/// down), the tier stops answering and a later read starts a new stream.
+struct Following(std::sync::Weak<Near>);
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        if let Some(near) = self.0.upgrade() {
+            NearListener(self.0.clone()).lost();
+            near.started.store(false, Ordering::Release);
+        }
+    }
+}
+
 /// What the change stream reports to: the tier, held weakly so that the stream ends with the
 /// cache.
 pub(crate) struct NearListener(pub(crate) std::sync::Weak<Near>);
@@ -352,7 +388,7 @@ mod tests {
     use super::*;
 
     fn near() -> Arc<Near> {
-        Near::new(NearCache::new().max_bytes(1 << 20))
+        Near::new(NearCache::new().max_bytes(1 << 20), vec!["ns:{t:".into()])
     }
 
     #[test]

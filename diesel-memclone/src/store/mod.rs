@@ -183,6 +183,7 @@ pub trait ChangeListener: Send + Sync + 'static {
 }
 
 /// What [`Store::follow_changes`] follows and whom it tells.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct FollowChanges {
     /// Changes to keys starting with one of these are reported.
