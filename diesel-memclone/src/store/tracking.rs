@@ -36,6 +36,10 @@ pub(crate) async fn follow(targets: Targets, follow: FollowChanges) {
         }
         let outcome = session(&targets, &follow, &mut down_since).await;
         listener.lost();
+        if down_since.is_none() {
+            // The session was in sync before it ended: reconnect quickly.
+            pause = Duration::from_millis(10);
+        }
         if listener.is_closed() {
             return;
         }
