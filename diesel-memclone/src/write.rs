@@ -295,11 +295,11 @@ impl<S> Write<S> {
     ) -> Option<Invalidated> {
         match timing {
             WriteTiming::Now => {
-                let bumps = cache.invalidate_written(&tables, rows.as_deref()).await;
+                let invalidated = cache.invalidate_written(&tables, rows.as_deref()).await;
                 if !uncache.is_empty() {
                     cache.uncache(&uncache).await;
                 }
-                bumps
+                invalidated
             }
             WriteTiming::AfterCommit(transaction) => {
                 if let (Some(index), Some(rows)) = (deferred, rows) {
@@ -381,16 +381,16 @@ impl<S> Write<S> {
         let (Some(before), Some(invalidated)) = (before, invalidated) else {
             return Ok(values);
         };
-        let Some(bump) = <[_]>::first(&invalidated.tables) else {
+        let Some(ours) = <[_]>::first(&invalidated.tables) else {
             return Ok(values);
         };
         // Exactly one more invalidation of the table than before the write: ours, and no
         // other write overlapped, so these rows are the newest and may be cached.
-        if bump.sequence != Some(before + 1) {
+        if ours.sequence != Some(before + 1) {
             return Ok(values);
         }
         if let (true, Some(rows), Some(entity_generation)) =
-            (rows_through, &rows, bump.entity_generation)
+            (rows_through, &rows, ours.entity_generation)
         {
             if rows.len() == values.len() {
                 let written = values.iter().zip(rows).zip(&invalidated.row_generations);
@@ -410,7 +410,7 @@ impl<S> Write<S> {
             for value in &values {
                 if let Some(key) = (caching.key)(value as &dyn Any) {
                     cache
-                        .put_custom(&key, bump.query_generation, caching.ttl, value)
+                        .put_custom(&key, ours.query_generation, caching.ttl, value)
                         .await;
                 }
             }

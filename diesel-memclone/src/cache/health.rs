@@ -2,7 +2,7 @@
 //! store timeout, remembers a failure so that calls skip the store for a while, and logs the
 //! outage once (and the recovery once) instead of once per call.
 
-use super::{bump, Cache};
+use super::Cache;
 use crate::error::StoreError;
 use crate::store::StoreResult;
 use std::future::Future;
@@ -66,7 +66,7 @@ impl Cache {
         match &outcome {
             Ok(_) => inner.health.succeeded(),
             Err(error) => {
-                bump(&inner.stats.store_errors);
+                inner.stats.store_errors.add_one();
                 // An error about one key is that key's miss, not a reason to skip the store.
                 if error.is_outage() {
                     inner.health.failed(error);

@@ -2,10 +2,10 @@
 //! bump per table; an invalidation the store did not take is remembered, retried in the
 //! background, and keeps the cache from serving its tables until it is delivered.
 
-use super::{bump, Cache, Inner};
+use super::{Cache, Inner};
 use crate::key;
 use crate::model::RowKey;
-use crate::store::StoreResult;
+use crate::store::{fresh_generation, StoreResult, TableBump};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -129,7 +129,7 @@ impl Cache {
     ) -> StoreResult<Invalidated> {
         let ns = &self.inner.namespace;
         let store = &self.inner.store;
-        let mut bumps = Vec::with_capacity(tables.len());
+        let mut invalidated = Vec::with_capacity(tables.len());
         let mut row_generations = Vec::new();
         for (i, table) in tables.iter().enumerate() {
             // The rows, when known, are rows of the first (written) table; any other table
@@ -143,21 +143,15 @@ impl Cache {
                 Some(_) => observe.push(key::entity_generation(ns, table)),
                 None => keys.push(key::entity_generation(ns, table)),
             }
-            let values: Vec<u64> = keys
-                .iter()
-                .map(|_| crate::store::fresh_generation())
-                .collect();
+            let values: Vec<u64> = keys.iter().map(|_| fresh_generation()).collect();
             let row_keys: Vec<String> = rows
                 .unwrap_or_default()
                 .iter()
                 .map(|row| key::row_generation(ns, row.table, &row.primary_key))
                 .collect();
-            let row_values: Vec<u64> = row_keys
-                .iter()
-                .map(|_| crate::store::fresh_generation())
-                .collect();
+            let row_values: Vec<u64> = row_keys.iter().map(|_| fresh_generation()).collect();
             let sequence = key::write_sequence(ns, table);
-            let bump = crate::store::TableBump {
+            let bump = TableBump {
                 sequence: &sequence,
                 keys: &keys,
                 values: &values,
@@ -169,7 +163,7 @@ impl Cache {
             // One atomic script per table: its generations, its rows' generations and its
             // write sequence move together, which is what makes write-through safe.
             let bumped = self.call(store.bump_table(bump)).await?;
-            bumps.push(TableBump {
+            invalidated.push(TableInvalidated {
                 sequence: bumped.as_ref().map(|b| b.sequence),
                 query_generation: values[0],
                 entity_generation: bumped.and_then(|b| b.observed.first().copied().flatten()),
@@ -179,7 +173,7 @@ impl Cache {
             }
         }
         Ok(Invalidated {
-            tables: bumps,
+            tables: invalidated,
             row_generations,
         })
     }
@@ -193,7 +187,7 @@ impl Cache {
         tables: &[String],
         rows: Option<&[RowKey]>,
     ) -> Option<Invalidated> {
-        bump(&self.inner.stats.invalidations);
+        self.inner.stats.invalidations.add_one();
         // If this future is dropped before the bump is done (a cancelled request), the guard
         // records the invalidation as undelivered, to be retried.
         let mut guard = Undelivered {
@@ -201,10 +195,10 @@ impl Cache {
             tables,
             delivered: false,
         };
-        let bumps = self.bump_tables(tables, rows).await.ok()?;
+        let invalidated = self.bump_tables(tables, rows).await.ok()?;
         guard.delivered = true;
         self.deliver_pending().await;
-        Some(bumps)
+        Some(invalidated)
     }
 
     /// Invalidates one row's entity entries (not the table's queries): for a reload, so that a
@@ -212,9 +206,9 @@ impl Cache {
     pub(crate) async fn invalidate_row(&self, row: &RowKey) -> bool {
         let ns = &self.inner.namespace;
         let row_keys = [key::row_generation(ns, row.table, &row.primary_key)];
-        let row_values = [crate::store::fresh_generation()];
+        let row_values = [fresh_generation()];
         let sequence = key::write_sequence(ns, row.table);
-        let bump = crate::store::TableBump {
+        let bump = TableBump {
             sequence: &sequence,
             keys: &[],
             values: &[],
@@ -296,13 +290,13 @@ impl Drop for Undelivered<'_> {
 /// What an invalidation set, for write-through.
 pub(crate) struct Invalidated {
     /// One per written table.
-    pub(crate) tables: Vec<TableBump>,
+    pub(crate) tables: Vec<TableInvalidated>,
     /// The new generation of each written row, in the order of the rows given.
     pub(crate) row_generations: Vec<u64>,
 }
 
 /// What one table's invalidation set.
-pub(crate) struct TableBump {
+pub(crate) struct TableInvalidated {
     /// The table's write sequence after this bump, if the store keeps one.
     pub(crate) sequence: Option<u64>,
     /// The new generation of the table's queries.

@@ -321,23 +321,35 @@ pub struct Stats {
     pub written_through: u64,
 }
 
+/// The live counts behind [`Stats`].
 #[derive(Default)]
 struct Counters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    bypasses: AtomicU64,
-    corrupt_entries: AtomicU64,
-    store_errors: AtomicU64,
-    invalidations: AtomicU64,
-    coalesced: AtomicU64,
-    lock_waits: AtomicU64,
-    lock_timeouts: AtomicU64,
-    stale_served: AtomicU64,
-    written_through: AtomicU64,
+    hits: Counter,
+    misses: Counter,
+    bypasses: Counter,
+    corrupt_entries: Counter,
+    store_errors: Counter,
+    invalidations: Counter,
+    coalesced: Counter,
+    lock_waits: Counter,
+    lock_timeouts: Counter,
+    stale_served: Counter,
+    written_through: Counter,
 }
 
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+/// One count of [`Stats`], shared by every clone of the cache.
+#[derive(Default)]
+struct Counter(AtomicU64);
+
+impl Counter {
+    /// Counts one more.
+    fn add_one(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// How a read may use the cache.
@@ -389,19 +401,18 @@ impl Cache {
     /// What the cache has done so far.
     pub fn stats(&self) -> Stats {
         let c = &self.inner.stats;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {
-            hits: load(&c.hits),
-            misses: load(&c.misses),
-            bypasses: load(&c.bypasses),
-            corrupt_entries: load(&c.corrupt_entries),
-            store_errors: load(&c.store_errors),
-            invalidations: load(&c.invalidations),
-            coalesced: load(&c.coalesced),
-            lock_waits: load(&c.lock_waits),
-            lock_timeouts: load(&c.lock_timeouts),
-            stale_served: load(&c.stale_served),
-            written_through: load(&c.written_through),
+            hits: c.hits.get(),
+            misses: c.misses.get(),
+            bypasses: c.bypasses.get(),
+            corrupt_entries: c.corrupt_entries.get(),
+            store_errors: c.store_errors.get(),
+            invalidations: c.invalidations.get(),
+            coalesced: c.coalesced.get(),
+            lock_waits: c.lock_waits.get(),
+            lock_timeouts: c.lock_timeouts.get(),
+            stale_served: c.stale_served.get(),
+            written_through: c.written_through.get(),
         }
     }
 

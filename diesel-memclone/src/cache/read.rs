@@ -3,7 +3,7 @@
 //! process (single-flight) and across processes (the fill lock). Also the entries a write
 //! stores through.
 
-use super::{bump, Cache, Lookup, Policy};
+use super::{Cache, Lookup, Policy};
 use crate::codec::{self, Reject};
 use crate::error::{Error, Result};
 use crate::flight::{self, Join, LockOptions, OnLockTimeout};
@@ -28,7 +28,7 @@ impl Cache {
         let ttl = ttl.unwrap_or(self.inner.default_ttl);
         let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
         if let Some(bytes) = codec::encode_as::<Option<T>, _>(&tags, fresh_until, &Some(value)) {
-            bump(&self.inner.stats.written_through);
+            self.inner.stats.written_through.add_one();
             let key = key::entity_entry(
                 &self.inner.namespace,
                 row.table,
@@ -62,7 +62,7 @@ impl Cache {
         let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
         let entry = Some(value);
         if let Some(bytes) = codec::encode_as::<Option<T>, _>(&[generation], fresh_until, &entry) {
-            bump(&self.inner.stats.written_through);
+            self.inner.stats.written_through.add_one();
             let key = self.custom_key(custom);
             let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
             let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
@@ -83,7 +83,7 @@ impl Cache {
         let began = self.inner.flights.ticket();
         let blocked = !self.deliver_pending().await && self.is_undelivered(&lookup.tables);
         if lookup.policy == Policy::Bypass {
-            bump(&stats.bypasses);
+            stats.bypasses.add_one();
             return Ok(fill().await?);
         }
         if blocked {
@@ -103,7 +103,7 @@ impl Cache {
             if let (Some(bytes), Some(current)) = (&fetched.entry, &current) {
                 match codec::decode::<T>(bytes, current) {
                     Ok((value, fresh_until)) if codec::now_millis() < fresh_until => {
-                        bump(&stats.hits);
+                        stats.hits.add_one();
                         return Ok(value);
                     }
                     // Expired, but physically kept for the stale-while-revalidate window.
@@ -111,14 +111,14 @@ impl Cache {
                         stale = Some(value)
                     }
                     Ok(_) => {}
-                    Err(Reject::Corrupt) => bump(&stats.corrupt_entries),
+                    Err(Reject::Corrupt) => stats.corrupt_entries.add_one(),
                     Err(Reject::Outdated) => {}
                 }
             }
             tags = current;
         }
         if lookup.policy == Policy::ReadOnly {
-            bump(&stats.bypasses);
+            stats.bypasses.add_one();
             return Ok(fill().await?);
         }
         if self.inner.unguarded_fills {
@@ -154,7 +154,7 @@ impl Cache {
         let stats = &self.inner.stats;
         // Only a plain read may share: a read in a transaction must see that transaction.
         if lookup.policy != Policy::ReadWrite || !self.inner.single_flight {
-            bump(&stats.bypasses);
+            stats.bypasses.add_one();
             return Ok(fill().await?);
         }
         let key = format!("{}#database", lookup.key);
@@ -164,7 +164,7 @@ impl Cache {
                 let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
                 if let Ok(Some(entry)) = followed.await {
                     if let Ok((value, _)) = codec::decode::<T>(&entry, &[]) {
-                        bump(&stats.coalesced);
+                        stats.coalesced.add_one();
                         return Ok(value);
                     }
                 }
@@ -172,7 +172,7 @@ impl Cache {
                 None
             }
         };
-        bump(&stats.bypasses);
+        stats.bypasses.add_one();
         let value = fill().await?;
         if let Some(leader) = leader {
             if let Some(bytes) = codec::encode(&[], u64::MAX, &value) {
@@ -218,14 +218,14 @@ impl Cache {
             Ok(true) => {
                 let value = fill().await;
                 if let Ok(value) = &value {
-                    bump(&self.inner.stats.misses);
+                    self.inner.stats.misses.add_one();
                     self.store_entry(&lookup, &tags, value).await;
                 }
                 let _ = self.call(self.inner.store.unlock(&key, owner)).await;
                 Ok(value?)
             }
             _ => {
-                bump(&self.inner.stats.stale_served);
+                self.inner.stats.stale_served.add_one();
                 Ok(stale)
             }
         }
@@ -253,7 +253,7 @@ impl Cache {
                     let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
                     if let Ok(Some(entry)) = followed.await {
                         if let Ok((value, _)) = codec::decode::<T>(&entry, &tags) {
-                            bump(&stats.coalesced);
+                            stats.coalesced.add_one();
                             return Ok(value);
                         }
                     }
@@ -276,11 +276,10 @@ impl Cache {
         }
         let value = fill().await;
         if let Ok(value) = &value {
-            bump(if lookup.policy == Policy::Refresh {
-                &stats.bypasses
-            } else {
-                &stats.misses
-            });
+            match lookup.policy {
+                Policy::Refresh => stats.bypasses.add_one(),
+                _ => stats.misses.add_one(),
+            }
             if let Some(entry) = self.store_entry(&lookup, &tags, value).await {
                 if let Some(leader) = leader {
                     leader.publish(entry);
@@ -325,7 +324,7 @@ impl Cache {
                 Err(_) => return Ok(LockWait::GoAhead),
             }
             if Instant::now() >= deadline {
-                bump(&self.inner.stats.lock_timeouts);
+                self.inner.stats.lock_timeouts.add_one();
                 return match lock.on_timeout {
                     OnLockTimeout::Database => Ok(LockWait::GoAhead),
                     OnLockTimeout::Error => Err(Error::LockTimeout),
@@ -355,7 +354,7 @@ impl Cache {
         }
         let entry = fetched.entry?;
         let (value, _) = codec::decode::<T>(&entry, tags).ok()?;
-        bump(&self.inner.stats.lock_waits);
+        self.inner.stats.lock_waits.add_one();
         Some(LockWait::FilledByOther(value, entry.into()))
     }
 
@@ -416,7 +415,7 @@ impl Cache {
         Fut: Future<Output = diesel::QueryResult<T>>,
     {
         let value = fill().await?;
-        bump(&self.inner.stats.misses);
+        self.inner.stats.misses.add_one();
         // Widen the window between the read and the generations so the race shows quickly.
         tokio::time::sleep(Duration::from_millis(1)).await;
         let store = &self.inner.store;
