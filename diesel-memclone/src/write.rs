@@ -3,7 +3,7 @@
 
 use crate::cache::{cache, Cache, Invalidated, PendingWrite};
 use crate::error::{Error, Result};
-use crate::key::{self, WrittenStatement};
+use crate::key::{self, Verb, WrittenStatement};
 use crate::model::{CacheValue, RowKey};
 use crate::transaction::{write_timing, WriteTiming};
 use diesel::backend::Backend;
@@ -350,17 +350,16 @@ impl<S> Write<S> {
         // The returned rows name exactly the rows written, except when the statement moves
         // rows to other keys (it assigns a key column) or deletes rows it does not return
         // (`REPLACE`): then every row of the table is evicted.
-        let moves_rows = statement.verb == "replace"
-            || statement.verb == WrittenStatement::UNKNOWN
+        let moves_rows = matches!(statement.verb, Verb::Replace | Verb::Unknown)
             || U::key_columns()
                 .iter()
                 .any(|c| statement.assigned.contains(&c.to_lowercase()));
         // Rows written through must exist after the write: never a delete's.
-        let rows_through = model_of::<U>(&table) && !moves_rows && statement.verb != "delete";
+        let rows_through = model_of::<U>(&table) && !moves_rows && statement.verb != Verb::Delete;
         // Writing through (the rows' entity entries, `cache_result` keys) needs the table's
         // write sequence from before the write, and never happens inside a transaction.
         let through = matches!(timing, WriteTiming::Now)
-            && ((self.cache_result.is_some() && statement.verb != "delete") || rows_through);
+            && ((self.cache_result.is_some() && statement.verb != Verb::Delete) || rows_through);
         let before = match through {
             true => cache.write_sequence(&table).await,
             false => None,
@@ -405,7 +404,7 @@ impl<S> Write<S> {
         if let Some(caching) = self
             .cache_result
             .as_ref()
-            .filter(|_| statement.verb != "delete")
+            .filter(|_| statement.verb != Verb::Delete)
         {
             for value in &values {
                 if let Some(key) = (caching.key)(value as &dyn Any) {
