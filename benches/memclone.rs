@@ -27,6 +27,7 @@ use diesel_memclone_tests::bench::schema::{bench_orders, bench_users};
 use diesel_memclone_tests::bench::{
     connect, first_users, floor_get, only_entry_key, redis_cache, BenchUser,
 };
+use diesel_memclone_tests::RawRedis;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -48,8 +49,9 @@ fn hit_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("hit_path");
     for rows in [1_i64, 100, 1000] {
         let ns = namespace(&format!("hit{rows}"));
-        let (store, cache, conn, key) = rt.block_on(async {
-            let (store, cache) = redis_cache(&ns);
+        let (redis, cache, conn, key) = rt.block_on(async {
+            let (_, cache) = redis_cache(&ns);
+            let redis = RawRedis::test_server(false).await;
             let mut conn = connect().await;
             let _: Vec<BenchUser> = first_users(rows)
                 .cached("first")
@@ -57,8 +59,8 @@ fn hit_path(c: &mut Criterion) {
                 .load(&mut conn)
                 .await
                 .unwrap();
-            let key = only_entry_key(&store, &ns).await;
-            (store, cache, Arc::new(Mutex::new(conn)), key)
+            let key = only_entry_key(&redis, &ns).await;
+            (redis, cache, Arc::new(Mutex::new(conn)), key)
         });
         group.bench_with_input(BenchmarkId::new("memclone", rows), &rows, |b, &rows| {
             b.to_async(&rt).iter(|| async {
@@ -73,7 +75,7 @@ fn hit_path(c: &mut Criterion) {
             })
         });
         group.bench_with_input(BenchmarkId::new("floor", rows), &rows, |b, _| {
-            b.to_async(&rt).iter(|| floor_get(&store, &key))
+            b.to_async(&rt).iter(|| floor_get(&redis, &key))
         });
         assert_eq!(
             cache.stats().misses,

@@ -53,7 +53,6 @@ struct Inner {
     store_timeout: Duration,
     retry_after: Duration,
     generation_ttl: Duration,
-    unguarded_fills: bool,
     lock: Option<LockOptions>,
     single_flight: bool,
     ttl_jitter: f64,
@@ -120,7 +119,6 @@ pub struct CacheBuilder {
     store_timeout: Duration,
     retry_after: Duration,
     generation_ttl: Duration,
-    unguarded_fills: bool,
     lock: Option<LockOptions>,
     single_flight: bool,
     ttl_jitter: f64,
@@ -146,7 +144,6 @@ impl Default for CacheBuilder {
             store_timeout: Duration::from_millis(250),
             retry_after: Duration::from_secs(1),
             generation_ttl: Duration::from_secs(60),
-            unguarded_fills: false,
             lock: Some(LockOptions::default()),
             single_flight: true,
             ttl_jitter: 0.0,
@@ -233,15 +230,6 @@ impl CacheBuilder {
         self
     }
 
-    /// **Broken on purpose, for tests of the freshness checker only**: fills read the
-    /// generations *after* their database read, the classic race that lets a fill store data a
-    /// concurrent write already replaced. Never use it elsewhere.
-    #[doc(hidden)]
-    pub fn unguarded_fills_for_testing(mut self) -> Self {
-        self.unguarded_fills = true;
-        self
-    }
-
     /// Checks the options and builds the cache.
     pub fn build(self) -> Result<Cache> {
         let ns = &self.namespace;
@@ -275,7 +263,6 @@ impl CacheBuilder {
                 store_timeout: self.store_timeout,
                 retry_after: self.retry_after,
                 generation_ttl: self.generation_ttl,
-                unguarded_fills: self.unguarded_fills,
                 lock: self.lock,
                 single_flight: self.single_flight,
                 ttl_jitter: self.ttl_jitter,

@@ -121,9 +121,6 @@ impl Cache {
             stats.bypasses.add_one();
             return Ok(fill().await?);
         }
-        if self.inner.unguarded_fills {
-            return self.unguarded_fill(lookup, fill).await;
-        }
         let tags = match tags {
             Some(tags) => tags,
             None => {
@@ -404,30 +401,4 @@ enum LockWait<T> {
 
 fn tags_hex(tags: &[u64]) -> String {
     tags.iter().map(|t| format!("{t:016x}")).collect()
-}
-
-impl Cache {
-    /// The deliberately broken fill of [`CacheBuilder::unguarded_fills_for_testing`].
-    async fn unguarded_fill<T, F, Fut>(&self, lookup: Lookup, fill: F) -> Result<T>
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = diesel::QueryResult<T>>,
-    {
-        let value = fill().await?;
-        self.inner.stats.misses.add_one();
-        // Widen the window between the read and the generations so the race shows quickly.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        let store = &self.inner.store;
-        if let Ok(tags) = self
-            .call(store.ensure_generations(&lookup.generations, lookup.generation_ttl))
-            .await
-        {
-            let fresh_until = codec::now_millis() + lookup.ttl.as_millis() as u64;
-            if let Some(bytes) = codec::encode(&tags, fresh_until, &value) {
-                let _ = self.call(store.put(&lookup.key, bytes, lookup.ttl)).await;
-            }
-        }
-        Ok(value)
-    }
 }

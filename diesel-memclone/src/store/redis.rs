@@ -397,17 +397,6 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Runs one command and returns its reply (for inspection and tests). An error reply is an
-    /// error whose [`source`](std::error::Error::source) is the `redis::RedisError`.
-    pub async fn command(&self, cmd: &redis::Cmd) -> StoreResult<Value> {
-        reply(
-            self.run(std::slice::from_ref(cmd))
-                .await?
-                .pop()
-                .unwrap_or(Value::Nil),
-        )
-    }
-
     /// Runs commands in one round trip: one pipeline on a single server; on a cluster, every
     /// command at once over the multiplexed connection (a pipeline must stay in one slot there).
     /// Error replies come back in place (`Value::ServerError`), for the caller to judge.
