@@ -49,8 +49,8 @@ fn hit_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("hit_path");
     for rows in [1_i64, 100, 1000] {
         let ns = namespace(&format!("hit{rows}"));
-        let (redis, cache, conn, key) = rt.block_on(async {
-            let (_, cache) = redis_cache(&ns);
+        let (store, cache, conn, key) = rt.block_on(async {
+            let (store, cache) = redis_cache(&ns);
             let redis = RawRedis::test_server(false).await;
             let mut conn = connect().await;
             let _: Vec<BenchUser> = first_users(rows)
@@ -60,7 +60,7 @@ fn hit_path(c: &mut Criterion) {
                 .await
                 .unwrap();
             let key = only_entry_key(&redis, &ns).await;
-            (redis, cache, Arc::new(Mutex::new(conn)), key)
+            (store, cache, Arc::new(Mutex::new(conn)), key)
         });
         group.bench_with_input(BenchmarkId::new("memclone", rows), &rows, |b, &rows| {
             b.to_async(&rt).iter(|| async {
@@ -75,7 +75,7 @@ fn hit_path(c: &mut Criterion) {
             })
         });
         group.bench_with_input(BenchmarkId::new("floor", rows), &rows, |b, _| {
-            b.to_async(&rt).iter(|| floor_get(&redis, &key))
+            b.to_async(&rt).iter(|| floor_get(&store, &key))
         });
         assert_eq!(
             cache.stats().misses,

@@ -34,7 +34,7 @@ async fn main() {
     let mut last = String::new();
     for rows in [1000_i64, 100, 1] {
         let namespace = format!("hitpath{}_{rows}", std::process::id());
-        let (_, cache) = redis_cache(&namespace);
+        let (store, cache) = redis_cache(&namespace);
         let redis = RawRedis::test_server(false).await;
         let filled: Vec<BenchUser> = first_users(rows)
             .cached("first")
@@ -54,7 +54,7 @@ async fn main() {
                 .unwrap();
             let hit_time = start.elapsed().as_secs_f64() * 1e6;
             let start = Instant::now();
-            let floor = floor_get(&redis, &key).await;
+            let floor = floor_get(&store, &key).await;
             let floor_time = start.elapsed().as_secs_f64() * 1e6;
             assert_eq!((hit.len(), floor.len()), (filled.len(), filled.len()));
             if round >= 200 {

@@ -5,7 +5,7 @@ use crate::RawRedis;
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use diesel_memclone::deadpool_redis::redis;
-use diesel_memclone::store::RedisStore;
+use diesel_memclone::store::{RedisStore, Store};
 use diesel_memclone::{Cache, MemClone};
 use serde::{Deserialize, Serialize};
 
@@ -125,12 +125,12 @@ pub async fn only_entry_key(redis: &RawRedis, namespace: &str) -> String {
     keys.into_iter().next().unwrap_or_default()
 }
 
-/// The floor: one `GET` of the entry's bytes on a multiplexed connection, then the same decoding
-/// (bincode 2 of the payload, after the entry's header: magic, one generation, the freshness
-/// instant and the checksum).
-pub async fn floor_get(redis: &RawRedis, key: &str) -> Vec<BenchUser> {
-    let reply = redis.query(redis::cmd("GET").arg(key)).await.expect("GET");
-    let redis::Value::BulkString(bytes) = reply else {
+/// The floor: one `GET` of the entry's bytes over the store's own connections (a fetch with no
+/// generations), then the same decoding (bincode 2 of the payload, after the entry's header:
+/// magic, one generation, the freshness instant and the checksum).
+pub async fn floor_get(store: &RedisStore, key: &str) -> Vec<BenchUser> {
+    let fetched = store.fetch(key, &[]).await.expect("GET");
+    let Some(bytes) = fetched.entry else {
         panic!("no entry at {key}")
     };
     const HEADER: usize = 4 + 1 + 8 + 8 + 8;
