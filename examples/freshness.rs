@@ -316,7 +316,7 @@ impl Floors {
             cmd.arg(self.key(*row));
         }
         self.redis
-            .get::<Vec<Option<i64>>>(&cmd)
+            .query_as::<Vec<Option<i64>>>(&cmd)
             .await
             .into_iter()
             .map(Option::unwrap_or_default)

@@ -119,7 +119,7 @@ pub fn first_users(
 /// The key of the one query entry in `namespace` (there must be exactly one).
 pub async fn only_entry_key(redis: &RawRedis, namespace: &str) -> String {
     let keys: Vec<String> = redis
-        .get(redis::cmd("KEYS").arg(format!("{namespace}:{{q:*")))
+        .query_as(redis::cmd("KEYS").arg(format!("{namespace}:{{q:*")))
         .await;
     assert_eq!(keys.len(), 1, "expected one entry in {namespace}: {keys:?}");
     keys.into_iter().next().unwrap_or_default()

@@ -419,7 +419,7 @@ impl RawRedis {
     }
 
     /// Runs one command and converts its reply; panics on an error or a reply of another type.
-    pub async fn get<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+    pub async fn query_as<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
         let reply = self.query(cmd).await;
         let reply = reply.unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
         T::from_redis_value(reply).unwrap_or_else(|e| panic!("{cmd:?}: {e}"))

@@ -342,11 +342,19 @@ async fn a_corrupt_entry_is_a_miss_and_is_replaced_redis() {
     use diesel_memclone::deadpool_redis::redis::cmd;
     let keys = |pattern: String| {
         let inspector = inspector.clone();
-        async move { inspector.get::<Vec<String>>(cmd("KEYS").arg(pattern)).await }
+        async move {
+            inspector
+                .query_as::<Vec<String>>(cmd("KEYS").arg(pattern))
+                .await
+        }
     };
     let set = |key: String, value: Vec<u8>| {
         let inspector = inspector.clone();
-        async move { inspector.get::<()>(cmd("SET").arg(key).arg(value)).await }
+        async move {
+            inspector
+                .query_as::<()>(cmd("SET").arg(key).arg(value))
+                .await
+        }
     };
     let entries = keys(format!("{ns}:{{q:*")).await;
     assert_eq!(entries.len(), 1);

@@ -299,11 +299,11 @@ async fn ttl_jitter_spreads_expiry() {
     }
     use diesel_memclone::deadpool_redis::redis::cmd;
     let redis = RawRedis::test_server(false).await;
-    let keys: Vec<String> = redis.get(cmd("KEYS").arg(format!("{ns}:{{q:*"))).await;
+    let keys: Vec<String> = redis.query_as(cmd("KEYS").arg(format!("{ns}:{{q:*"))).await;
     assert_eq!(keys.len(), 20);
     let mut ttls = Vec::new();
     for key in keys {
-        ttls.push(redis.get::<i64>(cmd("PTTL").arg(key)).await);
+        ttls.push(redis.query_as::<i64>(cmd("PTTL").arg(key)).await);
     }
     let (min, max) = (*ttls.iter().min().unwrap(), *ttls.iter().max().unwrap());
     assert!(min >= 499_000 && max <= 1_500_000, "within ±50%: {ttls:?}");

@@ -16,7 +16,7 @@ impl Cache {
     /// bypass memclone (raw SQL, another service). An undeliverable invalidation is kept and
     /// retried; until then this process does not serve the table from the cache.
     pub async fn invalidate_table(&self, table: &str) {
-        self.invalidate_written(&[crate::key::table_from_text(table)], None)
+        self.invalidate_written(&[key::table_from_text(table)], None)
             .await;
     }
 

@@ -15,60 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 impl Cache {
-    /// Stores a written row's entity entry (`Some(value)`, as entity reads decode it), tagged
-    /// with the generations the write left.
-    pub(crate) async fn put_entity<T: Serialize + DeserializeOwned>(
-        &self,
-        row: &RowKey,
-        fingerprint: u64,
-        tags: [u64; 2],
-        ttl: Option<Duration>,
-        value: &T,
-    ) {
-        let ttl = ttl.unwrap_or(self.inner.default_ttl);
-        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
-        if let Some(bytes) = codec::encode_as::<Option<T>, _>(&tags, fresh_until, &Some(value)) {
-            self.inner.stats.written_through.add_one();
-            let key = key::entity_entry(
-                &self.inner.namespace,
-                row.table,
-                &row.primary_key,
-                fingerprint,
-            );
-            let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
-            let ns = &self.inner.namespace;
-            let generations = [
-                key::entity_generation(ns, row.table),
-                key::row_generation(ns, row.table, &row.primary_key),
-            ];
-            let put = self
-                .inner
-                .store
-                .put_with_generations(&key, bytes, kept_for, &generations);
-            let _ = self.call(put).await;
-        }
-    }
-
-    /// Stores a write's returned value under a custom key (`Some(value)`, as readers decode
-    /// it), tagged with the query generation the write itself set (see
-    /// [`Write::cache_result`](crate::Write::cache_result)).
-    pub(crate) async fn put_custom<T: Serialize + DeserializeOwned>(
-        &self,
-        custom: &str,
-        generation: u64,
-        ttl: Duration,
-        value: &T,
-    ) {
-        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
-        let entry = Some(value);
-        if let Some(bytes) = codec::encode_as::<Option<T>, _>(&[generation], fresh_until, &entry) {
-            self.inner.stats.written_through.add_one();
-            let key = self.custom_key(custom);
-            let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
-            let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
-        }
-    }
-
     /// Answers a read from the store when a fresh entry exists, otherwise from `fill`, and
     /// stores the result tagged with the generations read *before* `fill` ran.
     pub(crate) async fn read_through<T, F, Fut>(&self, lookup: Lookup, fill: F) -> Result<T>
@@ -390,6 +336,60 @@ impl Cache {
         Duration::try_from_secs_f64(ttl.as_secs_f64() * factor)
             .unwrap_or(ttl)
             .max(Duration::from_millis(1))
+    }
+
+    /// Stores a written row's entity entry (`Some(value)`, as entity reads decode it), tagged
+    /// with the generations the write left.
+    pub(crate) async fn put_entity<T: Serialize + DeserializeOwned>(
+        &self,
+        row: &RowKey,
+        fingerprint: u64,
+        tags: [u64; 2],
+        ttl: Option<Duration>,
+        value: &T,
+    ) {
+        let ttl = ttl.unwrap_or(self.inner.default_ttl);
+        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
+        if let Some(bytes) = codec::encode_as::<Option<T>, _>(&tags, fresh_until, &Some(value)) {
+            self.inner.stats.written_through.add_one();
+            let key = key::entity_entry(
+                &self.inner.namespace,
+                row.table,
+                &row.primary_key,
+                fingerprint,
+            );
+            let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
+            let ns = &self.inner.namespace;
+            let generations = [
+                key::entity_generation(ns, row.table),
+                key::row_generation(ns, row.table, &row.primary_key),
+            ];
+            let put = self
+                .inner
+                .store
+                .put_with_generations(&key, bytes, kept_for, &generations);
+            let _ = self.call(put).await;
+        }
+    }
+
+    /// Stores a write's returned value under a custom key (`Some(value)`, as readers decode
+    /// it), tagged with the query generation the write itself set (see
+    /// [`Write::cache_result`](crate::Write::cache_result)).
+    pub(crate) async fn put_custom<T: Serialize + DeserializeOwned>(
+        &self,
+        custom: &str,
+        generation: u64,
+        ttl: Duration,
+        value: &T,
+    ) {
+        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
+        let entry = Some(value);
+        if let Some(bytes) = codec::encode_as::<Option<T>, _>(&[generation], fresh_until, &entry) {
+            self.inner.stats.written_through.add_one();
+            let key = self.custom_key(custom);
+            let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
+            let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
+        }
     }
 }
 
