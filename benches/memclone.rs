@@ -27,6 +27,7 @@ use diesel_memclone_tests::bench::schema::{bench_orders, bench_users};
 use diesel_memclone_tests::bench::{
     connect, first_users, floor_get, only_entry_key, redis_cache, BenchUser,
 };
+use diesel_memclone_tests::RawRedis;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -50,6 +51,7 @@ fn hit_path(c: &mut Criterion) {
         let ns = namespace(&format!("hit{rows}"));
         let (store, cache, conn, key) = rt.block_on(async {
             let (store, cache) = redis_cache(&ns);
+            let redis = RawRedis::test_server(false).await;
             let mut conn = connect().await;
             let _: Vec<BenchUser> = first_users(rows)
                 .cached("first")
@@ -57,7 +59,7 @@ fn hit_path(c: &mut Criterion) {
                 .load(&mut conn)
                 .await
                 .unwrap();
-            let key = only_entry_key(&store, &ns).await;
+            let key = only_entry_key(&redis, &ns).await;
             (store, cache, Arc::new(Mutex::new(conn)), key)
         });
         group.bench_with_input(BenchmarkId::new("memclone", rows), &rows, |b, &rows| {

@@ -16,8 +16,10 @@
 //!
 //! The last line is exactly `reads=R writes=W stale_reads=S stale_entries=E`, where E counts the
 //! cached answers still stale once every writer has stopped (the TTL is far from expiring).
-//! `--naive` runs a deliberately broken cache (fills tag themselves after their database read),
-//! to show that the checker catches stale reads.
+//! `--naive` makes the readers use a deliberately broken cache instead (fills tag themselves with
+//! generations read after their database read), to show that the checker catches stale reads. It
+//! lives in this file, on the public `Store` trait, under the same namespace as memclone's
+//! entries, so that memclone's writes invalidate it (see `Naive`).
 //!
 //! A run is bounded by time (`--seconds`) or by work: with `--reads N` / `--writes M` each process
 //! stops once it has made that many reads and writes, and with `--until-stale` once it has seen a
@@ -26,11 +28,13 @@
 
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use diesel_memclone::deadpool_redis::redis::{self, FromRedisValue};
+use diesel_memclone::deadpool_redis::redis;
 use diesel_memclone::prelude::*;
-use diesel_memclone::store::RedisStore;
+use diesel_memclone::store::{RedisStore, Store};
 use diesel_memclone::{Cache, Error};
+use diesel_memclone_tests::RawRedis;
 use serde::{Deserialize, Serialize};
+use std::future::Future;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -151,26 +155,145 @@ async fn connect(schema: &str) -> AsyncPgConnection {
     conn
 }
 
-fn cache_for(options: &Options, namespace: &str) -> Cache {
-    let store = match &options.cluster {
+fn store_for(options: &Options) -> RedisStore {
+    match &options.cluster {
         Some(urls) => RedisStore::cluster_builder(urls.split(',').map(str::trim)).build(),
         None => RedisStore::builder(redis_url()).build(),
     }
-    .expect("Redis URL");
-    let mut builder = Cache::builder()
-        .store(store)
+    .expect("Redis URL")
+}
+
+fn cache_for(options: &Options, namespace: &str) -> Cache {
+    Cache::builder()
+        .store(store_for(options))
         .namespace(namespace)
-        .default_ttl(Duration::from_secs(600));
-    if options.naive {
-        builder = builder.unguarded_fills_for_testing();
+        .default_ttl(Duration::from_secs(600))
+        .build()
+        .expect("cache")
+}
+
+/// How the readers read: through memclone, or through the broken cache of `--naive`.
+#[derive(Clone)]
+enum Reads {
+    Memclone(Cache),
+    Naive(Naive),
+}
+
+impl Reads {
+    /// The readers' side of `cache`: the cache itself, or with `--naive` the broken cache on
+    /// the same store and namespace.
+    fn new(options: &Options, namespace: &str, cache: &Cache) -> Self {
+        match options.naive {
+            true => Reads::Naive(Naive {
+                store: store_for(options),
+                namespace: namespace.to_owned(),
+            }),
+            false => Reads::Memclone(cache.clone()),
+        }
     }
-    builder.build().expect("cache")
+
+    /// One read of `kind` (0..4) about `row`: its label and the versions it saw, by row.
+    async fn read(
+        &self,
+        conn: &mut AsyncPgConnection,
+        kind: u64,
+        row: i32,
+    ) -> (&'static str, Vec<(i32, i64)>) {
+        match self {
+            Reads::Memclone(cache) => cached_read(cache, conn, kind, row).await,
+            Reads::Naive(naive) => naive.read(conn, kind, row).await,
+        }
+    }
+}
+
+/// **Broken on purpose**: a read-through cache that reads the generations *after* its database
+/// read, the classic race that lets a fill store data a concurrent write already replaced (and
+/// tag it as current). Its entries (JSON, under `{namespace}:naive:..`) are guarded by the query
+/// generations of the tables they read, at the key memclone documents for them
+/// (`{namespace}:{t:TABLE}:qgen`), which every write through memclone moves: only the race
+/// makes it serve stale reads.
+#[derive(Clone)]
+struct Naive {
+    store: RedisStore,
+    namespace: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct NaiveEntry {
+    tags: Vec<u64>,
+    seen: Vec<(i32, i64)>,
+}
+
+impl Naive {
+    async fn read(
+        &self,
+        conn: &mut AsyncPgConnection,
+        kind: u64,
+        row: i32,
+    ) -> (&'static str, Vec<(i32, i64)>) {
+        let (label, tables, id) = match kind {
+            0 => ("entity", &["fresh_items"][..], row),
+            1 => ("query", &["fresh_items"][..], row),
+            2 => ("group", &["fresh_items"][..], row % GROUPS),
+            _ => ("join", &["fresh_items", "fresh_notes"][..], row),
+        };
+        let seen = self
+            .read_through(label, id, tables, database_read(conn, kind, row))
+            .await;
+        (label, seen)
+    }
+
+    async fn read_through(
+        &self,
+        label: &str,
+        id: i32,
+        tables: &[&str],
+        database: impl Future<Output = Vec<(i32, i64)>>,
+    ) -> Vec<(i32, i64)> {
+        let key = format!("{}:naive:{label}:{id}", self.namespace);
+        let generations: Vec<String> = tables
+            .iter()
+            .map(|table| format!("{}:{{t:{table}}}:qgen", self.namespace))
+            .collect();
+        let fetched = self
+            .store
+            .fetch(&key, &generations)
+            .await
+            .expect("naive fetch");
+        let entry = fetched
+            .entry
+            .and_then(|bytes| serde_json::from_slice::<NaiveEntry>(&bytes).ok());
+        if let Some(entry) = entry {
+            if entry.tags.iter().copied().map(Some).eq(fetched.generations) {
+                return entry.seen;
+            }
+        }
+        let seen = database.await;
+        // The bug: the generations are read only now. Waiting widens the window between the
+        // database read and this, so that the race shows quickly.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let tags = self
+            .store
+            .ensure_generations(&generations, None)
+            .await
+            .expect("naive generations");
+        let entry = NaiveEntry {
+            tags,
+            seen: seen.clone(),
+        };
+        let bytes = serde_json::to_vec(&entry).expect("JSON");
+        self.store
+            .put(&key, bytes, Duration::from_secs(600))
+            .await
+            .expect("naive put");
+        seen
+    }
 }
 
 /// The floors live on the single Redis server, apart from the cache under test.
 #[derive(Clone)]
 struct Floors {
-    redis: RedisStore,
+    redis: RawRedis,
     namespace: String,
 }
 
@@ -184,7 +307,7 @@ impl Floors {
                       if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end return 1";
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(script).arg(1).arg(self.key(row)).arg(version);
-        self.redis.command(&cmd).await.expect("raise floor");
+        self.redis.query(&cmd).await.expect("raise floor");
     }
 
     async fn get(&self, rows: &[i32]) -> Vec<i64> {
@@ -192,9 +315,9 @@ impl Floors {
         for row in rows {
             cmd.arg(self.key(*row));
         }
-        let reply = self.redis.command(&cmd).await.expect("read floors");
-        Vec::<Option<i64>>::from_redis_value(reply)
-            .expect("floors")
+        self.redis
+            .query_as::<Vec<Option<i64>>>(&cmd)
+            .await
             .into_iter()
             .map(Option::unwrap_or_default)
             .collect()
@@ -331,7 +454,7 @@ async fn writer(
 }
 
 async fn reader(
-    cache: Cache,
+    reads: Reads,
     floors: Floors,
     mut conn: AsyncPgConnection,
     rows: i32,
@@ -349,53 +472,97 @@ async fn reader(
         };
         // The floors are read *before* the cached read begins.
         let floors_before = floors.get(&floor_rows).await;
-        let (label, seen): (&str, Vec<(i32, i64)>) = match kind {
-            0 => {
-                let item = cache
-                    .find::<Item, _>(&mut conn, row)
-                    .await
-                    .expect("entity read");
-                ("entity", vec![(item.id, item.version)])
-            }
-            1 => {
-                let items: Vec<Item> = fresh_items::table
-                    .filter(fresh_items::id.eq(row))
-                    .cached("item")
-                    .using(&cache)
-                    .load(&mut conn)
-                    .await
-                    .expect("query read");
-                ("query", items.iter().map(|i| (i.id, i.version)).collect())
-            }
-            2 => {
-                let items: Vec<Item> = fresh_items::table
-                    .filter(fresh_items::grp.eq(row % GROUPS))
-                    .order(fresh_items::id)
-                    .cached("group")
-                    .using(&cache)
-                    .load(&mut conn)
-                    .await
-                    .expect("group read");
-                ("group", items.iter().map(|i| (i.id, i.version)).collect())
-            }
-            _ => {
-                let pairs: Vec<(Item, Note)> = fresh_items::table
-                    .inner_join(fresh_notes::table)
-                    .filter(fresh_items::id.eq(row))
-                    .select((Item::as_select(), Note::as_select()))
-                    .cached("join")
-                    .using(&cache)
-                    .load(&mut conn)
-                    .await
-                    .expect("join read");
-                let seen = pairs
-                    .iter()
-                    .flat_map(|(i, n)| [(i.id, i.version), (n.item_id, n.version)])
-                    .collect();
-                ("join", seen)
-            }
-        };
+        let (label, seen) = reads.read(&mut conn, kind, row).await;
         check(&tally, label, &floor_rows, &floors_before, &seen);
+    }
+}
+
+/// One read of `kind` (0..4) about `row` through memclone: its label and the versions it saw.
+async fn cached_read(
+    cache: &Cache,
+    conn: &mut AsyncPgConnection,
+    kind: u64,
+    row: i32,
+) -> (&'static str, Vec<(i32, i64)>) {
+    match kind {
+        0 => {
+            let item = cache.find::<Item, _>(conn, row).await.expect("entity read");
+            ("entity", vec![(item.id, item.version)])
+        }
+        1 => {
+            let items: Vec<Item> = fresh_items::table
+                .filter(fresh_items::id.eq(row))
+                .cached("item")
+                .using(cache)
+                .load(conn)
+                .await
+                .expect("query read");
+            ("query", items.iter().map(|i| (i.id, i.version)).collect())
+        }
+        2 => {
+            let items: Vec<Item> = fresh_items::table
+                .filter(fresh_items::grp.eq(row % GROUPS))
+                .order(fresh_items::id)
+                .cached("group")
+                .using(cache)
+                .load(conn)
+                .await
+                .expect("group read");
+            ("group", items.iter().map(|i| (i.id, i.version)).collect())
+        }
+        _ => {
+            let pairs: Vec<(Item, Note)> = fresh_items::table
+                .inner_join(fresh_notes::table)
+                .filter(fresh_items::id.eq(row))
+                .select((Item::as_select(), Note::as_select()))
+                .cached("join")
+                .using(cache)
+                .load(conn)
+                .await
+                .expect("join read");
+            let seen = pairs
+                .iter()
+                .flat_map(|(i, n)| [(i.id, i.version), (n.item_id, n.version)])
+                .collect();
+            ("join", seen)
+        }
+    }
+}
+
+/// The same read as `cached_read`, from the database alone (what `--naive` caches).
+async fn database_read(conn: &mut AsyncPgConnection, kind: u64, row: i32) -> Vec<(i32, i64)> {
+    let items = |items: Vec<Item>| items.iter().map(|i| (i.id, i.version)).collect();
+    match kind {
+        0 | 1 => items(
+            fresh_items::table
+                .filter(fresh_items::id.eq(row))
+                .select(Item::as_select())
+                .load(conn)
+                .await
+                .expect("database read"),
+        ),
+        2 => items(
+            fresh_items::table
+                .filter(fresh_items::grp.eq(row % GROUPS))
+                .order(fresh_items::id)
+                .select(Item::as_select())
+                .load(conn)
+                .await
+                .expect("database read"),
+        ),
+        _ => {
+            let pairs: Vec<(Item, Note)> = fresh_items::table
+                .inner_join(fresh_notes::table)
+                .filter(fresh_items::id.eq(row))
+                .select((Item::as_select(), Note::as_select()))
+                .load(conn)
+                .await
+                .expect("database read");
+            pairs
+                .iter()
+                .flat_map(|(i, n)| [(i.id, i.version), (n.item_id, n.version)])
+                .collect()
+        }
     }
 }
 
@@ -424,8 +591,9 @@ fn check(tally: &Tally, label: &str, floor_rows: &[i32], floors: &[i64], seen: &
 async fn child(options: Options) {
     let (schema, namespace) = options.child.clone().expect("child");
     let cache = cache_for(&options, &namespace);
+    let reads = Reads::new(&options, &namespace, &cache);
     let floors = Floors {
-        redis: RedisStore::builder(redis_url()).build().expect("Redis URL"),
+        redis: RawRedis::open(&redis_url()).await.expect("Redis"),
         namespace: namespace.clone(),
     };
     let tally = Arc::new(Tally::default());
@@ -451,7 +619,7 @@ async fn child(options: Options) {
     for i in 0..options.readers {
         let conn = connect(&schema).await;
         tasks.push(tokio::spawn(reader(
-            cache.clone(),
+            reads.clone(),
             floors.clone(),
             conn,
             options.rows,
@@ -480,13 +648,7 @@ fn field(line: &str, name: &str) -> u64 {
 
 /// After the writers stopped: how many cached answers are still older than the database.
 async fn stale_entries(options: &Options, schema: &str, namespace: &str) -> u64 {
-    let cache = cache_for(
-        &Options {
-            naive: false,
-            ..options.clone()
-        },
-        namespace,
-    );
+    let reads = Reads::new(options, namespace, &cache_for(options, namespace));
     let mut conn = connect(schema).await;
     let truth: Vec<Item> = fresh_items::table
         .order(fresh_items::id)
@@ -500,42 +662,18 @@ async fn stale_entries(options: &Options, schema: &str, namespace: &str) -> u64 
             .map(|i| i.version)
             .unwrap_or_default()
     };
-    let mut stale = 0;
+    // Every entity, single-row query and join entry, then every group list.
+    let mut asked: Vec<(u64, i32)> = Vec::new();
     for row in 1..=options.rows {
-        let entity = cache.find::<Item, _>(&mut conn, row).await.expect("entity");
-        let query: Vec<Item> = fresh_items::table
-            .filter(fresh_items::id.eq(row))
-            .cached("item")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .expect("query");
-        let joined: Vec<(Item, Note)> = fresh_items::table
-            .inner_join(fresh_notes::table)
-            .filter(fresh_items::id.eq(row))
-            .select((Item::as_select(), Note::as_select()))
-            .cached("join")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .expect("join");
-        let mut versions = vec![entity.version];
-        versions.extend(query.iter().map(|i| i.version));
-        versions.extend(joined.iter().flat_map(|(i, n)| [i.version, n.version]));
-        stale += versions.iter().filter(|v| **v < version_of(row)).count() as u64;
+        asked.extend([(0, row), (1, row), (3, row)]);
     }
-    for group in 0..GROUPS {
-        let items: Vec<Item> = fresh_items::table
-            .filter(fresh_items::grp.eq(group))
-            .order(fresh_items::id)
-            .cached("group")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .expect("group");
-        stale += items
+    asked.extend((0..GROUPS).map(|group| (2, group)));
+    let mut stale = 0;
+    for (kind, row) in asked {
+        let (_, seen) = reads.read(&mut conn, kind, row).await;
+        stale += seen
             .iter()
-            .filter(|i| i.version < version_of(i.id))
+            .filter(|(id, version)| *version < version_of(*id))
             .count() as u64;
     }
     stale

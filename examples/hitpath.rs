@@ -18,6 +18,7 @@ use diesel_memclone::prelude::*;
 use diesel_memclone_tests::bench::{
     connect, first_users, floor_get, only_entry_key, redis_cache, BenchUser,
 };
+use diesel_memclone_tests::RawRedis;
 use std::time::Instant;
 
 const ROUNDS: usize = 3000;
@@ -34,13 +35,14 @@ async fn main() {
     for rows in [1000_i64, 100, 1] {
         let namespace = format!("hitpath{}_{rows}", std::process::id());
         let (store, cache) = redis_cache(&namespace);
+        let redis = RawRedis::test_server(false).await;
         let filled: Vec<BenchUser> = first_users(rows)
             .cached("first")
             .using(&cache)
             .load(&mut conn)
             .await
             .unwrap();
-        let key = only_entry_key(&store, &namespace).await;
+        let key = only_entry_key(&redis, &namespace).await;
         let (mut hits, mut floors) = (Vec::with_capacity(ROUNDS), Vec::with_capacity(ROUNDS));
         for round in 0..ROUNDS + 200 {
             let start = Instant::now();

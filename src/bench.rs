@@ -1,10 +1,11 @@
 //! Data and helpers shared by `benches/memclone.rs` and `examples/hitpath.rs`: a PostgreSQL
 //! schema with 100,000 users and 100,000 orders, and the cached queries measured on it.
 
+use crate::RawRedis;
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use diesel_memclone::deadpool_redis::redis;
-use diesel_memclone::store::RedisStore;
+use diesel_memclone::store::{RedisStore, Store};
 use diesel_memclone::{Cache, MemClone};
 use serde::{Deserialize, Serialize};
 
@@ -116,25 +117,20 @@ pub fn first_users(
 }
 
 /// The key of the one query entry in `namespace` (there must be exactly one).
-pub async fn only_entry_key(store: &RedisStore, namespace: &str) -> String {
-    let reply = store
-        .command(redis::cmd("KEYS").arg(format!("{namespace}:{{q:*")))
-        .await
-        .expect("KEYS");
-    let keys: Vec<String> = redis::FromRedisValue::from_redis_value(reply).expect("keys");
+pub async fn only_entry_key(redis: &RawRedis, namespace: &str) -> String {
+    let keys: Vec<String> = redis
+        .query_as(redis::cmd("KEYS").arg(format!("{namespace}:{{q:*")))
+        .await;
     assert_eq!(keys.len(), 1, "expected one entry in {namespace}: {keys:?}");
     keys.into_iter().next().unwrap_or_default()
 }
 
-/// The floor: one `GET` of the entry's bytes on the same pool, then the same decoding
-/// (bincode 2 of the payload, after the entry's header: magic, one generation, the freshness
-/// instant and the checksum).
+/// The floor: one `GET` of the entry's bytes over the store's own connections (a fetch with no
+/// generations), then the same decoding (bincode 2 of the payload, after the entry's header:
+/// magic, one generation, the freshness instant and the checksum).
 pub async fn floor_get(store: &RedisStore, key: &str) -> Vec<BenchUser> {
-    let reply = store
-        .command(redis::cmd("GET").arg(key))
-        .await
-        .expect("GET");
-    let redis::Value::BulkString(bytes) = reply else {
+    let fetched = store.fetch(key, &[]).await.expect("GET");
+    let Some(bytes) = fetched.entry else {
         panic!("no entry at {key}")
     };
     const HEADER: usize = 4 + 1 + 8 + 8 + 8;

@@ -67,6 +67,7 @@ use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{
     AsyncConnection, AsyncMysqlConnection, AsyncPgConnection, SimpleAsyncConnection,
 };
+use diesel_memclone::deadpool_redis::redis;
 use diesel_memclone::{CacheValue, MemClone};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -324,7 +325,7 @@ pub async fn redis_store() -> Option<diesel_memclone::store::RedisStore> {
     redis_store_at(&redis_url()).await
 }
 
-/// A Redis store at `url`, checked with a PING, or `None` (reported).
+/// A Redis store at `url`, once it connected, or `None` (reported).
 pub async fn redis_store_at(url: &str) -> Option<diesel_memclone::store::RedisStore> {
     let store = diesel_memclone::store::RedisStore::builder(url)
         .build()
@@ -352,14 +353,13 @@ pub async fn redis_cluster_store() -> Option<diesel_memclone::store::RedisStore>
     checked(store, "Redis Cluster").await
 }
 
+/// The store, once its connections open (proof that its server answers), or `None` (reported).
 async fn checked(
     store: diesel_memclone::store::RedisStore,
     what: &str,
 ) -> Option<diesel_memclone::store::RedisStore> {
-    let ping_cmd = diesel_memclone::deadpool_redis::redis::cmd("PING");
-    let ping = store.command(&ping_cmd);
-    match tokio::time::timeout(std::time::Duration::from_secs(5), ping).await {
-        Ok(Ok(_)) => Some(store),
+    match tokio::time::timeout(std::time::Duration::from_secs(5), store.connect()).await {
+        Ok(Ok(())) => Some(store),
         Ok(Err(e)) => {
             server_missing(what, e);
             None
@@ -368,6 +368,61 @@ async fn checked(
             server_missing(what, "no answer in 5 s");
             None
         }
+    }
+}
+
+/// A Redis connection of the tests' own, beside the store under test, for raw commands: to
+/// look at the keys a cache wrote, or to plant keys it must cope with. (The store offers no
+/// raw access.) Cheap to clone: a multiplexed connection.
+#[derive(Clone)]
+pub struct RawRedis(RawConnection);
+
+#[derive(Clone)]
+enum RawConnection {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl RawRedis {
+    /// A connection to the server at `url`.
+    pub async fn open(url: &str) -> redis::RedisResult<RawRedis> {
+        let conn = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
+        Ok(RawRedis(RawConnection::Single(conn)))
+    }
+
+    /// A connection to the cluster of these nodes.
+    pub async fn open_cluster(urls: &[String]) -> redis::RedisResult<RawRedis> {
+        let conn = redis::cluster::ClusterClient::new(urls.to_vec())?
+            .get_async_connection()
+            .await?;
+        Ok(RawRedis(RawConnection::Cluster(conn)))
+    }
+
+    /// A connection to the test server ([`redis_url`]) or the test cluster
+    /// ([`redis_cluster_urls`]); panics if it does not open (call it once the store answered).
+    pub async fn test_server(cluster: bool) -> RawRedis {
+        let opened = match cluster {
+            true => RawRedis::open_cluster(&redis_cluster_urls()).await,
+            false => RawRedis::open(&redis_url()).await,
+        };
+        opened.expect("a raw connection to the test Redis")
+    }
+
+    /// Runs one command and returns its reply; an error reply is an error.
+    pub async fn query(&self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+        match self.0.clone() {
+            RawConnection::Single(mut conn) => cmd.query_async(&mut conn).await,
+            RawConnection::Cluster(mut conn) => cmd.query_async(&mut conn).await,
+        }
+    }
+
+    /// Runs one command and converts its reply; panics on an error or a reply of another type.
+    pub async fn query_as<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        let reply = self.query(cmd).await;
+        let reply = reply.unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        T::from_redis_value(reply).unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
     }
 }
 

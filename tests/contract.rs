@@ -3,7 +3,7 @@
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use diesel_memclone::prelude::*;
-use diesel_memclone::store::{MemoryStore, RedisStore};
+use diesel_memclone::store::{MemoryStore, RedisStore, Store};
 use diesel_memclone::{Cache, Error};
 use diesel_memclone_tests::schema::{memberships, posts, users};
 use diesel_memclone_tests::*;
@@ -277,7 +277,10 @@ async fn a_corrupt_entry_is_a_miss_and_is_replaced_memory_store() {
         } else {
             b"MCv1\x02garbage"
         };
-        store.put_raw(key, garbage, Duration::from_secs(60));
+        store
+            .put(key, garbage.to_vec(), Duration::from_secs(60))
+            .await
+            .unwrap();
     }
     let (again, queries) = counted!(counter, {
         let names: Vec<String> = query()
@@ -314,7 +317,7 @@ async fn a_corrupt_entry_is_a_miss_and_is_replaced_redis() {
     else {
         return;
     };
-    let inspector = store.clone();
+    let inspector = RawRedis::test_server(false).await;
     let ns = unique("corrupt");
     let cache = Cache::builder()
         .store(store)
@@ -336,21 +339,21 @@ async fn a_corrupt_entry_is_a_miss_and_is_replaced_redis() {
         .load(&mut conn)
         .await
         .unwrap();
-    use diesel_memclone::deadpool_redis::redis::{cmd, FromRedisValue};
+    use diesel_memclone::deadpool_redis::redis::cmd;
     let keys = |pattern: String| {
         let inspector = inspector.clone();
         async move {
-            let reply = inspector.command(cmd("KEYS").arg(pattern)).await.unwrap();
-            Vec::<String>::from_redis_value(reply).unwrap()
+            inspector
+                .query_as::<Vec<String>>(cmd("KEYS").arg(pattern))
+                .await
         }
     };
     let set = |key: String, value: Vec<u8>| {
         let inspector = inspector.clone();
         async move {
             inspector
-                .command(cmd("SET").arg(key).arg(value))
+                .query_as::<()>(cmd("SET").arg(key).arg(value))
                 .await
-                .unwrap()
         }
     };
     let entries = keys(format!("{ns}:{{q:*")).await;

@@ -284,7 +284,7 @@ async fn ttl_jitter_spreads_expiry() {
     };
     let ns = unique("jitter");
     let cache = Cache::builder()
-        .store(store.clone())
+        .store(store)
         .namespace(&ns)
         .default_ttl(Duration::from_secs(1000))
         .ttl_jitter(0.5)
@@ -297,20 +297,13 @@ async fn ttl_jitter_spreads_expiry() {
             .unwrap();
         assert_eq!(v, i);
     }
-    use diesel_memclone::deadpool_redis::redis::{cmd, FromRedisValue};
-    let keys = Vec::<String>::from_redis_value(
-        store
-            .command(cmd("KEYS").arg(format!("{ns}:{{q:*")))
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    use diesel_memclone::deadpool_redis::redis::cmd;
+    let redis = RawRedis::test_server(false).await;
+    let keys: Vec<String> = redis.query_as(cmd("KEYS").arg(format!("{ns}:{{q:*"))).await;
     assert_eq!(keys.len(), 20);
     let mut ttls = Vec::new();
     for key in keys {
-        ttls.push(
-            i64::from_redis_value(store.command(cmd("PTTL").arg(key)).await.unwrap()).unwrap(),
-        );
+        ttls.push(redis.query_as::<i64>(cmd("PTTL").arg(key)).await);
     }
     let (min, max) = (*ttls.iter().min().unwrap(), *ttls.iter().max().unwrap());
     assert!(min >= 499_000 && max <= 1_500_000, "within ±50%: {ttls:?}");

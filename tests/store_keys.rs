@@ -6,19 +6,19 @@
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use diesel_memclone::deadpool_redis::redis::{self, Value};
-use diesel_memclone::store::RedisStore;
+use diesel_memclone::store::Store;
 use diesel_memclone::{Cache, CacheValue, LockOptions};
 use diesel_memclone_tests::schema::users;
 use diesel_memclone_tests::*;
 use std::time::Duration;
 
 /// A fresh schema with users 1..=`users` and post 1, and a cache on the single Redis or the
-/// cluster (with a second handle on the same store, for raw commands).
+/// cluster (with a raw connection to the same server or cluster, for raw commands).
 async fn setup(
     cluster: bool,
     users: i32,
     options: impl FnOnce(diesel_memclone::CacheBuilder) -> diesel_memclone::CacheBuilder,
-) -> Option<(Cache, RedisStore, String, AsyncPgConnection, QueryCounter)> {
+) -> Option<(Cache, RawRedis, String, AsyncPgConnection, QueryCounter)> {
     let schema = unique("keys");
     let mut conn = postgres(&schema).await?;
     let store = match cluster {
@@ -26,7 +26,8 @@ async fn setup(
         false => redis_store().await?,
     };
     let ns = unique("keys");
-    let builder = Cache::builder().store(store.clone()).namespace(ns.clone());
+    let redis = RawRedis::test_server(cluster).await;
+    let builder = Cache::builder().store(store).namespace(ns.clone());
     let cache = options(builder).build().unwrap();
     let mut seed = String::new();
     for id in 1..=users {
@@ -38,7 +39,7 @@ async fn setup(
     conn.batch_execute(&seed).await.unwrap();
     let counter = QueryCounter::default();
     counter.attach(&mut conn);
-    Some((cache, store, ns, conn, counter))
+    Some((cache, redis, ns, conn, counter))
 }
 
 fn user_entry(ns: &str, id: i32) -> String {
@@ -51,31 +52,31 @@ fn table_key(ns: &str, table: &str, what: &str) -> String {
 }
 
 /// Replaces `key` with a list, as another writer in the namespace could.
-async fn make_list(store: &RedisStore, key: &str) {
-    store.command(redis::cmd("DEL").arg(key)).await.unwrap();
-    store
-        .command(redis::cmd("RPUSH").arg(key).arg("foreign"))
+async fn make_list(redis: &RawRedis, key: &str) {
+    redis.query(redis::cmd("DEL").arg(key)).await.unwrap();
+    redis
+        .query(redis::cmd("RPUSH").arg(key).arg("foreign"))
         .await
         .unwrap();
 }
 
-async fn key_type(store: &RedisStore, key: &str) -> String {
-    match store.command(redis::cmd("TYPE").arg(key)).await.unwrap() {
+async fn key_type(redis: &RawRedis, key: &str) -> String {
+    match redis.query(redis::cmd("TYPE").arg(key)).await.unwrap() {
         Value::SimpleString(kind) => kind,
         Value::Okay => "ok".into(),
         other => format!("{other:?}"),
     }
 }
 
-async fn pttl(store: &RedisStore, key: &str) -> i64 {
-    match store.command(redis::cmd("PTTL").arg(key)).await.unwrap() {
+async fn pttl(redis: &RawRedis, key: &str) -> i64 {
+    match redis.query(redis::cmd("PTTL").arg(key)).await.unwrap() {
         Value::Int(ms) => ms,
         other => panic!("PTTL {key}: {other:?}"),
     }
 }
 
-async fn get_u64(store: &RedisStore, key: &str) -> u64 {
-    match store.command(redis::cmd("GET").arg(key)).await.unwrap() {
+async fn get_u64(redis: &RawRedis, key: &str) -> u64 {
+    match redis.query(redis::cmd("GET").arg(key)).await.unwrap() {
         Value::BulkString(bytes) => String::from_utf8(bytes).unwrap().parse().unwrap(),
         other => panic!("GET {key}: {other:?}"),
     }
@@ -90,14 +91,14 @@ async fn find_post(cache: &Cache, conn: &mut AsyncPgConnection, id: i32) -> Post
 }
 
 async fn entry_of_the_wrong_type_is_a_miss_that_replaces_it(cluster: bool) {
-    let Some((cache, store, ns, mut conn, counter)) = setup(cluster, 3, |b| b).await else {
+    let Some((cache, redis, ns, mut conn, counter)) = setup(cluster, 3, |b| b).await else {
         return;
     };
     for id in 1..=3 {
         find_user(&cache, &mut conn, id).await;
     }
     assert_eq!(counter.get(), 3, "three misses fill three entries");
-    make_list(&store, &user_entry(&ns, 1)).await;
+    make_list(&redis, &user_entry(&ns, 1)).await;
 
     let (user, queries) = counted!(counter, find_user(&cache, &mut conn, 1).await);
     assert_eq!((user.name.as_str(), queries), ("user 1", 1), "one miss");
@@ -115,7 +116,7 @@ async fn entry_of_the_wrong_type_is_a_miss_that_replaces_it(cluster: bool) {
         ("user 1", 0),
         "the bad key was replaced by a good entry"
     );
-    assert_eq!(key_type(&store, &user_entry(&ns, 1)).await, "string");
+    assert_eq!(key_type(&redis, &user_entry(&ns, 1)).await, "string");
     let stats = cache.stats();
     assert_eq!(
         (stats.store_errors, stats.bypasses, stats.corrupt_entries),
@@ -125,7 +126,7 @@ async fn entry_of_the_wrong_type_is_a_miss_that_replaces_it(cluster: bool) {
 }
 
 async fn generations_of_the_wrong_type_are_misses_and_replaced(cluster: bool) {
-    let Some((cache, store, ns, mut conn, counter)) = setup(cluster, 2, |b| b).await else {
+    let Some((cache, redis, ns, mut conn, counter)) = setup(cluster, 2, |b| b).await else {
         return;
     };
     find_user(&cache, &mut conn, 1).await;
@@ -139,7 +140,7 @@ async fn generations_of_the_wrong_type_are_misses_and_replaced(cluster: bool) {
         table_key(&ns, "users", "r:2"),
     ];
     for key in &bad {
-        make_list(&store, key).await;
+        make_list(&redis, key).await;
     }
 
     let (post, queries) = counted!(counter, find_post(&cache, &mut conn, 1).await);
@@ -166,7 +167,7 @@ async fn generations_of_the_wrong_type_are_misses_and_replaced(cluster: bool) {
     });
     assert_eq!(queries, 0, "every generation was replaced: hits again");
     for key in &bad {
-        assert_eq!(key_type(&store, key).await, "string", "{key}");
+        assert_eq!(key_type(&redis, key).await, "string", "{key}");
     }
     let stats = cache.stats();
     assert_eq!(
@@ -177,7 +178,7 @@ async fn generations_of_the_wrong_type_are_misses_and_replaced(cluster: bool) {
 }
 
 async fn writes_invalidate_over_keys_of_the_wrong_type(cluster: bool) {
-    let Some((cache, store, ns, mut conn, counter)) = setup(cluster, 1, |b| b).await else {
+    let Some((cache, redis, ns, mut conn, counter)) = setup(cluster, 1, |b| b).await else {
         return;
     };
     find_user(&cache, &mut conn, 1).await;
@@ -188,7 +189,7 @@ async fn writes_invalidate_over_keys_of_the_wrong_type(cluster: bool) {
         table_key(&ns, "users", "egen"),
         table_key(&ns, "users", "qgen"),
     ] {
-        make_list(&store, &key).await;
+        make_list(&redis, &key).await;
     }
     let rename = |name: &'static str| {
         diesel_memclone::update(users::table.find(1))
@@ -205,7 +206,7 @@ async fn writes_invalidate_over_keys_of_the_wrong_type(cluster: bool) {
     assert_eq!(find_user(&cache, &mut conn, 1).await.name, "Ann");
     assert_eq!(user_names(&cache, &mut conn).await, ["Ann"]);
     assert_eq!(
-        key_type(&store, &table_key(&ns, "users", "wseq")).await,
+        key_type(&redis, &table_key(&ns, "users", "wseq")).await,
         "string"
     );
     // The write sequence works again: the next write is written through.
@@ -221,19 +222,19 @@ async fn writes_invalidate_over_keys_of_the_wrong_type(cluster: bool) {
 
 async fn lock_of_the_wrong_type_does_not_block_the_fill(cluster: bool) {
     let lock = LockOptions::default().wait_timeout(Duration::from_millis(300));
-    let Some((cache, store, ns, mut conn, counter)) = setup(cluster, 1, |b| b.lock(lock)).await
+    let Some((cache, redis, ns, mut conn, counter)) = setup(cluster, 1, |b| b.lock(lock)).await
     else {
         return;
     };
     find_user(&cache, &mut conn, 1).await;
     let entry = user_entry(&ns, 1);
-    store.command(redis::cmd("DEL").arg(&entry)).await.unwrap();
+    redis.query(redis::cmd("DEL").arg(&entry)).await.unwrap();
     let tags = [
-        get_u64(&store, &table_key(&ns, "users", "egen")).await,
-        get_u64(&store, &table_key(&ns, "users", "r:1")).await,
+        get_u64(&redis, &table_key(&ns, "users", "egen")).await,
+        get_u64(&redis, &table_key(&ns, "users", "r:1")).await,
     ];
     let lock_key = format!("{entry}:lock:{:016x}{:016x}", tags[0], tags[1]);
-    make_list(&store, &lock_key).await;
+    make_list(&redis, &lock_key).await;
 
     let (user, queries) = counted!(counter, find_user(&cache, &mut conn, 1).await);
     assert_eq!((user.name.as_str(), queries), ("user 1", 1), "a miss");
@@ -276,7 +277,7 @@ async fn fresh_namespace_writes_through(cache: Cache, schema: &str) {
 async fn row_generations_live_as_long_as_their_entries(cluster: bool) {
     let entry_ttl = Duration::from_secs(30);
     let slack_ms = 1_000;
-    let Some((cache, store, ns, mut conn, _)) =
+    let Some((cache, redis, ns, mut conn, _)) =
         setup(cluster, 20, |b| b.default_ttl(entry_ttl)).await
     else {
         return;
@@ -286,17 +287,17 @@ async fn row_generations_live_as_long_as_their_entries(cluster: bool) {
     }
     let bound = entry_ttl.as_millis() as i64 + slack_ms;
     for id in 1..=20 {
-        let ms = pttl(&store, &table_key(&ns, "users", &format!("r:{id}"))).await;
+        let ms = pttl(&redis, &table_key(&ns, "users", &format!("r:{id}"))).await;
         assert!(
             ms > 0 && ms <= bound,
             "row generation {id}: PTTL {ms} ms, entries live {bound} ms at most"
         );
     }
-    let ms = pttl(&store, &table_key(&ns, "users", "egen")).await;
+    let ms = pttl(&redis, &table_key(&ns, "users", "egen")).await;
     assert!(ms > 0 && ms <= bound, "entity generation: PTTL {ms} ms");
     // A longer-lived entry (posts: 600 s) keeps its row generation for as long.
     find_post(&cache, &mut conn, 1).await;
-    let ms = pttl(&store, &table_key(&ns, "posts", "r:1")).await;
+    let ms = pttl(&redis, &table_key(&ns, "posts", "r:1")).await;
     assert!(
         ms > bound && ms <= 600_000 + slack_ms,
         "post row generation: PTTL {ms} ms"
@@ -305,13 +306,13 @@ async fn row_generations_live_as_long_as_their_entries(cluster: bool) {
 
 /// A generation that expired under a living entry makes that entry a miss, never a stale hit.
 async fn missing_row_generation_is_a_miss(cluster: bool) {
-    let Some((cache, store, ns, mut conn, counter)) = setup(cluster, 1, |b| b).await else {
+    let Some((cache, redis, ns, mut conn, counter)) = setup(cluster, 1, |b| b).await else {
         return;
     };
     find_user(&cache, &mut conn, 1).await;
     let row_generation = table_key(&ns, "users", "r:1");
-    store
-        .command(redis::cmd("DEL").arg(&row_generation))
+    redis
+        .query(redis::cmd("DEL").arg(&row_generation))
         .await
         .unwrap();
     conn.batch_execute("UPDATE users SET name = 'changed' WHERE id = 1")
@@ -329,9 +330,9 @@ async fn command_calls(cluster: bool, command: &str) -> u64 {
     };
     let mut calls = 0;
     for url in urls {
-        let node = redis_store_at(&url).await.expect("the node answers");
+        let node = RawRedis::open(&url).await.expect("the node answers");
         let info = node
-            .command(redis::cmd("INFO").arg("commandstats"))
+            .query(redis::cmd("INFO").arg("commandstats"))
             .await
             .unwrap();
         let text = match info {
@@ -350,13 +351,13 @@ async fn command_calls(cluster: bool, command: &str) -> u64 {
 }
 
 async fn scripts_run_by_sha_and_survive_a_flush(cluster: bool) {
-    let Some((cache, store, _, mut conn, counter)) = setup(cluster, 1, |b| b).await else {
+    let Some((cache, redis, _, mut conn, counter)) = setup(cluster, 1, |b| b).await else {
         return;
     };
     user_names(&cache, &mut conn).await;
     // Scripts lost (a restart, a failover, SCRIPT FLUSH): the store loads them again.
-    store
-        .command(redis::cmd("SCRIPT").arg("FLUSH"))
+    redis
+        .query(redis::cmd("SCRIPT").arg("FLUSH"))
         .await
         .unwrap();
     let before = command_calls(cluster, "evalsha").await;
@@ -383,19 +384,18 @@ async fn store_error_keeps_the_redis_error_as_its_source() {
     let Some(store) = redis_store().await else {
         return;
     };
-    let key = unique("keys-list");
-    make_list(&store, &key).await;
+    // A time to live Redis refuses (`SET .. PX` beyond its range): an error reply.
+    let key = unique("keys-ttl");
     let error = store
-        .command(redis::cmd("GET").arg(&key))
+        .put(&key, b"value".to_vec(), Duration::MAX)
         .await
-        .expect_err("GET on a list");
+        .expect_err("SET with a time to live out of range");
     let source = std::error::Error::source(&error).expect("a source");
     let redis_error = source
         .downcast_ref::<redis::RedisError>()
         .expect("the source is the Redis error");
-    assert_eq!(redis_error.code(), Some("WRONGTYPE"));
-    assert!(error.to_string().contains("WRONGTYPE"), "{error}");
-    store.command(redis::cmd("DEL").arg(&key)).await.unwrap();
+    assert_eq!(redis_error.code(), Some("ERR"));
+    assert!(error.to_string().contains("out of range"), "{error}");
 }
 
 macro_rules! on_redis {

@@ -464,23 +464,48 @@ fn tables_in_tokens(tokens: Vec<Token>) -> Vec<String> {
 pub(crate) struct WrittenStatement {
     /// The table it writes (lower-cased, unquoted).
     pub(crate) table: String,
-    /// The statement's verb: `insert`, `replace`, `update` or `delete`.
-    pub(crate) verb: String,
+    /// What the statement does.
+    pub(crate) verb: Verb,
     /// The columns its `SET` clause assigns (an update, or an upsert's `DO UPDATE SET`).
     pub(crate) assigned: Vec<String>,
     /// Other tables a raw statement names, invalidated with `table`.
     pub(crate) also_named: Vec<String>,
 }
 
-impl WrittenStatement {
-    /// The verb of a statement whose SQL memclone could not read.
-    pub(crate) const UNKNOWN: &'static str = "unknown";
+/// A write statement's verb.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verb {
+    /// `INSERT` (an upsert too).
+    Insert,
+    /// `REPLACE` (MySQL, SQLite): may delete rows it does not return.
+    Replace,
+    /// `UPDATE`.
+    Update,
+    /// `DELETE`.
+    Delete,
+    /// A statement whose SQL memclone could not read.
+    Unknown,
+}
 
+impl Verb {
+    /// The verb a (lower-cased) keyword names, if it names one.
+    fn of_keyword(word: &str) -> Option<Verb> {
+        match word {
+            "insert" => Some(Verb::Insert),
+            "replace" => Some(Verb::Replace),
+            "update" => Some(Verb::Update),
+            "delete" => Some(Verb::Delete),
+            _ => None,
+        }
+    }
+}
+
+impl WrittenStatement {
     /// A write to `table` that memclone cannot read: every row may have changed or moved.
     pub(crate) fn unknown(table: &str) -> Self {
         WrittenStatement {
             table: table.to_owned(),
-            verb: Self::UNKNOWN.to_owned(),
+            verb: Verb::Unknown,
             assigned: Vec::new(),
             also_named: Vec::new(),
         }
@@ -492,9 +517,7 @@ pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
     let table = written_table(sql)?;
     let tokens = tokenize(sql);
     let verb = tokens.iter().find_map(|t| match t {
-        Token::Word(w) if matches!(w.as_str(), "insert" | "replace" | "update" | "delete") => {
-            Some(w.clone())
-        }
+        Token::Word(w) => Verb::of_keyword(w),
         _ => None,
     })?;
     let mut assigned = Vec::new();
@@ -533,9 +556,9 @@ pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
 /// The table an `INSERT`/`REPLACE`/`UPDATE`/`DELETE` statement writes.
 pub(crate) fn written_table(sql: &str) -> Option<String> {
     let tokens = tokenize(sql);
-    let start = tokens.iter().position(|t| {
-        matches!(t, Token::Word(w) if matches!(w.as_str(), "insert" | "replace" | "update" | "delete"))
-    })?;
+    let start = tokens
+        .iter()
+        .position(|t| matches!(t, Token::Word(w) if Verb::of_keyword(w).is_some()))?;
     let mut rest = tokens[start + 1..].iter().filter(|t| {
         !matches!(t, Token::Word(w) if matches!(w.as_str(), "into" | "from" | "ignore" | "or" | "low_priority"))
     });
@@ -600,8 +623,8 @@ mod tests {
     fn written_statements() {
         let update = written_statement(r#"UPDATE "users" SET "id" = $1, "name" = $2 WHERE ("users"."id" = $3) RETURNING "users"."id""#).unwrap();
         assert_eq!(
-            (update.verb.as_str(), update.table.as_str()),
-            ("update", "users")
+            (update.verb, update.table.as_str()),
+            (Verb::Update, "users")
         );
         assert!(
             update.assigned.contains(&"id".to_string())
@@ -613,10 +636,13 @@ mod tests {
             update.assigned
         );
         let upsert = written_statement(r#"INSERT INTO "m" ("a", "b") VALUES ($1, $2) ON CONFLICT ("a") DO UPDATE SET "b" = excluded."b""#).unwrap();
-        assert_eq!(upsert.verb, "insert");
+        assert_eq!(upsert.verb, Verb::Insert);
         assert!(upsert.assigned.contains(&"b".to_string()));
         let delete = written_statement(r#"DELETE FROM "users" WHERE ("users"."id" = $1)"#).unwrap();
-        assert_eq!((delete.verb.as_str(), delete.assigned.len()), ("delete", 0));
+        assert_eq!((delete.verb, delete.assigned.len()), (Verb::Delete, 0));
+        let replace = written_statement("REPLACE INTO `users` (`id`) VALUES (?)").unwrap();
+        assert_eq!(replace.verb, Verb::Replace);
+        assert_eq!(WrittenStatement::unknown("users").verb, Verb::Unknown);
     }
 
     #[test]

@@ -140,11 +140,11 @@ pub(crate) struct Near {
     started: AtomicBool,
     /// What the store's change stream is asked to follow, and whom it tells.
     request: FollowChanges,
-    pub(crate) hits: AtomicU64,
-    pub(crate) misses: AtomicU64,
-    pub(crate) flushes: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    flushes: AtomicU64,
     /// The longest heartbeat round trip seen, in microseconds.
-    pub(crate) lag_max_us: AtomicU64,
+    lag_max_us: AtomicU64,
 }
 
 impl Near {
@@ -176,6 +176,36 @@ impl Near {
             flushes: AtomicU64::new(0),
             lag_max_us: AtomicU64::new(0),
         })
+    }
+
+    /// Counts a near hit.
+    pub(crate) fn count_hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a read the tier could have answered but did not hold the entry for.
+    pub(crate) fn count_miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Near hits so far.
+    pub(crate) fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Near misses so far.
+    pub(crate) fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    /// Flushes so far.
+    pub(crate) fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
+    }
+
+    /// The longest heartbeat round trip seen, in microseconds.
+    pub(crate) fn lag_max_us(&self) -> u64 {
+        self.lag_max_us.load(Ordering::Relaxed)
     }
 
     /// What to ask of the store's change stream.

@@ -3,7 +3,7 @@
 
 use crate::cache::{cache, Cache, Invalidated, PendingWrite};
 use crate::error::{Error, Result};
-use crate::key::{self, WrittenStatement};
+use crate::key::{self, Verb, WrittenStatement};
 use crate::model::{CacheValue, RowKey};
 use crate::transaction::{write_timing, WriteTiming};
 use diesel::backend::Backend;
@@ -295,11 +295,11 @@ impl<S> Write<S> {
     ) -> Option<Invalidated> {
         match timing {
             WriteTiming::Now => {
-                let bumps = cache.invalidate_written(&tables, rows.as_deref()).await;
+                let invalidated = cache.invalidate_written(&tables, rows.as_deref()).await;
                 if !uncache.is_empty() {
                     cache.uncache(&uncache).await;
                 }
-                bumps
+                invalidated
             }
             WriteTiming::AfterCommit(transaction) => {
                 if let (Some(index), Some(rows)) = (deferred, rows) {
@@ -350,17 +350,16 @@ impl<S> Write<S> {
         // The returned rows name exactly the rows written, except when the statement moves
         // rows to other keys (it assigns a key column) or deletes rows it does not return
         // (`REPLACE`): then every row of the table is evicted.
-        let moves_rows = statement.verb == "replace"
-            || statement.verb == WrittenStatement::UNKNOWN
+        let moves_rows = matches!(statement.verb, Verb::Replace | Verb::Unknown)
             || U::key_columns()
                 .iter()
                 .any(|c| statement.assigned.contains(&c.to_lowercase()));
         // Rows written through must exist after the write: never a delete's.
-        let rows_through = model_of::<U>(&table) && !moves_rows && statement.verb != "delete";
+        let rows_through = model_of::<U>(&table) && !moves_rows && statement.verb != Verb::Delete;
         // Writing through (the rows' entity entries, `cache_result` keys) needs the table's
         // write sequence from before the write, and never happens inside a transaction.
         let through = matches!(timing, WriteTiming::Now)
-            && ((self.cache_result.is_some() && statement.verb != "delete") || rows_through);
+            && ((self.cache_result.is_some() && statement.verb != Verb::Delete) || rows_through);
         let before = match through {
             true => cache.write_sequence(&table).await,
             false => None,
@@ -381,16 +380,16 @@ impl<S> Write<S> {
         let (Some(before), Some(invalidated)) = (before, invalidated) else {
             return Ok(values);
         };
-        let Some(bump) = <[_]>::first(&invalidated.tables) else {
+        let Some(ours) = <[_]>::first(&invalidated.tables) else {
             return Ok(values);
         };
         // Exactly one more invalidation of the table than before the write: ours, and no
         // other write overlapped, so these rows are the newest and may be cached.
-        if bump.sequence != Some(before + 1) {
+        if ours.sequence != Some(before + 1) {
             return Ok(values);
         }
         if let (true, Some(rows), Some(entity_generation)) =
-            (rows_through, &rows, bump.entity_generation)
+            (rows_through, &rows, ours.entity_generation)
         {
             if rows.len() == values.len() {
                 let written = values.iter().zip(rows).zip(&invalidated.row_generations);
@@ -405,12 +404,12 @@ impl<S> Write<S> {
         if let Some(caching) = self
             .cache_result
             .as_ref()
-            .filter(|_| statement.verb != "delete")
+            .filter(|_| statement.verb != Verb::Delete)
         {
             for value in &values {
                 if let Some(key) = (caching.key)(value as &dyn Any) {
                     cache
-                        .put_custom(&key, bump.query_generation, caching.ttl, value)
+                        .put_custom(&key, ours.query_generation, caching.ttl, value)
                         .await;
                 }
             }

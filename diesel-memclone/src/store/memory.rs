@@ -133,11 +133,6 @@ impl MemoryStore {
             .collect()
     }
 
-    /// Overwrites a raw entry (used by tests to simulate corrupt or foreign data).
-    pub fn put_raw(&self, key: &str, bytes: &[u8], ttl: Duration) {
-        self.insert_entry(key, bytes.into(), ttl);
-    }
-
     fn insert_entry(&self, key: &str, bytes: Arc<[u8]>, ttl: Duration) {
         self.map
             .insert(key.to_owned(), Stored::new(Slot::Entry(bytes), Some(ttl)));

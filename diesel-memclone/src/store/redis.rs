@@ -311,10 +311,10 @@ impl RedisStoreBuilder {
                 None => redis::IntoConnectionInfo::into_connection_info(url.as_str())
                     .map_err(|e| built(&e))?,
             };
-            targets = Some(Targets::Single(
+            targets = Some(Targets::Single(Box::new(
                 redis::IntoConnectionInfo::into_connection_info(url.clone())
                     .map_err(|e| built(&e))?,
-            ));
+            )));
             // Without it, redis-rs gives up connecting after its own default of 1 s.
             let connection = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(self.connect_timeout));
@@ -414,17 +414,6 @@ impl RedisStore {
             }
         }
         Ok(())
-    }
-
-    /// Runs one command and returns its reply (for inspection and tests). An error reply is an
-    /// error whose [`source`](std::error::Error::source) is the `redis::RedisError`.
-    pub async fn command(&self, cmd: &redis::Cmd) -> StoreResult<Value> {
-        reply(
-            self.run(std::slice::from_ref(cmd))
-                .await?
-                .pop()
-                .unwrap_or(Value::Nil),
-        )
     }
 
     /// Runs commands in one round trip: one pipeline on a single server; on a cluster, every
@@ -875,7 +864,7 @@ impl Store for RedisStore {
 
     fn follow_changes(&self, follow: FollowChanges) -> Option<BoxFuture<'static, ()>> {
         let targets = match &follow.address {
-            Some(url) => Targets::Single(tracking::info(url).ok()?),
+            Some(url) => Targets::Single(Box::new(tracking::info(url).ok()?)),
             None => self.targets.clone()?,
         };
         Some(tracking::follow(targets, follow).boxed())

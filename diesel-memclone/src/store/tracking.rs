@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 /// asked of them).
 #[derive(Clone)]
 pub(crate) enum Targets {
-    Single(ConnectionInfo),
+    Single(Box<ConnectionInfo>),
     Cluster(Vec<ConnectionInfo>),
 }
 
@@ -68,7 +68,7 @@ async fn session(
     // long before, at `max_lag`.
     let patience = (follow.heartbeat * 16).max(Duration::from_secs(1));
     let (nodes, topology) = match targets {
-        Targets::Single(info) => (vec![info.clone()], None),
+        Targets::Single(info) => (vec![(**info).clone()], None),
         Targets::Cluster(seeds) => {
             let (nodes, topology) = primaries(seeds, patience).await?;
             (nodes, Some(topology))

@@ -1,0 +1,78 @@
+//! The store's health: every store call goes through [`Cache::call`], which bounds it with the
+//! store timeout, remembers a failure so that calls skip the store for a while, and logs the
+//! outage once (and the recovery once) instead of once per call.
+
+use super::Cache;
+use crate::error::StoreError;
+use crate::store::StoreResult;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Remembers a store failure so that calls skip the store for a while, and logs the failure once
+/// (and the recovery once) instead of once per call.
+#[derive(Default)]
+pub(super) struct Health {
+    down_since: Mutex<Option<Instant>>,
+    down: AtomicBool,
+}
+
+impl Health {
+    fn skip(&self, retry_after: Duration) -> bool {
+        if !self.down.load(Ordering::Relaxed) {
+            return false;
+        }
+        let since = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        since.is_some_and(|t| t.elapsed() < retry_after)
+    }
+
+    fn failed(&self, error: &StoreError) {
+        let mut since = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                error = %error,
+                "diesel-memclone: cache store failed; reads go to the database until it answers again"
+            );
+        }
+        *since = Some(Instant::now());
+    }
+
+    fn succeeded(&self) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!("diesel-memclone: cache store answers again");
+        }
+    }
+}
+
+impl Cache {
+    /// Runs one store operation under the timeout and the failure memory.
+    pub(super) async fn call<T>(
+        &self,
+        operation: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let inner = &self.inner;
+        if inner.health.skip(inner.retry_after) {
+            return Err(StoreError::Unavailable);
+        }
+        let outcome = match tokio::time::timeout(inner.store_timeout, operation).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // The link may be stalled rather than broken: start afresh next time.
+                inner.store.reset();
+                Err(StoreError::Timeout)
+            }
+        };
+        match &outcome {
+            Ok(_) => inner.health.succeeded(),
+            Err(error) => {
+                inner.stats.store_errors.add_one();
+                // An error about one key is that key's miss, not a reason to skip the store.
+                if error.is_outage() {
+                    inner.health.failed(error);
+                }
+            }
+        }
+        outcome
+    }
+}

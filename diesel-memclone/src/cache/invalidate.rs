@@ -1,0 +1,313 @@
+//! The invalidation path: a write moves its tables' generations (and its rows'), one atomic
+//! bump per table; an invalidation the store did not take is remembered, retried in the
+//! background, and keeps the cache from serving its tables until it is delivered.
+
+use super::{Cache, Inner};
+use crate::key;
+use crate::model::RowKey;
+use crate::store::{fresh_generation, StoreResult, TableBump};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl Cache {
+    /// Makes every cached query and entity of `table` (its SQL name) unreachable: for writes that
+    /// bypass memclone (raw SQL, another service). An undeliverable invalidation is kept and
+    /// retried; until then this process does not serve the table from the cache.
+    pub async fn invalidate_table(&self, table: &str) {
+        self.invalidate_written(&[key::table_from_text(table)], None)
+            .await;
+    }
+
+    /// Makes every cached query and entity of model `M` unreachable.
+    pub async fn invalidate<M: crate::MemClone>(&self) {
+        self.invalidate_table(M::table()).await;
+    }
+
+    /// Tables whose invalidation has not reached the store yet.
+    pub fn undelivered_invalidations(&self) -> Vec<String> {
+        self.lock_undelivered().keys().cloned().collect()
+    }
+
+    fn lock_undelivered(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
+        self.inner
+            .undelivered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Retries undelivered invalidations. Returns true when none is left.
+    pub(super) async fn deliver_pending(&self) -> bool {
+        if !self.inner.has_undelivered.load(Ordering::Acquire) {
+            return true;
+        }
+        let snapshot: Vec<(String, u64)> = self
+            .lock_undelivered()
+            .iter()
+            .map(|(t, e)| (t.clone(), *e))
+            .collect();
+        if snapshot.is_empty() {
+            return true;
+        }
+        let tables: Vec<String> = snapshot.iter().map(|(t, _)| t.clone()).collect();
+        if self.bump_tables(&tables, None).await.is_ok() {
+            let mut pending = self.lock_undelivered();
+            for (table, epoch) in &snapshot {
+                // A failure recorded while this delivery ran may postdate it: keep that one.
+                if pending.get(table) == Some(epoch) {
+                    pending.remove(table);
+                }
+            }
+            self.inner
+                .has_undelivered
+                .store(!pending.is_empty(), Ordering::Release);
+            return pending.is_empty();
+        }
+        false
+    }
+
+    /// Records tables whose invalidation did not reach the store.
+    pub(crate) fn mark_undelivered(&self, tables: &[String]) {
+        let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
+        let mut pending = self.lock_undelivered();
+        for table in tables {
+            pending.insert(table.clone(), epoch);
+        }
+        self.inner.has_undelivered.store(true, Ordering::Release);
+        drop(pending);
+        self.retry_in_background();
+    }
+
+    /// Keeps retrying the undelivered invalidations every `retry_after` until they are
+    /// delivered, so that they do not wait for this cache's next call. The task holds the cache
+    /// weakly: it ends when the cache is dropped (or the runtime shuts down).
+    fn retry_in_background(&self) {
+        if self.inner.retrying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.inner.retrying.store(false, Ordering::Release);
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        let pause = self.inner.retry_after.max(Duration::from_millis(10));
+        runtime.spawn(async move {
+            // If the task is dropped (its runtime shut down), let the next failure start another.
+            let mut flag = RetryingFlag(Some(weak.clone()));
+            loop {
+                tokio::time::sleep(pause).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let cache = Cache { inner };
+                if cache.deliver_pending().await {
+                    cache.inner.retrying.store(false, Ordering::Release);
+                    // A failure recorded just now may have seen `retrying` still set.
+                    if !cache.inner.has_undelivered.load(Ordering::Acquire)
+                        || cache.inner.retrying.swap(true, Ordering::AcqRel)
+                    {
+                        // Either nothing is left, or another task owns the flag now.
+                        flag.0 = None;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    pub(super) fn is_undelivered(&self, tables: &[String]) -> bool {
+        if !self.inner.has_undelivered.load(Ordering::Acquire) {
+            return false;
+        }
+        let pending = self.lock_undelivered();
+        tables.iter().any(|t| pending.contains_key(t))
+    }
+
+    async fn bump_tables(
+        &self,
+        tables: &[String],
+        rows: Option<&[RowKey]>,
+    ) -> StoreResult<Invalidated> {
+        let ns = &self.inner.namespace;
+        let store = &self.inner.store;
+        let mut invalidated = Vec::with_capacity(tables.len());
+        let mut row_generations = Vec::new();
+        for (i, table) in tables.iter().enumerate() {
+            // The rows, when known, are rows of the first (written) table; any other table
+            // (`also_invalidates`, a pending delivery) has all of its rows evicted.
+            let rows = if i == 0 { rows } else { None };
+            let mut keys = vec![key::query_generation(ns, table)];
+            // Rows known: the table's entity generation stays, and is observed for
+            // write-through; rows unknown: it moves, evicting every row of the table.
+            let mut observe = Vec::new();
+            match rows {
+                Some(_) => observe.push(key::entity_generation(ns, table)),
+                None => keys.push(key::entity_generation(ns, table)),
+            }
+            let values: Vec<u64> = keys.iter().map(|_| fresh_generation()).collect();
+            let row_keys: Vec<String> = rows
+                .unwrap_or_default()
+                .iter()
+                .map(|row| key::row_generation(ns, row.table, &row.primary_key))
+                .collect();
+            let row_values: Vec<u64> = row_keys.iter().map(|_| fresh_generation()).collect();
+            let sequence = key::write_sequence(ns, table);
+            let bump = TableBump {
+                sequence: &sequence,
+                keys: &keys,
+                values: &values,
+                row_keys: &row_keys,
+                row_values: &row_values,
+                rows_ttl: self.inner.generation_ttl,
+                observe: &observe,
+            };
+            // One atomic script per table: its generations, its rows' generations and its
+            // write sequence move together, which is what makes write-through safe.
+            let bumped = self.call(store.bump_table(bump)).await;
+            // Whatever the outcome, this process stops trusting what it knew of these keys:
+            // read-your-writes, with no window, in the near tier.
+            self.forget_near(&keys);
+            self.forget_near(&row_keys);
+            let bumped = bumped?;
+            invalidated.push(TableInvalidated {
+                sequence: bumped.as_ref().map(|b| b.sequence),
+                query_generation: values[0],
+                entity_generation: bumped.and_then(|b| b.observed.first().copied().flatten()),
+            });
+            if i == 0 {
+                row_generations = row_values;
+            }
+        }
+        Ok(Invalidated {
+            tables: invalidated,
+            row_generations,
+        })
+    }
+
+    /// Invalidates after a committed write: every query of `tables`, and the entity entries of
+    /// `rows` (or of every row of `tables` when the rows are unknown). Never fails: what cannot be
+    /// delivered is remembered and retried, and blocks reads of those tables meanwhile.
+    /// Returns what each table's bump set, when it was delivered.
+    pub(crate) async fn invalidate_written(
+        &self,
+        tables: &[String],
+        rows: Option<&[RowKey]>,
+    ) -> Option<Invalidated> {
+        self.inner.stats.invalidations.add_one();
+        // If this future is dropped before the bump is done (a cancelled request), the guard
+        // records the invalidation as undelivered, to be retried.
+        let mut guard = Undelivered {
+            cache: self,
+            tables,
+            delivered: false,
+        };
+        let invalidated = self.bump_tables(tables, rows).await.ok()?;
+        guard.delivered = true;
+        self.deliver_pending().await;
+        Some(invalidated)
+    }
+
+    /// Invalidates one row's entity entries (not the table's queries): for a reload, so that a
+    /// fill that read the database before it cannot land over the reloaded row.
+    pub(crate) async fn invalidate_row(&self, row: &RowKey) -> bool {
+        let ns = &self.inner.namespace;
+        let row_keys = [key::row_generation(ns, row.table, &row.primary_key)];
+        let row_values = [fresh_generation()];
+        let sequence = key::write_sequence(ns, row.table);
+        let bump = TableBump {
+            sequence: &sequence,
+            keys: &[],
+            values: &[],
+            row_keys: &row_keys,
+            row_values: &row_values,
+            rows_ttl: self.inner.generation_ttl,
+            observe: &[],
+        };
+        let bumped = self.call(self.inner.store.bump_table(bump)).await.is_ok();
+        self.forget_near(&row_keys);
+        bumped
+    }
+
+    /// The table's write sequence before a write whose result may be cached.
+    pub(crate) async fn write_sequence(&self, table: &str) -> Option<u64> {
+        let sequence = key::write_sequence(&self.inner.namespace, table);
+        self.call(self.inner.store.write_sequence(&sequence))
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Clears the "retrying" flag when the background retry task ends or is dropped.
+struct RetryingFlag(Option<std::sync::Weak<Inner>>);
+
+impl Drop for RetryingFlag {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.as_ref().and_then(std::sync::Weak::upgrade) {
+            inner.retrying.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// A write between its statement and its invalidation: dropped before
+/// [`done`](PendingWrite::done) (a cancelled future), it marks its tables undelivered.
+pub(crate) struct PendingWrite {
+    cache: Cache,
+    tables: Vec<String>,
+    armed: bool,
+}
+
+impl PendingWrite {
+    pub(crate) fn new(cache: &Cache, tables: Vec<String>) -> Self {
+        Self {
+            cache: cache.clone(),
+            tables,
+            armed: true,
+        }
+    }
+
+    /// The invalidation ran (delivered, or recorded as undelivered by it).
+    pub(crate) fn done(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for PendingWrite {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cache.mark_undelivered(&self.tables);
+        }
+    }
+}
+
+/// Marks its tables undelivered when dropped before its invalidation was delivered.
+struct Undelivered<'a> {
+    cache: &'a Cache,
+    tables: &'a [String],
+    delivered: bool,
+}
+
+impl Drop for Undelivered<'_> {
+    fn drop(&mut self) {
+        if !self.delivered {
+            self.cache.mark_undelivered(self.tables);
+        }
+    }
+}
+
+/// What an invalidation set, for write-through.
+pub(crate) struct Invalidated {
+    /// One per written table.
+    pub(crate) tables: Vec<TableInvalidated>,
+    /// The new generation of each written row, in the order of the rows given.
+    pub(crate) row_generations: Vec<u64>,
+}
+
+/// What one table's invalidation set.
+pub(crate) struct TableInvalidated {
+    /// The table's write sequence after this bump, if the store keeps one.
+    pub(crate) sequence: Option<u64>,
+    /// The new generation of the table's queries.
+    pub(crate) query_generation: u64,
+    /// The table's entity generation, observed with the bump (when the rows were known).
+    pub(crate) entity_generation: Option<u64>,
+}

@@ -1,0 +1,528 @@
+//! The read path: a read is answered from a fresh entry, or else from the database and stored
+//! tagged with the generations read *before* the database read; misses are shared within a
+//! process (single-flight) and across processes (the fill lock). Also the entries a write
+//! stores through.
+
+use super::{Cache, Lookup, Policy};
+use crate::codec::{self, Reject};
+use crate::error::{Error, Result};
+use crate::flight::{self, Join, LockOptions, OnLockTimeout};
+use crate::key;
+use crate::model::RowKey;
+use crate::near::Near;
+use serde::{de::DeserializeOwned, Serialize};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+impl Cache {
+    /// Answers a read from the store when a fresh entry exists, otherwise from `fill`, and
+    /// stores the result tagged with the generations read *before* `fill` ran.
+    pub(crate) async fn read_through<T, F, Fut>(&self, lookup: Lookup, fill: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = diesel::QueryResult<T>>,
+    {
+        let stats = &self.inner.stats;
+        // Taken before anything else: a database read shared when the store fails must begin
+        // after this call did (see `database_read`).
+        let began = self.inner.flights.ticket();
+        let blocked = !self.deliver_pending().await && self.is_undelivered(&lookup.tables);
+        if lookup.policy == Policy::Bypass {
+            stats.bypasses.add_one();
+            return Ok(fill().await?);
+        }
+        if blocked {
+            return self.database_read(&lookup, began, fill).await;
+        }
+        let near = self.near();
+        let mut tags = None;
+        let mut stale = None;
+        if lookup.policy != Policy::Refresh {
+            let mut read = None;
+            if let Some(near) = near.filter(|near| near.in_sync()) {
+                if let Some(current) = near.generations(&lookup.generations) {
+                    read = Some(self.near_read::<T>(near, &lookup, current).await);
+                }
+            }
+            let read = match read {
+                Some(read) => read,
+                None => self.store_read::<T>(near, &lookup).await,
+            };
+            match read {
+                StoreRead::Hit(value) => return Ok(value),
+                StoreRead::Failed => return self.database_read(&lookup, began, fill).await,
+                StoreRead::Miss(current, expired) => {
+                    tags = current;
+                    stale = expired;
+                }
+            }
+        }
+        if lookup.policy == Policy::ReadOnly {
+            stats.bypasses.add_one();
+            return Ok(fill().await?);
+        }
+        let tags = match tags {
+            Some(tags) => tags,
+            None => {
+                let store = &self.inner.store;
+                let stamps = near.map(|near| near.stamps(&lookup.generations));
+                let ensured = store.ensure_generations(&lookup.generations, lookup.generation_ttl);
+                match self.call(ensured).await {
+                    Ok(tags) => {
+                        if let (Some(near), Some(stamps)) = (near, stamps) {
+                            near.learn_all(&lookup.generations, &tags, &stamps);
+                        }
+                        tags
+                    }
+                    Err(_) => return self.database_read(&lookup, began, fill).await,
+                }
+            }
+        };
+        if let Some(stale) = stale {
+            return self.revalidate(lookup, tags, stale, fill).await;
+        }
+        self.fill_once(lookup, tags, fill).await
+    }
+
+    /// A read whose generations the near tier knows: its entry from the tier, or else the
+    /// entry alone from the store (one `GET`), validated against those generations.
+    async fn near_read<T: DeserializeOwned>(
+        &self,
+        near: &Near,
+        lookup: &Lookup,
+        current: Vec<u64>,
+    ) -> StoreRead<T> {
+        let stats = &self.inner.stats;
+        if let Some(bytes) = near.entry(&lookup.key) {
+            if let Ok((value, fresh_until)) = codec::decode::<T>(&bytes, &current) {
+                if codec::now_millis() < fresh_until {
+                    near.count_hit();
+                    stats.hits.add_one();
+                    return StoreRead::Hit(value);
+                }
+            }
+        }
+        near.count_miss();
+        let stamp = near.stamp(&lookup.key);
+        let Ok(fetched) = self.call(self.inner.store.fetch(&lookup.key, &[])).await else {
+            return StoreRead::Failed;
+        };
+        let expired = match fetched.entry {
+            Some(bytes) => self.judge::<T>(Some(near), lookup, bytes, &current, stamp),
+            None => None,
+        };
+        match expired {
+            Some(Judged::Fresh(value)) => StoreRead::Hit(value),
+            Some(Judged::Expired(value)) => StoreRead::Miss(Some(current), Some(value)),
+            None => StoreRead::Miss(Some(current), None),
+        }
+    }
+
+    /// A read of the entry and its generations from the store, in one round trip; what it
+    /// learns of the generations goes to the near tier, if any.
+    async fn store_read<T: DeserializeOwned>(
+        &self,
+        near: Option<&Near>,
+        lookup: &Lookup,
+    ) -> StoreRead<T> {
+        let stamps = near.map(|near| (near.stamps(&lookup.generations), near.stamp(&lookup.key)));
+        let store = &self.inner.store;
+        let Ok(fetched) = self
+            .call(store.fetch(&lookup.key, &lookup.generations))
+            .await
+        else {
+            return StoreRead::Failed;
+        };
+        let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
+        let mut entry_stamp = 0;
+        if let (Some(near), Some((stamps, stamp))) = (near, stamps) {
+            near.learn_some(&lookup.generations, &fetched.generations, &stamps);
+            entry_stamp = stamp;
+        }
+        if let (Some(bytes), Some(current)) = (fetched.entry, &current) {
+            match self.judge::<T>(near, lookup, bytes, current, entry_stamp) {
+                Some(Judged::Fresh(value)) => return StoreRead::Hit(value),
+                Some(Judged::Expired(value)) => {
+                    return StoreRead::Miss(Some(current.clone()), Some(value))
+                }
+                None => {}
+            }
+        }
+        StoreRead::Miss(current, None)
+    }
+
+    /// Decodes an entry read from the store under `current` generations: fresh (counted as a
+    /// hit, and kept in the near tier), expired but in the stale-while-revalidate window, or
+    /// unusable (`None`; counted when corrupt).
+    fn judge<T: DeserializeOwned>(
+        &self,
+        near: Option<&Near>,
+        lookup: &Lookup,
+        bytes: Vec<u8>,
+        current: &[u64],
+        stamp: u64,
+    ) -> Option<Judged<T>> {
+        match codec::decode::<T>(&bytes, current) {
+            Ok((value, fresh_until)) if codec::now_millis() < fresh_until => {
+                self.inner.stats.hits.add_one();
+                if let Some(near) = near {
+                    near.keep(&lookup.key, bytes.into(), fresh_until, stamp);
+                }
+                Some(Judged::Fresh(value))
+            }
+            // Expired, but physically kept for the stale-while-revalidate window.
+            Ok((value, _)) if !self.inner.stale_while_revalidate.is_zero() => {
+                Some(Judged::Expired(value))
+            }
+            Ok(_) => None,
+            Err(Reject::Corrupt) => {
+                self.inner.stats.corrupt_entries.add_one();
+                None
+            }
+            Err(Reject::Outdated) => None,
+        }
+    }
+
+    /// A read the store cannot serve (it failed, timed out, or misses an invalidation): from the
+    /// database, and not stored. Callers of one entry in this process share one such read, as
+    /// long as it began after their own call began (`began`, a ticket): the generations cannot
+    /// be compared without the store, but a read that began later sees every write they saw.
+    async fn database_read<T, F, Fut>(&self, lookup: &Lookup, began: u64, fill: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = diesel::QueryResult<T>>,
+    {
+        let stats = &self.inner.stats;
+        // Only a plain read may share: a read in a transaction must see that transaction.
+        if lookup.policy != Policy::ReadWrite || !self.inner.single_flight {
+            stats.bypasses.add_one();
+            return Ok(fill().await?);
+        }
+        let key = format!("{}#database", lookup.key);
+        let leader = match self.inner.flights.join_after(key, Some(began)) {
+            Join::Lead(leader) => Some(leader),
+            Join::Follow(receiver) => {
+                let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
+                if let Ok(Some(entry)) = followed.await {
+                    if let Ok((value, _)) = codec::decode::<T>(&entry, &[]) {
+                        stats.coalesced.add_one();
+                        return Ok(value);
+                    }
+                }
+                // The leader gave up (an error, a cancelled call): read for ourselves.
+                None
+            }
+        };
+        stats.bypasses.add_one();
+        let value = fill().await?;
+        if let Some(leader) = leader {
+            if let Some(bytes) = codec::encode(&[], u64::MAX, &value) {
+                leader.publish(bytes.into());
+            }
+        }
+        Ok(value)
+    }
+
+    /// How long a single-flight follower waits for its leader: a leader that is alive but never
+    /// polled must not hold it for ever.
+    fn patience(&self) -> Duration {
+        self.inner
+            .lock
+            .as_ref()
+            .map_or(Duration::from_secs(30), |l| l.wait_timeout.max(l.ttl))
+    }
+
+    /// Stale-while-revalidate: one caller refreshes, the others get the expired value.
+    async fn revalidate<T, F, Fut>(
+        &self,
+        lookup: Lookup,
+        tags: Vec<u64>,
+        stale: T,
+        fill: F,
+    ) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = diesel::QueryResult<T>>,
+    {
+        let key = format!("{}:swr:{}", lookup.key, tags_hex(&tags));
+        let owner = crate::store::fresh_generation();
+        let lock_ttl = self
+            .inner
+            .lock
+            .as_ref()
+            .map_or(Duration::from_secs(5), |l| l.ttl);
+        match self
+            .call(self.inner.store.try_lock(&key, owner, lock_ttl))
+            .await
+        {
+            Ok(true) => {
+                let value = fill().await;
+                if let Ok(value) = &value {
+                    self.inner.stats.misses.add_one();
+                    self.store_entry(&lookup, &tags, value).await;
+                }
+                let _ = self.call(self.inner.store.unlock(&key, owner)).await;
+                Ok(value?)
+            }
+            _ => {
+                self.inner.stats.stale_served.add_one();
+                Ok(stale)
+            }
+        }
+    }
+
+    /// A miss: one load per entry and generations, shared by the callers of this process
+    /// (single-flight) and, with the lock, of every process.
+    async fn fill_once<T, F, Fut>(&self, lookup: Lookup, tags: Vec<u64>, fill: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = diesel::QueryResult<T>>,
+    {
+        let stats = &self.inner.stats;
+        let coordinated = lookup.policy == Policy::ReadWrite;
+        let mut leader = None;
+        if coordinated && self.inner.single_flight {
+            match self
+                .inner
+                .flights
+                .join(format!("{}#{}", lookup.key, tags_hex(&tags)))
+            {
+                Join::Lead(lead) => leader = Some(lead),
+                Join::Follow(receiver) => {
+                    let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
+                    if let Ok(Some(entry)) = followed.await {
+                        if let Ok((value, _)) = codec::decode::<T>(&entry, &tags) {
+                            stats.coalesced.add_one();
+                            return Ok(value);
+                        }
+                    }
+                    // The leader gave up (an error, a cancelled call): load for ourselves.
+                }
+            }
+        }
+        let mut held_lock = None;
+        if let (true, Some(lock)) = (coordinated, &self.inner.lock) {
+            match self.wait_for_lock::<T>(&lookup, &tags, lock).await? {
+                LockWait::Held(key, owner) => held_lock = Some((key, owner)),
+                LockWait::FilledByOther(value, entry) => {
+                    if let Some(leader) = leader {
+                        leader.publish(entry);
+                    }
+                    return Ok(value);
+                }
+                LockWait::GoAhead => {}
+            }
+        }
+        let value = fill().await;
+        if let Ok(value) = &value {
+            match lookup.policy {
+                Policy::Refresh => stats.bypasses.add_one(),
+                _ => stats.misses.add_one(),
+            }
+            if let Some(entry) = self.store_entry(&lookup, &tags, value).await {
+                if let Some(leader) = leader {
+                    leader.publish(entry);
+                }
+            }
+        }
+        if let Some((key, owner)) = held_lock {
+            let _ = self.call(self.inner.store.unlock(&key, owner)).await;
+        }
+        Ok(value?)
+    }
+
+    /// Takes the entry's fill lock, or waits until its holder has filled the entry.
+    async fn wait_for_lock<T: DeserializeOwned>(
+        &self,
+        lookup: &Lookup,
+        tags: &[u64],
+        lock: &LockOptions,
+    ) -> Result<LockWait<T>> {
+        let store = &self.inner.store;
+        let key = format!("{}:{}:{}", lookup.key, lock.prefix, tags_hex(tags));
+        let owner = crate::store::fresh_generation();
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(lock.wait_timeout)
+            .unwrap_or(now + Duration::from_secs(86_400));
+        loop {
+            match self.call(store.try_lock(&key, owner, lock.ttl)).await {
+                Ok(true) => {
+                    // The previous holder may have filled the entry and left between our read
+                    // and our lock: look once more before going to the database.
+                    match self.filled_entry::<T>(lookup, tags).await {
+                        Some(LockWait::FilledByOther(value, entry)) => {
+                            let _ = self.call(store.unlock(&key, owner)).await;
+                            return Ok(LockWait::FilledByOther(value, entry));
+                        }
+                        _ => return Ok(LockWait::Held(key, owner)),
+                    }
+                }
+                Ok(false) => {}
+                // The store is in trouble: the database answers.
+                Err(_) => return Ok(LockWait::GoAhead),
+            }
+            if Instant::now() >= deadline {
+                self.inner.stats.lock_timeouts.add_one();
+                return match lock.on_timeout {
+                    OnLockTimeout::Database => Ok(LockWait::GoAhead),
+                    OnLockTimeout::Error => Err(Error::LockTimeout),
+                };
+            }
+            tokio::time::sleep(lock.retry_delay + flight::jitter(lock.retry_jitter)).await;
+            if let Some(filled) = self.filled_entry::<T>(lookup, tags).await {
+                return Ok(filled);
+            }
+        }
+    }
+
+    /// Looks for the entry another caller filled under `tags`. `GoAhead` when the generations
+    /// moved (an invalidation: waiting for that load is pointless) or the store failed.
+    async fn filled_entry<T: DeserializeOwned>(
+        &self,
+        lookup: &Lookup,
+        tags: &[u64],
+    ) -> Option<LockWait<T>> {
+        let fetch = self.inner.store.fetch(&lookup.key, &lookup.generations);
+        let Ok(fetched) = self.call(fetch).await else {
+            return Some(LockWait::GoAhead);
+        };
+        let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
+        if current.as_deref() != Some(tags) {
+            return Some(LockWait::GoAhead);
+        }
+        let entry = fetched.entry?;
+        let (value, _) = codec::decode::<T>(&entry, tags).ok()?;
+        self.inner.stats.lock_waits.add_one();
+        Some(LockWait::FilledByOther(value, entry.into()))
+    }
+
+    /// Encodes and stores an entry; returns the bytes (also for single-flight followers).
+    async fn store_entry<T: Serialize + DeserializeOwned>(
+        &self,
+        lookup: &Lookup,
+        tags: &[u64],
+        value: &T,
+    ) -> Option<Arc<[u8]>> {
+        let ttl = self.jittered(lookup.ttl);
+        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
+        let bytes = codec::encode(tags, fresh_until, value)?;
+        let entry: Arc<[u8]> = bytes.as_slice().into();
+        let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
+        let store = &self.inner.store;
+        // Generations that expire (a row's) are kept alive as long as the entry.
+        let put = match lookup.generation_ttl {
+            Some(_) => {
+                store.put_with_generations(&lookup.key, bytes, kept_for, &lookup.generations)
+            }
+            None => store.put(&lookup.key, bytes, kept_for),
+        };
+        let near = self.inner.near.as_deref();
+        let stamp = near.map(|near| near.stamp(&lookup.key));
+        // A failed store write only costs a later miss.
+        if self.call(put).await.is_ok() {
+            if let (Some(near), Some(stamp)) = (near, stamp) {
+                near.keep(&lookup.key, entry.clone(), fresh_until, stamp);
+            }
+        }
+        Some(entry)
+    }
+
+    fn jittered(&self, ttl: Duration) -> Duration {
+        let fraction = self.inner.ttl_jitter;
+        if fraction == 0.0 {
+            return ttl;
+        }
+        let unit = (crate::store::fresh_generation() % 1_000_001) as f64 / 1_000_000.0;
+        let factor = 1.0 + fraction * (2.0 * unit - 1.0);
+        Duration::try_from_secs_f64(ttl.as_secs_f64() * factor)
+            .unwrap_or(ttl)
+            .max(Duration::from_millis(1))
+    }
+
+    /// Stores a written row's entity entry (`Some(value)`, as entity reads decode it), tagged
+    /// with the generations the write left.
+    pub(crate) async fn put_entity<T: Serialize + DeserializeOwned>(
+        &self,
+        row: &RowKey,
+        fingerprint: u64,
+        tags: [u64; 2],
+        ttl: Option<Duration>,
+        value: &T,
+    ) {
+        let ttl = ttl.unwrap_or(self.inner.default_ttl);
+        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
+        if let Some(bytes) = codec::encode_as::<Option<T>, _>(&tags, fresh_until, &Some(value)) {
+            self.inner.stats.written_through.add_one();
+            let key = key::entity_entry(
+                &self.inner.namespace,
+                row.table,
+                &row.primary_key,
+                fingerprint,
+            );
+            let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
+            let ns = &self.inner.namespace;
+            let generations = [
+                key::entity_generation(ns, row.table),
+                key::row_generation(ns, row.table, &row.primary_key),
+            ];
+            let put = self
+                .inner
+                .store
+                .put_with_generations(&key, bytes, kept_for, &generations);
+            let _ = self.call(put).await;
+        }
+    }
+
+    /// Stores a write's returned value under a custom key (`Some(value)`, as readers decode
+    /// it), tagged with the query generation the write itself set (see
+    /// [`Write::cache_result`](crate::Write::cache_result)).
+    pub(crate) async fn put_custom<T: Serialize + DeserializeOwned>(
+        &self,
+        custom: &str,
+        generation: u64,
+        ttl: Duration,
+        value: &T,
+    ) {
+        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
+        let entry = Some(value);
+        if let Some(bytes) = codec::encode_as::<Option<T>, _>(&[generation], fresh_until, &entry) {
+            self.inner.stats.written_through.add_one();
+            let key = self.custom_key(custom);
+            let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
+            let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
+            self.forget_near(std::slice::from_ref(&key));
+        }
+    }
+}
+
+/// What a read of the store found.
+enum StoreRead<T> {
+    /// A fresh entry.
+    Hit(T),
+    /// No fresh entry: the current generations, if all known, and an expired value that the
+    /// stale-while-revalidate window still allows.
+    Miss(Option<Vec<u64>>, Option<T>),
+    /// The store failed.
+    Failed,
+}
+
+enum Judged<T> {
+    Fresh(T),
+    Expired(T),
+}
+
+enum LockWait<T> {
+    Held(String, u64),
+    FilledByOther(T, Arc<[u8]>),
+    GoAhead,
+}
+
+fn tags_hex(tags: &[u64]) -> String {
+    tags.iter().map(|t| format!("{t:016x}")).collect()
+}
