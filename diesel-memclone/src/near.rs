@@ -88,7 +88,7 @@ impl NearCache {
     /// The tier answers only while a heartbeat sent on the invalidation connection less than
     /// `max_lag` ago has come back, which proves that every change before it arrived. If the
     /// connection is lost, hangs, or Redis restarts, near reads stop within `max_lag` and go to
-    /// Redis until the stream is back and the tier has been flushed. The cost: one `PING` every
+    /// Redis until the stream is back and the tier has been flushed. The cost: one `ROLE` every
     /// quarter of `max_lag` on that connection (40 a second at the default).
     pub fn max_lag(mut self, max_lag: Duration) -> Self {
         self.max_lag = max_lag;
@@ -117,6 +117,8 @@ const STRIPES: usize = 256;
 pub(crate) struct NearEntry {
     pub(crate) bytes: Arc<[u8]>,
     lives: Duration,
+    /// The stamp of the key's stripe when the entry was read (see `Near::view`).
+    stamp: u64,
 }
 
 struct UntilFresh;
@@ -125,11 +127,24 @@ impl moka::Expiry<String, NearEntry> for UntilFresh {
     fn expire_after_create(&self, _: &String, value: &NearEntry, _: Instant) -> Option<Duration> {
         Some(value.lives)
     }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        value: &NearEntry,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.lives)
+    }
 }
 
 /// The near tier's state, shared with the change stream's listener.
 pub(crate) struct Near {
-    view: DashMap<Box<str>, u64>,
+    /// Each value with the stamp of its stripe when it was read: it counts only while the stripe
+    /// still has that stamp, so a change that lands between a check and an insert can never be
+    /// read past.
+    view: DashMap<Box<str>, (u64, u64)>,
     stripes: Box<[AtomicU64]>,
     entries: moka::sync::Cache<String, NearEntry>,
     /// Nanoseconds after `base` at which the last acknowledged heartbeat was sent; 0: not in
@@ -290,27 +305,32 @@ impl Near {
     /// first).
     pub(crate) fn generations(&self, keys: &[String]) -> Option<Vec<u64>> {
         keys.iter()
-            .map(|key| self.view.get(key.as_str()).map(|value| *value))
+            .map(|key| {
+                let (value, stamp) = *self.view.get(key.as_str())?;
+                (self.stamp(key) == stamp).then_some(value)
+            })
             .collect()
     }
 
     /// Puts a generation read from the store in the view, unless it changed since `stamp`.
     pub(crate) fn learn(&self, key: &str, value: u64, stamp: u64) {
-        let stripe = self.stripe(key);
-        if stripe.load(Ordering::SeqCst) != stamp {
+        // Only while a stream follows changes: what is learnt otherwise could never be
+        // forgotten (and the next stream flushes it anyway).
+        if !self.in_sync() || self.stamp(key) != stamp {
             return;
         }
-        self.view.insert(key.into(), value);
-        // A change that arrived while it was put: take it back out (the change's removal may
-        // have run before the insert).
-        if stripe.load(Ordering::SeqCst) != stamp {
+        // A change that lands after the check moves the stripe, which voids the value for
+        // readers at once; the removal is only housekeeping.
+        self.view.insert(key.into(), (value, stamp));
+        if self.stamp(key) != stamp {
             self.view.remove(key);
         }
     }
 
     /// The entry under `key`, if held.
     pub(crate) fn entry(&self, key: &str) -> Option<Arc<[u8]>> {
-        self.entries.get(key).map(|entry| entry.bytes)
+        let entry = self.entries.get(key)?;
+        (self.stamp(key) == entry.stamp).then_some(entry.bytes)
     }
 
     /// Keeps an entry (as the store holds it) until `fresh_until` (unix ms), unless `key` changed
@@ -325,8 +345,12 @@ impl Near {
             return;
         }
         let lives = Duration::from_millis(left);
-        self.entries
-            .insert(key.to_owned(), NearEntry { bytes, lives });
+        let entry = NearEntry {
+            bytes,
+            lives,
+            stamp,
+        };
+        self.entries.insert(key.to_owned(), entry);
         if stripe.load(Ordering::SeqCst) != stamp {
             self.entries.invalidate(key);
         }
@@ -424,6 +448,7 @@ mod tests {
     #[test]
     fn a_change_between_stamp_and_learn_keeps_the_value_out() {
         let near = near();
+        NearListener(Arc::downgrade(&near)).synced(Instant::now(), Duration::ZERO);
         let stamp = near.stamp("g");
         near.forget("g");
         near.learn("g", 7, stamp);

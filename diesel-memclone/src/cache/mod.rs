@@ -288,7 +288,7 @@ impl CacheBuilder {
                 if store.follow_changes(near.request()).is_none() {
                     return Err(Error::Config(
                         "the near cache needs a store that reports changes: a RedisStore built \
-                         from URLs, or from a pool with NearCache::tracking_url (the in-process \
+                         from URLs, or a single-server one from a pool with NearCache::tracking_url (the in-process \
                          store needs no near tier)"
                             .into(),
                     ));

@@ -863,9 +863,11 @@ impl Store for RedisStore {
     }
 
     fn follow_changes(&self, follow: FollowChanges) -> Option<BoxFuture<'static, ()>> {
-        let targets = match &follow.address {
-            Some(url) => Targets::Single(Box::new(tracking::info(url).ok()?)),
-            None => self.targets.clone()?,
+        let targets = match (&follow.address, &self.backend) {
+            // One address cannot follow every primary of a cluster.
+            (Some(_), Backend::Cluster(_)) => return None,
+            (Some(url), Backend::Single(_)) => Targets::Single(Box::new(tracking::info(url).ok()?)),
+            (None, _) => self.targets.clone()?,
         };
         Some(tracking::follow(targets, follow).boxed())
     }

@@ -66,7 +66,10 @@ async fn session(
     let listener = &follow.listener;
     // A heartbeat that takes this long means the stream hangs: start over. Near reads stopped
     // long before, at `max_lag`.
-    let patience = (follow.heartbeat * 16).max(Duration::from_secs(1));
+    let patience = follow
+        .heartbeat
+        .saturating_mul(16)
+        .max(Duration::from_secs(1));
     let (nodes, topology) = match targets {
         Targets::Single(info) => (vec![(**info).clone()], None),
         Targets::Cluster(seeds) => {
@@ -74,6 +77,9 @@ async fn session(
             (nodes, Some(topology))
         }
     };
+    if nodes.is_empty() {
+        return Err("no primary to follow".into());
+    }
     let mut connections = Vec::with_capacity(nodes.len());
     for node in &nodes {
         connections.push(open(node, follow, patience).await?);
@@ -81,38 +87,58 @@ async fn session(
     // Tracking is on everywhere: from here every change is reported, so what was learnt before
     // (perhaps while no stream listened) is dropped.
     listener.flush();
-    if down_since.take().is_some() {
-        tracing::info!("diesel-memclone: the near cache follows Redis's invalidations again");
-    }
+    let mut beat = 0usize;
     loop {
         let sent = Instant::now();
+        // `ROLE` is the heartbeat: its reply proves the pushes before it were applied, and that
+        // the node is still a primary (a demoted one would report changes late, or never).
         let beats = futures_util::future::try_join_all(connections.iter().map(|conn| {
             let mut conn = conn.clone();
-            async move { redis::cmd("PING").query_async::<Value>(&mut conn).await }
+            async move { redis::cmd("ROLE").query_async::<Value>(&mut conn).await }
         }));
-        match tokio::time::timeout(patience, beats).await {
-            Ok(Ok(_)) => {}
+        let roles = match tokio::time::timeout(patience, beats).await {
+            Ok(Ok(roles)) => roles,
             Ok(Err(error)) => return Err(error.into()),
             Err(_) => return Err("heartbeat timed out".into()),
+        };
+        if !roles.iter().all(is_primary) {
+            return Err("a followed node is no longer a primary".into());
         }
-        if let (Some(topology), Some(first)) = (&topology, connections.first()) {
+        if let Some(topology) = &topology {
             // A failover or resharding moves slots: the primaries followed may no longer be the
-            // ones written to.
-            let mut conn = first.clone();
-            let mut slots = redis::cmd("CLUSTER");
-            slots.arg("SLOTS");
-            let reply = tokio::time::timeout(patience, slots.query_async::<Value>(&mut conn))
+            // ones written to. Each beat asks another followed primary.
+            let asked = beat % connections.len();
+            let mut conn = connections[asked].clone();
+            let mut ask = redis::cmd("CLUSTER");
+            ask.arg("NODES");
+            let reply = tokio::time::timeout(patience, ask.query_async::<Value>(&mut conn))
                 .await
-                .map_err(|_| "CLUSTER SLOTS timed out")??;
-            if slot_map(&reply, &nodes[0]).map(|(_, t)| t).as_ref() != Some(topology) {
-                return Err("the cluster's slots moved".into());
+                .map_err(|_| "CLUSTER NODES timed out")??;
+            let now = cluster_map(&reply, &nodes[asked])?;
+            if &now.1 != topology {
+                return Err("the cluster's primaries or slots changed".into());
             }
         }
         if listener.is_closed() {
             return Ok(());
         }
         listener.synced(sent, sent.elapsed());
+        if beat == 0 && down_since.take().is_some() {
+            tracing::info!("diesel-memclone: the near cache follows Redis's invalidations again");
+        }
+        beat = beat.wrapping_add(1);
         tokio::time::sleep(follow.heartbeat).await;
+    }
+}
+
+fn is_primary(role: &Value) -> bool {
+    match role {
+        Value::Array(parts) => match parts.first() {
+            Some(Value::BulkString(role)) => role == b"master",
+            Some(Value::SimpleString(role)) => role == "master",
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -172,7 +198,7 @@ fn deliver(listener: &dyn ChangeListener, push: PushInfo) {
 }
 
 /// The primaries of the cluster, asked of the first seed that answers, and a description of
-/// the slot map to notice when it changes.
+/// them to notice when they change.
 async fn primaries(
     seeds: &[ConnectionInfo],
     patience: Duration,
@@ -188,14 +214,14 @@ async fn primaries(
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
             redis::cmd("CLUSTER")
-                .arg("SLOTS")
+                .arg("NODES")
                 .query_async::<Value>(&mut conn)
                 .await
         };
         match asked.await {
-            Ok(reply) => match slot_map(&reply, seed) {
-                Some(found) => return Ok(found),
-                None => last = "CLUSTER SLOTS gave an unexpected reply".into(),
+            Ok(reply) => match cluster_map(&reply, seed) {
+                Ok(found) => return Ok(found),
+                Err(error) => last = error,
             },
             Err(error) => last = error.into(),
         }
@@ -203,48 +229,68 @@ async fn primaries(
     Err(last)
 }
 
-/// The primaries named by a `CLUSTER SLOTS` reply (as addresses like `seed`'s) and the sorted
-/// slot ranges with their primary, as text.
-fn slot_map(reply: &Value, seed: &ConnectionInfo) -> Option<(Vec<ConnectionInfo>, String)> {
-    let Value::Array(ranges) = reply else {
-        return None;
+/// Every primary a `CLUSTER NODES` reply names, slots or not (a new primary receives keys
+/// while slots migrate to it), at addresses like `asked`'s, and a description of the primaries
+/// and their slots. An error while slots migrate (keys then live on two nodes), or while the
+/// primaries do not cover all 16384 slots (a cluster being set up or failing over).
+fn cluster_map(
+    reply: &Value,
+    asked: &ConnectionInfo,
+) -> Result<(Vec<ConnectionInfo>, String), Failure> {
+    let text = match reply {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        Value::VerbatimString { text, .. } => text.clone(),
+        Value::SimpleString(text) => text.clone(),
+        _ => return Err("CLUSTER NODES gave an unexpected reply".into()),
     };
     let mut described = Vec::new();
-    let mut nodes: Vec<(String, u16)> = Vec::new();
-    for range in ranges {
-        let Value::Array(parts) = range else {
-            return None;
+    let mut nodes = Vec::new();
+    let mut covered = 0u32;
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [id, address, flags, ..] = fields[..] else {
+            continue;
         };
-        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(primary))) =
-            (parts.first(), parts.get(1), parts.get(2))
-        else {
-            return None;
-        };
-        let host = match primary.first() {
-            Some(Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
-            Some(Value::SimpleString(host)) => host.clone(),
-            _ => return None,
-        };
-        let Some(Value::Int(port)) = primary.get(1) else {
-            return None;
-        };
-        let host = if host.is_empty() || host == "?" {
-            seed_host(seed)?
-        } else {
-            host
-        };
-        let port = u16::try_from(*port).ok()?;
-        described.push(format!("{start}-{end}@{host}:{port}"));
-        if !nodes.contains(&(host.clone(), port)) {
-            nodes.push((host, port));
+        let flags: Vec<&str> = flags.split(',').collect();
+        if !flags.contains(&"master")
+            || flags
+                .iter()
+                .any(|f| ["fail", "handshake", "noaddr"].contains(f))
+        {
+            continue;
         }
+        let slots = fields.get(8..).unwrap_or_default();
+        if slots.iter().any(|slot| slot.starts_with('[')) {
+            return Err("cluster slots are migrating".into());
+        }
+        for range in slots {
+            let (start, end) = range.split_once('-').unwrap_or((range, range));
+            let (Ok(start), Ok(end)) = (start.parse::<u32>(), end.parse::<u32>()) else {
+                return Err("CLUSTER NODES gave an unexpected slot".into());
+            };
+            covered += end.saturating_sub(start) + 1;
+        }
+        // `ip:port@cport[,hostname]`
+        let host_port = address.split('@').next().unwrap_or_default();
+        let Some((host, port)) = host_port.rsplit_once(':') else {
+            return Err("CLUSTER NODES gave an unexpected address".into());
+        };
+        let port: u16 = port
+            .parse()
+            .map_err(|_| "CLUSTER NODES gave an unexpected port")?;
+        let host = if host.is_empty() {
+            seed_host(asked).ok_or("no host for a cluster node")?
+        } else {
+            host.to_owned()
+        };
+        described.push(format!("{id}:{port}:{}", slots.join(" ")));
+        nodes.push(at(asked, host, port));
+    }
+    if covered != 16384 {
+        return Err(format!("the cluster's primaries cover {covered} of 16384 slots").into());
     }
     described.sort();
-    let nodes = nodes
-        .into_iter()
-        .map(|(host, port)| at(seed, host, port))
-        .collect();
-    Some((nodes, described.join(",")))
+    Ok((nodes, described.join(",")))
 }
 
 fn seed_host(seed: &ConnectionInfo) -> Option<String> {
@@ -338,22 +384,29 @@ mod tests {
     }
 
     #[test]
-    fn slot_maps_name_each_primary_once() {
-        let seed = info("redis://127.0.0.1:7000").unwrap();
-        let node = |port: i64| {
-            Value::Array(vec![
-                Value::BulkString(b"127.0.0.1".to_vec()),
-                Value::Int(port),
-                Value::BulkString(b"id".to_vec()),
-            ])
-        };
-        let range = |a: i64, b: i64, port: i64| {
-            Value::Array(vec![Value::Int(a), Value::Int(b), node(port)])
-        };
-        let reply = Value::Array(vec![range(0, 5460, 7000), range(5461, 16383, 7001)]);
-        let (nodes, described) = slot_map(&reply, &seed).unwrap();
-        assert_eq!(nodes.len(), 2);
-        assert_eq!(described, "0-5460@127.0.0.1:7000,5461-16383@127.0.0.1:7001");
-        assert!(slot_map(&Value::Nil, &seed).is_none());
+    fn cluster_maps_need_every_slot_and_no_migration() {
+        let asked = info("redis://127.0.0.1:7000").unwrap();
+        let reply = |text: &str| Value::BulkString(text.as_bytes().to_vec());
+        let healthy = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                       b 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-16383\n\
+                       c 127.0.0.1:7003@17003 master - 0 0 3 connected\n\
+                       d 127.0.0.1:7002@17002 slave a 0 0 1 connected\n";
+        let (nodes, described) = cluster_map(&reply(healthy), &asked).unwrap();
+        assert_eq!(nodes.len(), 3, "every primary, with slots or not");
+        assert_eq!(described, "a:7000:0-5460,b:7001:5461-16383,c:7003:");
+        let partial = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n";
+        assert!(cluster_map(&reply(partial), &asked).is_err());
+        let migrating = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-16383 [5->-c]\n";
+        assert!(cluster_map(&reply(migrating), &asked).is_err());
+        assert!(cluster_map(&reply(""), &asked).is_err());
+        assert!(cluster_map(&Value::Nil, &asked).is_err());
+    }
+
+    #[test]
+    fn only_a_primary_beats() {
+        let role = |r: &str| Value::Array(vec![Value::BulkString(r.as_bytes().to_vec())]);
+        assert!(is_primary(&role("master")));
+        assert!(!is_primary(&role("slave")));
+        assert!(!is_primary(&Value::Nil));
     }
 }
