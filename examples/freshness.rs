@@ -25,13 +25,35 @@
 //! stops once it has made that many reads and writes, and with `--until-stale` once it has seen a
 //! stale read; `--seconds` is then only the upper bound. The suite runs by work, so that a slow or
 //! busy machine makes a run longer, never a failure.
+//!
+//! ```text
+//! cargo run --release -p diesel-memclone-tests --example freshness -- --processes 3 --seconds 20 \
+//!     --near-cache [--max-lag-ms 100] [--cut-tracking-every 2]
+//! ```
+//!
+//! `--near-cache` gives each process's cache a near tier, which may serve another process's
+//! write stale for up to `max_lag` (`--max-lag-ms`, default 100). Each stale read is then timed
+//! from the return of the write that made its version stale (the writer records every version's
+//! return time, unix µs, in Redis beside the floors; the processes share one clock) to the
+//! read's start. Once every process's writers have stopped, each process waits past `max_lag`
+//! and counts the answers its own cache (near tier included) still gives stale. The last line is
+//! `reads=R writes=W stale_reads=S stale_entries=E max_lag_us=L window_us=X beyond_window=B`:
+//! L the longest lag of a stale read, X the configured `max_lag`, B the stale reads later than X.
+//! The line before it reports `near_hits`, `near_flushes` and `tracking_faults`.
+//!
+//! `--cut-tracking-every S` (single Redis only: `NearCache::tracking_url` takes one server) runs
+//! each process's invalidation stream through a proxy of its own that every S seconds
+//! alternately stalls (holds every byte, connection open) and cuts the link, restoring it after
+//! twice `max_lag`. Its faults are time based: `--min-seconds S` keeps a run bounded by work going
+//! at least that long.
 
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_memclone::deadpool_redis::redis;
 use diesel_memclone::prelude::*;
 use diesel_memclone::store::{RedisStore, Store};
-use diesel_memclone::{Cache, Error};
+use diesel_memclone::{Cache, Error, NearCache};
+use diesel_memclone_tests::proxy::Proxy;
 use diesel_memclone_tests::RawRedis;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -95,6 +117,11 @@ struct Options {
     writes_target: Option<u64>,
     /// Per process: stop at the first stale read.
     until_stale: bool,
+    /// Per process: do not stop before this many seconds, even with the work done.
+    min_seconds: f64,
+    near: bool,
+    max_lag_ms: u64,
+    cut_every: Option<f64>,
     child: Option<(String, String)>,
 }
 
@@ -110,6 +137,10 @@ fn parse_options() -> Options {
         reads_target: None,
         writes_target: None,
         until_stale: false,
+        min_seconds: 0.0,
+        near: false,
+        max_lag_ms: NearCache::DEFAULT_MAX_LAG.as_millis() as u64,
+        cut_every: None,
         child: None,
     };
     let mut args = std::env::args().skip(1);
@@ -126,6 +157,12 @@ fn parse_options() -> Options {
             "--reads" => options.reads_target = Some(value().parse().expect("--reads N")),
             "--writes" => options.writes_target = Some(value().parse().expect("--writes N")),
             "--until-stale" => options.until_stale = true,
+            "--min-seconds" => options.min_seconds = value().parse().expect("--min-seconds S"),
+            "--near-cache" => options.near = true,
+            "--max-lag-ms" => options.max_lag_ms = value().parse().expect("--max-lag-ms N"),
+            "--cut-tracking-every" => {
+                options.cut_every = Some(value().parse().expect("--cut-tracking-every S"))
+            }
             "--child" => {
                 let schema = value();
                 options.child = Some((schema, value()));
@@ -133,6 +170,10 @@ fn parse_options() -> Options {
             other => panic!("unknown option {other}; see the example's documentation"),
         }
     }
+    assert!(
+        options.cut_every.is_none() || (options.near && options.cluster.is_none()),
+        "--cut-tracking-every needs --near-cache and a single Redis (not --redis-cluster)"
+    );
     options
 }
 
@@ -363,6 +404,8 @@ struct Stop {
     reads: Option<u64>,
     writes: Option<u64>,
     until_stale: bool,
+    /// `--min-seconds`: work done earlier keeps going until then.
+    not_before: Instant,
     tally: Arc<Tally>,
 }
 
@@ -373,6 +416,9 @@ impl Stop {
         }
         if self.until_stale && AtomicU64::load(&self.tally.stale, Ordering::Relaxed) > 0 {
             return true;
+        }
+        if Instant::now() < self.not_before {
+            return false;
         }
         if self.reads.is_none() && self.writes.is_none() {
             return false;
@@ -393,6 +439,7 @@ async fn writer(
     rows: i32,
     stop: Stop,
     salt: u64,
+    lags: Option<Lags>,
 ) {
     let tally = stop.tally.clone();
     let mut random = Random::new(salt);
@@ -442,8 +489,13 @@ async fn writer(
             }
             .await
         };
+        let returned_us = unix_us();
         match written {
             Ok(version) => {
+                // Recorded before the floor is raised: a reader that sees the floor finds it.
+                if let Some(lags) = &lags {
+                    lags.returned(row, version, returned_us).await;
+                }
                 floors.raise(row, version).await;
                 AtomicU64::fetch_add(&tally.writes, 1, Ordering::Relaxed);
             }
@@ -460,6 +512,7 @@ async fn reader(
     rows: i32,
     stop: Stop,
     salt: u64,
+    lags: Option<Lags>,
 ) {
     let tally = stop.tally.clone();
     let mut random = Random::new(salt);
@@ -472,8 +525,13 @@ async fn reader(
         };
         // The floors are read *before* the cached read begins.
         let floors_before = floors.get(&floor_rows).await;
+        let started_us = unix_us();
         let (label, seen) = reads.read(&mut conn, kind, row).await;
         check(&tally, label, &floor_rows, &floors_before, &seen);
+        if let Some(lags) = &lags {
+            lags.time_stale(&floor_rows, &floors_before, &seen, started_us)
+                .await;
+        }
     }
 }
 
@@ -590,7 +648,15 @@ fn check(tally: &Tally, label: &str, floor_rows: &[i32], floors: &[i64], seen: &
 
 async fn child(options: Options) {
     let (schema, namespace) = options.child.clone().expect("child");
-    let cache = cache_for(&options, &namespace);
+    let near = match options.near {
+        true => Some(NearProcess::start(&options, &namespace).await),
+        false => None,
+    };
+    let cache = match &near {
+        Some(near) => near.cache.clone(),
+        None => cache_for(&options, &namespace),
+    };
+    let lags = near.as_ref().map(|near| near.lags.clone());
     let reads = Reads::new(&options, &namespace, &cache);
     let floors = Floors {
         redis: RawRedis::open(&redis_url()).await.expect("Redis"),
@@ -602,6 +668,7 @@ async fn child(options: Options) {
         reads: options.reads_target,
         writes: options.writes_target,
         until_stale: options.until_stale,
+        not_before: Instant::now() + Duration::from_secs_f64(options.min_seconds),
         tally: tally.clone(),
     };
     let mut tasks = Vec::new();
@@ -614,6 +681,7 @@ async fn child(options: Options) {
             options.rows,
             stop.clone(),
             i as u64,
+            lags.clone(),
         )));
     }
     for i in 0..options.readers {
@@ -625,12 +693,16 @@ async fn child(options: Options) {
             options.rows,
             stop.clone(),
             1000 + i as u64,
+            lags.clone(),
         )));
     }
     for task in tasks {
         task.await.expect("task");
     }
     eprintln!("cache: {:?}", cache.stats());
+    if let Some(near) = near {
+        return near.finish(&options, &schema, &tally).await;
+    }
     println!(
         "reads={} writes={} stale_reads={}",
         AtomicU64::load(&tally.reads, Ordering::Relaxed),
@@ -648,7 +720,18 @@ fn field(line: &str, name: &str) -> u64 {
 
 /// After the writers stopped: how many cached answers are still older than the database.
 async fn stale_entries(options: &Options, schema: &str, namespace: &str) -> u64 {
-    let reads = Reads::new(options, namespace, &cache_for(options, namespace));
+    let cache = cache_for(options, namespace);
+    count_stale_entries(&cache, options, schema, namespace).await
+}
+
+/// How many of `cache`'s answers (every row's and group's reads) are older than the database.
+async fn count_stale_entries(
+    cache: &Cache,
+    options: &Options,
+    schema: &str,
+    namespace: &str,
+) -> u64 {
+    let reads = Reads::new(options, namespace, cache);
     let mut conn = connect(schema).await;
     let truth: Vec<Item> = fresh_items::table
         .order(fresh_items::id)
@@ -726,9 +809,11 @@ async fn parent(options: Options) {
         if options.until_stale {
             command.arg("--until-stale");
         }
+        near_args(&options, &mut command);
         children.push(command.spawn().expect("spawn a checker process"));
     }
     let (mut reads, mut writes, mut stale_reads) = (0, 0, 0);
+    let mut lines = Vec::new();
     for child in children {
         let output = child.wait_with_output().await.expect("child output");
         assert!(
@@ -742,13 +827,285 @@ async fn parent(options: Options) {
         reads += field(&line, "reads");
         writes += field(&line, "writes");
         stale_reads += field(&line, "stale_reads");
+        lines.push(line);
     }
     let stale_entries = stale_entries(&options, &schema, &namespace).await;
     conn.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .await
         .expect("drop schema");
+    if options.near {
+        let totals = [reads, writes, stale_reads, stale_entries];
+        return near_summary(&options, &lines, totals);
+    }
     println!(
         "reads={reads} writes={writes} stale_reads={stale_reads} stale_entries={stale_entries}"
+    );
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_micros() as u64
+}
+
+/// `--near-cache`: stale reads timed from the return of the write that made them stale.
+///
+/// Each write's return time goes into a hash per row (version → unix µs) on the single Redis,
+/// through a connection of its own (not the cache's store). A read of version `v` under floor
+/// `f` is stale since the earliest recorded return among versions `v+1..=f`.
+#[derive(Clone)]
+struct Lags {
+    redis: redis::aio::MultiplexedConnection,
+    namespace: String,
+    window_us: u64,
+    max_us: Arc<AtomicU64>,
+    beyond: Arc<AtomicU64>,
+}
+
+impl Lags {
+    async fn connect(namespace: &str, window_us: u64) -> Lags {
+        let client = redis::Client::open(redis_url()).expect("Redis URL");
+        let redis = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis for the lags");
+        Lags {
+            redis,
+            namespace: namespace.to_owned(),
+            window_us,
+            max_us: Arc::default(),
+            beyond: Arc::default(),
+        }
+    }
+
+    fn key(&self, row: i32) -> String {
+        format!("{}:returned:{row}", self.namespace)
+    }
+
+    /// Records when the write of `version` returned.
+    async fn returned(&self, row: i32, version: i64, at_us: u64) {
+        let key = self.key(row);
+        let _: () = redis::pipe()
+            .hset(&key, version, at_us)
+            .ignore()
+            .expire(&key, 3600)
+            .ignore()
+            .query_async(&mut self.redis.clone())
+            .await
+            .expect("record a write's return");
+    }
+
+    /// Times a read that began at `started_us` if it was stale: its lag is that of its stalest
+    /// row.
+    async fn time_stale(
+        &self,
+        floor_rows: &[i32],
+        floors: &[i64],
+        seen: &[(i32, i64)],
+        started_us: u64,
+    ) {
+        let mut lag = None;
+        for (row, version) in seen {
+            let Some(floor) = floor_rows
+                .iter()
+                .zip(floors)
+                .find(|(r, _)| *r == row)
+                .map(|(_, f)| *f)
+                .filter(|floor| version < floor)
+            else {
+                continue;
+            };
+            // The floor's own return is always recorded; so are the versions between, unless
+            // their write has not returned yet. Far behind: the first 64 are enough.
+            let mut versions: Vec<i64> = (version + 1..floor).take(64).collect();
+            versions.push(floor);
+            let times: Vec<Option<u64>> = redis::cmd("HMGET")
+                .arg(self.key(*row))
+                .arg(&versions)
+                .query_async(&mut self.redis.clone())
+                .await
+                .expect("read return times");
+            let since = times.into_iter().flatten().min().expect("floor recorded");
+            let row_lag = started_us.saturating_sub(since);
+            lag = Some(lag.map_or(row_lag, |lag: u64| lag.max(row_lag)));
+        }
+        if let Some(lag) = lag {
+            self.max_us.fetch_max(lag, Ordering::Relaxed);
+            if lag > self.window_us {
+                let n = self.beyond.fetch_add(1, Ordering::Relaxed);
+                if n < 5 {
+                    eprintln!("BEYOND THE WINDOW: a stale read {lag} µs after the write returned");
+                }
+            }
+        }
+    }
+
+    /// Waits until every process's readers and writers have stopped.
+    async fn all_stopped(&self, processes: usize, patience: Duration) {
+        let key = format!("{}:stopped", self.namespace);
+        let mut redis = self.redis.clone();
+        let _: u64 = redis::cmd("INCR")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .expect("INCR");
+        let deadline = Instant::now() + patience;
+        loop {
+            let stopped: u64 = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .expect("GET");
+            if stopped >= processes as u64 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the other processes did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A process's near-tier cache, its lags and, with `--cut-tracking-every`, the faults made on
+/// its invalidation stream.
+struct NearProcess {
+    cache: Cache,
+    lags: Lags,
+    faults: Arc<AtomicU64>,
+    cutter: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl NearProcess {
+    async fn start(options: &Options, namespace: &str) -> NearProcess {
+        let max_lag = Duration::from_millis(options.max_lag_ms);
+        let mut near = NearCache::new().max_lag(max_lag);
+        let faults = Arc::new(AtomicU64::new(0));
+        let mut cutter = None;
+        if let Some(every) = options.cut_every {
+            let upstream = redis_url()
+                .trim_start_matches("redis://")
+                .trim_end_matches('/')
+                .parse()
+                .expect("a redis://host:port Redis URL for --cut-tracking-every");
+            let proxy = Proxy::start(upstream).await;
+            near = near.tracking_url(proxy.url());
+            // Longer than max_lag, so that a stall must stop the near tier.
+            let hold = (2 * max_lag).min(Duration::from_secs_f64(every / 2.0));
+            let every = Duration::from_secs_f64(every);
+            cutter = Some(tokio::spawn(cut_tracking(
+                proxy,
+                every,
+                hold,
+                faults.clone(),
+            )));
+        }
+        let store = match &options.cluster {
+            Some(urls) => RedisStore::cluster_builder(urls.split(',').map(str::trim)).build(),
+            None => RedisStore::builder(redis_url()).build(),
+        }
+        .expect("Redis URL");
+        let cache = Cache::builder()
+            .store(store)
+            .namespace(namespace)
+            .default_ttl(Duration::from_secs(600))
+            .near_cache(near)
+            .build()
+            .expect("cache");
+        if !cache.near_cache_ready(Duration::from_secs(10)).await {
+            eprintln!("the near tier was not in sync after 10 s; starting anyway");
+        }
+        let window_us = max_lag.as_micros() as u64;
+        let lags = Lags::connect(namespace, window_us).await;
+        NearProcess {
+            cache,
+            lags,
+            faults,
+            cutter,
+        }
+    }
+
+    /// Once every process stopped writing and `max_lag` passed: what this process's cache (near
+    /// tier included) still answers stale. Prints the process's line.
+    async fn finish(self, options: &Options, schema: &str, tally: &Tally) {
+        let patience = Duration::from_secs_f64(options.seconds) + Duration::from_secs(120);
+        self.lags.all_stopped(options.processes, patience).await;
+        tokio::time::sleep(Duration::from_millis(options.max_lag_ms + 1)).await;
+        let stale_entries =
+            count_stale_entries(&self.cache, options, schema, &self.lags.namespace).await;
+        if let Some(cutter) = self.cutter {
+            cutter.abort();
+        }
+        let stats = self.cache.stats();
+        println!(
+            "reads={} writes={} stale_reads={} stale_entries={stale_entries} max_lag_us={} \
+             beyond_window={} near_hits={} near_flushes={} tracking_faults={}",
+            AtomicU64::load(&tally.reads, Ordering::Relaxed),
+            AtomicU64::load(&tally.writes, Ordering::Relaxed),
+            AtomicU64::load(&tally.stale, Ordering::Relaxed),
+            AtomicU64::load(&self.lags.max_us, Ordering::Relaxed),
+            AtomicU64::load(&self.lags.beyond, Ordering::Relaxed),
+            stats.near_hits,
+            stats.near_flushes,
+            AtomicU64::load(&self.faults, Ordering::Relaxed),
+        );
+    }
+}
+
+/// Every `every`, alternately stalls and cuts the proxied link, restoring it after `hold`.
+async fn cut_tracking(proxy: Proxy, every: Duration, hold: Duration, faults: Arc<AtomicU64>) {
+    for turn in 0_u64.. {
+        tokio::time::sleep(every.saturating_sub(hold)).await;
+        if turn % 2 == 0 {
+            proxy.stall();
+        } else {
+            proxy.cut();
+        }
+        faults.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(hold).await;
+        proxy.restore();
+    }
+}
+
+/// The flags a child needs for `--near-cache`.
+fn near_args(options: &Options, command: &mut tokio::process::Command) {
+    if options.min_seconds > 0.0 {
+        command.args(["--min-seconds", &options.min_seconds.to_string()]);
+    }
+    if options.near {
+        command
+            .arg("--near-cache")
+            .args(["--max-lag-ms", &options.max_lag_ms.to_string()]);
+    }
+    if let Some(every) = options.cut_every {
+        command.args(["--cut-tracking-every", &every.to_string()]);
+    }
+}
+
+/// The near mode's last two lines, from the children's lines and the run's totals.
+fn near_summary(options: &Options, lines: &[String], totals: [u64; 4]) {
+    let [reads, writes, stale_reads, parent_stale_entries] = totals;
+    let sum = |name: &str| lines.iter().map(|line| field(line, name)).sum::<u64>();
+    let max_lag_us = lines
+        .iter()
+        .map(|line| field(line, "max_lag_us"))
+        .max()
+        .unwrap_or_default();
+    // The children's caches (near tiers included) and a fresh cache on Redis, in the parent.
+    let stale_entries = sum("stale_entries") + parent_stale_entries;
+    println!(
+        "near_hits={} near_flushes={} tracking_faults={}",
+        sum("near_hits"),
+        sum("near_flushes"),
+        sum("tracking_faults")
+    );
+    println!(
+        "reads={reads} writes={writes} stale_reads={stale_reads} stale_entries={stale_entries} \
+         max_lag_us={max_lag_us} window_us={} beyond_window={}",
+        options.max_lag_ms * 1000,
+        sum("beyond_window")
     );
 }
 

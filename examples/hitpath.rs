@@ -8,18 +8,34 @@
 //! memclone hit with the floor (one `GET` of the same bytes on the same deadpool-redis pool,
 //! decoded the same way) and prints the medians. The last line is the 1-row case, where the
 //! cache's own work weighs most: `hit_us=H floor_us=F ratio=R`.
+//!
+//! ```text
+//! cargo run --release -p diesel-memclone-tests --example hitpath -- --near
+//! ```
+//!
+//! With `--near`, one row, every kind of read interleaved round by round in one run: a near hit
+//! (Redis cache with a near tier holding the entry), an in-process-store hit, a Redis hit whose
+//! generations the near tier knows (`max_bytes(0)`: generations tracked, no entry held, so one
+//! `GET`), the floor, PostgreSQL's primary-key lookup with plain Diesel, and the plain Redis hit
+//! (entry and generations). Each cache's stats must show that its timed reads were the kind
+//! claimed. The last line is `near_us=N memory_us=M redis_us=R floor_us=F pg_us=P`.
 
 // mimalloc, as in the benches: with glibc's malloc the cost of the same decode depends on the
 // allocation history (consolidation of freed chunks), which adds noise unrelated to the cache.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_memclone::prelude::*;
+use diesel_memclone::store::RedisStore;
+use diesel_memclone::{Cache, NearCache, Stats};
+use diesel_memclone_tests::bench::schema::bench_users;
 use diesel_memclone_tests::bench::{
     connect, first_users, floor_get, only_entry_key, redis_cache, BenchUser,
 };
 use diesel_memclone_tests::RawRedis;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 3000;
 
@@ -31,6 +47,9 @@ fn median(mut samples: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut conn = connect().await;
+    if std::env::args().skip(1).any(|arg| arg == "--near") {
+        return near(&mut conn).await;
+    }
     let mut last = String::new();
     for rows in [1000_i64, 100, 1] {
         let namespace = format!("hitpath{}_{rows}", std::process::id());
@@ -73,4 +92,137 @@ async fn main() {
         println!("rows={rows} {last}");
     }
     println!("{last}");
+}
+
+/// The one-row read of every cache, timed, after checking it returned the filled row.
+async fn timed_hit(cache: &Cache, conn: &mut AsyncPgConnection, want: &[BenchUser]) -> f64 {
+    let start = Instant::now();
+    let hit: Vec<BenchUser> = first_users(1)
+        .cached("first")
+        .using(cache)
+        .load(conn)
+        .await
+        .unwrap();
+    let time = start.elapsed().as_secs_f64() * 1e6;
+    assert_eq!(hit, want);
+    time
+}
+
+/// A Redis cache on the shared namespace with a near tier, in sync before it is timed.
+async fn near_cache(namespace: &str, near: NearCache) -> Cache {
+    let store = RedisStore::builder(diesel_memclone_tests::redis_url())
+        .build()
+        .expect("Redis URL");
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(namespace)
+        .near_cache(near)
+        .build()
+        .expect("cache");
+    assert!(
+        cache.near_cache_ready(Duration::from_secs(10)).await,
+        "the near tier's stream is in sync"
+    );
+    cache
+}
+
+/// What one cache's timed reads were, from its stats before and after them.
+fn kinds(before: Stats, after: Stats) -> [u64; 4] {
+    [
+        after.hits - before.hits,
+        after.misses - before.misses,
+        after.near_hits - before.near_hits,
+        after.near_misses - before.near_misses,
+    ]
+}
+
+async fn near(conn: &mut AsyncPgConnection) {
+    const WARM_UP: usize = 200;
+    let namespace = format!("hitpath_near{}", std::process::id());
+    // One entry in Redis, read by every Redis cache and by the floor: the same bytes.
+    let (store, plain) = redis_cache(&namespace);
+    let want: Vec<BenchUser> = first_users(1)
+        .cached("first")
+        .using(&plain)
+        .load(conn)
+        .await
+        .unwrap();
+    let key = only_entry_key(&RawRedis::test_server(false).await, &namespace).await;
+    let near = near_cache(&namespace, NearCache::new()).await;
+    // No entry is ever held (a zero-byte tier keeps nothing), but the generations are tracked:
+    // a hit is the entry's GET alone.
+    let generations = near_cache(&namespace, NearCache::new().max_bytes(0)).await;
+    let memory = Cache::builder().namespace(&namespace).build().unwrap();
+    timed_hit(&memory, conn, &want).await;
+
+    // near, memory, redis (generations known), floor, pg, plain redis.
+    let mut samples: [Vec<f64>; 6] = Default::default();
+    let caches = [&near, &generations, &memory, &plain];
+    let mut before = [Stats::default(); 4];
+    for round in 0..ROUNDS + WARM_UP {
+        if round == WARM_UP {
+            // The first rounds warm the pools up and put the entry and generations in the tiers.
+            for (stats, cache) in before.iter_mut().zip(caches) {
+                *stats = cache.stats();
+            }
+        }
+        let mut times = [0.0; 6];
+        // Rotated each round, so that no kind always follows the same other kind.
+        for turn in 0..6 {
+            let kind = (round + turn) % 6;
+            times[kind] = match kind {
+                0 => timed_hit(&near, conn, &want).await,
+                1 => timed_hit(&memory, conn, &want).await,
+                2 => timed_hit(&generations, conn, &want).await,
+                3 => {
+                    let start = Instant::now();
+                    let floor = floor_get(&store, &key).await;
+                    let time = start.elapsed().as_secs_f64() * 1e6;
+                    assert_eq!(floor, want);
+                    time
+                }
+                4 => {
+                    let start = Instant::now();
+                    let user: BenchUser = bench_users::table
+                        .find(want[0].id)
+                        .get_result(conn)
+                        .await
+                        .unwrap();
+                    let time = start.elapsed().as_secs_f64() * 1e6;
+                    assert_eq!(user, want[0]);
+                    time
+                }
+                _ => timed_hit(&plain, conn, &want).await,
+            };
+        }
+        if round >= WARM_UP {
+            for (samples, time) in samples.iter_mut().zip(times) {
+                samples.push(time);
+            }
+        }
+    }
+    let rounds = ROUNDS as u64;
+    // [hits, misses, near hits, near misses] of the timed reads, per cache.
+    let [near_kinds, generation_kinds, memory_kinds, plain_kinds] =
+        [0, 1, 2, 3].map(|i| kinds(before[i], caches[i].stats()));
+    assert_eq!(near_kinds, [rounds, 0, rounds, 0], "near: all near hits");
+    assert_eq!(
+        generation_kinds,
+        [rounds, 0, 0, rounds],
+        "generations known: all Redis hits (entry GET only), no near hit"
+    );
+    assert_eq!(memory_kinds[..2], [rounds, 0], "in-process: all hits");
+    assert_eq!(plain_kinds[..2], [rounds, 0], "plain Redis: all hits");
+    eprintln!("near tier: {:?}", near.stats());
+    eprintln!("generations only: {:?}", generations.stats());
+
+    let [n, m, r, f, p, plain] = samples.map(median);
+    println!("plain_redis_us={plain:.1} (entry and generations, no near tier)");
+    println!(
+        "near/memory={:.2} (target <= 1.25) pg/near={:.1} (target >= 25) redis/floor={:.3} (target <= 1.10)",
+        n / m,
+        p / n,
+        r / f
+    );
+    println!("near_us={n:.1} memory_us={m:.1} redis_us={r:.1} floor_us={f:.1} pg_us={p:.1}");
 }
