@@ -1075,9 +1075,11 @@ fn near_args(options: &Options, command: &mut tokio::process::Command) {
         command.args(["--min-seconds", &options.min_seconds.to_string()]);
     }
     if options.near {
+        // The children wait for each other before counting stale entries.
         command
             .arg("--near-cache")
-            .args(["--max-lag-ms", &options.max_lag_ms.to_string()]);
+            .args(["--max-lag-ms", &options.max_lag_ms.to_string()])
+            .args(["--processes", &options.processes.to_string()]);
     }
     if let Some(every) = options.cut_every {
         command.args(["--cut-tracking-every", &every.to_string()]);

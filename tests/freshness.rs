@@ -148,3 +148,144 @@ async fn the_checker_catches_an_unguarded_fill() {
         "the naive cache served no stale read in {reads} reads: the checker is blind"
     );
 }
+
+/// What a `--near-cache` run reports: its last line's seven fields and the near tier's line.
+#[derive(Debug)]
+struct NearRun {
+    reads: u64,
+    writes: u64,
+    stale_entries: u64,
+    beyond_window: u64,
+    near_hits: u64,
+    near_flushes: u64,
+    tracking_faults: u64,
+}
+
+fn run_near(args: &[&str]) -> NearRun {
+    let output = Command::new(checker())
+        .args(args)
+        .arg("--near-cache")
+        .output()
+        .expect("run the checker");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "checker failed: {}\n{}",
+        stdout,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    let [.., tier, last] = lines[..] else {
+        panic!("no near tier line and last line in {stdout:?}")
+    };
+    let field = |line: &str, name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|p| p.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+    };
+    let names: Vec<&str> = last
+        .split_whitespace()
+        .map(|p| p.split('=').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "reads",
+            "writes",
+            "stale_reads",
+            "stale_entries",
+            "max_lag_us",
+            "window_us",
+            "beyond_window"
+        ],
+        "last line: {last:?}"
+    );
+    assert_eq!(field(last, "window_us"), 100_000, "the default max_lag");
+    NearRun {
+        reads: field(last, "reads"),
+        writes: field(last, "writes"),
+        stale_entries: field(last, "stale_entries"),
+        beyond_window: field(last, "beyond_window"),
+        near_hits: field(tier, "near_hits"),
+        near_flushes: field(tier, "near_flushes"),
+        tracking_faults: field(tier, "tracking_faults"),
+    }
+}
+
+/// No stale answer once the writers stopped and `max_lag` passed, no stale read later than
+/// `max_lag` after its write returned, the work done and the near tier used.
+fn assert_near_run(run: &NearRun) {
+    assert_work_done(run.reads, run.writes);
+    assert_eq!((run.stale_entries, run.beyond_window), (0, 0), "{run:?}");
+    assert!(run.near_hits > 0, "the near tier answered nothing: {run:?}");
+}
+
+#[tokio::test]
+async fn near_cache_within_max_lag_across_processes_single_redis() {
+    if !servers_up().await {
+        return;
+    }
+    let run = run_near(&[
+        "--processes",
+        "2",
+        "--reads",
+        READS,
+        "--writes",
+        WRITES,
+        "--seconds",
+        UPPER_BOUND,
+    ]);
+    assert_near_run(&run);
+}
+
+#[tokio::test]
+async fn near_cache_within_max_lag_across_processes_redis_cluster() {
+    if !servers_up().await || redis_cluster_store().await.is_none() {
+        return;
+    }
+    let urls = redis_cluster_urls().join(",");
+    let run = run_near(&[
+        "--processes",
+        "2",
+        "--reads",
+        READS,
+        "--writes",
+        WRITES,
+        "--seconds",
+        UPPER_BOUND,
+        "--redis-cluster",
+        &urls,
+    ]);
+    assert_near_run(&run);
+}
+
+/// Each process's invalidation stream stalls or is cut every second. The faults come by the
+/// clock, not by the work, so the run also lasts at least `--min-seconds` (4: two stalls and
+/// two cuts per process); a slow machine only makes it longer.
+#[tokio::test]
+async fn near_cache_within_max_lag_while_the_stream_stalls_and_is_cut() {
+    if !servers_up().await {
+        return;
+    }
+    let run = run_near(&[
+        "--processes",
+        "2",
+        "--reads",
+        READS,
+        "--writes",
+        WRITES,
+        "--seconds",
+        UPPER_BOUND,
+        "--cut-tracking-every",
+        "1",
+        "--min-seconds",
+        "4",
+    ]);
+    assert_near_run(&run);
+    assert!(
+        run.tracking_faults >= 2 * 2,
+        "each process saw a stall and a cut: {run:?}"
+    );
+    assert!(run.near_flushes > 2, "the cuts flushed the tiers: {run:?}");
+}
