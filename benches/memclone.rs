@@ -1,7 +1,8 @@
 //! Benchmarks of diesel-memclone, each beside its floor or its alternative in the same run:
 //!
 //! * `hit_path`: a cached query hit against one `GET` of the same bytes on the same connection,
-//!   decoded the same way, for results of 1, 100 and 1000 rows;
+//!   decoded the same way, for results of 1, 100 and 1000 rows; with, for the plot, the same
+//!   read uncached, from the in-process store and from a near tier in front of Redis;
 //! * `database`: the same reads uncached on PostgreSQL (a primary-key lookup, a 100-row filter,
 //!   a join with aggregation over 100,000 orders) against their cached hits;
 //! * `alternative`: the `cached` crate's `AsyncRedisCache` on the same Redis and data;
@@ -23,6 +24,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use diesel_memclone::prelude::*;
+use diesel_memclone::store::RedisStore;
+use diesel_memclone::NearCache;
 use diesel_memclone_tests::bench::schema::{bench_orders, bench_users};
 use diesel_memclone_tests::bench::{
     connect, first_users, floor_get, only_entry_key, redis_cache, BenchUser,
@@ -46,6 +49,14 @@ fn namespace(group: &str) -> String {
 
 fn hit_path(c: &mut Criterion) {
     let rt = runtime();
+    // The near tier's stream (heartbeats and pushes) runs on a worker thread: a near hit never
+    // yields, so on a single thread a sample's loop would starve it past `max_lag` and turn the
+    // samples into Redis reads.
+    let near_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let mut group = c.benchmark_group("hit_path");
     for rows in [1_i64, 100, 1000] {
         let ns = namespace(&format!("hit{rows}"));
@@ -110,6 +121,48 @@ fn hit_path(c: &mut Criterion) {
             memory.stats().misses,
             1,
             "the in-process samples were all hits"
+        );
+        // The Redis entry above, held in a near tier (its own store and connection).
+        let (near, near_conn) = near_rt.block_on(async {
+            let store = RedisStore::builder(diesel_memclone_tests::redis_url())
+                .build()
+                .expect("Redis URL");
+            let near = diesel_memclone::Cache::builder()
+                .store(store)
+                .namespace(&ns)
+                .near_cache(NearCache::new())
+                .build()
+                .unwrap();
+            assert!(near.near_cache_ready(Duration::from_secs(10)).await);
+            let mut conn = connect().await;
+            let _: Vec<BenchUser> = first_users(rows)
+                .cached("first")
+                .using(&near)
+                .load(&mut conn)
+                .await
+                .unwrap();
+            (near, Arc::new(Mutex::new(conn)))
+        });
+        let before = near.stats();
+        group.bench_with_input(BenchmarkId::new("near", rows), &rows, |b, &rows| {
+            b.to_async(&near_rt).iter(|| async {
+                let mut conn = near_conn.lock().await;
+                let hit: Vec<BenchUser> = first_users(rows)
+                    .cached("first")
+                    .using(&near)
+                    .load(&mut *conn)
+                    .await
+                    .unwrap();
+                hit
+            })
+        });
+        let after = near.stats();
+        let (hits, near_hits) = (after.hits - before.hits, after.near_hits - before.near_hits);
+        assert_eq!(after.misses, 0, "the near samples were all hits");
+        // A heartbeat late on a busy machine sends a few reads to Redis; more would skew it.
+        assert!(
+            near_hits as f64 >= 0.99 * hits as f64,
+            "{near_hits} of {hits} samples were near hits: {after:?}"
         );
     }
     group.finish();
