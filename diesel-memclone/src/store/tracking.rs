@@ -17,8 +17,6 @@ use std::time::{Duration, Instant};
 /// Where the change stream connects: one server, or any nodes of a cluster (the primaries are
 /// asked of them).
 #[derive(Clone)]
-// One value per change stream, built once: its size does not matter.
-#[allow(clippy::large_enum_variant)]
 pub(crate) enum Targets {
     Single(Box<ConnectionInfo>),
     Cluster(Vec<ConnectionInfo>),
