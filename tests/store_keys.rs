@@ -285,7 +285,8 @@ async fn row_generations_live_as_long_as_their_entries(cluster: bool) {
     for id in 1..=20 {
         find_user(&cache, &mut conn, id).await;
     }
-    let bound = entry_ttl.as_millis() as i64 + slack_ms;
+    // At most a quarter longer than the entries (extensions are rare, see `EXTEND_SCRIPT`).
+    let bound = entry_ttl.as_millis() as i64 * 5 / 4 + slack_ms;
     for id in 1..=20 {
         let ms = pttl(&redis, &table_key(&ns, "users", &format!("r:{id}"))).await;
         assert!(
@@ -299,7 +300,7 @@ async fn row_generations_live_as_long_as_their_entries(cluster: bool) {
     find_post(&cache, &mut conn, 1).await;
     let ms = pttl(&redis, &table_key(&ns, "posts", "r:1")).await;
     assert!(
-        ms > bound && ms <= 600_000 + slack_ms,
+        ms > bound && ms <= 750_000 + slack_ms,
         "post row generation: PTTL {ms} ms"
     );
 }

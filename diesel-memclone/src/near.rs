@@ -77,7 +77,9 @@ impl NearCache {
     }
 
     /// About how many bytes of entries (keys and encoded values) the tier holds at most
-    /// (default 64 MiB); the least useful go first.
+    /// (default 64 MiB); the least useful go first. The generations the tier knows are bounded
+    /// apart: one per 128 bytes of this (at least 4096), forgotten all at once past that. With
+    /// `0` no entry is held, but the generations are: a read then costs its entry's `GET` alone.
     pub fn max_bytes(mut self, max_bytes: u64) -> Self {
         self.max_bytes = max_bytes;
         self
@@ -153,6 +155,10 @@ pub(crate) struct Near {
     base: Instant,
     max_lag_nanos: u64,
     started: AtomicBool,
+    /// Values learnt, to check the view's size now and then.
+    learnt: AtomicU64,
+    /// The most generations the view holds: one per 128 bytes of `max_bytes`, at least 4096.
+    view_limit: usize,
     /// What the store's change stream is asked to follow, and whom it tells.
     request: FollowChanges,
     hits: AtomicU64,
@@ -186,6 +192,10 @@ impl Near {
             base: Instant::now(),
             max_lag_nanos: u64::try_from(options.max_lag.as_nanos()).unwrap_or(u64::MAX),
             started: AtomicBool::new(false),
+            learnt: AtomicU64::new(0),
+            view_limit: usize::try_from(options.max_bytes / 128)
+                .unwrap_or(usize::MAX)
+                .max(4096),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
@@ -325,6 +335,20 @@ impl Near {
         if self.stamp(key) != stamp {
             self.view.remove(key);
         }
+        // The view is bounded too: every generation ever read would otherwise stay (a row's
+        // lives as long as its entries). Past the bound it starts over, which costs one
+        // Redis round trip per read until it has learnt the hot keys again.
+        if self
+            .learnt
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(1024)
+            && self.view.len() > self.view_limit
+        {
+            for stripe in self.stripes.iter() {
+                stripe.fetch_add(1, Ordering::SeqCst);
+            }
+            self.view.clear();
+        }
     }
 
     /// The entry under `key`, if held.
@@ -363,14 +387,21 @@ impl Near {
         self.entries.invalidate(key);
     }
 
-    /// Forgets everything.
+    /// Forgets everything; counted in `near_flushes` when the tier was answering (a stream
+    /// that starts, or restarts after a loss already counted, forgets what nobody trusted).
     pub(crate) fn flush(&self) {
+        if self.in_sync() {
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+        }
+        self.forget_all();
+    }
+
+    fn forget_all(&self) {
         for stripe in self.stripes.iter() {
             stripe.fetch_add(1, Ordering::SeqCst);
         }
         self.view.clear();
         self.entries.invalidate_all();
-        self.flushes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Entries held and their weight in bytes (approximate while writes are in flight).
@@ -416,8 +447,12 @@ impl ChangeListener for NearListener {
 
     fn lost(&self) {
         if let Some(near) = self.0.upgrade() {
+            let was_answering = near.in_sync();
             near.synced_at.store(0, Ordering::Release);
-            near.flush();
+            if was_answering {
+                near.flushes.fetch_add(1, Ordering::Relaxed);
+            }
+            near.forget_all();
         }
     }
 

@@ -537,9 +537,14 @@ impl Cache {
                 key::entity_generation(ns, row.table),
                 key::row_generation(ns, row.table, &row.primary_key),
             ],
-            // Created to live as long as the entry, and extended by every entry stored under
-            // them: a row's generation lives as long as the longest entry that needs it.
-            generation_ttl: Some(ttl.saturating_add(self.inner.stale_while_revalidate)),
+            // Created to live a quarter longer than the entry, and extended by the entries
+            // stored under them when they would outlive it: a row's generation lives as long as
+            // the longest entry that needs it, and at most a quarter longer (the store extends
+            // it seldom, each extension being a change a near tier hears of).
+            generation_ttl: Some({
+                let kept = ttl.saturating_add(self.inner.stale_while_revalidate);
+                kept.saturating_add(kept / 4)
+            }),
             ttl,
             tables: vec![row.table.to_owned()],
             policy,

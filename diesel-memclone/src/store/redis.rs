@@ -607,6 +607,13 @@ fn replies(values: Vec<Value>) -> StoreResult<()> {
         .try_for_each(|value| reply(value).map(drop))
 }
 
+/// A quarter more than `ttl`, in milliseconds: how long a generation is made to live when an
+/// entry that needs it would outlive it.
+fn extended_millis(ttl: Duration) -> u64 {
+    let ms = millis(ttl);
+    ms.saturating_add(ms / 4)
+}
+
 fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -697,11 +704,12 @@ impl Store for RedisStore {
             let mut cmd = redis::cmd("SET");
             cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
             let mut cmds = vec![cmd];
-            // Each generation lives at least as long as the entry: `GT` never shortens a TTL,
-            // never gives one to a generation that has none, and never creates a missing key.
+            // Each generation lives at least as long as the entry, and at most a quarter longer
+            // (see `EXTEND_SCRIPT`).
+            let (at_least, extended) = (millis(ttl), extended_millis(ttl));
             cmds.extend(generations.iter().map(|generation| {
-                let mut cmd = redis::cmd("PEXPIRE");
-                cmd.arg(generation).arg(millis(ttl)).arg("GT");
+                let mut cmd = evalsha(&SCRIPTS.extend, 1);
+                cmd.arg(generation).arg(at_least).arg(extended);
                 cmd
             }));
             replies(self.run(&cmds).await?)
@@ -895,16 +903,18 @@ struct Scripts {
     bump_table: redis::Script,
     lock: redis::Script,
     unlock: redis::Script,
+    extend: redis::Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     bump_table: redis::Script::new(BUMP_TABLE_SCRIPT),
     lock: redis::Script::new(LOCK_SCRIPT),
     unlock: redis::Script::new(UNLOCK_SCRIPT),
+    extend: redis::Script::new(EXTEND_SCRIPT),
 });
 
 /// What `SCRIPT LOAD` sends when a server lost the scripts.
-const SCRIPT_SOURCES: [&str; 3] = [BUMP_TABLE_SCRIPT, LOCK_SCRIPT, UNLOCK_SCRIPT];
+const SCRIPT_SOURCES: [&str; 4] = [BUMP_TABLE_SCRIPT, LOCK_SCRIPT, UNLOCK_SCRIPT, EXTEND_SCRIPT];
 
 /// KEYS: the sequence, the table's generations (n), the rows' generations (m), the generations
 /// to observe (o); ARGV: n, m, the time to live in ms of the rows' generations, the n + m new
@@ -944,4 +954,15 @@ const LOCK_SCRIPT: &str = "local kind = redis.call('TYPE', KEYS[1]).ok \
 
 const UNLOCK_SCRIPT: &str = "if redis.call('TYPE', KEYS[1]).ok == 'string' \
      and redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end \
+     return 0";
+
+/// KEYS: a generation; ARGV: the entry's lifetime and the extended one, in ms. Extends the
+/// generation only when it would expire before the entry, and then to a quarter more: a
+/// generation changed (here, its TTL) is reported to every near tier as a change, so extending
+/// on every fill would make every process forget it on every fill; this way it happens at most
+/// once per fifth of the entry's lifetime. A generation without expiry, or missing, is left
+/// alone (a missing one makes the entry miss, which is safe).
+const EXTEND_SCRIPT: &str = "local left = redis.call('PTTL', KEYS[1]) \
+     if left >= 0 and left < tonumber(ARGV[1]) then \
+       return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
      return 0";

@@ -101,6 +101,7 @@ async fn session(
             Ok(Err(error)) => return Err(error.into()),
             Err(_) => return Err("heartbeat timed out".into()),
         };
+        let round_trip = sent.elapsed();
         if !roles.iter().all(is_primary) {
             return Err("a followed node is no longer a primary".into());
         }
@@ -122,7 +123,7 @@ async fn session(
         if listener.is_closed() {
             return Ok(());
         }
-        listener.synced(sent, sent.elapsed());
+        listener.synced(sent, round_trip);
         if beat == 0 && down_since.take().is_some() {
             tracing::info!("diesel-memclone: the near cache follows Redis's invalidations again");
         }
