@@ -84,19 +84,16 @@ async fn writes_reach_the_other_process(a: Cache, b: Cache, schema: &str) {
     // Entity reads and custom keys use the tier too.
     let user: User = b.find(&mut conn_b, 1).await.unwrap();
     assert_eq!(user.name, "Ann");
-    // The fill extended the row generation's lifetime, which Redis reports as a change: the
-    // next read learns the generations again from Redis (one hit), the one after is near.
+    // A fill may extend the row generation's lifetime (when the generation would expire
+    // before the entry), which Redis reports as a change: the next read then learns the
+    // generations again from Redis (one hit), and the one after is near.
     assert!(b.near_cache_ready(PATIENCE).await);
     let before = b.stats();
     for _ in 0..2 {
         let (user, queries) = counted!(counter, b.find::<User, _>(&mut conn_b, 1).await);
         assert_eq!((user.unwrap().name, queries), ("Ann".to_owned(), 0));
     }
-    assert_eq!(
-        b.stats().near_hits,
-        before.near_hits + 1,
-        "an entity near hit"
-    );
+    assert!(b.stats().near_hits > before.near_hits, "an entity near hit");
 
     rename(&a, &mut conn_a, "Anna").await;
     // Read-your-writes in the writing process, with no window.
