@@ -212,17 +212,40 @@ async fn a_hung_stream_stops_near_hits_within_max_lag() {
 struct OwnRedis {
     child: Child,
     port: u16,
+    /// Removed when dropped (a cluster node's state).
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Drop for OwnRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
 impl OwnRedis {
     async fn start(port: Option<u16>) -> Option<OwnRedis> {
+        Self::start_with(port, &[]).await
+    }
+
+    /// A cluster-enabled node whose state lives in a directory of its own.
+    async fn cluster_node() -> Option<OwnRedis> {
+        let dir = std::env::temp_dir().join(unique("memclone_near_cluster"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.to_string_lossy().into_owned();
+        let mut node = Self::start_with(None, &["--cluster-enabled", "yes", "--dir", &path]).await;
+        if let Some(node) = &mut node {
+            node.dir = Some(dir);
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        node
+    }
+
+    async fn start_with(port: Option<u16>, extra: &[&str]) -> Option<OwnRedis> {
         let port = port.unwrap_or_else(|| {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|listener| listener.local_addr())
@@ -232,6 +255,7 @@ impl OwnRedis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -242,7 +266,11 @@ impl OwnRedis {
                 return None;
             }
         };
-        let server = OwnRedis { child, port };
+        let server = OwnRedis {
+            child,
+            port,
+            dir: None,
+        };
         let client = redis::Client::open(server.url()).unwrap();
         for _ in 0..200 {
             if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
@@ -262,6 +290,104 @@ impl OwnRedis {
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+
+    async fn command(&self, cmd: &redis::Cmd) -> redis::Value {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        cmd.query_async(&mut conn).await.unwrap()
+    }
+
+    async fn text(&self, cmd: &redis::Cmd) -> String {
+        match self.command(cmd).await {
+            redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            redis::Value::VerbatimString { text, .. } => text,
+            redis::Value::SimpleString(text) => text,
+            other => panic!("not text: {other:?}"),
+        }
+    }
+}
+
+/// Waits until `what` holds, or panics after a while.
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
+    for _ in 0..400 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never: {what}");
+}
+
+/// On a cluster of its own (one node holding every slot, then a second primary with none), the
+/// tier stops answering when a primary joins, and while a slot migrates, and answers again once
+/// it follows the new primary too and the slot is stable.
+#[tokio::test]
+async fn a_cluster_topology_change_stops_near_reads_until_followed() {
+    let (Some(a), Some(b)) = (
+        OwnRedis::cluster_node().await,
+        OwnRedis::cluster_node().await,
+    ) else {
+        return;
+    };
+    a.command(redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(0).arg(16383))
+        .await;
+    eventually("the one-node cluster is up", || async {
+        a.text(redis::cmd("CLUSTER").arg("INFO"))
+            .await
+            .contains("cluster_state:ok")
+    })
+    .await;
+    let store = RedisStore::cluster_builder([a.url()]).build().unwrap();
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("near"))
+        .near_cache(near())
+        .build()
+        .unwrap();
+    assert!(
+        cache.near_cache_ready(PATIENCE).await,
+        "in sync on one node"
+    );
+    let flushes = cache.stats().near_flushes;
+
+    // A second primary joins (no slots yet: slots would migrate to it next).
+    a.command(
+        redis::cmd("CLUSTER")
+            .arg("MEET")
+            .arg("127.0.0.1")
+            .arg(b.port),
+    )
+    .await;
+    eventually("the tier noticed the new primary", || async {
+        cache.stats().near_flushes > flushes
+    })
+    .await;
+    assert!(cache.near_cache_ready(PATIENCE).await, "in sync on both");
+
+    // A slot migrating to it: keys may live on either node, so the tier must not answer.
+    let b_id = b.text(redis::cmd("CLUSTER").arg("MYID")).await;
+    a.command(
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(0)
+            .arg("MIGRATING")
+            .arg(&b_id),
+    )
+    .await;
+    tokio::time::sleep(PAST_THE_WINDOW).await;
+    assert!(
+        !cache.near_cache_ready(Duration::from_millis(300)).await,
+        "no near reads while a slot migrates"
+    );
+    a.command(redis::cmd("CLUSTER").arg("SETSLOT").arg(0).arg("STABLE"))
+        .await;
+    assert!(
+        cache.near_cache_ready(PATIENCE).await,
+        "in sync once the slot is stable"
+    );
 }
 
 /// Redis restarts empty (every generation lost) and A writes to the new server: B's tier,
