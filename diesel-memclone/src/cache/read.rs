@@ -10,6 +10,7 @@ use crate::flight::{self, Join, LockOptions, OnLockTimeout};
 use crate::key;
 use crate::model::RowKey;
 use crate::near::Near;
+use crate::store::{LockProbe, PutEntry};
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ impl Cache {
         let near = self.near();
         let mut tags = None;
         let mut stale = None;
+        let mut probe = Probe::NotTried;
         if lookup.policy != Policy::Refresh {
             let mut read = None;
             if let Some(near) = near.filter(|near| near.in_sync()) {
@@ -53,9 +55,10 @@ impl Cache {
             match read {
                 StoreRead::Hit(value) => return Ok(value),
                 StoreRead::Failed => return self.database_read(&lookup, began, fill).await,
-                StoreRead::Miss(current, expired) => {
+                StoreRead::Miss(current, expired, probed) => {
                     tags = current;
                     stale = expired;
+                    probe = probed;
                 }
             }
         }
@@ -81,13 +84,18 @@ impl Cache {
             }
         };
         if let Some(stale) = stale {
+            // (A probe takes the lock only when the entry is not current, hence never here.)
+            self.release(probe).await;
             return self.revalidate(lookup, tags, stale, fill).await;
         }
-        self.fill_once(lookup, tags, fill).await
+        self.fill_once(lookup, tags, fill, probe).await
     }
 
     /// A read whose generations the near tier knows: its entry from the tier, or else the
-    /// entry alone from the store (one `GET`), validated against those generations.
+    /// entry alone from the store (one `GET`), validated against those generations. With the
+    /// fill lock, the same round trip takes the lock when the entry is not current (the lock
+    /// key is known from the generations): an uncontended miss then needs no other round trip
+    /// before the database.
     async fn near_read<T: DeserializeOwned>(
         &self,
         near: &Near,
@@ -106,17 +114,57 @@ impl Cache {
         }
         near.count_miss();
         let stamp = near.stamp(&lookup.key);
-        let Ok(fetched) = self.call(self.inner.store.fetch(&lookup.key, &[])).await else {
-            return StoreRead::Failed;
+        let store = &self.inner.store;
+        let lock = (lookup.policy == Policy::ReadWrite)
+            .then_some(self.inner.lock.as_ref())
+            .flatten();
+        let (entry, probe) = match lock {
+            Some(lock) => {
+                let key = lock_key(lookup, lock, &current);
+                let owner = crate::store::fresh_generation();
+                let tag = codec::tag(&current);
+                let probe = LockProbe::new(&lookup.key, &tag, codec::TAG_AT, &key, owner, lock.ttl);
+                let Ok(probed) = self.call(store.fetch_or_lock(probe)).await else {
+                    return StoreRead::Failed;
+                };
+                let current_entry = probed
+                    .entry
+                    .as_deref()
+                    .is_some_and(|bytes| probe.matches(bytes));
+                let probe = match (probed.locked, current_entry) {
+                    (true, _) => Probe::Held(key, owner),
+                    // Not current, and someone else holds the lock.
+                    (false, false) => Probe::Busy,
+                    (false, true) => Probe::NotTried,
+                };
+                (probed.entry, probe)
+            }
+            None => {
+                let Ok(fetched) = self.call(store.fetch(&lookup.key, &[])).await else {
+                    return StoreRead::Failed;
+                };
+                (fetched.entry, Probe::NotTried)
+            }
         };
-        let expired = match fetched.entry {
+        let expired = match entry {
             Some(bytes) => self.judge::<T>(Some(near), lookup, bytes, &current, stamp),
             None => None,
         };
         match expired {
-            Some(Judged::Fresh(value)) => StoreRead::Hit(value),
-            Some(Judged::Expired(value)) => StoreRead::Miss(Some(current), Some(value)),
-            None => StoreRead::Miss(Some(current), None),
+            Some(Judged::Fresh(value)) => {
+                // (Not taken for a current entry; a race between the GET and the script.)
+                self.release(probe).await;
+                StoreRead::Hit(value)
+            }
+            Some(Judged::Expired(value)) => StoreRead::Miss(Some(current), Some(value), probe),
+            None => StoreRead::Miss(Some(current), None, probe),
+        }
+    }
+
+    /// Frees a lock a probe took and that will not be used.
+    async fn release(&self, probe: Probe) {
+        if let Probe::Held(key, owner) = probe {
+            let _ = self.call(self.inner.store.unlock(&key, owner)).await;
         }
     }
 
@@ -145,12 +193,12 @@ impl Cache {
             match self.judge::<T>(near, lookup, bytes, current, entry_stamp) {
                 Some(Judged::Fresh(value)) => return StoreRead::Hit(value),
                 Some(Judged::Expired(value)) => {
-                    return StoreRead::Miss(Some(current.clone()), Some(value))
+                    return StoreRead::Miss(Some(current.clone()), Some(value), Probe::NotTried)
                 }
                 None => {}
             }
         }
-        StoreRead::Miss(current, None)
+        StoreRead::Miss(current, None, Probe::NotTried)
     }
 
     /// Decodes an entry read from the store under `current` generations: fresh (counted as a
@@ -261,11 +309,16 @@ impl Cache {
         {
             Ok(true) => {
                 let value = fill().await;
-                if let Ok(value) = &value {
-                    self.inner.stats.misses.add_one();
-                    self.store_entry(&lookup, &tags, value).await;
+                match &value {
+                    Ok(value) => {
+                        self.inner.stats.misses.add_one();
+                        self.store_entry(&lookup, &tags, value, Some((&key, owner)))
+                            .await;
+                    }
+                    Err(_) => {
+                        let _ = self.call(self.inner.store.unlock(&key, owner)).await;
+                    }
                 }
-                let _ = self.call(self.inner.store.unlock(&key, owner)).await;
                 Ok(value?)
             }
             _ => {
@@ -276,8 +329,15 @@ impl Cache {
     }
 
     /// A miss: one load per entry and generations, shared by the callers of this process
-    /// (single-flight) and, with the lock, of every process.
-    async fn fill_once<T, F, Fut>(&self, lookup: Lookup, tags: Vec<u64>, fill: F) -> Result<T>
+    /// (single-flight) and, with the lock, of every process. `probe`: what the read already
+    /// learnt of the lock (see `near_read`).
+    async fn fill_once<T, F, Fut>(
+        &self,
+        lookup: Lookup,
+        tags: Vec<u64>,
+        fill: F,
+        probe: Probe,
+    ) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
@@ -293,6 +353,9 @@ impl Cache {
                 .join(format!("{}#{}", lookup.key, tags_hex(&tags)))
             {
                 Join::Lead(lead) => leader = Some(lead),
+                // Holding the lock, this caller loads: the leader it would follow waits for
+                // that lock, and finds the entry once this caller stored it.
+                Join::Follow(_) if matches!(probe, Probe::Held(..)) => {}
                 Join::Follow(receiver) => {
                     let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
                     if let Ok(Some(entry)) = followed.await {
@@ -306,8 +369,11 @@ impl Cache {
             }
         }
         let mut held_lock = None;
-        if let (true, Some(lock)) = (coordinated, &self.inner.lock) {
-            match self.wait_for_lock::<T>(&lookup, &tags, lock).await? {
+        if let Probe::Held(key, owner) = probe {
+            held_lock = Some((key, owner));
+        } else if let (true, Some(lock)) = (coordinated, &self.inner.lock) {
+            let busy = matches!(probe, Probe::Busy);
+            match self.wait_for_lock::<T>(&lookup, &tags, lock, busy).await? {
                 LockWait::Held(key, owner) => held_lock = Some((key, owner)),
                 LockWait::FilledByOther(value, entry) => {
                     if let Some(leader) = leader {
@@ -319,54 +385,70 @@ impl Cache {
             }
         }
         let value = fill().await;
-        if let Ok(value) = &value {
-            match lookup.policy {
-                Policy::Refresh => stats.bypasses.add_one(),
-                _ => stats.misses.add_one(),
-            }
-            if let Some(entry) = self.store_entry(&lookup, &tags, value).await {
-                if let Some(leader) = leader {
-                    leader.publish(entry);
+        let unlock = held_lock
+            .as_ref()
+            .map(|(key, owner)| (key.as_str(), *owner));
+        match &value {
+            Ok(value) => {
+                match lookup.policy {
+                    Policy::Refresh => stats.bypasses.add_one(),
+                    _ => stats.misses.add_one(),
+                }
+                // The entry is stored and the lock freed in one round trip.
+                if let Some(entry) = self.store_entry(&lookup, &tags, value, unlock).await {
+                    if let Some(leader) = leader {
+                        leader.publish(entry);
+                    }
                 }
             }
-        }
-        if let Some((key, owner)) = held_lock {
-            let _ = self.call(self.inner.store.unlock(&key, owner)).await;
+            Err(_) => {
+                if let Some((key, owner)) = unlock {
+                    let _ = self.call(self.inner.store.unlock(key, owner)).await;
+                }
+            }
         }
         Ok(value?)
     }
 
-    /// Takes the entry's fill lock, or waits until its holder has filled the entry.
+    /// Takes the entry's fill lock, or waits until its holder has filled the entry. `busy`:
+    /// the read that missed found the lock held already (no need to try again at once).
     async fn wait_for_lock<T: DeserializeOwned>(
         &self,
         lookup: &Lookup,
         tags: &[u64],
         lock: &LockOptions,
+        busy: bool,
     ) -> Result<LockWait<T>> {
         let store = &self.inner.store;
-        let key = format!("{}:{}:{}", lookup.key, lock.prefix, tags_hex(tags));
+        let key = lock_key(lookup, lock, tags);
         let owner = crate::store::fresh_generation();
+        let tag = codec::tag(tags);
         let now = Instant::now();
         let deadline = now
             .checked_add(lock.wait_timeout)
             .unwrap_or(now + Duration::from_secs(86_400));
+        let mut first = true;
         loop {
-            match self.call(store.try_lock(&key, owner, lock.ttl)).await {
-                Ok(true) => {
-                    // The previous holder may have filled the entry and left between our read
-                    // and our lock: look once more before going to the database.
-                    match self.filled_entry::<T>(lookup, tags).await {
-                        Some(LockWait::FilledByOther(value, entry)) => {
-                            let _ = self.call(store.unlock(&key, owner)).await;
-                            return Ok(LockWait::FilledByOther(value, entry));
+            // The lock, unless the entry was filled under `tags` in the meantime (the previous
+            // holder may have filled it and left between our read and now): one round trip.
+            let probe = LockProbe::new(&lookup.key, &tag, codec::TAG_AT, &key, owner, lock.ttl);
+            if !(first && busy) {
+                match self.call(store.fetch_or_lock(probe)).await {
+                    Ok(probed) if probed.locked => return Ok(LockWait::Held(key, owner)),
+                    Ok(probed) => {
+                        let entry = probed.entry.filter(|bytes| probe.matches(bytes));
+                        if let Some(entry) = entry {
+                            if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
+                                self.inner.stats.lock_waits.add_one();
+                                return Ok(LockWait::FilledByOther(value, entry.into()));
+                            }
                         }
-                        _ => return Ok(LockWait::Held(key, owner)),
                     }
+                    // The store is in trouble: the database answers.
+                    Err(_) => return Ok(LockWait::GoAhead),
                 }
-                Ok(false) => {}
-                // The store is in trouble: the database answers.
-                Err(_) => return Ok(LockWait::GoAhead),
             }
+            first = false;
             if Instant::now() >= deadline {
                 self.inner.stats.lock_timeouts.add_one();
                 return match lock.on_timeout {
@@ -402,25 +484,40 @@ impl Cache {
         Some(LockWait::FilledByOther(value, entry.into()))
     }
 
-    /// Encodes and stores an entry; returns the bytes (also for single-flight followers).
+    /// Encodes and stores an entry, and frees `unlock` (a lock key and its owner) in the same
+    /// round trip; returns the bytes (also for single-flight followers).
     async fn store_entry<T: Serialize + DeserializeOwned>(
         &self,
         lookup: &Lookup,
         tags: &[u64],
         value: &T,
+        unlock: Option<(&str, u64)>,
     ) -> Option<Arc<[u8]>> {
         let ttl = self.jittered(lookup.ttl);
         let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
-        let bytes = codec::encode(tags, fresh_until, value)?;
+        let store = &self.inner.store;
+        let Some(bytes) = codec::encode(tags, fresh_until, value) else {
+            if let Some((key, owner)) = unlock {
+                let _ = self.call(store.unlock(key, owner)).await;
+            }
+            return None;
+        };
         let entry: Arc<[u8]> = bytes.as_slice().into();
         let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
-        let store = &self.inner.store;
         // Generations that expire (a row's) are kept alive as long as the entry.
-        let put = match lookup.generation_ttl {
-            Some(_) => {
+        let put = match (lookup.generation_ttl, unlock) {
+            (Some(_), None) => {
                 store.put_with_generations(&lookup.key, bytes, kept_for, &lookup.generations)
             }
-            None => store.put(&lookup.key, bytes, kept_for),
+            (None, None) => store.put(&lookup.key, bytes, kept_for),
+            (generation_ttl, Some((key, owner))) => {
+                let generations = match generation_ttl {
+                    Some(_) => lookup.generations.as_slice(),
+                    None => &[],
+                };
+                let entry = PutEntry::new(&lookup.key, bytes, kept_for, generations);
+                store.put_and_unlock(entry, key, owner)
+            }
         };
         let near = self.inner.near.as_deref();
         let stamp = near.map(|near| near.stamp(&lookup.key));
@@ -505,9 +602,9 @@ impl Cache {
 enum StoreRead<T> {
     /// A fresh entry.
     Hit(T),
-    /// No fresh entry: the current generations, if all known, and an expired value that the
-    /// stale-while-revalidate window still allows.
-    Miss(Option<Vec<u64>>, Option<T>),
+    /// No fresh entry: the current generations, if all known, an expired value that the
+    /// stale-while-revalidate window still allows, and what the read learnt of the fill lock.
+    Miss(Option<Vec<u64>>, Option<T>, Probe),
     /// The store failed.
     Failed,
 }
@@ -517,10 +614,25 @@ enum Judged<T> {
     Expired(T),
 }
 
+/// What a read that missed learnt of the entry's fill lock.
+enum Probe {
+    /// Nothing (it did not try).
+    NotTried,
+    /// Someone else holds it.
+    Busy,
+    /// The read took it: the lock key and its owner.
+    Held(String, u64),
+}
+
 enum LockWait<T> {
     Held(String, u64),
     FilledByOther(T, Arc<[u8]>),
     GoAhead,
+}
+
+/// The fill lock of `lookup`'s entry under `tags`: after the entry key, so in its slot.
+fn lock_key(lookup: &Lookup, lock: &LockOptions, tags: &[u64]) -> String {
+    format!("{}:{}:{}", lookup.key, lock.prefix, tags_hex(tags))
 }
 
 fn tags_hex(tags: &[u64]) -> String {
