@@ -40,7 +40,6 @@ impl Cache {
         let near = self.near();
         let mut tags = None;
         let mut stale = None;
-        let mut probe = Probe::NotTried;
         if lookup.policy != Policy::Refresh {
             let mut read = None;
             if let Some(near) = near.filter(|near| near.in_sync()) {
@@ -55,10 +54,9 @@ impl Cache {
             match read {
                 StoreRead::Hit(value) => return Ok(value),
                 StoreRead::Failed => return self.database_read(&lookup, began, fill).await,
-                StoreRead::Miss(current, expired, probed) => {
+                StoreRead::Miss(current, expired) => {
                     tags = current;
                     stale = expired;
-                    probe = probed;
                 }
             }
         }
@@ -84,18 +82,13 @@ impl Cache {
             }
         };
         if let Some(stale) = stale {
-            // (A probe takes the lock only when the entry is not current, hence never here.)
-            self.release(probe).await;
             return self.revalidate(lookup, tags, stale, fill).await;
         }
-        self.fill_once(lookup, tags, fill, probe).await
+        self.fill_once(lookup, tags, fill).await
     }
 
     /// A read whose generations the near tier knows: its entry from the tier, or else the
-    /// entry alone from the store (one `GET`), validated against those generations. With the
-    /// fill lock, the same round trip takes the lock when the entry is not current (the lock
-    /// key is known from the generations): an uncontended miss then needs no other round trip
-    /// before the database.
+    /// entry alone from the store (one `GET`), validated against those generations.
     async fn near_read<T: DeserializeOwned>(
         &self,
         near: &Near,
@@ -114,57 +107,20 @@ impl Cache {
         }
         near.count_miss();
         let stamp = near.stamp(&lookup.key);
-        let store = &self.inner.store;
-        let lock = (lookup.policy == Policy::ReadWrite)
-            .then_some(self.inner.lock.as_ref())
-            .flatten();
-        let (entry, probe) = match lock {
-            Some(lock) => {
-                let key = lock_key(lookup, lock, &current);
-                let owner = crate::store::fresh_generation();
-                let tag = codec::tag(&current);
-                let probe = LockProbe::new(&lookup.key, &tag, codec::TAG_AT, &key, owner, lock.ttl);
-                let Ok(probed) = self.call(store.fetch_or_lock(probe)).await else {
-                    return StoreRead::Failed;
-                };
-                let current_entry = probed
-                    .entry
-                    .as_deref()
-                    .is_some_and(|bytes| probe.matches(bytes));
-                let probe = match (probed.locked, current_entry) {
-                    (true, _) => Probe::Held(key, owner),
-                    // Not current, and someone else holds the lock.
-                    (false, false) => Probe::Busy,
-                    (false, true) => Probe::NotTried,
-                };
-                (probed.entry, probe)
-            }
-            None => {
-                let Ok(fetched) = self.call(store.fetch(&lookup.key, &[])).await else {
-                    return StoreRead::Failed;
-                };
-                (fetched.entry, Probe::NotTried)
-            }
+        // The entry's GET alone. (Taking the fill lock in the same round trip, with a script
+        // that locks unless the entry holds these generations, made this Redis hit 2x the
+        // floor of one GET: the script runs on every hit; see `examples/misspath.rs`.)
+        let Ok(fetched) = self.call(self.inner.store.fetch(&lookup.key, &[])).await else {
+            return StoreRead::Failed;
         };
-        let expired = match entry {
+        let expired = match fetched.entry {
             Some(bytes) => self.judge::<T>(Some(near), lookup, bytes, &current, stamp),
             None => None,
         };
         match expired {
-            Some(Judged::Fresh(value)) => {
-                // (Not taken for a current entry; a race between the GET and the script.)
-                self.release(probe).await;
-                StoreRead::Hit(value)
-            }
-            Some(Judged::Expired(value)) => StoreRead::Miss(Some(current), Some(value), probe),
-            None => StoreRead::Miss(Some(current), None, probe),
-        }
-    }
-
-    /// Frees a lock a probe took and that will not be used.
-    async fn release(&self, probe: Probe) {
-        if let Probe::Held(key, owner) = probe {
-            let _ = self.call(self.inner.store.unlock(&key, owner)).await;
+            Some(Judged::Fresh(value)) => StoreRead::Hit(value),
+            Some(Judged::Expired(value)) => StoreRead::Miss(Some(current), Some(value)),
+            None => StoreRead::Miss(Some(current), None),
         }
     }
 
@@ -193,12 +149,12 @@ impl Cache {
             match self.judge::<T>(near, lookup, bytes, current, entry_stamp) {
                 Some(Judged::Fresh(value)) => return StoreRead::Hit(value),
                 Some(Judged::Expired(value)) => {
-                    return StoreRead::Miss(Some(current.clone()), Some(value), Probe::NotTried)
+                    return StoreRead::Miss(Some(current.clone()), Some(value))
                 }
                 None => {}
             }
         }
-        StoreRead::Miss(current, None, Probe::NotTried)
+        StoreRead::Miss(current, None)
     }
 
     /// Decodes an entry read from the store under `current` generations: fresh (counted as a
@@ -329,15 +285,8 @@ impl Cache {
     }
 
     /// A miss: one load per entry and generations, shared by the callers of this process
-    /// (single-flight) and, with the lock, of every process. `probe`: what the read already
-    /// learnt of the lock (see `near_read`).
-    async fn fill_once<T, F, Fut>(
-        &self,
-        lookup: Lookup,
-        tags: Vec<u64>,
-        fill: F,
-        probe: Probe,
-    ) -> Result<T>
+    /// (single-flight) and, with the lock, of every process.
+    async fn fill_once<T, F, Fut>(&self, lookup: Lookup, tags: Vec<u64>, fill: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
@@ -353,9 +302,6 @@ impl Cache {
                 .join(format!("{}#{}", lookup.key, tags_hex(&tags)))
             {
                 Join::Lead(lead) => leader = Some(lead),
-                // Holding the lock, this caller loads: the leader it would follow waits for
-                // that lock, and finds the entry once this caller stored it.
-                Join::Follow(_) if matches!(probe, Probe::Held(..)) => {}
                 Join::Follow(receiver) => {
                     let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
                     if let Ok(Some(entry)) = followed.await {
@@ -369,11 +315,8 @@ impl Cache {
             }
         }
         let mut held_lock = None;
-        if let Probe::Held(key, owner) = probe {
-            held_lock = Some((key, owner));
-        } else if let (true, Some(lock)) = (coordinated, &self.inner.lock) {
-            let busy = matches!(probe, Probe::Busy);
-            match self.wait_for_lock::<T>(&lookup, &tags, lock, busy).await? {
+        if let (true, Some(lock)) = (coordinated, &self.inner.lock) {
+            match self.wait_for_lock::<T>(&lookup, &tags, lock).await? {
                 LockWait::Held(key, owner) => held_lock = Some((key, owner)),
                 LockWait::FilledByOther(value, entry) => {
                     if let Some(leader) = leader {
@@ -410,14 +353,12 @@ impl Cache {
         Ok(value?)
     }
 
-    /// Takes the entry's fill lock, or waits until its holder has filled the entry. `busy`:
-    /// the read that missed found the lock held already (no need to try again at once).
+    /// Takes the entry's fill lock, or waits until its holder has filled the entry.
     async fn wait_for_lock<T: DeserializeOwned>(
         &self,
         lookup: &Lookup,
         tags: &[u64],
         lock: &LockOptions,
-        busy: bool,
     ) -> Result<LockWait<T>> {
         let store = &self.inner.store;
         let key = lock_key(lookup, lock, tags);
@@ -427,28 +368,24 @@ impl Cache {
         let deadline = now
             .checked_add(lock.wait_timeout)
             .unwrap_or(now + Duration::from_secs(86_400));
-        let mut first = true;
         loop {
             // The lock, unless the entry was filled under `tags` in the meantime (the previous
             // holder may have filled it and left between our read and now): one round trip.
             let probe = LockProbe::new(&lookup.key, &tag, codec::TAG_AT, &key, owner, lock.ttl);
-            if !(first && busy) {
-                match self.call(store.fetch_or_lock(probe)).await {
-                    Ok(probed) if probed.locked => return Ok(LockWait::Held(key, owner)),
-                    Ok(probed) => {
-                        let entry = probed.entry.filter(|bytes| probe.matches(bytes));
-                        if let Some(entry) = entry {
-                            if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
-                                self.inner.stats.lock_waits.add_one();
-                                return Ok(LockWait::FilledByOther(value, entry.into()));
-                            }
+            match self.call(store.fetch_or_lock(probe)).await {
+                Ok(probed) if probed.locked => return Ok(LockWait::Held(key, owner)),
+                Ok(probed) => {
+                    let entry = probed.entry.filter(|bytes| probe.matches(bytes));
+                    if let Some(entry) = entry {
+                        if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
+                            self.inner.stats.lock_waits.add_one();
+                            return Ok(LockWait::FilledByOther(value, entry.into()));
                         }
                     }
-                    // The store is in trouble: the database answers.
-                    Err(_) => return Ok(LockWait::GoAhead),
                 }
+                // The store is in trouble: the database answers.
+                Err(_) => return Ok(LockWait::GoAhead),
             }
-            first = false;
             if Instant::now() >= deadline {
                 self.inner.stats.lock_timeouts.add_one();
                 return match lock.on_timeout {
@@ -602,9 +539,9 @@ impl Cache {
 enum StoreRead<T> {
     /// A fresh entry.
     Hit(T),
-    /// No fresh entry: the current generations, if all known, an expired value that the
-    /// stale-while-revalidate window still allows, and what the read learnt of the fill lock.
-    Miss(Option<Vec<u64>>, Option<T>, Probe),
+    /// No fresh entry: the current generations, if all known, and an expired value that the
+    /// stale-while-revalidate window still allows.
+    Miss(Option<Vec<u64>>, Option<T>),
     /// The store failed.
     Failed,
 }
@@ -612,16 +549,6 @@ enum StoreRead<T> {
 enum Judged<T> {
     Fresh(T),
     Expired(T),
-}
-
-/// What a read that missed learnt of the entry's fill lock.
-enum Probe {
-    /// Nothing (it did not try).
-    NotTried,
-    /// Someone else holds it.
-    Busy,
-    /// The read took it: the lock key and its owner.
-    Held(String, u64),
 }
 
 enum LockWait<T> {
