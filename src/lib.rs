@@ -59,6 +59,7 @@ macro_rules! on_every_store {
 }
 
 pub mod bench;
+pub mod counting;
 pub mod proxy;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};

@@ -234,6 +234,23 @@ pub(crate) fn encode_as<T: DeserializeOwned, S: Serialize + ?Sized>(
     None
 }
 
+/// Where [`tag`] starts in an entry: after the magic.
+pub(crate) const TAG_AT: usize = MAGIC_BINCODE.len();
+
+/// The bytes every entry filled under `generations` holds at [`TAG_AT`], whatever its encoding:
+/// the generation count and the generations (empty when there are too many to encode).
+pub(crate) fn tag(generations: &[u64]) -> Vec<u8> {
+    let Ok(count) = u8::try_from(generations.len()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(1 + 8 * generations.len());
+    out.push(count);
+    for generation in generations {
+        out.extend_from_slice(&generation.to_le_bytes());
+    }
+    out
+}
+
 /// The entry's header with a zero checksum, with room for a small payload.
 fn header(generations: &[u64], fresh_until: u64) -> Option<Vec<u8>> {
     let count = u8::try_from(generations.len()).ok()?;

@@ -10,6 +10,7 @@ use crate::flight::{self, Join, LockOptions, OnLockTimeout};
 use crate::key;
 use crate::model::RowKey;
 use crate::near::Near;
+use crate::store::{LockProbe, PutEntry};
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
 use std::sync::Arc;
@@ -106,6 +107,9 @@ impl Cache {
         }
         near.count_miss();
         let stamp = near.stamp(&lookup.key);
+        // The entry's GET alone. (Taking the fill lock in the same round trip, with a script
+        // that locks unless the entry holds these generations, made this Redis hit 2x the
+        // floor of one GET: the script runs on every hit; see `examples/misspath.rs`.)
         let Ok(fetched) = self.call(self.inner.store.fetch(&lookup.key, &[])).await else {
             return StoreRead::Failed;
         };
@@ -261,11 +265,16 @@ impl Cache {
         {
             Ok(true) => {
                 let value = fill().await;
-                if let Ok(value) = &value {
-                    self.inner.stats.misses.add_one();
-                    self.store_entry(&lookup, &tags, value).await;
+                match &value {
+                    Ok(value) => {
+                        self.inner.stats.misses.add_one();
+                        self.store_entry(&lookup, &tags, value, Some((&key, owner)))
+                            .await;
+                    }
+                    Err(_) => {
+                        let _ = self.call(self.inner.store.unlock(&key, owner)).await;
+                    }
                 }
-                let _ = self.call(self.inner.store.unlock(&key, owner)).await;
                 Ok(value?)
             }
             _ => {
@@ -319,19 +328,27 @@ impl Cache {
             }
         }
         let value = fill().await;
-        if let Ok(value) = &value {
-            match lookup.policy {
-                Policy::Refresh => stats.bypasses.add_one(),
-                _ => stats.misses.add_one(),
-            }
-            if let Some(entry) = self.store_entry(&lookup, &tags, value).await {
-                if let Some(leader) = leader {
-                    leader.publish(entry);
+        let unlock = held_lock
+            .as_ref()
+            .map(|(key, owner)| (key.as_str(), *owner));
+        match &value {
+            Ok(value) => {
+                match lookup.policy {
+                    Policy::Refresh => stats.bypasses.add_one(),
+                    _ => stats.misses.add_one(),
+                }
+                // The entry is stored and the lock freed in one round trip.
+                if let Some(entry) = self.store_entry(&lookup, &tags, value, unlock).await {
+                    if let Some(leader) = leader {
+                        leader.publish(entry);
+                    }
                 }
             }
-        }
-        if let Some((key, owner)) = held_lock {
-            let _ = self.call(self.inner.store.unlock(&key, owner)).await;
+            Err(_) => {
+                if let Some((key, owner)) = unlock {
+                    let _ = self.call(self.inner.store.unlock(key, owner)).await;
+                }
+            }
         }
         Ok(value?)
     }
@@ -344,26 +361,28 @@ impl Cache {
         lock: &LockOptions,
     ) -> Result<LockWait<T>> {
         let store = &self.inner.store;
-        let key = format!("{}:{}:{}", lookup.key, lock.prefix, tags_hex(tags));
+        let key = lock_key(lookup, lock, tags);
         let owner = crate::store::fresh_generation();
+        let tag = codec::tag(tags);
         let now = Instant::now();
         let deadline = now
             .checked_add(lock.wait_timeout)
             .unwrap_or(now + Duration::from_secs(86_400));
         loop {
-            match self.call(store.try_lock(&key, owner, lock.ttl)).await {
-                Ok(true) => {
-                    // The previous holder may have filled the entry and left between our read
-                    // and our lock: look once more before going to the database.
-                    match self.filled_entry::<T>(lookup, tags).await {
-                        Some(LockWait::FilledByOther(value, entry)) => {
-                            let _ = self.call(store.unlock(&key, owner)).await;
-                            return Ok(LockWait::FilledByOther(value, entry));
+            // The lock, unless the entry was filled under `tags` in the meantime (the previous
+            // holder may have filled it and left between our read and now): one round trip.
+            let probe = LockProbe::new(&lookup.key, &tag, codec::TAG_AT, &key, owner, lock.ttl);
+            match self.call(store.fetch_or_lock(probe)).await {
+                Ok(probed) if probed.locked => return Ok(LockWait::Held(key, owner)),
+                Ok(probed) => {
+                    let entry = probed.entry.filter(|bytes| probe.matches(bytes));
+                    if let Some(entry) = entry {
+                        if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
+                            self.inner.stats.lock_waits.add_one();
+                            return Ok(LockWait::FilledByOther(value, entry.into()));
                         }
-                        _ => return Ok(LockWait::Held(key, owner)),
                     }
                 }
-                Ok(false) => {}
                 // The store is in trouble: the database answers.
                 Err(_) => return Ok(LockWait::GoAhead),
             }
@@ -402,25 +421,40 @@ impl Cache {
         Some(LockWait::FilledByOther(value, entry.into()))
     }
 
-    /// Encodes and stores an entry; returns the bytes (also for single-flight followers).
+    /// Encodes and stores an entry, and frees `unlock` (a lock key and its owner) in the same
+    /// round trip; returns the bytes (also for single-flight followers).
     async fn store_entry<T: Serialize + DeserializeOwned>(
         &self,
         lookup: &Lookup,
         tags: &[u64],
         value: &T,
+        unlock: Option<(&str, u64)>,
     ) -> Option<Arc<[u8]>> {
         let ttl = self.jittered(lookup.ttl);
         let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
-        let bytes = codec::encode(tags, fresh_until, value)?;
+        let store = &self.inner.store;
+        let Some(bytes) = codec::encode(tags, fresh_until, value) else {
+            if let Some((key, owner)) = unlock {
+                let _ = self.call(store.unlock(key, owner)).await;
+            }
+            return None;
+        };
         let entry: Arc<[u8]> = bytes.as_slice().into();
         let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
-        let store = &self.inner.store;
         // Generations that expire (a row's) are kept alive as long as the entry.
-        let put = match lookup.generation_ttl {
-            Some(_) => {
+        let put = match (lookup.generation_ttl, unlock) {
+            (Some(_), None) => {
                 store.put_with_generations(&lookup.key, bytes, kept_for, &lookup.generations)
             }
-            None => store.put(&lookup.key, bytes, kept_for),
+            (None, None) => store.put(&lookup.key, bytes, kept_for),
+            (generation_ttl, Some((key, owner))) => {
+                let generations = match generation_ttl {
+                    Some(_) => lookup.generations.as_slice(),
+                    None => &[],
+                };
+                let entry = PutEntry::new(&lookup.key, bytes, kept_for, generations);
+                store.put_and_unlock(entry, key, owner)
+            }
         };
         let near = self.inner.near.as_deref();
         let stamp = near.map(|near| near.stamp(&lookup.key));
@@ -521,6 +555,11 @@ enum LockWait<T> {
     Held(String, u64),
     FilledByOther(T, Arc<[u8]>),
     GoAhead,
+}
+
+/// The fill lock of `lookup`'s entry under `tags`: after the entry key, so in its slot.
+fn lock_key(lookup: &Lookup, lock: &LockOptions, tags: &[u64]) -> String {
+    format!("{}:{}:{}", lookup.key, lock.prefix, tags_hex(tags))
 }
 
 fn tags_hex(tags: &[u64]) -> String {

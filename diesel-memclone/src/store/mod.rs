@@ -152,6 +152,45 @@ pub trait Store: Send + Sync + 'static {
         futures_util::future::ready(Ok(())).boxed()
     }
 
+    /// Reads `probe.entry` and, unless it holds `probe.tag` at byte `probe.tag_at` (an entry
+    /// filled under the generations the caller knows), also tries to take the lock
+    /// `probe.lock` for `probe.owner` as [`try_lock`](Store::try_lock) does: one round trip
+    /// where the store allows, which turns an uncontended miss's read and lock into one.
+    ///
+    /// The default reads the entry and then takes the lock: two operations.
+    fn fetch_or_lock<'a>(&'a self, probe: LockProbe<'a>) -> BoxFuture<'a, StoreResult<Probed>> {
+        async move {
+            let entry = self.fetch(probe.entry, &[]).await?.entry;
+            if entry.as_deref().is_some_and(|bytes| probe.matches(bytes)) {
+                return Ok(Probed::new(entry, false));
+            }
+            let locked = self.try_lock(probe.lock, probe.owner, probe.ttl).await?;
+            Ok(Probed::new(entry, locked))
+        }
+        .boxed()
+    }
+
+    /// Stores an entry as [`put_with_generations`](Store::put_with_generations) does, then
+    /// frees the lock `lock` if `owner` holds it, as [`unlock`](Store::unlock) does: one round
+    /// trip where the store allows. The lock is freed even if the entry could not be stored.
+    ///
+    /// The default makes the two calls one after the other.
+    fn put_and_unlock<'a>(
+        &'a self,
+        put: PutEntry<'a>,
+        lock: &'a str,
+        owner: u64,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        async move {
+            let stored = self
+                .put_with_generations(put.key, put.value, put.ttl, put.generations)
+                .await;
+            let unlocked = self.unlock(lock, owner).await;
+            stored.and(unlocked)
+        }
+        .boxed()
+    }
+
     /// For a near tier: a task that reports every change to keys starting with one of
     /// `follow.prefixes` to `follow.listener` until the listener is closed, or `None` when the
     /// store cannot report changes (the default; a cache refuses a near tier on such a store).
@@ -218,6 +257,97 @@ impl FollowChanges {
             heartbeat,
             address,
             listener,
+        }
+    }
+}
+
+/// What [`Store::fetch_or_lock`] reads, and the lock it takes unless the entry is current.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct LockProbe<'a> {
+    /// The entry's key.
+    pub entry: &'a str,
+    /// The bytes an entry filled under the caller's generations holds at `tag_at`.
+    pub tag: &'a [u8],
+    /// Where `tag` starts in the entry.
+    pub tag_at: usize,
+    /// The lock's key (in the entry's cluster slot).
+    pub lock: &'a str,
+    /// The lock's owner token.
+    pub owner: u64,
+    /// How long the lock lives unless freed.
+    pub ttl: Duration,
+}
+
+impl<'a> LockProbe<'a> {
+    /// A probe from its parts (for callers of [`Store::fetch_or_lock`]).
+    pub fn new(
+        entry: &'a str,
+        tag: &'a [u8],
+        tag_at: usize,
+        lock: &'a str,
+        owner: u64,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            entry,
+            tag,
+            tag_at,
+            lock,
+            owner,
+            ttl,
+        }
+    }
+
+    /// True when `entry` holds the tag at its place (the test the store makes before locking).
+    pub fn matches(&self, entry: &[u8]) -> bool {
+        !self.tag.is_empty()
+            && entry
+                .get(self.tag_at..)
+                .is_some_and(|rest| rest.starts_with(self.tag))
+    }
+}
+
+/// What [`Store::fetch_or_lock`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Probed {
+    /// The entry's bytes, if the key exists (empty if it holds a value of another type).
+    pub entry: Option<Vec<u8>>,
+    /// True when the lock was taken for the caller.
+    pub locked: bool,
+}
+
+impl Probed {
+    /// A result from its parts (for implementors of [`Store`]).
+    pub fn new(entry: Option<Vec<u8>>, locked: bool) -> Self {
+        Self { entry, locked }
+    }
+}
+
+/// An entry to store, for [`Store::put_and_unlock`]: as the arguments of
+/// [`Store::put_with_generations`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PutEntry<'a> {
+    /// The entry's key.
+    pub key: &'a str,
+    /// Its bytes.
+    pub value: Vec<u8>,
+    /// How long it lives.
+    pub ttl: Duration,
+    /// The generations kept alive at least as long (may be empty).
+    pub generations: &'a [String],
+}
+
+impl<'a> PutEntry<'a> {
+    /// An entry from its parts (for callers of [`Store::put_and_unlock`]).
+    pub fn new(key: &'a str, value: Vec<u8>, ttl: Duration, generations: &'a [String]) -> Self {
+        Self {
+            key,
+            value,
+            ttl,
+            generations,
         }
     }
 }

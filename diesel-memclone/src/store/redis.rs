@@ -2,7 +2,8 @@
 
 use super::tracking::{self, Targets};
 use super::{
-    fresh_generation, Bumped, Fetched, FollowChanges, Store, StoreResult, TableBump, SEQUENCE_SHIFT,
+    fresh_generation, Bumped, Fetched, FollowChanges, LockProbe, Probed, PutEntry, Store,
+    StoreResult, TableBump, SEQUENCE_SHIFT,
 };
 use crate::error::{Error, StoreError};
 use deadpool_redis::redis::{self, Value};
@@ -627,6 +628,28 @@ fn set_generation(key: &str, value: u64, ttl: Option<Duration>) -> redis::Cmd {
     cmd
 }
 
+/// An entry's `SET`, and a call of `EXTEND_SCRIPT` per generation it depends on.
+fn put_commands(
+    key: &str,
+    value: Vec<u8>,
+    ttl: Duration,
+    generations: &[String],
+) -> Vec<redis::Cmd> {
+    // SET replaces a key of any type.
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
+    let mut cmds = vec![cmd];
+    // Each generation lives at least as long as the entry, and at most a quarter longer
+    // (see `EXTEND_SCRIPT`).
+    let (at_least, extended) = (millis(ttl), extended_millis(ttl));
+    cmds.extend(generations.iter().map(|generation| {
+        let mut cmd = evalsha(&SCRIPTS.extend, 1);
+        cmd.arg(generation).arg(at_least).arg(extended);
+        cmd
+    }));
+    cmds
+}
+
 fn get(key: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("GET");
     cmd.arg(key);
@@ -700,19 +723,48 @@ impl Store for RedisStore {
         generations: &'a [String],
     ) -> BoxFuture<'a, StoreResult<()>> {
         async move {
-            // SET replaces a key of any type.
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
-            let mut cmds = vec![cmd];
-            // Each generation lives at least as long as the entry, and at most a quarter longer
-            // (see `EXTEND_SCRIPT`).
-            let (at_least, extended) = (millis(ttl), extended_millis(ttl));
-            cmds.extend(generations.iter().map(|generation| {
-                let mut cmd = evalsha(&SCRIPTS.extend, 1);
-                cmd.arg(generation).arg(at_least).arg(extended);
-                cmd
-            }));
+            let cmds = put_commands(key, value, ttl, generations);
             replies(self.run(&cmds).await?)
+        }
+        .boxed()
+    }
+
+    fn put_and_unlock<'a>(
+        &'a self,
+        put: PutEntry<'a>,
+        lock: &'a str,
+        owner: u64,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        async move {
+            // One round trip: on a single server one pipeline, which keeps the order (the
+            // unlock after the entry's SET); on a cluster the entry and its lock share a slot,
+            // hence a node and its one connection, sent in this order.
+            let mut cmds = put_commands(put.key, put.value, put.ttl, put.generations);
+            let mut unlock = evalsha(&SCRIPTS.unlock, 1);
+            unlock.arg(lock).arg(owner);
+            cmds.push(unlock);
+            replies(self.run(&cmds).await?)
+        }
+        .boxed()
+    }
+
+    fn fetch_or_lock<'a>(&'a self, probe: LockProbe<'a>) -> BoxFuture<'a, StoreResult<Probed>> {
+        async move {
+            // The entry's own GET, beside a script that locks unless the entry holds the tag:
+            // the script reads only the tag's bytes (GETRANGE), and both keys share a slot.
+            let mut cmd = evalsha(&SCRIPTS.probe, 2);
+            cmd.arg(probe.entry).arg(probe.lock);
+            cmd.arg(probe.tag).arg(probe.tag_at).arg(probe.owner);
+            cmd.arg(millis(probe.ttl));
+            let mut values = self.run(&[get(probe.entry), cmd]).await?.into_iter();
+            let entry = match values.next().map(unless_wrong_type).transpose()? {
+                Some(Some(Value::BulkString(bytes))) => Some(bytes),
+                // As in `fetch`: a key of another type reads as an entry that does not decode.
+                Some(None) => Some(Vec::new()),
+                _ => None,
+            };
+            let locked = reply(values.next().unwrap_or(Value::Nil))?;
+            Ok(Probed::new(entry, matches!(locked, Value::Int(1))))
         }
         .boxed()
     }
@@ -904,6 +956,7 @@ struct Scripts {
     lock: redis::Script,
     unlock: redis::Script,
     extend: redis::Script,
+    probe: redis::Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -911,10 +964,17 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     lock: redis::Script::new(LOCK_SCRIPT),
     unlock: redis::Script::new(UNLOCK_SCRIPT),
     extend: redis::Script::new(EXTEND_SCRIPT),
+    probe: redis::Script::new(PROBE_SCRIPT),
 });
 
 /// What `SCRIPT LOAD` sends when a server lost the scripts.
-const SCRIPT_SOURCES: [&str; 4] = [BUMP_TABLE_SCRIPT, LOCK_SCRIPT, UNLOCK_SCRIPT, EXTEND_SCRIPT];
+const SCRIPT_SOURCES: [&str; 5] = [
+    BUMP_TABLE_SCRIPT,
+    LOCK_SCRIPT,
+    UNLOCK_SCRIPT,
+    EXTEND_SCRIPT,
+    PROBE_SCRIPT,
+];
 
 /// KEYS: the sequence, the table's generations (n), the rows' generations (m), the generations
 /// to observe (o); ARGV: n, m, the time to live in ms of the rows' generations, the n + m new
@@ -965,4 +1025,17 @@ const UNLOCK_SCRIPT: &str = "if redis.call('TYPE', KEYS[1]).ok == 'string' \
 const EXTEND_SCRIPT: &str = "local left = redis.call('PTTL', KEYS[1]) \
      if left >= 0 and left < tonumber(ARGV[1]) then \
        return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
+     return 0";
+
+/// KEYS: an entry, its lock (same slot); ARGV: the tag, its offset in the entry, the owner, the
+/// lock's time to live in ms. Returns 1 when it took the lock, 0 when the entry holds the tag
+/// (filled under the caller's generations: no lock) or someone else holds the lock. Only the
+/// tag's bytes are read (`GETRANGE`); an entry of another type is not current, and a lock key
+/// of another type is garbage, replaced (as `LOCK_SCRIPT` does).
+const PROBE_SCRIPT: &str = "local tag, at = ARGV[1], tonumber(ARGV[2]) \
+     if #tag > 0 and redis.call('TYPE', KEYS[1]).ok == 'string' \
+       and redis.call('GETRANGE', KEYS[1], at, at + #tag - 1) == tag then return 0 end \
+     local kind = redis.call('TYPE', KEYS[2]).ok \
+     if kind ~= 'none' and kind ~= 'string' then redis.call('DEL', KEYS[2]) end \
+     if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) then return 1 end \
      return 0";
