@@ -72,8 +72,8 @@ impl Identity<'_> {
 /// `std::hash::DefaultHasher`; that is what lets several processes share entries.
 pub(crate) fn identity_digest(kind: &str, fingerprint: u64, statements: &[Identity<'_>]) -> u128 {
     let fingerprint = fingerprint.to_le_bytes();
-    let len = 16 + kind.len() + fingerprint.len()
-        + statements.iter().map(|s| 8 + s.len()).sum::<usize>();
+    let len =
+        16 + kind.len() + fingerprint.len() + statements.iter().map(|s| 8 + s.len()).sum::<usize>();
     let mut bytes = Vec::with_capacity(len);
     for part in [kind.as_bytes(), &fingerprint] {
         bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
@@ -88,9 +88,11 @@ pub(crate) fn identity_digest(kind: &str, fingerprint: u64, statements: &[Identi
 /// Appends `value` as 32 lower-case hex digits (as `{:032x}` writes it).
 fn push_hex128(out: &mut String, value: u128) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for shift in (0..32).rev() {
-        out.push(DIGITS[((value >> (shift * 4)) & 0xf) as usize] as char);
+    let mut hex = [0u8; 32];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = DIGITS[((value >> ((31 - i) * 4)) & 0xf) as usize];
     }
+    out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
 
 /// A 64-bit stable hash of a string (fingerprints).
@@ -254,7 +256,10 @@ impl Rendered {
 /// the SQL arrive whole in its first write (a string argument is written in one piece) and
 /// refuses anything but `sql` there, then the literal ` -- binds: ` alone in the second. The
 /// binds are formatted as in the `Debug` form (the same list, with the same options).
-pub(crate) fn binds_of<DB>(query: &dyn diesel::query_builder::QueryFragment<DB>, sql: &str) -> Option<String>
+pub(crate) fn binds_of<DB>(
+    query: &dyn diesel::query_builder::QueryFragment<DB>,
+    sql: &str,
+) -> Option<String>
 where
     DB: diesel::backend::Backend + Default,
     DB::QueryBuilder: Default,
@@ -851,7 +856,8 @@ mod tests {
             push_hex128(&mut key, identity_digest(kind, 7, statements));
             key
         };
-        let text = r#"Query { sql: "SELECT \"a\" FROM \"t\" WHERE \"t\".\"id\" = $1", binds: [1] }"#;
+        let text =
+            r#"Query { sql: "SELECT \"a\" FROM \"t\" WHERE \"t\".\"id\" = $1", binds: [1] }"#;
         assert_eq!(
             digest("load", &[Identity::Text(text)]),
             stable_hash(&[b"load", &7u64.to_le_bytes(), text.as_bytes()])
@@ -867,7 +873,12 @@ mod tests {
         assert_eq!(shaped.text(), text);
         assert_eq!(
             digest("two", &[Identity::Text(text), shaped]),
-            stable_hash(&[b"two", &7u64.to_le_bytes(), text.as_bytes(), text.as_bytes()])
+            stable_hash(&[
+                b"two",
+                &7u64.to_le_bytes(),
+                text.as_bytes(),
+                text.as_bytes()
+            ])
         );
         assert_ne!(stable_hash(&[b"a", b"bc"]), stable_hash(&[b"ab", b"c"]));
         assert_eq!(hash64("x"), xxhash_rust::xxh3::xxh3_64(b"x"));
@@ -899,7 +910,8 @@ mod tests {
             .limit(3);
         assert_eq!(binds_of::<Sqlite>(&longer, &sql), None);
         // A raw statement whose text contains the separator.
-        let raw = diesel::sql_query("SELECT 1 -- binds: [2]").bind::<diesel::sql_types::Text, _>("[3]");
+        let raw =
+            diesel::sql_query("SELECT 1 -- binds: [2]").bind::<diesel::sql_types::Text, _>("[3]");
         let rendered = Rendered::of::<Sqlite, _>(&raw).unwrap();
         assert_eq!(binds_of::<Sqlite>(&raw, "SELECT 1"), None);
         let binds = binds_of::<Sqlite>(&raw, &rendered.sql()).unwrap();

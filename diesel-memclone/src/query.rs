@@ -163,10 +163,8 @@ impl<Q> Cached<Q> {
 
         // Stable across builds and compilers: the result type is known by its fingerprint (not
         // `type_name`, whose text Rust does not promise), the backend by the SQL it renders.
-        let statements: Vec<key::Identity<'_>> = sqls
-            .iter()
-            .map(|s| key::Identity::Text(&s.0))
-            .collect();
+        let statements: Vec<key::Identity<'_>> =
+            sqls.iter().map(|s| key::Identity::Text(&s.0)).collect();
         let digest = key::identity_digest(kind, T::fingerprint(), &statements);
         Lookup {
             key: self.entry_key(cache, digest),
