@@ -618,3 +618,88 @@ impl Cache {
         self.read_through(lookup, fill).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CachedDsl;
+    use crate::Cache;
+    use diesel::prelude::*;
+    use diesel::query_builder::{AsQuery, QueryFragment};
+    use diesel_async::methods::LoadQuery;
+    use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+
+    diesel::table! { people (id) { id -> Integer, name -> Text } }
+
+    type Conn = SyncConnectionWrapper<diesel::SqliteConnection>;
+
+    async fn names<Q>(cache: &Cache, conn: &mut Conn, query: Q) -> Vec<String>
+    where
+        Q: AsQuery,
+        Q::Query:
+            QueryFragment<diesel::sqlite::Sqlite> + for<'q> LoadQuery<'q, Conn, String> + 'static,
+    {
+        query.cached("names").using(cache).load(conn).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn shapes_answer_only_their_own_sql() {
+        let mut conn = Conn::establish(":memory:").await.unwrap();
+        conn.batch_execute(
+            "CREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
+             INSERT INTO people VALUES (1, 'a'), (2, 'b'), (3, 'c');",
+        )
+        .await
+        .unwrap();
+        let cache = Cache::in_memory();
+        let by_ids = |ids: Vec<i32>| {
+            people::table
+                .filter(people::id.eq_any(ids))
+                .select(people::name)
+                .order(people::id)
+        };
+        // One query type; on SQLite its SQL has one placeholder per id.
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![1, 2])).await,
+            ["a", "b"]
+        );
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![1, 2, 3])).await,
+            ["a", "b", "c"]
+        );
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![2, 3])).await,
+            ["b", "c"]
+        );
+        assert_eq!(cache.stats().misses, 3);
+        // Read again through the shape: the entries the full renderings stored (same keys).
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![1, 2])).await,
+            ["a", "b"]
+        );
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![2, 3])).await,
+            ["b", "c"]
+        );
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![1, 2, 3])).await,
+            ["a", "b", "c"]
+        );
+        assert_eq!((cache.stats().misses, cache.stats().hits), (3, 3));
+
+        // A boxed query: one type, any SQL.
+        let boxed = |by_name: bool| {
+            let query = people::table.select(people::name).into_boxed();
+            if by_name {
+                query.filter(people::name.eq("c"))
+            } else {
+                query.filter(people::id.eq(1))
+            }
+        };
+        for _ in 0..2 {
+            assert_eq!(names(&cache, &mut conn, boxed(false)).await, ["a"]);
+            assert_eq!(names(&cache, &mut conn, boxed(true)).await, ["c"]);
+        }
+        assert_eq!((cache.stats().misses, cache.stats().hits), (5, 5));
+    }
+}
