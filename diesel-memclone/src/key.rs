@@ -14,19 +14,85 @@
 //! | `ns:{k:<key>}` | a cached query result under a custom key (`.key("...")`) |
 
 use std::fmt::Write as _;
-use xxhash_rust::xxh3::Xxh3;
 
-/// Builds a stable 128-bit hash (xxh3) of length-prefixed parts, as 32 hex digits.
+/// A statement's part of a query's identity: the `Debug` rendering of `debug_query`, either
+/// whole ([`Rendered`]) or rebuilt from its query shape's escaped SQL and this read's binds (see
+/// [`binds_of`]). Both hash to the same bytes: `Query { sql: "<escaped>", binds: <binds> }`.
+pub(crate) enum Identity<'a> {
+    /// The whole text (a `Debug` rendering, or a `load_with` key).
+    Text(&'a str),
+    /// The SQL as `Debug` escapes it, and the binds as `Debug` lists them.
+    Shaped {
+        escaped_sql: &'a str,
+        binds: &'a str,
+    },
+}
+
+const DEBUG_MIDDLE: &str = "\", binds: ";
+const DEBUG_SUFFIX: &str = " }";
+
+impl Identity<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Identity::Text(text) => text.len(),
+            Identity::Shaped { escaped_sql, binds } => {
+                DEBUG_PREFIX.len()
+                    + escaped_sql.len()
+                    + DEBUG_MIDDLE.len()
+                    + binds.len()
+                    + DEBUG_SUFFIX.len()
+            }
+        }
+    }
+
+    /// The text itself (what a [`Rendered`] holds).
+    pub(crate) fn text(&self) -> String {
+        let mut bytes = Vec::with_capacity(8 + self.len());
+        self.append(&mut bytes);
+        String::from_utf8(bytes.split_off(8)).unwrap_or_default()
+    }
+
+    fn append(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.len() as u64).to_le_bytes());
+        match self {
+            Identity::Text(text) => out.extend_from_slice(text.as_bytes()),
+            Identity::Shaped { escaped_sql, binds } => {
+                for part in [DEBUG_PREFIX, escaped_sql, DEBUG_MIDDLE, binds, DEBUG_SUFFIX] {
+                    out.extend_from_slice(part.as_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// The identity of a cached query: a stable 128-bit hash (xxh3) of length-prefixed parts:
+/// `kind`, the result type's `fingerprint` (little-endian) and each statement's identity text.
 ///
 /// xxh3 is specified and stable across processes, platforms and releases, unlike
 /// `std::hash::DefaultHasher`; that is what lets several processes share entries.
-pub(crate) fn stable_hash(parts: &[&[u8]]) -> String {
-    let mut hasher = Xxh3::new();
-    for part in parts {
-        hasher.update(&(part.len() as u64).to_le_bytes());
-        hasher.update(part);
+pub(crate) fn identity_digest(kind: &str, fingerprint: u64, statements: &[Identity<'_>]) -> u128 {
+    let fingerprint = fingerprint.to_le_bytes();
+    let len =
+        16 + kind.len() + fingerprint.len() + statements.iter().map(|s| 8 + s.len()).sum::<usize>();
+    let mut bytes = Vec::with_capacity(len);
+    for part in [kind.as_bytes(), &fingerprint] {
+        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(part);
     }
-    format!("{:032x}", hasher.digest128())
+    for statement in statements {
+        statement.append(&mut bytes);
+    }
+    xxhash_rust::xxh3::xxh3_128(&bytes)
+}
+
+/// Appends `value` as 32 lower-case hex digits (as `{:032x}` writes it).
+fn push_hex128(out: &mut String, value: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 32];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = DIGITS[((value >> ((31 - i) * 4)) & 0xf) as usize];
+    }
+    out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
 
 /// A 64-bit stable hash of a string (fingerprints).
@@ -119,8 +185,13 @@ pub(crate) fn custom_entry(ns: &str, custom: &str) -> String {
     key
 }
 
-pub(crate) fn query_entry(ns: &str, hash: &str, label: &str) -> String {
-    let mut key = format!("{ns}:{{q:{hash}}}:");
+/// A query's entry: its identity (see [`identity_digest`]) as 32 hex digits, and its label.
+pub(crate) fn query_entry(ns: &str, digest: u128, label: &str) -> String {
+    let mut key = String::with_capacity(ns.len() + 38 + label.len());
+    key.push_str(ns);
+    key.push_str(":{q:");
+    push_hex128(&mut key, digest);
+    key.push_str("}:");
     escape(label, &mut key);
     key
 }
@@ -175,6 +246,49 @@ impl Rendered {
     pub(crate) fn sql(&self) -> String {
         unescape_debug(self.escaped_sql())
     }
+}
+
+/// The binds of `query` as its [`Rendered`] form lists them, when its SQL is exactly `sql`;
+/// `None` when it is not (or Diesel cannot build it).
+///
+/// Cheaper than a [`Rendered`]: the SQL is compared, not escaped, copied and scanned. It comes
+/// from `debug_query`'s `Display` form, `<sql> -- binds: <binds>`, written to a writer that sees
+/// the SQL arrive whole in its first write (a string argument is written in one piece) and
+/// refuses anything but `sql` there, then the literal ` -- binds: ` alone in the second. The
+/// binds are formatted as in the `Debug` form (the same list, with the same options).
+pub(crate) fn binds_of<DB>(
+    query: &dyn diesel::query_builder::QueryFragment<DB>,
+    sql: &str,
+) -> Option<String>
+where
+    DB: diesel::backend::Backend + Default,
+    DB::QueryBuilder: Default,
+{
+    struct Binds<'s> {
+        sql: &'s str,
+        seen: u8,
+        binds: String,
+    }
+    impl std::fmt::Write for Binds<'_> {
+        fn write_str(&mut self, piece: &str) -> std::fmt::Result {
+            match self.seen {
+                0 if piece == self.sql => self.seen = 1,
+                1 if piece == " -- binds: " => self.seen = 2,
+                2 => self.binds.push_str(piece),
+                // Another statement (or another formatting): the caller renders it in full.
+                _ => return Err(std::fmt::Error),
+            }
+            Ok(())
+        }
+    }
+    let mut out = Binds {
+        sql,
+        seen: 0,
+        binds: String::with_capacity(32),
+    };
+    write!(out, "{}", diesel::debug_query::<DB, _>(&query)).ok()?;
+    let listed = out.binds.starts_with('[') && out.binds.ends_with(']');
+    (out.seen == 2 && listed).then_some(out.binds)
 }
 
 /// Undoes the escapes of `str`'s `Debug` (`\"`, `\\`, `\n`, `\u{..}`, ...).
@@ -652,8 +766,9 @@ mod tests {
         let key = row_generation("app", "users", "\"a}b\"");
         assert_eq!(key, "app:{t:users}:r:\"a%7Db\"");
         assert_eq!(query_generation("app", "users"), "app:{t:users}:qgen");
-        assert!(
-            query_entry("app", "00ff", "active users").starts_with("app:{q:00ff}:active%20users")
+        assert_eq!(
+            query_entry("app", 0xff, "active users"),
+            "app:{q:000000000000000000000000000000ff}:active%20users"
         );
     }
 
@@ -723,11 +838,83 @@ mod tests {
         }
     }
 
+    /// The identity hash as releases up to 0.1 computed it: streamed, formatted by `{:032x}`.
+    fn stable_hash(parts: &[&[u8]]) -> String {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        for part in parts {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        format!("{:032x}", hasher.digest128())
+    }
+
     #[test]
     fn hash_is_stable() {
         // Pinned: a change here silently splits every deployed cache.
-        assert_eq!(stable_hash(&[b"a", b"bc"]), stable_hash(&[b"a", b"bc"]));
+        let digest = |kind: &str, statements: &[Identity<'_>]| {
+            let mut key = String::new();
+            push_hex128(&mut key, identity_digest(kind, 7, statements));
+            key
+        };
+        let text =
+            r#"Query { sql: "SELECT \"a\" FROM \"t\" WHERE \"t\".\"id\" = $1", binds: [1] }"#;
+        assert_eq!(
+            digest("load", &[Identity::Text(text)]),
+            stable_hash(&[b"load", &7u64.to_le_bytes(), text.as_bytes()])
+        );
+        assert_eq!(
+            digest("load", &[Identity::Text(text)]),
+            "ab67f6c9e9fbb378f6c058a6f76c6b83"
+        );
+        let shaped = Identity::Shaped {
+            escaped_sql: r#"SELECT \"a\" FROM \"t\" WHERE \"t\".\"id\" = $1"#,
+            binds: "[1]",
+        };
+        assert_eq!(shaped.text(), text);
+        assert_eq!(
+            digest("two", &[Identity::Text(text), shaped]),
+            stable_hash(&[
+                b"two",
+                &7u64.to_le_bytes(),
+                text.as_bytes(),
+                text.as_bytes()
+            ])
+        );
         assert_ne!(stable_hash(&[b"a", b"bc"]), stable_hash(&[b"ab", b"c"]));
         assert_eq!(hash64("x"), xxhash_rust::xxh3::xxh3_64(b"x"));
+    }
+
+    #[test]
+    fn binds_come_alone_when_the_sql_is_the_shapes() {
+        use diesel::prelude::*;
+        use diesel::sqlite::Sqlite;
+        diesel::table! { people (id) { id -> Integer, name -> Text } }
+        let tricky = "it's \"quoted\" -- binds: [x]\n\u{2028}";
+        let query = people::table
+            .filter(people::name.eq(tricky))
+            .filter(people::id.eq_any(vec![1, 2]))
+            .limit(3);
+        let rendered = Rendered::of::<Sqlite, _>(&query).unwrap();
+        let sql = rendered.sql();
+        let binds = binds_of::<Sqlite>(&query, &sql).expect("the SQL is the shape's");
+        let shaped = Identity::Shaped {
+            escaped_sql: rendered.escaped_sql(),
+            binds: &binds,
+        };
+        assert_eq!(shaped.text(), rendered.0);
+        // Another SQL is refused, even one that starts with the shape's.
+        assert_eq!(binds_of::<Sqlite>(&query, &sql[..sql.len() - 1]), None);
+        let longer = people::table
+            .filter(people::name.eq(tricky))
+            .filter(people::id.eq_any(vec![1, 2, 3]))
+            .limit(3);
+        assert_eq!(binds_of::<Sqlite>(&longer, &sql), None);
+        // A raw statement whose text contains the separator.
+        let raw =
+            diesel::sql_query("SELECT 1 -- binds: [2]").bind::<diesel::sql_types::Text, _>("[3]");
+        let rendered = Rendered::of::<Sqlite, _>(&raw).unwrap();
+        assert_eq!(binds_of::<Sqlite>(&raw, "SELECT 1"), None);
+        let binds = binds_of::<Sqlite>(&raw, &rendered.sql()).unwrap();
+        assert_eq!(binds, r#"["[3]"]"#);
     }
 }

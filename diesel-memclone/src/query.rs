@@ -1,6 +1,6 @@
 //! `.cached(label)` on any Diesel query.
 
-use crate::cache::{cache, Cache, Lookup};
+use crate::cache::{cache, Cache, Lookup, Policy, Shape, ShapeKey};
 use crate::error::Result;
 use crate::key;
 use crate::model::CacheValue;
@@ -79,14 +79,38 @@ pub mod dsl {
     pub type Cached<Q> = super::Cached<Q>;
 }
 
-/// The SQL text with binds, for a query of backend `DB`.
-fn debug_sql<DB, Q>(query: &Q) -> Option<key::Rendered>
+/// A shape learnt from the first read of `queries` (rendered in full as `rendered`, looked up
+/// as `lookup`): `None` unless it rebuilds each rendering exactly from the SQL and this read's
+/// binds, which is what every later read of the shape relies on.
+fn learn_shape<T: CacheValue, DB>(
+    queries: &[&dyn QueryFragment<DB>],
+    rendered: &[key::Rendered],
+    lookup: &Lookup,
+) -> Option<Shape>
 where
     DB: Backend + Default,
     DB::QueryBuilder: Default,
-    Q: QueryFragment<DB>,
 {
-    key::Rendered::of::<DB, _>(query)
+    let mut statements = Vec::with_capacity(queries.len());
+    for (query, rendered) in queries.iter().zip(rendered) {
+        let sql = rendered.sql();
+        let escaped_sql = rendered.escaped_sql();
+        let binds = key::binds_of::<DB>(*query, &sql)?;
+        let rebuilt = key::Identity::Shaped {
+            escaped_sql,
+            binds: &binds,
+        };
+        if rebuilt.text() != rendered.0 {
+            return None;
+        }
+        statements.push((sql.into_boxed_str(), escaped_sql.into()));
+    }
+    Some(Shape {
+        statements: statements.into(),
+        fingerprint: T::fingerprint(),
+        tables: lookup.tables.clone(),
+        generations: lookup.generations.clone(),
+    })
 }
 
 impl<Q> Cached<Q> {
@@ -139,22 +163,104 @@ impl<Q> Cached<Q> {
 
         // Stable across builds and compilers: the result type is known by its fingerprint (not
         // `type_name`, whose text Rust does not promise), the backend by the SQL it renders.
-        let fingerprint = T::fingerprint().to_le_bytes();
-        let mut parts: Vec<&[u8]> = vec![kind.as_bytes(), &fingerprint];
-        parts.extend(sqls.iter().map(|s| s.0.as_bytes()));
-        let hash = key::stable_hash(&parts);
-        let key = match &self.custom_key {
-            Some(custom) => cache.custom_key(custom),
-            None => cache.query_key(&hash, &self.label),
-        };
+        let statements: Vec<key::Identity<'_>> =
+            sqls.iter().map(|s| key::Identity::Text(&s.0)).collect();
+        let digest = key::identity_digest(kind, T::fingerprint(), &statements);
         Lookup {
-            key,
-            generations: cache.query_generation_keys(&tables),
+            key: self.entry_key(cache, digest),
+            generations: cache.query_generation_keys(&tables).into(),
             generation_ttl: None,
             ttl: self.ttl.unwrap_or_else(|| cache.default_ttl()),
-            tables,
-            policy: crate::cache::Policy::ReadWrite,
+            tables: tables.into(),
+            policy: Policy::ReadWrite,
         }
+    }
+
+    /// The key of the entry whose identity is `digest` (or the custom key).
+    fn entry_key(&self, cache: &Cache, digest: u128) -> String {
+        match &self.custom_key {
+            Some(custom) => cache.custom_key(custom),
+            None => cache.query_key(digest, &self.label),
+        }
+    }
+
+    /// The lookup of a read of result `T` by `queries` on backend `DB`, `QT` being their type
+    /// (or a tuple of their types): from their shape when they render its SQL (only the binds
+    /// are rendered), else from their full rendering, and the shape is learnt. `None` when
+    /// Diesel cannot build their SQL.
+    fn query_lookup<T, DB, QT: ?Sized>(
+        &self,
+        kind: &str,
+        queries: &[&dyn QueryFragment<DB>],
+    ) -> Option<Lookup>
+    where
+        T: CacheValue,
+        DB: Backend + Default,
+        DB::QueryBuilder: Default,
+    {
+        let cache = self.cache();
+        // Tables added with `depends_on` belong to this read, not to its shape.
+        let shape_key = self
+            .extra_tables
+            .is_empty()
+            .then(ShapeKey::of::<T, (DB, QT)>);
+        let mut learn = shape_key.is_some();
+        if let Some(shape) = shape_key.as_ref().and_then(|k| cache.shape(k)) {
+            if let Some(lookup) = self.shaped_lookup(cache, &shape, kind, queries) {
+                return Some(lookup);
+            }
+            // Another SQL under the same type (a raw or boxed query): rendered in full.
+            learn = false;
+        }
+        let rendered: Vec<key::Rendered> = queries
+            .iter()
+            .map(key::Rendered::of::<DB, _>)
+            .collect::<Option<_>>()?;
+        let lookup = self.lookup::<T>(kind, &rendered, true);
+        if let (true, Some(shape_key)) = (learn, shape_key) {
+            if let Some(shape) = learn_shape::<T, DB>(queries, &rendered, &lookup) {
+                cache.remember_shape(shape_key, shape);
+            }
+        }
+        Some(lookup)
+    }
+
+    /// The lookup of `queries` from their shape, if they render its SQL: the same key as from
+    /// their full rendering.
+    fn shaped_lookup<DB>(
+        &self,
+        cache: &Cache,
+        shape: &Shape,
+        kind: &str,
+        queries: &[&dyn QueryFragment<DB>],
+    ) -> Option<Lookup>
+    where
+        DB: Backend + Default,
+        DB::QueryBuilder: Default,
+    {
+        // One or two statements (`load_and_count`): no vector to allocate.
+        let n = queries.len();
+        if n > 2 || shape.statements.len() != n {
+            return None;
+        }
+        let mut binds: [String; 2] = Default::default();
+        for ((query, (sql, _)), binds) in queries.iter().zip(&shape.statements).zip(&mut binds) {
+            *binds = key::binds_of::<DB>(*query, sql)?;
+        }
+        let [first, second] = [0, 1].map(|i| key::Identity::Shaped {
+            escaped_sql: shape.statements.get(i).map_or("", |(_, escaped)| escaped),
+            binds: &binds[i],
+        });
+        let statements = [first, second];
+        let digest = key::identity_digest(kind, shape.fingerprint, &statements[..n]);
+        Some(Lookup {
+            key: self.entry_key(cache, digest),
+            generations: shape.generations.clone(),
+            generation_ttl: None,
+            ttl: self.ttl.unwrap_or_else(|| cache.default_ttl()),
+            tables: shape.tables.clone(),
+            policy: Policy::ReadWrite,
+        })
     }
 
     fn cache(&self) -> &Cache {
@@ -197,11 +303,12 @@ impl<Q> Cached<Q> {
     {
         let (query, this) = self.split();
         let query = query.as_query();
-        let Some(sql) = debug_sql::<C::Backend, _>(&query) else {
+        let lookup = this.query_lookup::<Vec<U>, C::Backend, Q::Query>("load", &[&query]);
+        let Some(lookup) = lookup else {
             // Diesel cannot build this query's SQL: let it say why.
             return Ok(query.load::<U>(conn).await?);
         };
-        let lookup = this.lookup_on::<Vec<U>, C>("load", &[sql], conn);
+        let lookup = with_policy(lookup, conn);
         let cache = this.cache();
         cache.read_through(lookup, || query.load::<U>(conn)).await
     }
@@ -243,10 +350,11 @@ impl<Q> Cached<Q> {
     {
         let (query, this) = self.split();
         let query = query.as_query();
-        let Some(sql) = debug_sql::<C::Backend, _>(&query) else {
+        let lookup = this.query_lookup::<Option<U>, C::Backend, Q::Query>("one", &[&query]);
+        let Some(lookup) = lookup else {
             return Ok(query.get_result::<U>(conn).await?);
         };
-        let lookup = this.lookup_on::<Option<U>, C>("one", &[sql], conn);
+        let lookup = with_policy(lookup, conn);
         let cache = this.cache();
         let found = cache
             .read_through(lookup, || async move {
@@ -353,16 +461,16 @@ impl<Q> Cached<Q> {
         let (query, this) = self.split();
         let query = query.as_query();
         let count_query = count_query.as_query();
-        let (Some(rows_sql), Some(count_sql)) = (
-            debug_sql::<C::Backend, _>(&query),
-            debug_sql::<C::Backend, _>(&count_query),
-        ) else {
+        let lookup = this.query_lookup::<(Vec<U>, i64), C::Backend, (Q::Query, CQ::Query)>(
+            "load_and_count",
+            &[&query, &count_query],
+        );
+        let Some(lookup) = lookup else {
             let rows = query.load::<U>(conn).await?;
             let total = count_query.get_result::<i64>(conn).await?;
             return Ok((rows, total));
         };
-        let sqls = [rows_sql, count_sql];
-        let lookup = this.lookup_on::<(Vec<U>, i64), C>("load_and_count", &sqls, conn);
+        let lookup = with_policy(lookup, conn);
         let cache = this.cache();
         cache
             .read_through(lookup, || async move {
@@ -371,18 +479,6 @@ impl<Q> Cached<Q> {
                 Ok((rows, total))
             })
             .await
-    }
-
-    /// The lookup for a result of type `T` read by the statements `sqls` on `conn`.
-    fn lookup_on<T: CacheValue, C: AsyncConnection>(
-        &self,
-        kind: &str,
-        sqls: &[key::Rendered],
-        conn: &mut C,
-    ) -> Lookup {
-        let mut lookup = self.lookup::<T>(kind, sqls, true);
-        lookup.policy = read_policy(conn, &lookup.tables);
-        lookup
     }
 
     /// Separates the query from the options.
@@ -409,6 +505,12 @@ impl<Q> Cached<Q> {
             custom_key: self.custom_key,
         }
     }
+}
+
+/// `lookup` with the policy of a read on `conn` (in a transaction or not).
+fn with_policy<C: AsyncConnection>(mut lookup: Lookup, conn: &mut C) -> Lookup {
+    lookup.policy = read_policy(conn, &lookup.tables);
+    lookup
 }
 
 impl Cache {
@@ -514,5 +616,90 @@ impl Cache {
         }
         let lookup = options.lookup::<T>("value", &[key::Rendered(key.to_owned())], false);
         self.read_through(lookup, fill).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CachedDsl;
+    use crate::Cache;
+    use diesel::prelude::*;
+    use diesel::query_builder::{AsQuery, QueryFragment};
+    use diesel_async::methods::LoadQuery;
+    use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+
+    diesel::table! { people (id) { id -> Integer, name -> Text } }
+
+    type Conn = SyncConnectionWrapper<diesel::SqliteConnection>;
+
+    async fn names<Q>(cache: &Cache, conn: &mut Conn, query: Q) -> Vec<String>
+    where
+        Q: AsQuery,
+        Q::Query:
+            QueryFragment<diesel::sqlite::Sqlite> + for<'q> LoadQuery<'q, Conn, String> + 'static,
+    {
+        query.cached("names").using(cache).load(conn).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn shapes_answer_only_their_own_sql() {
+        let mut conn = Conn::establish(":memory:").await.unwrap();
+        conn.batch_execute(
+            "CREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
+             INSERT INTO people VALUES (1, 'a'), (2, 'b'), (3, 'c');",
+        )
+        .await
+        .unwrap();
+        let cache = Cache::in_memory();
+        let by_ids = |ids: Vec<i32>| {
+            people::table
+                .filter(people::id.eq_any(ids))
+                .select(people::name)
+                .order(people::id)
+        };
+        // One query type; on SQLite its SQL has one placeholder per id.
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![1, 2])).await,
+            ["a", "b"]
+        );
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![1, 2, 3])).await,
+            ["a", "b", "c"]
+        );
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![2, 3])).await,
+            ["b", "c"]
+        );
+        assert_eq!(cache.stats().misses, 3);
+        // Read again through the shape: the entries the full renderings stored (same keys).
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![1, 2])).await,
+            ["a", "b"]
+        );
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![2, 3])).await,
+            ["b", "c"]
+        );
+        assert_eq!(
+            names(&cache, &mut conn, by_ids(vec![1, 2, 3])).await,
+            ["a", "b", "c"]
+        );
+        assert_eq!((cache.stats().misses, cache.stats().hits), (3, 3));
+
+        // A boxed query: one type, any SQL.
+        let boxed = |by_name: bool| {
+            let query = people::table.select(people::name).into_boxed();
+            if by_name {
+                query.filter(people::name.eq("c"))
+            } else {
+                query.filter(people::id.eq(1))
+            }
+        };
+        for _ in 0..2 {
+            assert_eq!(names(&cache, &mut conn, boxed(false)).await, ["a"]);
+            assert_eq!(names(&cache, &mut conn, boxed(true)).await, ["c"]);
+        }
+        assert_eq!((cache.stats().misses, cache.stats().hits), (5, 5));
     }
 }

@@ -21,9 +21,9 @@ use crate::model::RowKey;
 use crate::near::{Near, NearCache};
 use crate::store::{MemoryStore, Store};
 use health::Health;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 /// A cache: a [`Store`] plus the rules for reading through it and invalidating it.
@@ -70,6 +70,8 @@ struct Inner {
     stats: Counters,
     /// The near tier, when one was asked for.
     near: Option<Arc<Near>>,
+    /// What every read of a query shape shares (see [`Shape`]).
+    shapes: RwLock<HashMap<ShapeKey, Arc<Shape>, BuildShapeHasher>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -316,6 +318,7 @@ impl CacheBuilder {
                 has_undelivered: AtomicBool::new(false),
                 stats: Counters::default(),
                 near,
+                shapes: RwLock::default(),
             }),
         })
     }
@@ -411,12 +414,86 @@ pub(crate) enum Policy {
 /// One cached read: where its entry lives and which generations guard it.
 pub(crate) struct Lookup {
     pub(crate) key: String,
-    pub(crate) generations: Vec<String>,
+    pub(crate) generations: Arc<[String]>,
     pub(crate) generation_ttl: Option<Duration>,
     pub(crate) ttl: Duration,
-    pub(crate) tables: Vec<String>,
+    pub(crate) tables: Arc<[String]>,
     pub(crate) policy: Policy,
 }
+
+/// Which reads share a [`Shape`]: the result type, and (a hint only) the type name of the
+/// backend and query. Type names are not unique (lifetimes are erased, and Rust does not promise
+/// them distinct), which is why a shape's SQL is compared on every read: a read whose SQL is not
+/// its shape's is rendered in full.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ShapeKey {
+    result: std::any::TypeId,
+    /// Where the type name of the backend and query lives and how long it is (cheaper to hash
+    /// than its text).
+    query: (usize, usize),
+}
+
+impl ShapeKey {
+    /// The key of a read of result `T` by a query of type `Q` (a backend and query, or a
+    /// tuple of them).
+    pub(crate) fn of<T: 'static, Q: ?Sized>() -> Self {
+        let name = std::any::type_name::<Q>();
+        ShapeKey {
+            result: std::any::TypeId::of::<T>(),
+            query: (name.as_ptr() as usize, name.len()),
+        }
+    }
+}
+
+/// What every read of one query shape shares, computed on its first read: its statements' SQL,
+/// the tables they read and the result type's models, their generation keys, and the result
+/// type's fingerprint. A read uses it only if its statements render exactly this SQL; its binds
+/// are still rendered on every read.
+pub(crate) struct Shape {
+    /// Each statement's SQL, as Diesel builds it and as `Debug` escapes it.
+    pub(crate) statements: Box<[(Box<str>, Box<str>)]>,
+    pub(crate) fingerprint: u64,
+    pub(crate) tables: Arc<[String]>,
+    pub(crate) generations: Arc<[String]>,
+}
+
+/// A shape map's hasher: the keys are type ids and addresses, already well spread.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct BuildShapeHasher;
+
+/// See [`BuildShapeHasher`] (FxHash's mixing step).
+#[derive(Default)]
+pub(crate) struct ShapeHasher(u64);
+
+impl std::hash::BuildHasher for BuildShapeHasher {
+    type Hasher = ShapeHasher;
+    fn build_hasher(&self) -> ShapeHasher {
+        ShapeHasher(0)
+    }
+}
+
+impl std::hash::Hasher for ShapeHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, word: usize) {
+        self.write_u64(word as u64);
+    }
+}
+
+/// At most this many shapes per cache: a program has a fixed set of query types, but a map
+/// that could only grow would be a leak if one did not.
+const MAX_SHAPES: usize = 4096;
 
 impl Cache {
     /// Starts the options for a cache.
@@ -499,6 +576,21 @@ impl Cache {
         }
     }
 
+    /// The shape remembered under `key`, if any.
+    pub(crate) fn shape(&self, key: &ShapeKey) -> Option<Arc<Shape>> {
+        let shapes = self.inner.shapes.read().unwrap_or_else(|e| e.into_inner());
+        shapes.get(key).cloned()
+    }
+
+    /// Remembers a shape under `key`, unless one is there already (the first stays: a query type
+    /// whose SQL varies keeps its first shape and renders the others in full).
+    pub(crate) fn remember_shape(&self, key: ShapeKey, shape: Shape) {
+        let mut shapes = self.inner.shapes.write().unwrap_or_else(|e| e.into_inner());
+        if shapes.len() < MAX_SHAPES {
+            shapes.entry(key).or_insert_with(|| Arc::new(shape));
+        }
+    }
+
     pub(crate) fn query_generation_keys(&self, tables: &[String]) -> Vec<String> {
         tables
             .iter()
@@ -519,8 +611,9 @@ impl Cache {
         self.forget_near(&keys);
     }
 
-    pub(crate) fn query_key(&self, hash: &str, label: &str) -> String {
-        key::query_entry(&self.inner.namespace, hash, label)
+    /// The key of a query's entry, from its identity (see [`key::identity_digest`]).
+    pub(crate) fn query_key(&self, digest: u128, label: &str) -> String {
+        key::query_entry(&self.inner.namespace, digest, label)
     }
 
     pub(crate) fn entity_lookup(
@@ -533,10 +626,10 @@ impl Cache {
         let ns = &self.inner.namespace;
         Lookup {
             key: key::entity_entry(ns, row.table, &row.primary_key, fingerprint),
-            generations: vec![
+            generations: Arc::new([
                 key::entity_generation(ns, row.table),
                 key::row_generation(ns, row.table, &row.primary_key),
-            ],
+            ]),
             // Created to live a quarter longer than the entry, and extended by the entries
             // stored under them when they would outlive it: a row's generation lives as long as
             // the longest entry that needs it, and at most a quarter longer (the store extends
@@ -546,7 +639,7 @@ impl Cache {
                 kept.saturating_add(kept / 4)
             }),
             ttl,
-            tables: vec![row.table.to_owned()],
+            tables: Arc::new([row.table.to_owned()]),
             policy,
         }
     }

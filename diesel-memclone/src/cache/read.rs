@@ -449,7 +449,7 @@ impl Cache {
             (None, None) => store.put(&lookup.key, bytes, kept_for),
             (generation_ttl, Some((key, owner))) => {
                 let generations = match generation_ttl {
-                    Some(_) => lookup.generations.as_slice(),
+                    Some(_) => &lookup.generations[..],
                     None => &[],
                 };
                 let entry = PutEntry::new(&lookup.key, bytes, kept_for, generations);
