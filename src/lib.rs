@@ -194,6 +194,11 @@ impl QueryCounter {
     pub fn attach<C: AsyncConnection>(&self, conn: &mut C) {
         conn.set_instrumentation(self.clone());
     }
+
+    /// Attaches the counter to a synchronous connection.
+    pub fn attach_sync<C: diesel::Connection>(&self, conn: &mut C) {
+        conn.set_instrumentation(self.clone());
+    }
 }
 
 impl Instrumentation for QueryCounter {
@@ -318,6 +323,14 @@ pub async fn sqlite() -> SqliteConn {
         .await
         .expect("open SQLite");
     conn.batch_execute(PG_TABLES).await.expect("create tables");
+    conn
+}
+
+/// A synchronous in-memory SQLite connection with the tables.
+pub fn sqlite_sync() -> diesel::SqliteConnection {
+    use diesel::connection::SimpleConnection;
+    let mut conn = diesel::SqliteConnection::establish(":memory:").expect("open SQLite");
+    conn.batch_execute(PG_TABLES).expect("create tables");
     conn
 }
 

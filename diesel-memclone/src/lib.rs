@@ -83,6 +83,7 @@ mod model;
 mod near;
 mod query;
 pub mod store;
+pub mod sync;
 mod transaction;
 mod write;
 

@@ -144,7 +144,12 @@ impl<Q> Cached<Q> {
     }
 
     /// Builds the lookup for a result of type `T` read by the statements `sqls`.
-    fn lookup<T: CacheValue>(&self, kind: &str, sqls: &[key::Rendered], scan_sql: bool) -> Lookup {
+    pub(crate) fn lookup<T: CacheValue>(
+        &self,
+        kind: &str,
+        sqls: &[key::Rendered],
+        scan_sql: bool,
+    ) -> Lookup {
         let cache = self.cache.as_ref().unwrap_or_else(|| cache());
         let mut tables: Vec<String> = Vec::new();
         let mut add = |t: &str| {
@@ -188,7 +193,7 @@ impl<Q> Cached<Q> {
     /// (or a tuple of their types): from their shape when they render its SQL (only the binds
     /// are rendered), else from their full rendering, and the shape is learnt. `None` when
     /// Diesel cannot build their SQL.
-    fn query_lookup<T, DB, QT: ?Sized>(
+    pub(crate) fn query_lookup<T, DB, QT: ?Sized>(
         &self,
         kind: &str,
         queries: &[&dyn QueryFragment<DB>],
@@ -263,7 +268,7 @@ impl<Q> Cached<Q> {
         })
     }
 
-    fn cache(&self) -> &Cache {
+    pub(crate) fn cache(&self) -> &Cache {
         self.cache.as_ref().unwrap_or_else(|| cache())
     }
 
@@ -482,7 +487,7 @@ impl<Q> Cached<Q> {
     }
 
     /// Separates the query from the options.
-    fn split(self) -> (Q, Cached<()>) {
+    pub(crate) fn split(self) -> (Q, Cached<()>) {
         let options = Cached {
             query: (),
             label: self.label,
@@ -701,5 +706,24 @@ mod tests {
             assert_eq!(names(&cache, &mut conn, boxed(true)).await, ["c"]);
         }
         assert_eq!((cache.stats().misses, cache.stats().hits), (5, 5));
+    }
+}
+
+impl Cached<()> {
+    /// The options of a value computed by `fill` (`load_with`, `fill_with`): `label`, on
+    /// `cache`, depending on `tables` besides the value's models.
+    pub(crate) fn value_options(cache: &Cache, label: &str, tables: &[&str]) -> Self {
+        let mut options = Cached {
+            query: (),
+            label: Cow::Owned(label.to_owned()),
+            ttl: None,
+            cache: Some(cache.clone()),
+            extra_tables: Vec::new(),
+            custom_key: None,
+        };
+        for table in tables {
+            options = options.depends_on(table);
+        }
+        options
     }
 }

@@ -37,6 +37,15 @@ impl ConnectionId {
         let status = C::TransactionManager::transaction_manager_status_mut(conn);
         ConnectionId(std::ptr::from_mut(status).addr())
     }
+
+    /// The same for a synchronous connection: the status lives inside the connection
+    /// (`PgConnection`, `MysqlConnection`, `SqliteConnection`), and r2d2's `PooledConnection`
+    /// reaches it through its deref, so a pooled handle and the plain connection agree.
+    fn of_sync<C: diesel::Connection>(conn: &mut C) -> Self {
+        use diesel::connection::TransactionManager as _;
+        let status = C::TransactionManager::transaction_manager_status_mut(conn);
+        ConnectionId(std::ptr::from_mut(status).addr())
+    }
 }
 
 /// Invalidations recorded inside an open transaction, delivered after its commit.
@@ -90,10 +99,28 @@ tokio::task_local! {
     static INNERMOST: OpenTransaction;
 }
 
+std::thread_local! {
+    /// The innermost memclone transaction open by synchronous code on this thread
+    /// ([`sync_transaction`]): a synchronous body runs on its caller's thread from start to end,
+    /// so the thread is its scope as the task is an async body's.
+    static SYNC_INNERMOST: std::cell::RefCell<Option<OpenTransaction>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// The memclone transaction open on `conn` in this task, however deep among transactions on
 /// other connections.
 fn open_transaction_of(conn: ConnectionId) -> Option<OpenTransaction> {
-    let mut next = INNERMOST.try_with(OpenTransaction::clone).ok();
+    open_among(INNERMOST.try_with(OpenTransaction::clone).ok(), conn)
+}
+
+/// The memclone transaction open on `conn` by synchronous code on this thread.
+fn sync_open_transaction_of(conn: ConnectionId) -> Option<OpenTransaction> {
+    open_among(SYNC_INNERMOST.with(|t| t.borrow().clone()), conn)
+}
+
+/// The transaction on `conn` in the chain that starts at `innermost`.
+fn open_among(innermost: Option<OpenTransaction>, conn: ConnectionId) -> Option<OpenTransaction> {
+    let mut next = innermost;
     while let Some(transaction) = next {
         let outer = {
             let deferred = transaction.lock();
@@ -118,12 +145,35 @@ pub(crate) fn in_transaction<C: AsyncConnection>(conn: &mut C) -> bool {
     !matches!(status.transaction_depth(), Ok(None))
 }
 
+/// True when the synchronous `conn` is inside a transaction (or its state is broken).
+pub(crate) fn sync_in_transaction<C: diesel::Connection>(conn: &mut C) -> bool {
+    use diesel::connection::TransactionManager as _;
+    let status = C::TransactionManager::transaction_manager_status_mut(conn);
+    !matches!(status.transaction_depth(), Ok(None))
+}
+
 /// How a read on `conn` over `tables` may use the cache.
 pub(crate) fn read_policy<C: AsyncConnection>(conn: &mut C, tables: &[String]) -> Policy {
     if !in_transaction(conn) {
         return Policy::ReadWrite;
     }
-    let wrote = open_transaction_of(ConnectionId::of(conn)).is_some_and(|transaction| {
+    policy_in_transaction(open_transaction_of(ConnectionId::of(conn)), tables)
+}
+
+/// How a read on the synchronous `conn` over `tables` may use the cache.
+pub(crate) fn sync_read_policy<C: diesel::Connection>(conn: &mut C, tables: &[String]) -> Policy {
+    if !sync_in_transaction(conn) {
+        return Policy::ReadWrite;
+    }
+    policy_in_transaction(
+        sync_open_transaction_of(ConnectionId::of_sync(conn)),
+        tables,
+    )
+}
+
+/// How a read inside a transaction (`open`, if memclone opened it) may use the cache.
+fn policy_in_transaction(open: Option<OpenTransaction>, tables: &[String]) -> Policy {
+    let wrote = open.is_some_and(|transaction| {
         let deferred = transaction.lock();
         tables.iter().any(|t| deferred.written_tables.contains(t))
     });
@@ -151,6 +201,17 @@ pub(crate) fn write_timing<C: AsyncConnection>(conn: &mut C) -> Result<WriteTimi
     // Only a transaction memclone opened on this very connection can defer the invalidation:
     // nothing tells memclone when any other one commits.
     match open_transaction_of(ConnectionId::of(conn)) {
+        Some(transaction) => Ok(WriteTiming::AfterCommit(transaction)),
+        None => Err(Error::UnmanagedTransaction),
+    }
+}
+
+/// [`write_timing`] for a synchronous connection.
+pub(crate) fn sync_write_timing<C: diesel::Connection>(conn: &mut C) -> Result<WriteTiming, Error> {
+    if !sync_in_transaction(conn) {
+        return Ok(WriteTiming::Now);
+    }
+    match sync_open_transaction_of(ConnectionId::of_sync(conn)) {
         Some(transaction) => Ok(WriteTiming::AfterCommit(transaction)),
         None => Err(Error::UnmanagedTransaction),
     }
@@ -245,20 +306,113 @@ where
     // Invalidate unless the body failed (a rollback): also when the commit itself reported an
     // error, since it may have committed all the same.
     if body_succeeded {
-        loop {
-            let next = transaction.lock().writes.pop();
-            let Some(write) = next else { break };
-            let cache = &write.cache;
-            cache
-                .invalidate_written(&write.tables, write.rows.as_deref())
-                .await;
-            if !write.uncache.is_empty() {
-                cache.uncache(&write.uncache).await;
-            }
-        }
+        deliver(&transaction).await;
     }
     guard.0 = None;
     result
+}
+
+/// Delivers a committed transaction's invalidations.
+async fn deliver(transaction: &OpenTransaction) {
+    loop {
+        let next = transaction.lock().writes.pop();
+        let Some(write) = next else { break };
+        let cache = &write.cache;
+        cache
+            .invalidate_written(&write.tables, write.rows.as_deref())
+            .await;
+        if !write.uncache.is_empty() {
+            cache.uncache(&write.uncache).await;
+        }
+    }
+}
+
+/// Runs `body` in a database transaction of the synchronous `conn` whose memclone writes
+/// invalidate after the commit: [`transaction`] for `diesel::Connection`s.
+///
+/// The same rules: inside, a cached read of a table this transaction wrote goes to the
+/// database and nothing read inside is stored; a rollback (an `Err` from `body`) leaves no
+/// trace; nested calls become savepoints; Diesel's own `conn.transaction(..)` may be nested
+/// inside, but memclone writes in an outermost transaction memclone did not open are refused
+/// with [`Error::UnmanagedTransaction`]. `conn` may be an r2d2 `PooledConnection`.
+///
+/// ```
+/// # use diesel::prelude::*;
+/// # diesel::table! { users (id) { id -> Integer, name -> Text } }
+/// # fn main() -> diesel_memclone::Result<()> {
+/// # let mut conn = diesel::SqliteConnection::establish(":memory:")?;
+/// # diesel::sql_query("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)").execute(&mut conn)?;
+/// use diesel_memclone::sync as memclone;
+/// memclone::transaction(&mut conn, |conn| {
+///     memclone::insert_into(users::table)
+///         .values((users::id.eq(1), users::name.eq("Ada")))
+///         .execute(conn)?;
+///     Ok::<_, diesel_memclone::Error>(())
+/// })?;
+/// # Ok(()) }
+/// ```
+pub fn sync_transaction<C, R, E, F>(conn: &mut C, body: F) -> Result<R, E>
+where
+    C: diesel::Connection,
+    F: FnOnce(&mut C) -> Result<R, E>,
+    E: From<Error>,
+{
+    let here = ConnectionId::of_sync(conn);
+    if sync_open_transaction_of(here).is_some() {
+        return run_sync(conn, body).0;
+    }
+    if sync_in_transaction(conn) {
+        return Err(Error::UnmanagedTransaction.into());
+    }
+    let outer = SYNC_INNERMOST.with(|t| t.borrow().clone());
+    let transaction = OpenTransaction(Arc::new(Mutex::new(Deferred {
+        conn: here,
+        writes: Vec::new(),
+        written_tables: BTreeSet::new(),
+        outer: outer.clone(),
+    })));
+    let mut guard = DeferredGuard(Some(transaction.clone()));
+    let (result, body_succeeded) = {
+        // Restores the outer transaction even if the body panics.
+        struct Restore(Option<OpenTransaction>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let outer = self.0.take();
+                SYNC_INNERMOST.with(|t| *t.borrow_mut() = outer);
+            }
+        }
+        let _restore = Restore(outer);
+        SYNC_INNERMOST.with(|t| *t.borrow_mut() = Some(transaction.clone()));
+        run_sync(conn, body)
+    };
+    if body_succeeded {
+        crate::sync::block_on(deliver(&transaction));
+    }
+    guard.0 = None;
+    result
+}
+
+/// [`run`] for a synchronous connection.
+fn run_sync<C, R, E, F>(conn: &mut C, body: F) -> (Result<R, E>, bool)
+where
+    C: diesel::Connection,
+    F: FnOnce(&mut C) -> Result<R, E>,
+    E: From<Error>,
+{
+    use diesel::connection::TransactionManager as _;
+    if let Err(error) = C::TransactionManager::begin_transaction(conn) {
+        return (Err(Error::from(error).into()), false);
+    }
+    match body(&mut *conn) {
+        Ok(value) => match C::TransactionManager::commit_transaction(conn) {
+            Ok(()) => (Ok(value), true),
+            Err(error) => (Err(Error::from(error).into()), true),
+        },
+        Err(error) => {
+            let _ = C::TransactionManager::rollback_transaction(conn);
+            (Err(error), false)
+        }
+    }
 }
 
 /// Marks a transaction's remaining deferred invalidations undelivered when dropped armed.

@@ -248,7 +248,18 @@ impl<S> Write<S> {
         <C::Backend as Backend>::QueryBuilder: Default,
         S: QueryFragment<C::Backend>,
     {
-        let sql = key::Rendered::of::<C::Backend, _>(&self.statement).map(|r| r.sql());
+        let statement = self.analyse::<C::Backend>()?;
+        Ok((statement, write_timing(conn)?))
+    }
+
+    /// What this statement writes, from its SQL in the backend `DB`.
+    pub(crate) fn analyse<DB>(&self) -> Result<WrittenStatement>
+    where
+        DB: Backend + Default,
+        DB::QueryBuilder: Default,
+        S: QueryFragment<DB>,
+    {
+        let sql = key::Rendered::of::<DB, _>(&self.statement).map(|r| r.sql());
         let parsed = sql.as_deref().and_then(key::written_statement);
         let statement = match (self.table, parsed) {
             (Some(table), Some(mut statement)) => {
@@ -274,7 +285,20 @@ impl<S> Write<S> {
                 )))
             }
         };
-        Ok((statement, write_timing(conn)?))
+        Ok(statement)
+    }
+
+    /// Separates the statement from the options.
+    pub(crate) fn split(self) -> (S, Write<()>) {
+        let options = Write {
+            statement: (),
+            table: self.table,
+            cache: self.cache,
+            uncache: self.uncache,
+            cache_result: self.cache_result,
+            also: self.also,
+        };
+        (self.statement, options)
     }
 
     /// Also invalidates `table` (its queries and all its rows) when this write commits: for
@@ -320,16 +344,10 @@ impl<S> Write<S> {
         S: QueryFragment<C::Backend> + QueryId + Send + ExecuteDsl<C>,
     {
         let (statement, timing) = self.prepare(conn)?;
-        let cache = self.cache.unwrap_or_else(|| cache().clone());
-        let tables = written_tables(&statement, &self.also);
-        let (pending, deferred) = pending(&cache, &tables, &self.uncache, &timing);
-        let written = self.statement.execute(conn).await;
-        // Invalidate even after an error: the statement may have changed rows before failing.
-        Self::finish(&cache, tables, None, self.uncache, timing, deferred).await;
-        if let Some(pending) = pending {
-            pending.done();
-        }
-        Ok(written?)
+        let (query, options) = self.split();
+        options
+            .execute_with(statement, timing, || query.execute(conn))
+            .await
     }
 
     /// Runs a write with `RETURNING`, like Diesel's `get_results`. When the rows are the
@@ -345,6 +363,69 @@ impl<S> Write<S> {
         U: CacheValue + Send,
     {
         let (statement, timing) = self.prepare(conn)?;
+        let (query, options) = self.split();
+        options
+            .get_results_with(statement, timing, || query.load::<U>(conn))
+            .await
+    }
+
+    /// Runs a write with `RETURNING` for one row, like Diesel's `get_result`.
+    pub async fn get_result<'q, U, C>(self, conn: &mut C) -> Result<U>
+    where
+        C: AsyncConnection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        S: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        U: CacheValue + Send,
+    {
+        let mut rows = self.get_results::<U, C>(conn).await?;
+        if rows.is_empty() {
+            return Err(Error::Database(diesel::result::Error::NotFound));
+        }
+        Ok(rows.swap_remove(0))
+    }
+}
+
+/// The written table, then the other tables a raw statement names and the ones
+/// `also_invalidates` named.
+impl Write<()> {
+    /// Runs a statement that returns no rows (`run`), with the invalidation around it: the
+    /// part of `execute` every connection type shares.
+    pub(crate) async fn execute_with<F, Fut>(
+        self,
+        statement: WrittenStatement,
+        timing: WriteTiming,
+        run: F,
+    ) -> Result<usize>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = diesel::QueryResult<usize>>,
+    {
+        let cache = self.cache.unwrap_or_else(|| cache().clone());
+        let tables = written_tables(&statement, &self.also);
+        let (pending, deferred) = pending(&cache, &tables, &self.uncache, &timing);
+        let written = run().await;
+        // Invalidate even after an error: the statement may have changed rows before failing.
+        Write::<()>::finish(&cache, tables, None, self.uncache, timing, deferred).await;
+        if let Some(pending) = pending {
+            pending.done();
+        }
+        Ok(written?)
+    }
+
+    /// Runs a statement returning rows (`run`), with the invalidation and write-through
+    /// around it: the part of `get_results` every connection type shares.
+    pub(crate) async fn get_results_with<U, F, Fut>(
+        self,
+        statement: WrittenStatement,
+        timing: WriteTiming,
+        run: F,
+    ) -> Result<Vec<U>>
+    where
+        U: CacheValue,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = diesel::QueryResult<Vec<U>>>,
+    {
         let table = statement.table.clone();
         let cache = self.cache.unwrap_or_else(|| cache().clone());
         // The returned rows name exactly the rows written, except when the statement moves
@@ -366,13 +447,13 @@ impl<S> Write<S> {
         };
         let tables = written_tables(&statement, &self.also);
         let (pending, deferred) = pending(&cache, &tables, &self.uncache, &timing);
-        let result = self.statement.load::<U>(conn).await;
+        let result = run().await;
         let rows = match &result {
             Ok(values) if !moves_rows => returned_rows(&table, values),
             _ => None,
         };
         let invalidated =
-            Self::finish(&cache, tables, rows.clone(), self.uncache, timing, deferred).await;
+            Write::<()>::finish(&cache, tables, rows.clone(), self.uncache, timing, deferred).await;
         if let Some(pending) = pending {
             pending.done();
         }
@@ -416,26 +497,8 @@ impl<S> Write<S> {
         }
         Ok(values)
     }
-
-    /// Runs a write with `RETURNING` for one row, like Diesel's `get_result`.
-    pub async fn get_result<'q, U, C>(self, conn: &mut C) -> Result<U>
-    where
-        C: AsyncConnection,
-        C::Backend: Default,
-        <C::Backend as Backend>::QueryBuilder: Default,
-        S: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
-        U: CacheValue + Send,
-    {
-        let mut rows = self.get_results::<U, C>(conn).await?;
-        if rows.is_empty() {
-            return Err(Error::Database(diesel::result::Error::NotFound));
-        }
-        Ok(rows.swap_remove(0))
-    }
 }
 
-/// The written table, then the other tables a raw statement names and the ones
-/// `also_invalidates` named.
 fn written_tables(statement: &WrittenStatement, also: &[String]) -> Vec<String> {
     let mut tables = vec![statement.table.clone()];
     for table in statement.also_named.iter().chain(also) {

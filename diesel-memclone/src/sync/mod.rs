@@ -1,0 +1,139 @@
+//! The same cache for synchronous Diesel: `diesel::Connection`s (`PgConnection`,
+//! `MysqlConnection`, `SqliteConnection`) and r2d2's pooled connections.
+//!
+//! Same names as the async API, as `moka::sync` beside `moka::future`: [`CachedDsl`] and
+//! [`Cached`], [`insert_into`], [`update`], [`delete`], [`replace_into`], [`write()`],
+//! [`transaction`], [`find`] and the rest. They share the async API's [`Cache`], keys and
+//! contract: a sync and an async process on one Redis see each other's writes with the same
+//! guarantees.
+//!
+//! The cache's logic is written once, as futures. A synchronous call runs the Diesel statement
+//! itself, on the caller's thread and connection, inside the same read-through and
+//! invalidation code, which it drives with a `block_on` on the caller's thread. The store's
+//! background work (Redis connections, the near tier's stream, invalidation retries) lives on
+//! one internal runtime thread, created on first use; the program needs no runtime of its own.
+//!
+//! Where it may be called:
+//! * plain threads and `tokio::task::spawn_blocking`: as any blocking call;
+//! * a worker thread of a multi-thread tokio runtime: it works, through
+//!   `tokio::task::block_in_place` (the worker hands its other tasks to another thread);
+//! * the thread of a current-thread runtime (`#[tokio::main(flavor = "current_thread")]`,
+//!   `#[tokio::test]`): it works and blocks that runtime while it runs, like any blocking
+//!   call, provided the store's connections are not driven by that very runtime (a Redis
+//!   store first used by async code on it); prefer `spawn_blocking` or the async API there.
+//!
+//! ```
+//! use diesel::prelude::*;
+//! use diesel_memclone::sync::prelude::*;
+//! use diesel_memclone::sync as memclone;
+//! use serde::{Deserialize, Serialize};
+//!
+//! diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+//!
+//! #[derive(Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone, Debug)]
+//! #[diesel(table_name = users)]
+//! struct User { id: i32, name: String, status: String }
+//!
+//! # fn main() -> diesel_memclone::Result<()> {
+//! let mut conn = diesel::SqliteConnection::establish(":memory:")?;
+//! # diesel::sql_query("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL)")
+//! #     .execute(&mut conn)?;
+//! let ada = User { id: 1, name: "Ada".into(), status: "active".into() };
+//! memclone::insert_into(users::table).values(&ada).execute(&mut conn)?;
+//!
+//! let active: Vec<User> = users::table
+//!     .filter(users::status.eq("active"))
+//!     .cached("active")
+//!     .load(&mut conn)?;
+//! assert_eq!(active.len(), 1);
+//! let one: User = memclone::find(&mut conn, 1)?;
+//! assert_eq!(one.name, "Ada");
+//!
+//! memclone::update(users::table.filter(users::id.eq(1)))
+//!     .set(users::name.eq("Ada L."))
+//!     .execute(&mut conn)?;
+//! assert_eq!(memclone::find::<User, _>(&mut conn, 1)?.name, "Ada L.");
+//! # Ok(()) }
+//! ```
+
+mod entity;
+mod query;
+mod write;
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Wake};
+use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
+
+pub use crate::transaction::sync_transaction as transaction;
+pub use entity::{find, find_optional, invalidate, reload, BlockingCache};
+pub use query::{Cached, CachedDsl};
+pub use write::{delete, insert_into, replace_into, update, write, Write};
+
+/// The traits and macros synchronous code needs: `use diesel_memclone::sync::prelude::*;`.
+pub mod prelude {
+    pub use super::CachedDsl;
+    pub use crate::{CacheValue, MemClone};
+}
+
+/// The runtime that drives the store for synchronous callers: one worker thread, made on first
+/// use, never shut down.
+fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("memclone-sync")
+            .enable_all()
+            .build()
+            .expect("diesel-memclone could not start its runtime thread")
+    })
+}
+
+/// Runs `future` to completion on the calling thread, with the internal runtime as the
+/// current runtime (for the store's I/O, timers and background tasks).
+pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
+    let runtime = runtime();
+    match Handle::try_current() {
+        // A plain thread: the usual case.
+        Err(_) => runtime.block_on(future),
+        // A worker (or a `spawn_blocking` thread) of a multi-thread runtime: the worker hands
+        // its queue to another thread first, so that nothing waits on this one.
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| runtime.block_on(future))
+        }
+        // A current-thread runtime's thread, or one of its `spawn_blocking` threads: tokio
+        // would refuse to nest `block_on` on the former, and the two cannot be told apart;
+        // poll on this thread with a plain parking loop instead.
+        Ok(_) => {
+            let _entered = runtime.enter();
+            park_until_ready(tokio::task::unconstrained(future))
+        }
+    }
+}
+
+/// Wakes a parked thread.
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Polls `future` on this thread, parking it between wake-ups.
+fn park_until_ready<F: Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let waker = Arc::new(Unpark(std::thread::current())).into();
+    let mut context = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+        std::thread::park();
+    }
+}

@@ -1,0 +1,272 @@
+//! `.cached(label)` on any Diesel query, for synchronous connections.
+
+use super::block_on;
+use crate::cache::Cache;
+use crate::error::Result;
+use crate::key;
+use crate::model::CacheValue;
+use crate::transaction::sync_read_policy;
+use diesel::backend::Backend;
+use diesel::dsl::{CountStar, Limit, Select};
+use diesel::query_builder::{AsQuery, QueryFragment};
+use diesel::query_dsl::methods::{LimitDsl, SelectDsl};
+use diesel::query_dsl::LoadQuery;
+use diesel::{Connection, OptionalExtension, RunQueryDsl};
+use std::borrow::Cow;
+use std::time::Duration;
+
+/// Adds [`cached`](CachedDsl::cached) to every Diesel query, for synchronous connections.
+pub trait CachedDsl: crate::CachedDsl {
+    /// Caches this query's results under `label`: the same entry as the async
+    /// [`crate::CachedDsl::cached`] (same key, same contract).
+    fn cached(self, label: impl Into<Cow<'static, str>>) -> Cached<Self> {
+        Cached(crate::CachedDsl::cached(self, label))
+    }
+}
+
+impl<T: AsQuery> CachedDsl for T {}
+
+/// A query to be answered from the cache on a synchronous connection; made by
+/// [`CachedDsl::cached`].
+///
+/// ```
+/// # use diesel::prelude::*;
+/// # use diesel_memclone::sync::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+/// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+/// # #[diesel(table_name = users)]
+/// # struct User { id: i32, name: String, status: String }
+/// # fn main() -> diesel_memclone::Result<()> {
+/// # let mut conn = diesel::SqliteConnection::establish(":memory:")?;
+/// # diesel::connection::SimpleConnection::batch_execute(&mut conn, "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+/// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');")?;
+/// let active: Vec<User> = users::table
+///     .filter(users::status.eq("active"))
+///     .cached("active_users")
+///     .ttl(std::time::Duration::from_secs(60))
+///     .load(&mut conn)?;
+/// assert_eq!(active.len(), 1);
+/// let ada: User = users::table.find(1).cached("user").get_result(&mut conn)?;
+/// let newest: User = users::table.order(users::id.desc()).cached("newest").first(&mut conn)?;
+/// let n = users::table.cached("n_users").count(&mut conn)?;
+/// assert_eq!((ada.name.as_str(), newest.name.as_str(), n), ("Ada", "Bob", 2));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a cached query does nothing until loaded"]
+pub struct Cached<Q>(crate::Cached<Q>);
+
+impl<Q> Cached<Q> {
+    /// How long this entry lives (default: the model's `#[memclone(ttl)]`, else the cache's).
+    pub fn ttl(self, ttl: Duration) -> Self {
+        Cached(self.0.ttl(ttl))
+    }
+
+    /// Uses `cache` instead of the process-wide default.
+    pub fn using(self, cache: &Cache) -> Self {
+        Cached(self.0.using(cache))
+    }
+
+    /// Stores the result under this key instead of the one derived from the query: see
+    /// [`crate::Cached::key`].
+    pub fn key(self, key: impl Into<String>) -> Self {
+        Cached(self.0.key(key))
+    }
+
+    /// Adds a table the result depends on that the SQL does not name.
+    pub fn depends_on(self, table: &str) -> Self {
+        Cached(self.0.depends_on(table))
+    }
+
+    /// Changes the query, keeping the label and options.
+    pub fn map<Q2>(self, f: impl FnOnce(Q) -> Q2) -> Cached<Q2> {
+        Cached(self.0.map(f))
+    }
+
+    /// Loads every row, like Diesel's `load`.
+    pub fn load<'q, U, C>(self, conn: &mut C) -> Result<Vec<U>>
+    where
+        C: Connection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        Q: AsQuery,
+        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        U: CacheValue,
+    {
+        let (query, this) = self.0.split();
+        let query = query.as_query();
+        // The async driver's lookup (query shapes included): the same key.
+        let lookup = this.query_lookup::<Vec<U>, C::Backend, Q::Query>("load", &[&query]);
+        let Some(mut lookup) = lookup else {
+            return Ok(query.load::<U>(conn)?);
+        };
+        block_on(async move {
+            lookup.policy = sync_read_policy(conn, &lookup.tables);
+            let fill = || std::future::ready(query.load::<U>(conn));
+            this.cache().read_through(lookup, fill).await
+        })
+    }
+
+    /// Loads one row, like Diesel's `get_result`; no row is
+    /// [`Error::Database(NotFound)`](diesel::result::Error::NotFound), cached too.
+    pub fn get_result<'q, U, C>(self, conn: &mut C) -> Result<U>
+    where
+        C: Connection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        Q: AsQuery,
+        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        U: CacheValue,
+    {
+        let (query, this) = self.0.split();
+        let query = query.as_query();
+        let lookup = this.query_lookup::<Option<U>, C::Backend, Q::Query>("one", &[&query]);
+        let Some(mut lookup) = lookup else {
+            return Ok(query.get_result::<U>(conn)?);
+        };
+        let found = block_on(async move {
+            lookup.policy = sync_read_policy(conn, &lookup.tables);
+            let fill = || std::future::ready(query.get_result::<U>(conn).optional());
+            this.cache().read_through(lookup, fill).await
+        })?;
+        found.ok_or(crate::Error::Database(diesel::result::Error::NotFound))
+    }
+
+    /// The first row, like Diesel's `first` (adds `LIMIT 1`).
+    pub fn first<'q, U, C>(self, conn: &mut C) -> Result<U>
+    where
+        C: Connection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        Q: LimitDsl,
+        Limit<Q>: AsQuery,
+        <Limit<Q> as AsQuery>::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        U: CacheValue,
+    {
+        self.map(|q| q.limit(1)).get_result(conn)
+    }
+
+    /// The number of rows, like Diesel's `.count().get_result::<i64>()`.
+    pub fn count<'q, C>(self, conn: &mut C) -> Result<i64>
+    where
+        C: Connection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        Q: SelectDsl<CountStar>,
+        Select<Q, CountStar>: AsQuery,
+        <Select<Q, CountStar> as AsQuery>::Query:
+            QueryFragment<C::Backend> + LoadQuery<'q, C, i64> + 'q,
+    {
+        self.map(|q| q.select(diesel::dsl::count_star()))
+            .get_result(conn)
+    }
+
+    /// A page of rows and the total count, in one entry: see
+    /// [`crate::Cached::load_and_count`].
+    pub fn load_and_count<'q, U, CQ, C>(
+        self,
+        count_query: CQ,
+        conn: &mut C,
+    ) -> Result<(Vec<U>, i64)>
+    where
+        C: Connection,
+        C::Backend: Default,
+        <C::Backend as Backend>::QueryBuilder: Default,
+        Q: AsQuery,
+        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        CQ: AsQuery,
+        CQ::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, i64> + 'q,
+        U: CacheValue,
+    {
+        let (query, this) = self.0.split();
+        let query = query.as_query();
+        let count_query = count_query.as_query();
+        let lookup = this.query_lookup::<(Vec<U>, i64), C::Backend, (Q::Query, CQ::Query)>(
+            "load_and_count",
+            &[&query, &count_query],
+        );
+        let Some(mut lookup) = lookup else {
+            let rows = query.load::<U>(conn)?;
+            let total = count_query.get_result::<i64>(conn)?;
+            return Ok((rows, total));
+        };
+        block_on(async move {
+            lookup.policy = sync_read_policy(conn, &lookup.tables);
+            let fill = || {
+                std::future::ready((|| {
+                    let rows = query.load::<U>(conn)?;
+                    let total = count_query.get_result::<i64>(conn)?;
+                    Ok((rows, total))
+                })())
+            };
+            this.cache().read_through(lookup, fill).await
+        })
+    }
+}
+
+impl super::BlockingCache<'_> {
+    /// Caches any value computed from the database: [`Cache::load_with`] for a synchronous
+    /// connection and fill.
+    ///
+    /// ```
+    /// # use diesel::prelude::*;
+    /// # use diesel_memclone::sync::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+    /// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+    /// # #[diesel(table_name = users)]
+    /// # struct User { id: i32, name: String, status: String }
+    /// # fn main() -> diesel_memclone::Result<()> {
+    /// # let mut conn = diesel::SqliteConnection::establish(":memory:")?;
+    /// # diesel::connection::SimpleConnection::batch_execute(&mut conn, "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+    /// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');")?;
+    /// let everyone: Vec<User> = diesel_memclone::cache()
+    ///     .blocking()
+    ///     .load_with("everyone", "all", &[], &mut conn, |conn| {
+    ///         users::table.order(users::id).load(conn)
+    ///     })?;
+    /// assert_eq!(everyone.len(), 2);
+    /// # Ok(()) }
+    /// ```
+    pub fn load_with<T, C, F>(
+        &self,
+        label: &str,
+        key: &str,
+        extra_tables: &[&str],
+        conn: &mut C,
+        fill: F,
+    ) -> Result<T>
+    where
+        T: CacheValue,
+        C: Connection,
+        F: FnOnce(&mut C) -> diesel::QueryResult<T>,
+    {
+        let cache = self.0;
+        block_on(async move {
+            let options = crate::Cached::value_options(cache, label, extra_tables);
+            let mut lookup = options.lookup::<T>("value", &[key::Rendered(key.to_owned())], false);
+            lookup.policy = sync_read_policy(conn, &lookup.tables);
+            cache
+                .read_through(lookup, || std::future::ready(fill(conn)))
+                .await
+        })
+    }
+
+    /// [`Cache::fill_with`] for a synchronous fill that gets its own connection (from a pool,
+    /// say). The fill must read committed data: never call this inside a transaction.
+    pub fn fill_with<T, F>(&self, label: &str, key: &str, tables: &[&str], fill: F) -> Result<T>
+    where
+        T: CacheValue,
+        F: FnOnce() -> diesel::QueryResult<T>,
+    {
+        let cache = self.0;
+        block_on(async move {
+            let options = crate::Cached::value_options(cache, label, tables);
+            let lookup = options.lookup::<T>("value", &[key::Rendered(key.to_owned())], false);
+            cache
+                .read_through(lookup, || std::future::ready(fill()))
+                .await
+        })
+    }
+}

@@ -1,0 +1,266 @@
+//! The synchronous API (`diesel_memclone::sync`) on `diesel::Connection`s: reads, writes,
+//! transactions and the threads it may be called from, with database query counts.
+
+use diesel::prelude::*;
+use diesel_memclone::sync as memclone;
+use diesel_memclone::sync::prelude::*;
+use diesel_memclone::{Cache, Error};
+use diesel_memclone_tests::schema::users;
+use diesel_memclone_tests::{counted, sqlite_sync, unique, QueryCounter, User};
+
+fn memory_cache() -> Cache {
+    Cache::builder().namespace(unique("sync")).build().unwrap()
+}
+
+fn user(id: i32, name: &str, status: &str) -> User {
+    User {
+        id,
+        name: name.into(),
+        status: status.into(),
+    }
+}
+
+/// Two users, written through memclone.
+fn seed(conn: &mut SqliteConnection, cache: &Cache) {
+    for row in [user(1, "Ada", "active"), user(2, "Bob", "away")] {
+        memclone::insert_into(users::table)
+            .values(&row)
+            .using(cache)
+            .execute(conn)
+            .unwrap();
+    }
+}
+
+#[test]
+fn cached_reads_miss_then_hit_and_writes_invalidate() {
+    let cache = memory_cache();
+    let mut conn = sqlite_sync();
+    let counter = QueryCounter::default();
+    counter.attach_sync(&mut conn);
+    seed(&mut conn, &cache);
+    let active = || {
+        users::table
+            .filter(users::status.eq("active"))
+            .order(users::id)
+            .cached("active")
+            .using(&cache)
+    };
+
+    let (rows, queries) = counted!(counter, active().load::<User, _>(&mut conn).unwrap());
+    assert_eq!((rows.len(), queries), (1, 1), "miss");
+    let (rows, queries) = counted!(counter, active().load::<User, _>(&mut conn).unwrap());
+    assert_eq!((rows.len(), queries), (1, 0), "hit");
+
+    let one = || users::table.find(1).cached("one").using(&cache);
+    let (ada, queries) = counted!(counter, one().get_result::<User, _>(&mut conn).unwrap());
+    assert_eq!((ada.name.as_str(), queries), ("Ada", 1));
+    let (_, queries) = counted!(counter, one().get_result::<User, _>(&mut conn).unwrap());
+    assert_eq!(queries, 0);
+    let first = || {
+        users::table
+            .order(users::id.desc())
+            .cached("first")
+            .using(&cache)
+    };
+    let (bob, queries) = counted!(counter, first().first::<User, _>(&mut conn).unwrap());
+    assert_eq!((bob.name.as_str(), queries), ("Bob", 1));
+    let (_, queries) = counted!(counter, first().first::<User, _>(&mut conn).unwrap());
+    assert_eq!(queries, 0);
+    let count = || users::table.cached("count").using(&cache);
+    let (n, queries) = counted!(counter, count().count(&mut conn).unwrap());
+    assert_eq!((n, queries), (2, 1));
+    let (n, queries) = counted!(counter, count().count(&mut conn).unwrap());
+    assert_eq!((n, queries), (2, 0));
+    // No row is NotFound, and that answer is cached too.
+    let missing = || users::table.find(9).cached("one").using(&cache);
+    let (err, queries) = counted!(
+        counter,
+        missing().get_result::<User, _>(&mut conn).unwrap_err()
+    );
+    assert!(err.is_not_found());
+    assert_eq!(queries, 1);
+    let (_, queries) = counted!(
+        counter,
+        missing().get_result::<User, _>(&mut conn).unwrap_err()
+    );
+    assert_eq!(queries, 0);
+
+    // A custom key, a TTL and a dependency the SQL does not name.
+    let keyed = || {
+        users::table
+            .select(users::name)
+            .order(users::id)
+            .cached("names")
+            .key("all_names")
+            .ttl(std::time::Duration::from_secs(60))
+            .depends_on("posts")
+            .using(&cache)
+    };
+    let (names, queries) = counted!(counter, keyed().load::<String, _>(&mut conn).unwrap());
+    assert_eq!((names.len(), queries), (2, 1));
+    let (_, queries) = counted!(counter, keyed().load::<String, _>(&mut conn).unwrap());
+    assert_eq!(queries, 0);
+    memclone::write(diesel::sql_query("DELETE FROM posts"))
+        .using(&cache)
+        .execute(&mut conn)
+        .unwrap();
+    let (_, queries) = counted!(counter, keyed().load::<String, _>(&mut conn).unwrap());
+    assert_eq!(queries, 1, "a write to the dependency invalidates");
+
+    // Entities.
+    let blocking = cache.blocking();
+    let (ada, queries) = counted!(counter, blocking.find::<User, _>(&mut conn, 1).unwrap());
+    assert_eq!((ada.name.as_str(), queries), ("Ada", 1));
+    let (_, queries) = counted!(counter, blocking.find::<User, _>(&mut conn, 1).unwrap());
+    assert_eq!(queries, 0);
+    let (none, queries) = counted!(
+        counter,
+        blocking.find_optional::<User, _>(&mut conn, 7).unwrap()
+    );
+    assert_eq!((none, queries), (None, 1));
+    let (none, queries) = counted!(
+        counter,
+        blocking.find_optional::<User, _>(&mut conn, 7).unwrap()
+    );
+    assert_eq!((none, queries), (None, 0));
+
+    // An invalidating update: the query and the entity read the new name once, then hit.
+    let (changed, queries) = counted!(
+        counter,
+        memclone::update(users::table.filter(users::id.eq(1)))
+            .set(users::name.eq("Ada L."))
+            .using(&cache)
+            .execute(&mut conn)
+            .unwrap()
+    );
+    assert_eq!((changed, queries), (1, 1));
+    let (rows, queries) = counted!(counter, active().load::<User, _>(&mut conn).unwrap());
+    assert_eq!((rows[0].name.as_str(), queries), ("Ada L.", 1));
+    let (_, queries) = counted!(counter, active().load::<User, _>(&mut conn).unwrap());
+    assert_eq!(queries, 0);
+    let (ada, queries) = counted!(counter, blocking.find::<User, _>(&mut conn, 1).unwrap());
+    assert_eq!((ada.name.as_str(), queries), ("Ada L.", 1));
+}
+
+#[test]
+fn returning_writes_through_and_the_default_cache_serves_find() {
+    let cache = memory_cache();
+    let mut conn = sqlite_sync();
+    let counter = QueryCounter::default();
+    counter.attach_sync(&mut conn);
+    seed(&mut conn, &cache);
+    let blocking = cache.blocking();
+    blocking.find::<User, _>(&mut conn, 2).unwrap();
+    let (bob, queries) = counted!(
+        counter,
+        memclone::update(users::table.filter(users::id.eq(2)))
+            .set(users::name.eq("Robert"))
+            .map(|s| s.returning(users::all_columns))
+            .using(&cache)
+            .get_result::<User, _>(&mut conn)
+            .unwrap()
+    );
+    assert_eq!((bob.name.as_str(), queries), ("Robert", 1));
+    // Written through: the entity is a hit with the new name.
+    let (bob, queries) = counted!(counter, blocking.find::<User, _>(&mut conn, 2).unwrap());
+    assert_eq!((bob.name.as_str(), queries), ("Robert", 0));
+    let (gone, queries) = counted!(
+        counter,
+        memclone::delete(users::table.filter(users::id.eq(2)))
+            .using(&cache)
+            .execute(&mut conn)
+            .unwrap()
+    );
+    assert_eq!((gone, queries), (1, 1));
+    let (none, queries) = counted!(
+        counter,
+        blocking.find_optional::<User, _>(&mut conn, 2).unwrap()
+    );
+    assert_eq!((none, queries), (None, 1));
+
+    // Plain Diesel bypasses the cache; reload reads the database and refreshes the entry.
+    let mut ada = blocking.find::<User, _>(&mut conn, 1).unwrap();
+    diesel::update(users::table.find(1))
+        .set(users::name.eq("Alicia"))
+        .execute(&mut conn)
+        .unwrap();
+    assert_eq!(blocking.find::<User, _>(&mut conn, 1).unwrap().name, "Ada");
+    blocking.reload(&mut ada, &mut conn).unwrap();
+    assert_eq!(ada.name, "Alicia");
+    let (ada, queries) = counted!(counter, blocking.find::<User, _>(&mut conn, 1).unwrap());
+    assert_eq!((ada.name.as_str(), queries), ("Alicia", 0));
+
+    // The process-wide default cache.
+    let mut other = sqlite_sync();
+    other.set_instrumentation(counter.clone());
+    memclone::insert_into(users::table)
+        .values(&user(5, "Eve", "active"))
+        .execute(&mut other)
+        .unwrap();
+    let (eve, queries) = counted!(counter, memclone::find::<User, _>(&mut other, 5).unwrap());
+    assert_eq!((eve.name.as_str(), queries), ("Eve", 1));
+    let (_, queries) = counted!(counter, memclone::find::<User, _>(&mut other, 5).unwrap());
+    assert_eq!(queries, 0);
+}
+
+#[test]
+fn transactions_invalidate_after_commit_and_unmanaged_ones_refuse_writes() {
+    let cache = memory_cache();
+    let mut conn = sqlite_sync();
+    let counter = QueryCounter::default();
+    counter.attach_sync(&mut conn);
+    seed(&mut conn, &cache);
+    let all = || users::table.order(users::id).cached("all").using(&cache);
+    assert_eq!(all().load::<User, _>(&mut conn).unwrap().len(), 2);
+
+    memclone::transaction(&mut conn, |conn| {
+        memclone::insert_into(users::table)
+            .values(&user(3, "Cy", "active"))
+            .using(&cache)
+            .execute(conn)?;
+        // Inside, a read of the written table goes to the database and sees the write.
+        let (rows, queries) = counted!(counter, all().load::<User, _>(conn)?);
+        assert_eq!((rows.len(), queries), (3, 1));
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+    assert_eq!((rows.len(), queries), (3, 1), "invalidated by the commit");
+    let (_, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+    assert_eq!(queries, 0);
+
+    // A rollback leaves no trace.
+    let failed: Result<(), Error> = memclone::transaction(&mut conn, |conn| {
+        memclone::insert_into(users::table)
+            .values(&user(4, "Dee", "active"))
+            .using(&cache)
+            .execute(conn)?;
+        Err(Error::Database(diesel::result::Error::RollbackTransaction))
+    });
+    assert!(failed.is_err());
+    let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+    assert_eq!((rows.len(), queries), (3, 0));
+
+    // Diesel's own transaction, outermost: memclone writes are refused, nothing is written.
+    let refused = conn.transaction(|conn| {
+        memclone::insert_into(users::table)
+            .values(&user(4, "Dee", "active"))
+            .using(&cache)
+            .execute(conn)
+    });
+    assert!(
+        matches!(refused, Err(Error::UnmanagedTransaction)),
+        "{refused:?}"
+    );
+    // Diesel's transaction nested inside memclone's is fine.
+    memclone::transaction(&mut conn, |conn| {
+        conn.transaction(|conn| {
+            memclone::delete(users::table.filter(users::id.eq(3)))
+                .using(&cache)
+                .execute(conn)
+        })
+    })
+    .unwrap();
+    let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+    assert_eq!((rows.len(), queries), (2, 1));
+}
