@@ -264,3 +264,134 @@ fn transactions_invalidate_after_commit_and_unmanaged_ones_refuse_writes() {
     let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
     assert_eq!((rows.len(), queries), (2, 1));
 }
+
+/// A miss then a hit on a fresh SQLite database: the two reads' query counts.
+fn miss_then_hit(cache: &Cache) -> (usize, usize) {
+    let mut conn = sqlite_sync();
+    let counter = QueryCounter::default();
+    counter.attach_sync(&mut conn);
+    seed(&mut conn, cache);
+    let read = |conn: &mut SqliteConnection| {
+        users::table
+            .order(users::id)
+            .cached("context")
+            .using(cache)
+            .load::<User, _>(conn)
+            .unwrap()
+    };
+    let (rows, miss) = counted!(counter, read(&mut conn));
+    assert_eq!(rows.len(), 2);
+    let (_, hit) = counted!(counter, read(&mut conn));
+    let entity = cache.blocking().find::<User, _>(&mut conn, 1).unwrap();
+    assert_eq!(entity.name, "Ada");
+    (miss, hit)
+}
+
+#[test]
+fn works_from_plain_threads() {
+    let cache = memory_cache();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let cache = cache.clone();
+            std::thread::spawn(move || miss_then_hit(&cache))
+        })
+        .collect();
+    for thread in threads {
+        let (_, hit) = thread.join().unwrap();
+        assert_eq!(hit, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_from_spawn_blocking_on_a_multi_thread_runtime() {
+    let cache = memory_cache();
+    let counts = tokio::task::spawn_blocking(move || miss_then_hit(&cache))
+        .await
+        .unwrap();
+    assert_eq!(counts, (1, 0));
+}
+
+#[tokio::test]
+async fn works_from_spawn_blocking_on_a_current_thread_runtime() {
+    let cache = memory_cache();
+    let counts = tokio::task::spawn_blocking(move || miss_then_hit(&cache))
+        .await
+        .unwrap();
+    assert_eq!(counts, (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_on_a_multi_thread_runtime_worker() {
+    // Blocking a worker is the caller's choice; it must neither panic nor deadlock.
+    assert_eq!(miss_then_hit(&memory_cache()), (1, 0));
+    // Also with a Redis store whose connections were made by async code on this runtime.
+    let Some(store) = diesel_memclone_tests::redis_store().await else {
+        return;
+    };
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("sync"))
+        .build()
+        .unwrap();
+    cache.invalidate_table("users").await;
+    assert_eq!(miss_then_hit(&cache), (1, 0));
+}
+
+#[tokio::test]
+async fn works_on_a_current_thread_runtime_with_the_in_process_store() {
+    assert_eq!(miss_then_hit(&memory_cache()), (1, 0));
+}
+
+#[tokio::test]
+async fn redis_store_used_by_async_code_then_by_spawn_blocking_on_a_current_thread_runtime() {
+    let Some(store) = diesel_memclone_tests::redis_store().await else {
+        return;
+    };
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("sync"))
+        .build()
+        .unwrap();
+    cache.invalidate_table("users").await;
+    let counts = tokio::task::spawn_blocking(move || miss_then_hit(&cache))
+        .await
+        .unwrap();
+    assert_eq!(counts, (1, 0));
+}
+
+#[test]
+fn redis_store_from_plain_threads_without_any_runtime() {
+    let Some(store) = redis_store_sync() else {
+        return;
+    };
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("sync"))
+        .build()
+        .unwrap();
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let cache = cache.clone();
+            std::thread::spawn(move || miss_then_hit(&cache))
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().unwrap().1, 0);
+    }
+}
+
+/// A Redis store built without any runtime (connections are made on first use), or `None`
+/// (reported) when the server is unreachable.
+fn redis_store_sync() -> Option<diesel_memclone::store::RedisStore> {
+    let url = diesel_memclone_tests::redis_url();
+    let address = url.trim_start_matches("redis://").trim_end_matches('/');
+    if let Err(error) = std::net::TcpStream::connect(address) {
+        diesel_memclone_tests::server_missing("Redis", error);
+        return None;
+    }
+    Some(
+        diesel_memclone::store::RedisStore::builder(url)
+            .build()
+            .expect("valid URL"),
+    )
+}
