@@ -57,6 +57,48 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Synchronous Diesel
+//!
+//! The same API for `diesel::Connection`s (`PgConnection`, `MysqlConnection`,
+//! `SqliteConnection`, r2d2's pooled connections) is in [`sync`], under the same names: the
+//! example above, without an async runtime.
+//!
+//! ```
+//! use diesel::prelude::*;
+//! use diesel_memclone::sync::prelude::*;
+//! use diesel_memclone::sync as memclone;
+//! # use serde::{Deserialize, Serialize};
+//! # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+//! # #[derive(Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone, Debug)]
+//! # #[diesel(table_name = users)]
+//! # struct User { id: i32, name: String, status: String }
+//!
+//! # fn main() -> diesel_memclone::Result<()> {
+//! let mut conn = diesel::SqliteConnection::establish(":memory:")?;
+//! # diesel::sql_query("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL)")
+//! #     .execute(&mut conn)?;
+//! let ada = User { id: 1, name: "Ada".into(), status: "active".into() };
+//! memclone::insert_into(users::table).values(&ada).execute(&mut conn)?;
+//!
+//! let active: Vec<User> = users::table
+//!     .filter(users::status.eq("active"))
+//!     .cached("active")
+//!     .load(&mut conn)?;
+//! assert_eq!(active.len(), 1);
+//! let one: User = memclone::find(&mut conn, 1)?;
+//! assert_eq!(one.name, "Ada");
+//!
+//! memclone::update(users::table.filter(users::id.eq(1)))
+//!     .set(users::name.eq("Ada L."))
+//!     .execute(&mut conn)?;
+//! assert_eq!(memclone::find::<User, _>(&mut conn, 1)?.name, "Ada L.");
+//! # Ok(()) }
+//! ```
+//!
+//! Sync and async code share one cache, one key layout and one contract: the sync calls run the
+//! same read-through and invalidation code (see [`sync`] for how, and where they may be
+//! called from).
+//!
 //! See the README for the contract (what is guaranteed fresh, and when), Redis set-up, and the
 //! options.
 //!
