@@ -334,6 +334,23 @@ pub fn sqlite_sync() -> diesel::SqliteConnection {
     conn
 }
 
+/// A synchronous PostgreSQL connection in a fresh schema of its own, or `None` (reported).
+pub fn postgres_sync(schema: &str) -> Option<diesel::PgConnection> {
+    use diesel::connection::SimpleConnection;
+    let mut conn = match diesel::PgConnection::establish(&postgres_url()) {
+        Ok(conn) => conn,
+        Err(e) => {
+            server_missing("PostgreSQL", e);
+            return None;
+        }
+    };
+    let setup = format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path TO {schema}; {PG_TABLES}"
+    );
+    conn.batch_execute(&setup).expect("create the test schema");
+    Some(conn)
+}
+
 /// A Redis store on the test server, or `None` (reported) when it is unreachable.
 pub async fn redis_store() -> Option<diesel_memclone::store::RedisStore> {
     redis_store_at(&redis_url()).await

@@ -1,0 +1,242 @@
+//! The synchronous API on PostgreSQL + Redis: a sync "process" and an async one (each its own
+//! store and connections, one namespace) see each other's writes; transactions and r2d2 pools.
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
+use diesel_memclone::sync as memclone;
+use diesel_memclone::sync::prelude::*;
+use diesel_memclone::{Cache, Error};
+use diesel_memclone_tests::schema::users;
+use diesel_memclone_tests::{
+    counted, postgres_again, postgres_sync, redis_store, unique, QueryCounter, User,
+};
+
+fn user(id: i32, name: &str) -> User {
+    User {
+        id,
+        name: name.into(),
+        status: "active".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_and_async_processes_share_one_redis() {
+    let schema = unique("sync_pg");
+    let namespace = unique("sync_pg");
+    let Some(mut sync_conn) = postgres_sync(&schema) else {
+        return;
+    };
+    let (Some(sync_store), Some(async_store)) = (redis_store().await, redis_store().await) else {
+        return;
+    };
+    let sync_cache = Cache::builder()
+        .store(sync_store)
+        .namespace(&namespace)
+        .build()
+        .unwrap();
+    let async_cache = Cache::builder()
+        .store(async_store)
+        .namespace(&namespace)
+        .build()
+        .unwrap();
+    let mut async_conn = postgres_again(&schema).await;
+    let sync_counter = QueryCounter::default();
+    sync_counter.attach_sync(&mut sync_conn);
+    let async_counter = QueryCounter::default();
+    async_counter.attach(&mut async_conn);
+
+    // The sync side runs on blocking threads, as a sync program's threads would.
+
+    let sync_read = |conn: &mut PgConnection, cache: &Cache| {
+        users::table
+            .order(users::id)
+            .cached("all")
+            .using(cache)
+            .load::<User, _>(conn)
+            .unwrap()
+    };
+    let (mut sync_conn, sync_cache) = tokio::task::spawn_blocking(move || {
+        memclone::insert_into(users::table)
+            .values(&user(1, "Ada"))
+            .using(&sync_cache)
+            .execute(&mut sync_conn)
+            .unwrap();
+        let (rows, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
+        assert_eq!((rows.len(), queries), (1, 1));
+        let (_, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
+        assert_eq!(queries, 0);
+        let blocking = sync_cache.blocking();
+        let (_, queries) = counted!(
+            sync_counter,
+            blocking.find::<User, _>(&mut sync_conn, 1).unwrap()
+        );
+        assert_eq!(queries, 1);
+        let (_, queries) = counted!(
+            sync_counter,
+            blocking.find::<User, _>(&mut sync_conn, 1).unwrap()
+        );
+        assert_eq!(queries, 0);
+        (sync_conn, sync_cache)
+    })
+    .await
+    .unwrap();
+
+    // The async process reads the entries the sync one stored: the same keys.
+    let (rows, queries) = counted!(
+        async_counter,
+        diesel_memclone::CachedDsl::cached(users::table.order(users::id), "all")
+            .using(&async_cache)
+            .load::<User, _>(&mut async_conn)
+            .await
+            .unwrap()
+    );
+    assert_eq!((rows.len(), queries), (1, 0), "the sync process's entry");
+    let (_, queries) = counted!(
+        async_counter,
+        async_cache
+            .find::<User, _>(&mut async_conn, 1)
+            .await
+            .unwrap()
+    );
+    assert_eq!(queries, 0, "the sync process's entity entry");
+
+    // An async write invalidates what the sync process cached.
+    diesel_memclone::update(users::table.filter(users::id.eq(1)))
+        .set(users::name.eq("Ada (async)"))
+        .using(&async_cache)
+        .execute(&mut async_conn)
+        .await
+        .unwrap();
+    let (mut sync_conn, sync_cache, sync_counter) = tokio::task::spawn_blocking(move || {
+        let sync_counter = QueryCounter::default();
+        sync_counter.attach_sync(&mut sync_conn);
+        let (rows, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
+        assert_eq!((rows[0].name.as_str(), queries), ("Ada (async)", 1));
+        let (ada, queries) = counted!(
+            sync_counter,
+            sync_cache
+                .blocking()
+                .find::<User, _>(&mut sync_conn, 1)
+                .unwrap()
+        );
+        assert_eq!((ada.name.as_str(), queries), ("Ada (async)", 1));
+
+        // A sync write (in a sync transaction) invalidates what the async process cached.
+        memclone::transaction(&mut sync_conn, |conn| {
+            memclone::update(users::table.filter(users::id.eq(1)))
+                .set(users::name.eq("Ada (sync)"))
+                .using(&sync_cache)
+                .execute(conn)?;
+            memclone::insert_into(users::table)
+                .values(&user(2, "Bob"))
+                .using(&sync_cache)
+                .execute(conn)?;
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+        (sync_conn, sync_cache, sync_counter)
+    })
+    .await
+    .unwrap();
+    let (rows, queries) = counted!(
+        async_counter,
+        diesel_memclone::CachedDsl::cached(users::table.order(users::id), "all")
+            .using(&async_cache)
+            .load::<User, _>(&mut async_conn)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        (rows.len(), rows[0].name.as_str(), queries),
+        (2, "Ada (sync)", 1)
+    );
+    let (ada, queries) = counted!(
+        async_counter,
+        async_cache
+            .find::<User, _>(&mut async_conn, 1)
+            .await
+            .unwrap()
+    );
+    assert_eq!((ada.name.as_str(), queries), ("Ada (sync)", 1));
+
+    // Diesel's own transaction around a memclone write is refused, and nothing is written.
+    tokio::task::spawn_blocking(move || {
+        let refused = sync_conn.transaction(|conn| {
+            memclone::delete(users::table.filter(users::id.eq(2)))
+                .using(&sync_cache)
+                .execute(conn)
+        });
+        assert!(
+            matches!(refused, Err(Error::UnmanagedTransaction)),
+            "{refused:?}"
+        );
+        let (rows, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
+        assert_eq!((rows.len(), queries), (2, 0));
+    })
+    .await
+    .unwrap();
+}
+
+/// Sets each pooled connection's schema.
+#[derive(Debug)]
+struct SearchPath(String);
+
+impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for SearchPath {
+    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute(&format!("SET search_path TO {}", self.0))
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+#[test]
+fn r2d2_pooled_connections() {
+    let schema = unique("sync_r2d2");
+    let Some(_) = postgres_sync(&schema) else {
+        return;
+    };
+    let cache = Cache::builder()
+        .namespace(unique("sync_r2d2"))
+        .build()
+        .unwrap();
+    let pool = Pool::builder()
+        .max_size(2)
+        .connection_customizer(Box::new(SearchPath(schema)))
+        .build(ConnectionManager::<PgConnection>::new(
+            diesel_memclone_tests::postgres_url(),
+        ))
+        .unwrap();
+    let counter = QueryCounter::default();
+    let mut conn = pool.get().unwrap();
+    counter.attach_sync(&mut *conn);
+    let all = || users::table.order(users::id).cached("all").using(&cache);
+    memclone::insert_into(users::table)
+        .values(&user(1, "Ada"))
+        .using(&cache)
+        .execute(&mut conn)
+        .unwrap();
+    let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+    assert_eq!((rows.len(), queries), (1, 1));
+    let (_, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+    assert_eq!(queries, 0);
+    // A transaction on the pooled handle; a helper taking the plain connection writes inside.
+    fn helper(conn: &mut PgConnection, cache: &Cache) -> Result<usize, Error> {
+        memclone::insert_into(users::table)
+            .values(&user(2, "Bob"))
+            .using(cache)
+            .execute(conn)
+    }
+    memclone::transaction(&mut conn, |conn| {
+        helper(conn, &cache)?;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+    assert_eq!((rows.len(), queries), (2, 1));
+    // Another pooled connection gets the entry.
+    let mut other = pool.get().unwrap();
+    let other_counter = QueryCounter::default();
+    other_counter.attach_sync(&mut *other);
+    let (rows, queries) = counted!(other_counter, all().load::<User, _>(&mut other).unwrap());
+    assert_eq!((rows.len(), queries), (2, 0));
+}
