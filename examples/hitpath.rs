@@ -19,6 +19,16 @@
 //! `GET`), the floor, PostgreSQL's primary-key lookup with plain Diesel, and the plain Redis hit
 //! (entry and generations). Each cache's stats must show that its timed reads were the kind
 //! claimed. The last line is `near_us=N memory_us=M redis_us=R floor_us=F pg_us=P`.
+//!
+//! ```text
+//! cargo run --release -p diesel-memclone-tests --example hitpath -- --sync
+//! ```
+//!
+//! With `--sync`, one row on Redis, on one plain thread, interleaved round by round: the hit of
+//! the synchronous API (`diesel_memclone::sync`, a `PgConnection`) and the hit of the async API
+//! (an `AsyncPgConnection`, timed inside a current-thread runtime's `block_on`), each through
+//! its own store and pool on one namespace, so both read the same entry. The last line is
+//! `sync_us=S async_us=A ratio=Q`.
 
 // mimalloc, as in the benches: with glibc's malloc the cost of the same decode depends on the
 // allocation history (consolidation of freed chunks), which adds noise unrelated to the cache.
@@ -49,6 +59,12 @@ async fn main() {
     let mut conn = connect().await;
     if std::env::args().skip(1).any(|arg| arg == "--near") {
         return near(&mut conn).await;
+    }
+    if std::env::args().skip(1).any(|arg| arg == "--sync") {
+        drop(conn);
+        // A thread of its own: the sync API is timed as a sync program calls it, outside any
+        // runtime.
+        return std::thread::spawn(sync_against_async).join().unwrap();
     }
     let mut last = String::new();
     for rows in [1000_i64, 100, 1] {
@@ -225,4 +241,66 @@ async fn near(conn: &mut AsyncPgConnection) {
         r / f
     );
     println!("near_us={n:.1} memory_us={m:.1} redis_us={r:.1} floor_us={f:.1} pg_us={p:.1}");
+}
+
+/// `--sync`: the sync API's hit against the async API's, on one thread.
+fn sync_against_async() {
+    use diesel::connection::SimpleConnection;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut async_conn = runtime.block_on(connect());
+    let mut sync_conn = PgConnection::establish(&diesel_memclone_tests::postgres_url()).unwrap();
+    sync_conn
+        .batch_execute(&format!(
+            "SET search_path TO {}",
+            diesel_memclone_tests::bench::SCHEMA
+        ))
+        .unwrap();
+    let namespace = format!("hitpath_sync{}", std::process::id());
+    // Two stores and pools (as two processes would have), one namespace: one entry.
+    let (_, async_cache) = redis_cache(&namespace);
+    let (_, sync_cache) = redis_cache(&namespace);
+    let filled: Vec<BenchUser> = runtime.block_on(async {
+        first_users(1)
+            .cached("first")
+            .using(&async_cache)
+            .load(&mut async_conn)
+            .await
+            .unwrap()
+    });
+    let (mut syncs, mut asyncs) = (Vec::with_capacity(ROUNDS), Vec::with_capacity(ROUNDS));
+    for round in 0..ROUNDS + 200 {
+        let start = Instant::now();
+        let hit: Vec<BenchUser> = diesel_memclone::sync::CachedDsl::cached(first_users(1), "first")
+            .using(&sync_cache)
+            .load(&mut sync_conn)
+            .unwrap();
+        let sync_time = start.elapsed().as_secs_f64() * 1e6;
+        assert_eq!(hit, filled);
+        let async_time = runtime.block_on(timed_hit(&async_cache, &mut async_conn, &filled));
+        if round >= 200 {
+            syncs.push(sync_time);
+            asyncs.push(async_time);
+        }
+    }
+    let (sync_stats, async_stats) = (sync_cache.stats(), async_cache.stats());
+    assert_eq!(
+        sync_stats.misses, 0,
+        "every sync read was a hit: {sync_stats:?}"
+    );
+    assert_eq!(
+        async_stats.misses, 1,
+        "every timed async read was a hit: {async_stats:?}"
+    );
+    let (sync, asynch) = (median(syncs), median(asyncs));
+    println!(
+        "rows=1 sync_us={sync:.1} async_us={asynch:.1} ratio={:.3}",
+        sync / asynch
+    );
+    println!(
+        "sync_us={sync:.1} async_us={asynch:.1} ratio={:.3}",
+        sync / asynch
+    );
 }
