@@ -10,8 +10,10 @@
 //! The cache's logic is written once, as futures. A synchronous call runs the Diesel statement
 //! itself, on the caller's thread and connection, inside the same read-through and
 //! invalidation code, which it drives with a `block_on` on the caller's thread. The store's
-//! background work (Redis connections, the near tier's stream, invalidation retries) lives on
-//! one internal runtime thread, created on first use; the program needs no runtime of its own.
+//! connections and background work (the near tier's stream, invalidation retries) live on one
+//! internal current-thread runtime, created on first use, which each call drives itself while
+//! it runs (a Redis round trip then costs no hand-off between threads), and an internal thread
+//! drives between calls. The program needs no runtime of its own.
 //!
 //! Where it may be called:
 //! * plain threads and `tokio::task::spawn_blocking`: as any blocking call;
@@ -61,8 +63,10 @@ mod query;
 mod write;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Wake};
+use std::time::Duration;
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
 pub use crate::transaction::sync_transaction as transaction;
@@ -76,37 +80,109 @@ pub mod prelude {
     pub use crate::{CacheValue, MemClone};
 }
 
-/// The runtime that drives the store for synchronous callers: one worker thread, made on first
-/// use, never shut down.
-fn runtime() -> &'static Runtime {
-    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("memclone-sync")
+/// How long the keeper thread leaves the runtime to the callers after the last one returned
+/// before it drives the runtime again.
+const LINGER: Duration = Duration::from_millis(2);
+
+/// The runtime that drives the store for synchronous callers, made on first use: a
+/// current-thread runtime whose driver (I/O, timers, tasks) is run by whichever thread holds
+/// it: a caller, for the duration of its call, so that a call's Redis round trip is driven by
+/// the calling thread itself (no hand-off between threads), or else the keeper thread, so that
+/// background work (connection drivers, the near tier's stream, invalidation retries) goes on
+/// between calls.
+struct Driver {
+    runtime: Runtime,
+    /// Callers inside `runtime.block_on`.
+    active: AtomicUsize,
+    /// Calls begun so far: the keeper takes the runtime back once it stopped moving.
+    calls: AtomicUsize,
+    /// Wakes the keeper, when it holds the runtime, because a caller wants it.
+    arrived: tokio::sync::Notify,
+}
+
+fn driver() -> &'static Driver {
+    static DRIVER: OnceLock<&'static Driver> = OnceLock::new();
+    DRIVER.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("diesel-memclone could not start its runtime thread")
+            .expect("diesel-memclone could not start its runtime");
+        let driver: &'static Driver = Box::leak(Box::new(Driver {
+            runtime,
+            active: AtomicUsize::new(0),
+            calls: AtomicUsize::new(0),
+            arrived: tokio::sync::Notify::new(),
+        }));
+        std::thread::Builder::new()
+            .name("memclone-sync".into())
+            .spawn(move || driver.keep())
+            .expect("diesel-memclone could not start its runtime thread");
+        driver
     })
+}
+
+impl Driver {
+    /// The keeper thread: drives the runtime whenever no caller does.
+    fn keep(&self) {
+        loop {
+            self.runtime.block_on(async {
+                loop {
+                    let arrived = self.arrived.notified();
+                    let mut arrived = std::pin::pin!(arrived);
+                    arrived.as_mut().enable();
+                    if self.active.load(Ordering::SeqCst) > 0 {
+                        return;
+                    }
+                    arrived.await;
+                }
+            });
+            // The callers drive it now; take it back once none came for a while.
+            let mut seen = self.calls.load(Ordering::SeqCst);
+            loop {
+                std::thread::sleep(LINGER);
+                let now = self.calls.load(Ordering::SeqCst);
+                if now == seen && self.active.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                seen = now;
+            }
+        }
+    }
+
+    /// Runs `future` on this thread, driving the runtime meanwhile.
+    fn block_on<F: Future>(&self, future: F) -> F::Output {
+        struct Leave<'a>(&'a AtomicUsize);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let _leave = Leave(&self.active);
+        self.arrived.notify_one();
+        self.runtime.block_on(future)
+    }
 }
 
 /// Runs `future` to completion on the calling thread, with the internal runtime as the
 /// current runtime (for the store's I/O, timers and background tasks).
 pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
-    let runtime = runtime();
+    let driver = driver();
     match Handle::try_current() {
         // A plain thread: the usual case.
-        Err(_) => runtime.block_on(future),
+        Err(_) => driver.block_on(future),
         // A worker (or a `spawn_blocking` thread) of a multi-thread runtime: the worker hands
         // its queue to another thread first, so that nothing waits on this one.
         Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| runtime.block_on(future))
+            tokio::task::block_in_place(|| driver.block_on(future))
         }
         // A current-thread runtime's thread, or one of its `spawn_blocking` threads: tokio
         // would refuse to nest `block_on` on the former, and the two cannot be told apart;
-        // poll on this thread with a plain parking loop instead.
+        // poll on this thread with a plain parking loop instead, the keeper driving the
+        // runtime.
         Ok(_) => {
-            let _entered = runtime.enter();
+            let _entered = driver.runtime.enter();
             park_until_ready(tokio::task::unconstrained(future))
         }
     }
