@@ -3,7 +3,7 @@
 //!
 //! Same names as the async API, as `moka::sync` beside `moka::future`: [`CachedDsl`] and
 //! [`Cached`], [`insert_into`], [`update`], [`delete`], [`replace_into`], [`write()`],
-//! [`transaction`], [`find`] and the rest. They share the async API's [`Cache`], keys and
+//! [`transaction`], [`find`] and the rest. They share the async API's [`Cache`](crate::Cache), keys and
 //! contract: a sync and an async process on one Redis see each other's writes with the same
 //! guarantees.
 //!
