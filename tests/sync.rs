@@ -408,3 +408,131 @@ fn redis_store_sync() -> Option<diesel_memclone::store::RedisStore> {
             .expect("valid URL"),
     )
 }
+
+#[test]
+fn the_rest_of_the_api_on_sqlite() {
+    use diesel_memclone_tests::schema::posts;
+    use diesel_memclone_tests::Post;
+    let cache = memory_cache();
+    let mut conn = sqlite_sync();
+    let counter = QueryCounter::default();
+    counter.attach_sync(&mut conn);
+    seed(&mut conn, &cache);
+
+    // load_and_count: one entry for the page and the total.
+    let page = || {
+        users::table
+            .order(users::id)
+            .limit(1)
+            .cached("page")
+            .using(&cache)
+    };
+    let ((rows, total), queries) = counted!(
+        counter,
+        page()
+            .load_and_count::<User, _, _>(users::table.count(), &mut conn)
+            .unwrap()
+    );
+    assert_eq!((rows.len(), total, queries), (1, 2, 2));
+    let (_, queries) = counted!(
+        counter,
+        page()
+            .load_and_count::<User, _, _>(users::table.count(), &mut conn)
+            .unwrap()
+    );
+    assert_eq!(queries, 0);
+
+    // load_with and fill_with: any value; the models in its type (and extra tables) make it
+    // depend on their tables.
+    let blocking = cache.blocking();
+    let with = |conn: &mut SqliteConnection| {
+        blocking
+            .load_with("with", "k", &[], conn, |conn| {
+                users::table.order(users::id).load::<User>(conn)
+            })
+            .unwrap()
+    };
+    let (rows, queries) = counted!(counter, with(&mut conn));
+    assert_eq!((rows.len(), queries), (2, 1));
+    let (_, queries) = counted!(counter, with(&mut conn));
+    assert_eq!(queries, 0);
+    let filled: i64 = blocking
+        .fill_with("fill", "k", &["users"], || Ok(41))
+        .unwrap();
+    let again: i64 = blocking
+        .fill_with("fill", "k", &["users"], || Ok(0))
+        .unwrap();
+    assert_eq!((filled, again), (41, 41));
+
+    // also_invalidates: a write to posts that says it changes users too.
+    memclone::insert_into(posts::table)
+        .values(&Post {
+            id: 1,
+            user_id: 1,
+            title: "P".into(),
+        })
+        .also_invalidates("users")
+        .using(&cache)
+        .execute(&mut conn)
+        .unwrap();
+    let (_, queries) = counted!(counter, with(&mut conn));
+    assert_eq!(queries, 1, "invalidated through also_invalidates");
+    let again: i64 = blocking
+        .fill_with("fill", "k", &["users"], || Ok(7))
+        .unwrap();
+    assert_eq!(again, 7);
+
+    // A custom key, removed by uncache, and filled by cache_result.
+    let by_key = || {
+        users::table
+            .filter(users::id.eq(9))
+            .cached("by_key")
+            .key("user:9")
+            .using(&cache)
+    };
+    memclone::insert_into(users::table)
+        .values(&user(9, "Nine", "active"))
+        .map(|s| s.returning(users::all_columns))
+        .cache_result(std::time::Duration::from_secs(60), |u: &User| {
+            format!("user:{}", u.id)
+        })
+        .using(&cache)
+        .get_result::<User, _>(&mut conn)
+        .unwrap();
+    let (nine, queries) = counted!(counter, by_key().get_result::<User, _>(&mut conn).unwrap());
+    assert_eq!((nine.name.as_str(), queries), ("Nine", 0), "written by cache_result");
+    blocking.uncache(&["user:9"]);
+    let (_, queries) = counted!(counter, by_key().get_result::<User, _>(&mut conn).unwrap());
+    assert_eq!(queries, 1, "uncached");
+    let (_, queries) = counted!(counter, by_key().get_result::<User, _>(&mut conn).unwrap());
+    assert_eq!(queries, 0);
+    memclone::update(users::table.filter(users::id.eq(2)))
+        .set(users::status.eq("away"))
+        .uncache(["user:9"])
+        .using(&cache)
+        .execute(&mut conn)
+        .unwrap();
+    let (_, queries) = counted!(counter, by_key().get_result::<User, _>(&mut conn).unwrap());
+    assert_eq!(queries, 1, "uncached by the write");
+
+    // replace_into and an upsert through map invalidate like any write.
+    let all = || users::table.order(users::id).cached("all").using(&cache);
+    all().load::<User, _>(&mut conn).unwrap();
+    memclone::replace_into(users::table)
+        .values(&user(2, "Bobby", "away"))
+        .using(&cache)
+        .execute(&mut conn)
+        .unwrap();
+    let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+    assert_eq!((rows[1].name.as_str(), queries), ("Bobby", 1));
+    memclone::insert_into(users::table)
+        .values(&user(2, "Roberta", "away"))
+        .map(|s| s.on_conflict(users::id).do_update().set(users::name.eq("Roberta")))
+        .using(&cache)
+        .execute(&mut conn)
+        .unwrap();
+    let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+    assert_eq!((rows[1].name.as_str(), queries), ("Roberta", 1));
+    let (bob, queries) = counted!(counter, blocking.find::<User, _>(&mut conn, 2).unwrap());
+    assert_eq!((bob.name.as_str(), queries), ("Roberta", 1));
+}
