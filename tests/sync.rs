@@ -500,7 +500,11 @@ fn the_rest_of_the_api_on_sqlite() {
         .get_result::<User, _>(&mut conn)
         .unwrap();
     let (nine, queries) = counted!(counter, by_key().get_result::<User, _>(&mut conn).unwrap());
-    assert_eq!((nine.name.as_str(), queries), ("Nine", 0), "written by cache_result");
+    assert_eq!(
+        (nine.name.as_str(), queries),
+        ("Nine", 0),
+        "written by cache_result"
+    );
     blocking.uncache(&["user:9"]);
     let (_, queries) = counted!(counter, by_key().get_result::<User, _>(&mut conn).unwrap());
     assert_eq!(queries, 1, "uncached");
@@ -527,7 +531,11 @@ fn the_rest_of_the_api_on_sqlite() {
     assert_eq!((rows[1].name.as_str(), queries), ("Bobby", 1));
     memclone::insert_into(users::table)
         .values(&user(2, "Roberta", "away"))
-        .map(|s| s.on_conflict(users::id).do_update().set(users::name.eq("Roberta")))
+        .map(|s| {
+            s.on_conflict(users::id)
+                .do_update()
+                .set(users::name.eq("Roberta"))
+        })
         .using(&cache)
         .execute(&mut conn)
         .unwrap();

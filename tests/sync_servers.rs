@@ -4,12 +4,14 @@
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
+use diesel_memclone::store::RedisStore;
 use diesel_memclone::sync as memclone;
 use diesel_memclone::sync::prelude::*;
 use diesel_memclone::{Cache, Error};
 use diesel_memclone_tests::schema::users;
 use diesel_memclone_tests::{
-    counted, postgres_again, postgres_sync, redis_store, unique, QueryCounter, User,
+    counted, postgres_again, postgres_sync, redis_cluster_store, redis_store, unique, QueryCounter,
+    User,
 };
 
 fn user(id: i32, name: &str) -> User {
@@ -23,13 +25,36 @@ fn user(id: i32, name: &str) -> User {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_and_async_processes_share_one_redis() {
     let schema = unique("sync_pg");
-    let namespace = unique("sync_pg");
-    let Some(mut sync_conn) = postgres_sync(&schema) else {
+    let Some(sync_conn) = postgres_sync(&schema) else {
         return;
     };
     let (Some(sync_store), Some(async_store)) = (redis_store().await, redis_store().await) else {
         return;
     };
+    sync_and_async_processes(sync_conn, &schema, sync_store, async_store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_and_async_processes_share_one_redis_cluster() {
+    let schema = unique("sync_pg");
+    let Some(sync_conn) = postgres_sync(&schema) else {
+        return;
+    };
+    let (Some(sync_store), Some(async_store)) =
+        (redis_cluster_store().await, redis_cluster_store().await)
+    else {
+        return;
+    };
+    sync_and_async_processes(sync_conn, &schema, sync_store, async_store).await;
+}
+
+async fn sync_and_async_processes(
+    mut sync_conn: PgConnection,
+    schema: &str,
+    sync_store: RedisStore,
+    async_store: RedisStore,
+) {
+    let namespace = unique("sync_pg");
     let sync_cache = Cache::builder()
         .store(sync_store)
         .namespace(&namespace)
@@ -40,7 +65,7 @@ async fn sync_and_async_processes_share_one_redis() {
         .namespace(&namespace)
         .build()
         .unwrap();
-    let mut async_conn = postgres_again(&schema).await;
+    let mut async_conn = postgres_again(schema).await;
     let sync_counter = QueryCounter::default();
     sync_counter.attach_sync(&mut sync_conn);
     let async_counter = QueryCounter::default();
