@@ -41,6 +41,11 @@
 //! L the longest lag of a stale read, X the configured `max_lag`, B the stale reads later than X.
 //! The line before it reports `near_hits`, `near_flushes` and `tracking_faults`.
 //!
+//! `--sync-processes N` adds N processes that use the synchronous API (`diesel_memclone::sync`,
+//! `PgConnection`s on plain threads) beside the `--processes` async ones, on the same Redis,
+//! namespace and rows: each kind must see the other's writes (not with `--naive` or
+//! `--near-cache`).
+//!
 //! `--cut-tracking-every S` (single Redis only: `NearCache::tracking_url` takes one server) runs
 //! each process's invalidation stream through a proxy of its own that every S seconds
 //! alternately stalls (holds every byte, connection open) and cuts the link, restoring it after
@@ -123,6 +128,10 @@ struct Options {
     max_lag_ms: u64,
     cut_every: Option<f64>,
     child: Option<(String, String)>,
+    /// Processes using the synchronous API, besides `processes`.
+    sync_processes: usize,
+    /// This child uses the synchronous API.
+    sync: bool,
 }
 
 fn parse_options() -> Options {
@@ -142,6 +151,8 @@ fn parse_options() -> Options {
         max_lag_ms: NearCache::DEFAULT_MAX_LAG.as_millis() as u64,
         cut_every: None,
         child: None,
+        sync_processes: 0,
+        sync: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -163,6 +174,10 @@ fn parse_options() -> Options {
             "--cut-tracking-every" => {
                 options.cut_every = Some(value().parse().expect("--cut-tracking-every S"))
             }
+            "--sync-processes" => {
+                options.sync_processes = value().parse().expect("--sync-processes N")
+            }
+            "--sync" => options.sync = true,
             "--child" => {
                 let schema = value();
                 options.child = Some((schema, value()));
@@ -170,6 +185,10 @@ fn parse_options() -> Options {
             other => panic!("unknown option {other}; see the example's documentation"),
         }
     }
+    assert!(
+        options.sync_processes == 0 || !(options.near || options.naive),
+        "--sync-processes does not combine with --near-cache or --naive"
+    );
     assert!(
         options.cut_every.is_none() || (options.near && options.cluster.is_none()),
         "--cut-tracking-every needs --near-cache and a single Redis (not --redis-cluster)"
@@ -785,8 +804,11 @@ async fn parent(options: Options) {
 
     let exe = std::env::current_exe().expect("current exe");
     let mut children = Vec::new();
-    for _ in 0..options.processes {
+    for i in 0..options.processes + options.sync_processes {
         let mut command = tokio::process::Command::new(&exe);
+        if i >= options.processes {
+            command.arg("--sync");
+        }
         command
             .args(["--child", &schema, &namespace])
             .args(["--seconds", &options.seconds.to_string()])
@@ -1114,9 +1136,204 @@ fn near_summary(options: &Options, lines: &[String], totals: [u64; 4]) {
 #[tokio::main]
 async fn main() {
     let options = parse_options();
-    if options.child.is_some() {
+    if options.child.is_some() && options.sync {
+        sync_child(options).await;
+    } else if options.child.is_some() {
         child(options).await;
     } else {
         parent(options).await;
+    }
+}
+
+/// A child process of `--sync-processes`: the same writers and readers on the synchronous API,
+/// each on a plain thread with a `PgConnection` (the floors, checker bookkeeping, stay async).
+async fn sync_child(options: Options) {
+    let (schema, namespace) = options.child.clone().expect("child");
+    let cache = cache_for(&options, &namespace);
+    let floors = Floors {
+        redis: RawRedis::open(&redis_url()).await.expect("Redis"),
+        namespace: namespace.clone(),
+    };
+    let tally = Arc::new(Tally::default());
+    let stop = Stop {
+        deadline: Instant::now() + Duration::from_secs_f64(options.seconds),
+        reads: options.reads_target,
+        writes: options.writes_target,
+        until_stale: options.until_stale,
+        not_before: Instant::now() + Duration::from_secs_f64(options.min_seconds),
+        tally: tally.clone(),
+    };
+    let handle = tokio::runtime::Handle::current();
+    let mut threads = Vec::new();
+    for i in 0..options.writers {
+        let (cache, floors, stop, handle) =
+            (cache.clone(), floors.clone(), stop.clone(), handle.clone());
+        let conn = sync_connect(&schema);
+        let rows = options.rows;
+        threads.push(std::thread::spawn(move || {
+            sync_writer(handle, cache, floors, conn, rows, stop, i as u64)
+        }));
+    }
+    for i in 0..options.readers {
+        let (cache, floors, stop, handle) =
+            (cache.clone(), floors.clone(), stop.clone(), handle.clone());
+        let conn = sync_connect(&schema);
+        let rows = options.rows;
+        threads.push(std::thread::spawn(move || {
+            sync_reader(handle, cache, floors, conn, rows, stop, 1000 + i as u64)
+        }));
+    }
+    tokio::task::spawn_blocking(move || {
+        for thread in threads {
+            thread.join().expect("thread");
+        }
+    })
+    .await
+    .expect("threads");
+    eprintln!("cache (sync): {:?}", cache.stats());
+    println!(
+        "reads={} writes={} stale_reads={}",
+        AtomicU64::load(&tally.reads, Ordering::Relaxed),
+        AtomicU64::load(&tally.writes, Ordering::Relaxed),
+        AtomicU64::load(&tally.stale, Ordering::Relaxed)
+    );
+}
+
+fn sync_connect(schema: &str) -> PgConnection {
+    use diesel::connection::SimpleConnection;
+    let mut conn = PgConnection::establish(&database_url()).expect("PostgreSQL");
+    conn.batch_execute(&format!("SET search_path TO {schema}"))
+        .expect("search_path");
+    conn
+}
+
+/// `writer` on the synchronous API.
+fn sync_writer(
+    handle: tokio::runtime::Handle,
+    cache: Cache,
+    floors: Floors,
+    mut conn: PgConnection,
+    rows: i32,
+    stop: Stop,
+    salt: u64,
+) {
+    use diesel_memclone::sync as memclone;
+    let tally = stop.tally.clone();
+    let mut random = Random::new(salt ^ 0x5eed);
+    while !stop.now() {
+        let row = 1 + random.below(rows as u64) as i32;
+        let written: Result<i64, Error> = if random.below(2) == 0 {
+            memclone::transaction(&mut conn, |conn| {
+                let item: Item = memclone::update(fresh_items::table.find(row))
+                    .set(fresh_items::version.eq(fresh_items::version + 1))
+                    .map(|s| s.returning(fresh_items::all_columns))
+                    .using(&cache)
+                    .get_result(conn)?;
+                memclone::update(fresh_notes::table.filter(fresh_notes::item_id.eq(row)))
+                    .set(fresh_notes::version.eq(item.version))
+                    .using(&cache)
+                    .execute(conn)?;
+                Ok(item.version)
+            })
+        } else {
+            (|| {
+                let item: Item = memclone::update(fresh_items::table.find(row))
+                    .set(fresh_items::version.eq(fresh_items::version + 1))
+                    .map(|s| s.returning(fresh_items::all_columns))
+                    .using(&cache)
+                    .get_result(&mut conn)?;
+                let _: Note =
+                    memclone::update(fresh_notes::table.filter(fresh_notes::item_id.eq(row)))
+                        .set(fresh_notes::version.eq(
+                            diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+                                "GREATEST(version, {})",
+                                item.version
+                            )),
+                        ))
+                        .map(|s| s.returning(fresh_notes::all_columns))
+                        .using(&cache)
+                        .get_result(&mut conn)?;
+                Ok(item.version)
+            })()
+        };
+        match written {
+            Ok(version) => {
+                handle.block_on(floors.raise(row, version));
+                AtomicU64::fetch_add(&tally.writes, 1, Ordering::Relaxed);
+            }
+            Err(error) => eprintln!("write failed: {error}"),
+        }
+    }
+}
+
+/// `reader` on the synchronous API.
+fn sync_reader(
+    handle: tokio::runtime::Handle,
+    cache: Cache,
+    floors: Floors,
+    mut conn: PgConnection,
+    rows: i32,
+    stop: Stop,
+    salt: u64,
+) {
+    use diesel_memclone::sync::CachedDsl as SyncCached;
+    let tally = stop.tally.clone();
+    let mut random = Random::new(salt ^ 0x5eed);
+    while !stop.now() {
+        let row = 1 + random.below(rows as u64) as i32;
+        let kind = random.below(4);
+        let floor_rows: Vec<i32> = match kind {
+            2 => (1..=rows).filter(|r| r % GROUPS == row % GROUPS).collect(),
+            _ => vec![row],
+        };
+        let floors_before = handle.block_on(floors.get(&floor_rows));
+        let conn = &mut conn;
+        let (label, seen): (&str, Vec<(i32, i64)>) = match kind {
+            0 => {
+                let item = cache
+                    .blocking()
+                    .find::<Item, _>(conn, row)
+                    .expect("entity read");
+                ("entity", vec![(item.id, item.version)])
+            }
+            1 => {
+                let items: Vec<Item> =
+                    SyncCached::cached(fresh_items::table.filter(fresh_items::id.eq(row)), "item")
+                        .using(&cache)
+                        .load(conn)
+                        .expect("query read");
+                ("query", items.iter().map(|i| (i.id, i.version)).collect())
+            }
+            2 => {
+                let items: Vec<Item> = SyncCached::cached(
+                    fresh_items::table
+                        .filter(fresh_items::grp.eq(row % GROUPS))
+                        .order(fresh_items::id),
+                    "group",
+                )
+                .using(&cache)
+                .load(conn)
+                .expect("group read");
+                ("group", items.iter().map(|i| (i.id, i.version)).collect())
+            }
+            _ => {
+                let pairs: Vec<(Item, Note)> = SyncCached::cached(
+                    fresh_items::table
+                        .inner_join(fresh_notes::table)
+                        .filter(fresh_items::id.eq(row))
+                        .select((Item::as_select(), Note::as_select())),
+                    "join",
+                )
+                .using(&cache)
+                .load(conn)
+                .expect("join read");
+                let seen = pairs
+                    .iter()
+                    .flat_map(|(i, n)| [(i.id, i.version), (n.item_id, n.version)])
+                    .collect();
+                ("join", seen)
+            }
+        };
+        check(&tally, label, &floor_rows, &floors_before, &seen);
     }
 }
