@@ -505,7 +505,7 @@ fn the_rest_of_the_api_on_sqlite() {
         ("Nine", 0),
         "written by cache_result"
     );
-    blocking.uncache(&["user:9"]);
+    blocking.uncache(&["user:9"]).unwrap();
     let (_, queries) = counted!(counter, by_key().get_result::<User, _>(&mut conn).unwrap());
     assert_eq!(queries, 1, "uncached");
     let (_, queries) = counted!(counter, by_key().get_result::<User, _>(&mut conn).unwrap());
@@ -543,4 +543,37 @@ fn the_rest_of_the_api_on_sqlite() {
     assert_eq!((rows[1].name.as_str(), queries), ("Roberta", 1));
     let (bob, queries) = counted!(counter, blocking.find::<User, _>(&mut conn, 2).unwrap());
     assert_eq!((bob.name.as_str(), queries), ("Roberta", 1));
+}
+
+#[test]
+fn a_sync_call_inside_a_fill_is_a_clear_error_not_a_deadlock() {
+    let cache = memory_cache();
+    let mut conn = sqlite_sync();
+    seed(&mut conn, &cache);
+    let blocking = cache.blocking();
+    let nested: Result<Vec<User>, Error> =
+        blocking.load_with("outer", "k", &[], &mut conn, |conn| {
+            let inner = users::table
+                .cached("inner")
+                .using(&cache)
+                .load::<User, _>(conn);
+            match inner {
+                Err(Error::Config(message)) => {
+                    assert!(message.contains("inside another one's fill"), "{message}");
+                    Err(diesel::result::Error::NotFound)
+                }
+                other => panic!("expected a configuration error, got {other:?}"),
+            }
+        });
+    assert!(nested.unwrap_err().is_not_found());
+    // The thread is usable afterwards.
+    assert_eq!(
+        users::table
+            .cached("after")
+            .using(&cache)
+            .load::<User, _>(&mut conn)
+            .unwrap()
+            .len(),
+        2
+    );
 }

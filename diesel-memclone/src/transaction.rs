@@ -386,7 +386,13 @@ where
         run_sync(conn, body)
     };
     if body_succeeded {
-        crate::sync::block_on(deliver(&transaction));
+        // Not delivered (called inside another sync call's fill): the armed guard records the
+        // invalidations as undelivered, so the next calls deliver them.
+        crate::sync::block_on(async {
+            deliver(&transaction).await;
+            Ok(())
+        })
+        .map_err(E::from)?;
     }
     guard.0 = None;
     result

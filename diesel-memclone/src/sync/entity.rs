@@ -94,18 +94,27 @@ impl BlockingCache<'_> {
     }
 
     /// Invalidates every cached query of `M`'s table and every entity entry of `M`.
-    pub fn invalidate<M: MemClone>(&self) {
-        block_on(self.0.invalidate::<M>())
+    pub fn invalidate<M: MemClone>(&self) -> Result<()> {
+        block_on(async {
+            self.0.invalidate::<M>().await;
+            Ok(())
+        })
     }
 
     /// Invalidates every cached query of `table`.
-    pub fn invalidate_table(&self, table: &str) {
-        block_on(self.0.invalidate_table(table))
+    pub fn invalidate_table(&self, table: &str) -> Result<()> {
+        block_on(async {
+            self.0.invalidate_table(table).await;
+            Ok(())
+        })
     }
 
     /// Deletes the entries stored under these custom keys: [`Cache::uncache`].
-    pub fn uncache<S: AsRef<str>>(&self, keys: &[S]) {
-        block_on(self.0.uncache(keys))
+    pub fn uncache<S: AsRef<str>>(&self, keys: &[S]) -> Result<()> {
+        block_on(async {
+            self.0.uncache(keys).await;
+            Ok(())
+        })
     }
 }
 
@@ -141,6 +150,6 @@ where
 }
 
 /// Invalidates every cached query and entity entry of `M` in the process-wide cache.
-pub fn invalidate<M: MemClone>() {
+pub fn invalidate<M: MemClone>() -> Result<()> {
     cache().blocking().invalidate::<M>()
 }

@@ -23,6 +23,10 @@
 //!   `#[tokio::test]`): it works and blocks that runtime while it runs, like any blocking
 //!   call, provided the store's connections are not driven by that very runtime (a Redis
 //!   store first used by async code on it); prefer `spawn_blocking` or the async API there.
+//! * inside the fill of another synchronous call (`load_with`, `fill_with`), which drives the
+//!   runtime while its fill runs: an [`Error::Config`](crate::Error::Config) saying so, never a
+//!   deadlock (use plain Diesel inside a fill). This is the one error of the functions below
+//!   that only return `()` in the async API ([`invalidate`], `BlockingCache::uncache`, ...).
 //!
 //! ```
 //! use diesel::prelude::*;
@@ -62,6 +66,8 @@ mod entity;
 mod query;
 mod write;
 
+use crate::error::{Error, Result};
+use std::cell::Cell;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -161,13 +167,27 @@ impl Driver {
         self.active.fetch_add(1, Ordering::SeqCst);
         let _leave = Leave(&self.active);
         self.arrived.notify_one();
+        DRIVING.set(true);
+        let _driving = NotDriving;
         self.runtime.block_on(future)
     }
 }
 
 /// Runs `future` to completion on the calling thread, with the internal runtime as the
 /// current runtime (for the store's I/O, timers and background tasks).
-pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
+///
+/// Inside another synchronous call (its `load_with` or `fill_with` fill, which runs while that
+/// call drives the runtime) it cannot drive the runtime again, and returns an error instead of
+/// deadlocking.
+pub(crate) fn block_on<T, F: Future<Output = Result<T>>>(future: F) -> Result<T> {
+    if DRIVING.get() {
+        return Err(Error::Config(
+            "a diesel_memclone::sync call ran inside another one's fill (load_with, fill_with), \
+             which cannot wait for the store while the outer call drives it; \
+             use plain Diesel inside the fill"
+                .into(),
+        ));
+    }
     let driver = driver();
     match Handle::try_current() {
         // A plain thread: the usual case.
@@ -185,6 +205,20 @@ pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
             let _entered = driver.runtime.enter();
             park_until_ready(tokio::task::unconstrained(future))
         }
+    }
+}
+
+std::thread_local! {
+    /// True while this thread drives the internal runtime (inside `Driver::block_on`).
+    static DRIVING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Clears `DRIVING` when dropped (also on a panic).
+struct NotDriving;
+
+impl Drop for NotDriving {
+    fn drop(&mut self) {
+        DRIVING.set(false);
     }
 }
 
