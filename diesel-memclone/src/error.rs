@@ -69,6 +69,10 @@ pub enum Error {
     /// Waiting for another caller's fill lock timed out, and the lock's
     /// [`on_timeout`](crate::LockOptions::on_timeout) says to fail.
     LockTimeout,
+    /// A [`crate::sync`] call ran inside the fill of another one (`load_with`, `fill_with`):
+    /// the outer call drives the store while its fill runs, so the inner one cannot wait for
+    /// it. Use plain Diesel inside a fill.
+    NestedSyncCall,
 }
 
 /// A `Result` whose error defaults to [`Error`].
@@ -84,13 +88,19 @@ impl fmt::Display for Error {
             Error::LockTimeout => {
                 f.write_str("timed out waiting for another caller to fill this cache entry")
             }
+            Error::NestedSyncCall => f.write_str(
+                "a diesel_memclone::sync call ran inside the fill of another one (load_with, \
+                 fill_with), which drives the cache's store while its fill runs, so the inner \
+                 call cannot wait for the store; use plain Diesel inside the fill",
+            ),
             Error::UnmanagedTransaction => f.write_str(
                 "a memclone write ran inside a database transaction that memclone did not open \
                  (such as diesel-async's `conn.transaction(..)`), so its cache invalidation \
                  cannot wait for the commit; \
                  write `diesel_memclone::transaction(conn, async |conn| { .. })` instead of \
                  `conn.transaction(async |conn| { .. })` for the outermost transaction \
-                 (diesel-async transactions nested inside it are fine)",
+                 (diesel-async transactions nested inside it are fine); on Diesel's \
+                 synchronous connections, `diesel_memclone::sync::transaction(conn, |conn| { .. })`",
             ),
         }
     }

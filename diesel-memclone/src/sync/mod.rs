@@ -24,7 +24,7 @@
 //!   call, provided the store's connections are not driven by that very runtime (a Redis
 //!   store first used by async code on it); prefer `spawn_blocking` or the async API there.
 //! * inside the fill of another synchronous call (`load_with`, `fill_with`), which drives the
-//!   runtime while its fill runs: an [`Error::Config`](crate::Error::Config) saying so, never a
+//!   runtime while its fill runs: [`Error::NestedSyncCall`], never a
 //!   deadlock (use plain Diesel inside a fill). This is the one error of the functions below
 //!   that only return `()` in the async API ([`invalidate`], `BlockingCache::uncache`, ...).
 //!
@@ -181,12 +181,7 @@ impl Driver {
 /// deadlocking.
 pub(crate) fn block_on<T, F: Future<Output = Result<T>>>(future: F) -> Result<T> {
     if DRIVING.get() {
-        return Err(Error::Config(
-            "a diesel_memclone::sync call ran inside another one's fill (load_with, fill_with), \
-             which cannot wait for the store while the outer call drives it; \
-             use plain Diesel inside the fill"
-                .into(),
-        ));
+        return Err(Error::NestedSyncCall);
     }
     let driver = driver();
     match Handle::try_current() {
