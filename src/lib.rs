@@ -351,6 +351,54 @@ pub fn postgres_sync(schema: &str) -> Option<diesel::PgConnection> {
     Some(conn)
 }
 
+/// A Redis store on the test server for synchronous code, built without any async runtime
+/// (connections are made on first use), or `None` (reported) when the server is unreachable.
+pub fn redis_store_sync() -> Option<diesel_memclone::store::RedisStore> {
+    let url = redis_url();
+    reachable("Redis", &url)?;
+    Some(
+        diesel_memclone::store::RedisStore::builder(url)
+            .build()
+            .expect("valid URL"),
+    )
+}
+
+/// A store on the test Redis Cluster for synchronous code, or `None` (reported).
+pub fn redis_cluster_store_sync() -> Option<diesel_memclone::store::RedisStore> {
+    let urls = redis_cluster_urls();
+    for url in &urls {
+        reachable("Redis Cluster", url)?;
+    }
+    Some(
+        diesel_memclone::store::RedisStore::cluster_builder(urls)
+            .build()
+            .expect("valid URLs"),
+    )
+}
+
+/// `Some(())` when a TCP connection to the host of `url` succeeds, else reported.
+fn reachable(what: &str, url: &str) -> Option<()> {
+    let address = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .trim_end_matches('/')
+        .rsplit('@')
+        .next()
+        .unwrap_or_default()
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    match std::net::TcpStream::connect(&address) {
+        Ok(_) => Some(()),
+        Err(error) => {
+            server_missing(what, error);
+            None
+        }
+    }
+}
+
 /// A Redis store on the test server, or `None` (reported) when it is unreachable.
 pub async fn redis_store() -> Option<diesel_memclone::store::RedisStore> {
     redis_store_at(&redis_url()).await

@@ -365,7 +365,7 @@ async fn redis_store_used_by_async_code_then_by_spawn_blocking_on_a_current_thre
 
 #[test]
 fn redis_store_from_plain_threads_without_any_runtime() {
-    let Some(store) = redis_store_sync() else {
+    let Some(store) = diesel_memclone_tests::redis_store_sync() else {
         return;
     };
     let cache = Cache::builder()
@@ -391,22 +391,6 @@ fn redis_store_from_plain_threads_without_any_runtime() {
     for thread in threads {
         assert_eq!(thread.join().unwrap(), 50);
     }
-}
-
-/// A Redis store built without any runtime (connections are made on first use), or `None`
-/// (reported) when the server is unreachable.
-fn redis_store_sync() -> Option<diesel_memclone::store::RedisStore> {
-    let url = diesel_memclone_tests::redis_url();
-    let address = url.trim_start_matches("redis://").trim_end_matches('/');
-    if let Err(error) = std::net::TcpStream::connect(address) {
-        diesel_memclone_tests::server_missing("Redis", error);
-        return None;
-    }
-    Some(
-        diesel_memclone::store::RedisStore::builder(url)
-            .build()
-            .expect("valid URL"),
-    )
 }
 
 #[test]
