@@ -558,3 +558,35 @@ fn a_sync_call_inside_a_fill_is_a_clear_error_not_a_deadlock() {
         2
     );
 }
+
+/// The worst place: the thread of a current-thread runtime whose own tasks drive the store's
+/// connections (made by async code on it), blocked by the sync call. It must not deadlock:
+/// the store's timeout (driven by memclone's own runtime) ends the wait, and the answer comes
+/// from the database.
+#[tokio::test]
+async fn a_current_thread_runtime_blocked_on_its_own_redis_connections_does_not_deadlock() {
+    let Some(store) = diesel_memclone_tests::redis_store().await else {
+        return;
+    };
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("sync"))
+        .build()
+        .unwrap();
+    // Async use first: the pool's connections (and their driver tasks) belong to this runtime.
+    cache.invalidate_table("users").await;
+    let mut conn = sqlite_sync();
+    seed(&mut conn, &cache);
+    for _ in 0..3 {
+        let rows = users::table
+            .order(users::id)
+            .cached("blocked")
+            .using(&cache)
+            .load::<User, _>(&mut conn)
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+    }
+    // Degraded, not stuck: the store timed out once, and the reads went to the database.
+    let stats = cache.stats();
+    assert!(stats.store_errors >= 1 && stats.hits == 0, "{stats:?}");
+}
