@@ -18,11 +18,15 @@
 //! Where it may be called:
 //! * plain threads and `tokio::task::spawn_blocking`: as any blocking call;
 //! * a worker thread of a multi-thread tokio runtime: it works, through
-//!   `tokio::task::block_in_place` (the worker hands its other tasks to another thread);
+//!   `tokio::task::block_in_place` (the worker hands its other tasks to another thread), except
+//!   in a `tokio::task::LocalSet`, where tokio refuses `block_in_place` with a panic (no public
+//!   tokio API tells a `LocalSet` apart beforehand): use `spawn_blocking` there;
 //! * the thread of a current-thread runtime (`#[tokio::main(flavor = "current_thread")]`,
 //!   `#[tokio::test]`): it works and blocks that runtime while it runs, like any blocking
-//!   call, provided the store's connections are not driven by that very runtime (a Redis
-//!   store first used by async code on it); prefer `spawn_blocking` or the async API there.
+//!   call. If that runtime's own tasks drive the store's connections (a Redis store first used
+//!   by async code on it), they cannot answer meanwhile: the call does not deadlock, the store
+//!   times out ([`CacheBuilder::store_timeout`](crate::CacheBuilder::store_timeout)) and the
+//!   cache is bypassed as in a Redis outage. Prefer `spawn_blocking` or the async API there;
 //! * inside the fill of another synchronous call (`load_with`, `fill_with`), which drives the
 //!   runtime while its fill runs: [`Error::NestedSyncCall`], never a
 //!   deadlock (use plain Diesel inside a fill). This is the one error of the functions below
