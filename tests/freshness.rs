@@ -130,6 +130,29 @@ async fn no_stale_read_across_processes_redis_cluster() {
     assert_eq!((stale_reads, stale_entries), (0, 0));
 }
 
+/// A process on the synchronous API (`diesel_memclone::sync`, `PgConnection`s on plain threads)
+/// beside an async one, on one Redis: each sees the other's writes.
+#[tokio::test]
+async fn no_stale_read_across_sync_and_async_processes() {
+    if !servers_up().await {
+        return;
+    }
+    let (reads, writes, stale_reads, stale_entries) = run(&[
+        "--processes",
+        "1",
+        "--sync-processes",
+        "1",
+        "--reads",
+        READS,
+        "--writes",
+        WRITES,
+        "--seconds",
+        UPPER_BOUND,
+    ]);
+    assert_work_done(reads, writes);
+    assert_eq!((stale_reads, stale_entries), (0, 0));
+}
+
 #[tokio::test]
 async fn the_checker_catches_an_unguarded_fill() {
     if !servers_up().await {
