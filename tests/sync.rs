@@ -201,6 +201,9 @@ fn returning_writes_through_and_the_default_cache_serves_find() {
     assert_eq!((eve.name.as_str(), queries), ("Eve", 1));
     let (_, queries) = counted!(counter, memclone::find::<User, _>(&mut other, 5).unwrap());
     assert_eq!(queries, 0);
+    // The derive's synchronous `find_cached`.
+    let (eve, queries) = counted!(counter, User::find_cached_blocking(&mut other, 5).unwrap());
+    assert_eq!((eve.name.as_str(), queries), ("Eve", 0));
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! write that goes through memclone.
 //!
 //! * `#[derive(MemClone)]` on a model gives it entity keys, a schema fingerprint and
-//!   `Model::find_cached`;
+//!   `Model::find_cached` (and `Model::find_cached_blocking` for [`sync`]);
 //! * [`CachedDsl::cached`] on any query: `users.filter(..).cached("label").load(&mut conn)`;
 //! * [`insert_into`], [`update`], [`delete`], [`replace_into`] and [`write()`] run the write and
 //!   then invalidate every cached query of the written table (one O(1) generation bump) and the
@@ -91,7 +91,7 @@
 //! memclone::update(users::table.filter(users::id.eq(1)))
 //!     .set(users::name.eq("Ada L."))
 //!     .execute(&mut conn)?;
-//! assert_eq!(memclone::find::<User, _>(&mut conn, 1)?.name, "Ada L.");
+//! assert_eq!(User::find_cached_blocking(&mut conn, 1)?.name, "Ada L.");
 //! # Ok(()) }
 //! ```
 //!

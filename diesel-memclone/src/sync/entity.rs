@@ -119,7 +119,7 @@ impl BlockingCache<'_> {
 }
 
 /// The row of `M` with this primary key, from the process-wide cache, on a synchronous
-/// connection (the sync `Model::find_cached`).
+/// connection: what `Model::find_cached_blocking` (from `#[derive(MemClone)]`) calls.
 pub fn find<'q, M, C>(conn: &mut C, primary_key: M::PrimaryKey) -> Result<M>
 where
     M: MemClone,

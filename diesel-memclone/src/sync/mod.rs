@@ -62,7 +62,7 @@
 //! memclone::update(users::table.filter(users::id.eq(1)))
 //!     .set(users::name.eq("Ada L."))
 //!     .execute(&mut conn)?;
-//! assert_eq!(memclone::find::<User, _>(&mut conn, 1)?.name, "Ada L.");
+//! assert_eq!(User::find_cached_blocking(&mut conn, 1)?.name, "Ada L.");
 //! # Ok(()) }
 //! ```
 
