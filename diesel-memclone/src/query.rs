@@ -624,6 +624,25 @@ impl Cache {
     }
 }
 
+impl Cached<()> {
+    /// The options of a value computed by `fill` (`load_with`, `fill_with`): `label`, on
+    /// `cache`, depending on `tables` besides the value's models.
+    pub(crate) fn value_options(cache: &Cache, label: &str, tables: &[&str]) -> Self {
+        let mut options = Cached {
+            query: (),
+            label: Cow::Owned(label.to_owned()),
+            ttl: None,
+            cache: Some(cache.clone()),
+            extra_tables: Vec::new(),
+            custom_key: None,
+        };
+        for table in tables {
+            options = options.depends_on(table);
+        }
+        options
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::CachedDsl;
@@ -706,24 +725,5 @@ mod tests {
             assert_eq!(names(&cache, &mut conn, boxed(true)).await, ["c"]);
         }
         assert_eq!((cache.stats().misses, cache.stats().hits), (5, 5));
-    }
-}
-
-impl Cached<()> {
-    /// The options of a value computed by `fill` (`load_with`, `fill_with`): `label`, on
-    /// `cache`, depending on `tables` besides the value's models.
-    pub(crate) fn value_options(cache: &Cache, label: &str, tables: &[&str]) -> Self {
-        let mut options = Cached {
-            query: (),
-            label: Cow::Owned(label.to_owned()),
-            ttl: None,
-            cache: Some(cache.clone()),
-            extra_tables: Vec::new(),
-            custom_key: None,
-        };
-        for table in tables {
-            options = options.depends_on(table);
-        }
-        options
     }
 }
