@@ -164,7 +164,7 @@ fn main() -> diesel_memclone::Result<()> {
     let rows: Vec<(User, Post)> = active().cached("active_list").load(&mut conn)?;
     step.report("2. again", rows.len());
     let step = Step::start(&counter);
-    let user = memclone::find::<User, _>(&mut conn, 1)?;
+    let user = User::find_cached_blocking(&mut conn, 1)?;
     step.report("2. find user 1", &user.name);
 
     // 3. External write: plain Diesel, bypassing the cache.
@@ -176,7 +176,7 @@ fn main() -> diesel_memclone::Result<()> {
 
     // 4. Stale read: the entity entry still says Alice (contract point 7: bypassing writes).
     let step = Step::start(&counter);
-    let mut stale = memclone::find::<User, _>(&mut conn, 1)?;
+    let mut stale = User::find_cached_blocking(&mut conn, 1)?;
     step.report("4. find user 1 (stale by design)", &stale.name);
 
     // 5. Reload: bypasses the cache, reads the database, refreshes the entry.
@@ -184,7 +184,7 @@ fn main() -> diesel_memclone::Result<()> {
     memclone::reload(&mut stale, &mut conn)?;
     step.report("5. reload", &stale.name);
     let step = Step::start(&counter);
-    let user = memclone::find::<User, _>(&mut conn, 1)?;
+    let user = User::find_cached_blocking(&mut conn, 1)?;
     step.report("5. find user 1 after reload", &user.name);
 
     // 6. Invalidating update through memclone.
@@ -208,7 +208,7 @@ fn main() -> diesel_memclone::Result<()> {
     let rows: Vec<(User, Post)> = active().cached("active_list").load(&mut conn)?;
     step.report("7. again", &rows[0].0.name);
     let step = Step::start(&counter);
-    let user = memclone::find::<User, _>(&mut conn, 1)?;
+    let user = User::find_cached_blocking(&mut conn, 1)?;
     step.report("7. find user 1", &user.name);
 
     println!("{:?}", diesel_memclone::cache().stats());
