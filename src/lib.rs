@@ -317,6 +317,22 @@ pub async fn mysql(database: &str) -> Option<AsyncMysqlConnection> {
     Some(conn)
 }
 
+/// Another connection to a database made by [`mysql`] or [`mysql_sync`].
+pub async fn mysql_again(database: &str) -> AsyncMysqlConnection {
+    AsyncMysqlConnection::establish(&mysql_url_of(database))
+        .await
+        .expect("connect")
+}
+
+/// [`mysql_url`] with its database replaced by `database`.
+pub fn mysql_url_of(database: &str) -> String {
+    let base = mysql_url();
+    let server = base
+        .rsplit_once('/')
+        .map_or(base.as_str(), |(server, _)| server);
+    format!("{server}/{database}")
+}
+
 /// An in-memory SQLite connection with the tables.
 pub async fn sqlite() -> SqliteConn {
     let mut conn = SqliteConn::establish(":memory:")
@@ -349,6 +365,27 @@ pub fn postgres_sync(schema: &str) -> Option<diesel::PgConnection> {
     );
     conn.batch_execute(&setup).expect("create the test schema");
     Some(conn)
+}
+
+/// A synchronous MariaDB/MySQL connection in a fresh database of its own, or `None` (reported).
+pub fn mysql_sync(database: &str) -> Option<diesel::MysqlConnection> {
+    use diesel::connection::SimpleConnection;
+    let mut conn = match diesel::MysqlConnection::establish(&mysql_url()) {
+        Ok(conn) => conn,
+        Err(e) => {
+            server_missing("MariaDB/MySQL", e);
+            return None;
+        }
+    };
+    let setup = format!("DROP DATABASE IF EXISTS {database}; CREATE DATABASE {database}; USE {database}; {MYSQL_TABLES}");
+    conn.batch_execute(&setup)
+        .expect("create the test database");
+    Some(conn)
+}
+
+/// Another synchronous connection to a database made by [`mysql`] or [`mysql_sync`].
+pub fn mysql_sync_again(database: &str) -> diesel::MysqlConnection {
+    diesel::MysqlConnection::establish(&mysql_url_of(database)).expect("connect")
 }
 
 /// A Redis store on the test server for synchronous code, built without any async runtime

@@ -150,6 +150,23 @@ fn sync_reference_flow_postgres_redis() {
 }
 
 #[test]
+fn sync_reference_flow_mariadb_redis() {
+    let (Some(mut conn), Some(store)) = (mysql_sync(&unique("sflow")), redis_store_sync()) else {
+        return;
+    };
+    reference_flow!(conn, redis_cache(store));
+}
+
+#[test]
+fn sync_reference_flow_mariadb_redis_cluster() {
+    let (Some(mut conn), Some(store)) = (mysql_sync(&unique("sflow")), redis_cluster_store_sync())
+    else {
+        return;
+    };
+    reference_flow!(conn, redis_cache(store));
+}
+
+#[test]
 fn sync_reference_flow_postgres_redis_cluster() {
     let (Some(mut conn), Some(store)) =
         (postgres_sync(&unique("sflow")), redis_cluster_store_sync())

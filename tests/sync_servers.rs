@@ -1,5 +1,6 @@
-//! The synchronous API on PostgreSQL + Redis: a sync "process" and an async one (each its own
-//! store and connections, one namespace) see each other's writes; transactions and r2d2 pools.
+//! The synchronous API on PostgreSQL + Redis and MariaDB + Redis: a sync "process" and an async
+//! one (each its own store and connections, one namespace) see each other's writes; transactions
+//! and r2d2 pools.
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -10,8 +11,8 @@ use diesel_memclone::sync::prelude::*;
 use diesel_memclone::{Cache, Error};
 use diesel_memclone_tests::schema::users;
 use diesel_memclone_tests::{
-    counted, postgres_again, postgres_sync, redis_cluster_store, redis_store, unique, QueryCounter,
-    User,
+    counted, mysql_again, mysql_sync, mysql_url_of, postgres_again, postgres_sync,
+    redis_cluster_store, redis_store, redis_store_sync, unique, QueryCounter, User,
 };
 
 fn user(id: i32, name: &str) -> User {
@@ -20,6 +21,202 @@ fn user(id: i32, name: &str) -> User {
         name: name.into(),
         status: "active".into(),
     }
+}
+
+/// The scenario, with `$sync_conn` (a `$conn`) and `$async_conn` on one database.
+macro_rules! sync_and_async_processes {
+    ($conn:ty, $sync_conn:expr, $async_conn:expr, $sync_store:expr, $async_store:expr) => {{
+        let mut sync_conn: $conn = $sync_conn;
+        let mut async_conn = $async_conn;
+        let (sync_store, async_store): (RedisStore, RedisStore) = ($sync_store, $async_store);
+        let namespace = unique("sync_ns");
+        let sync_cache = Cache::builder()
+            .store(sync_store)
+            .namespace(&namespace)
+            .build()
+            .unwrap();
+        let async_cache = Cache::builder()
+            .store(async_store)
+            .namespace(&namespace)
+            .build()
+            .unwrap();
+        let sync_counter = QueryCounter::default();
+        sync_counter.attach_sync(&mut sync_conn);
+        let async_counter = QueryCounter::default();
+        async_counter.attach(&mut async_conn);
+
+        // The sync side runs on blocking threads, as a sync program's threads would.
+
+        let sync_read = |conn: &mut $conn, cache: &Cache| {
+            users::table
+                .order(users::id)
+                .cached("all")
+                .using(cache)
+                .load::<User, _>(conn)
+                .unwrap()
+        };
+        let (mut sync_conn, sync_cache) = tokio::task::spawn_blocking(move || {
+            memclone::insert_into(users::table)
+                .values(&user(1, "Ada"))
+                .using(&sync_cache)
+                .execute(&mut sync_conn)
+                .unwrap();
+            let (rows, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
+            assert_eq!((rows.len(), queries), (1, 1));
+            let (_, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
+            assert_eq!(queries, 0);
+            let blocking = sync_cache.blocking();
+            let (_, queries) = counted!(
+                sync_counter,
+                blocking.find::<User, _>(&mut sync_conn, 1).unwrap()
+            );
+            assert_eq!(queries, 1);
+            let (_, queries) = counted!(
+                sync_counter,
+                blocking.find::<User, _>(&mut sync_conn, 1).unwrap()
+            );
+            assert_eq!(queries, 0);
+            (sync_conn, sync_cache)
+        })
+        .await
+        .unwrap();
+
+        // The async process reads the entries the sync one stored: the same keys.
+        let (rows, queries) = counted!(
+            async_counter,
+            diesel_memclone::CachedDsl::cached(users::table.order(users::id), "all")
+                .using(&async_cache)
+                .load::<User, _>(&mut async_conn)
+                .await
+                .unwrap()
+        );
+        assert_eq!((rows.len(), queries), (1, 0), "the sync process's entry");
+        let (_, queries) = counted!(
+            async_counter,
+            async_cache
+                .find::<User, _>(&mut async_conn, 1)
+                .await
+                .unwrap()
+        );
+        assert_eq!(queries, 0, "the sync process's entity entry");
+
+        // An async write invalidates what the sync process cached.
+        diesel_memclone::update(users::table.filter(users::id.eq(1)))
+            .set(users::name.eq("Ada (async)"))
+            .using(&async_cache)
+            .execute(&mut async_conn)
+            .await
+            .unwrap();
+        let (mut sync_conn, sync_cache, sync_counter) = tokio::task::spawn_blocking(move || {
+            let sync_counter = QueryCounter::default();
+            sync_counter.attach_sync(&mut sync_conn);
+            let (rows, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
+            assert_eq!((rows[0].name.as_str(), queries), ("Ada (async)", 1));
+            let (ada, queries) = counted!(
+                sync_counter,
+                sync_cache
+                    .blocking()
+                    .find::<User, _>(&mut sync_conn, 1)
+                    .unwrap()
+            );
+            assert_eq!((ada.name.as_str(), queries), ("Ada (async)", 1));
+
+            // A sync write (in a sync transaction) invalidates what the async process cached.
+            memclone::transaction(&mut sync_conn, |conn| {
+                memclone::update(users::table.filter(users::id.eq(1)))
+                    .set(users::name.eq("Ada (sync)"))
+                    .using(&sync_cache)
+                    .execute(conn)?;
+                memclone::insert_into(users::table)
+                    .values(&user(2, "Bob"))
+                    .using(&sync_cache)
+                    .execute(conn)?;
+                Ok::<_, Error>(())
+            })
+            .unwrap();
+            (sync_conn, sync_cache, sync_counter)
+        })
+        .await
+        .unwrap();
+        let (rows, queries) = counted!(
+            async_counter,
+            diesel_memclone::CachedDsl::cached(users::table.order(users::id), "all")
+                .using(&async_cache)
+                .load::<User, _>(&mut async_conn)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            (rows.len(), rows[0].name.as_str(), queries),
+            (2, "Ada (sync)", 1)
+        );
+        let (ada, queries) = counted!(
+            async_counter,
+            async_cache
+                .find::<User, _>(&mut async_conn, 1)
+                .await
+                .unwrap()
+        );
+        assert_eq!((ada.name.as_str(), queries), ("Ada (sync)", 1));
+
+        // Diesel's own transaction around a memclone write is refused, and nothing is written.
+        tokio::task::spawn_blocking(move || {
+            let refused = sync_conn.transaction(|conn| {
+                memclone::delete(users::table.filter(users::id.eq(2)))
+                    .using(&sync_cache)
+                    .execute(conn)
+            });
+            assert!(
+                matches!(refused, Err(Error::UnmanagedTransaction)),
+                "{refused:?}"
+            );
+            let (rows, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
+            assert_eq!((rows.len(), queries), (2, 0));
+        })
+        .await
+        .unwrap();
+    }};
+}
+
+/// The scenario, with an r2d2 pool of `$conn` (two connections) and a cache.
+macro_rules! r2d2_pooled_connections {
+    ($conn:ty, $pool:expr, $cache:expr) => {{
+        let pool: Pool<ConnectionManager<$conn>> = $pool;
+        let cache: Cache = $cache;
+        let counter = QueryCounter::default();
+        let mut conn = pool.get().unwrap();
+        counter.attach_sync(&mut *conn);
+        let all = || users::table.order(users::id).cached("all").using(&cache);
+        memclone::insert_into(users::table)
+            .values(&user(1, "Ada"))
+            .using(&cache)
+            .execute(&mut conn)
+            .unwrap();
+        let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+        assert_eq!((rows.len(), queries), (1, 1));
+        let (_, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+        assert_eq!(queries, 0);
+        // A transaction on the pooled handle; a helper taking the plain connection writes inside.
+        fn helper(conn: &mut $conn, cache: &Cache) -> Result<usize, Error> {
+            memclone::insert_into(users::table)
+                .values(&user(2, "Bob"))
+                .using(cache)
+                .execute(conn)
+        }
+        memclone::transaction(&mut conn, |conn| {
+            helper(conn, &cache)?;
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+        let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
+        assert_eq!((rows.len(), queries), (2, 1));
+        // Another pooled connection gets the entry.
+        let mut other = pool.get().unwrap();
+        let other_counter = QueryCounter::default();
+        other_counter.attach_sync(&mut *other);
+        let (rows, queries) = counted!(other_counter, all().load::<User, _>(&mut other).unwrap());
+        assert_eq!((rows.len(), queries), (2, 0));
+    }};
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,159 +245,33 @@ async fn sync_and_async_processes_share_one_redis_cluster() {
     sync_and_async_processes(sync_conn, &schema, sync_store, async_store).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_and_async_processes_share_one_redis_mariadb() {
+    let database = unique("sync_my");
+    let Some(sync_conn) = mysql_sync(&database) else {
+        return;
+    };
+    let (Some(sync_store), Some(async_store)) = (redis_store().await, redis_store().await) else {
+        return;
+    };
+    let async_conn = mysql_again(&database).await;
+    sync_and_async_processes!(
+        MysqlConnection,
+        sync_conn,
+        async_conn,
+        sync_store,
+        async_store
+    );
+}
+
 async fn sync_and_async_processes(
-    mut sync_conn: PgConnection,
+    sync_conn: PgConnection,
     schema: &str,
     sync_store: RedisStore,
     async_store: RedisStore,
 ) {
-    let namespace = unique("sync_pg");
-    let sync_cache = Cache::builder()
-        .store(sync_store)
-        .namespace(&namespace)
-        .build()
-        .unwrap();
-    let async_cache = Cache::builder()
-        .store(async_store)
-        .namespace(&namespace)
-        .build()
-        .unwrap();
-    let mut async_conn = postgres_again(schema).await;
-    let sync_counter = QueryCounter::default();
-    sync_counter.attach_sync(&mut sync_conn);
-    let async_counter = QueryCounter::default();
-    async_counter.attach(&mut async_conn);
-
-    // The sync side runs on blocking threads, as a sync program's threads would.
-
-    let sync_read = |conn: &mut PgConnection, cache: &Cache| {
-        users::table
-            .order(users::id)
-            .cached("all")
-            .using(cache)
-            .load::<User, _>(conn)
-            .unwrap()
-    };
-    let (mut sync_conn, sync_cache) = tokio::task::spawn_blocking(move || {
-        memclone::insert_into(users::table)
-            .values(&user(1, "Ada"))
-            .using(&sync_cache)
-            .execute(&mut sync_conn)
-            .unwrap();
-        let (rows, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
-        assert_eq!((rows.len(), queries), (1, 1));
-        let (_, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
-        assert_eq!(queries, 0);
-        let blocking = sync_cache.blocking();
-        let (_, queries) = counted!(
-            sync_counter,
-            blocking.find::<User, _>(&mut sync_conn, 1).unwrap()
-        );
-        assert_eq!(queries, 1);
-        let (_, queries) = counted!(
-            sync_counter,
-            blocking.find::<User, _>(&mut sync_conn, 1).unwrap()
-        );
-        assert_eq!(queries, 0);
-        (sync_conn, sync_cache)
-    })
-    .await
-    .unwrap();
-
-    // The async process reads the entries the sync one stored: the same keys.
-    let (rows, queries) = counted!(
-        async_counter,
-        diesel_memclone::CachedDsl::cached(users::table.order(users::id), "all")
-            .using(&async_cache)
-            .load::<User, _>(&mut async_conn)
-            .await
-            .unwrap()
-    );
-    assert_eq!((rows.len(), queries), (1, 0), "the sync process's entry");
-    let (_, queries) = counted!(
-        async_counter,
-        async_cache
-            .find::<User, _>(&mut async_conn, 1)
-            .await
-            .unwrap()
-    );
-    assert_eq!(queries, 0, "the sync process's entity entry");
-
-    // An async write invalidates what the sync process cached.
-    diesel_memclone::update(users::table.filter(users::id.eq(1)))
-        .set(users::name.eq("Ada (async)"))
-        .using(&async_cache)
-        .execute(&mut async_conn)
-        .await
-        .unwrap();
-    let (mut sync_conn, sync_cache, sync_counter) = tokio::task::spawn_blocking(move || {
-        let sync_counter = QueryCounter::default();
-        sync_counter.attach_sync(&mut sync_conn);
-        let (rows, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
-        assert_eq!((rows[0].name.as_str(), queries), ("Ada (async)", 1));
-        let (ada, queries) = counted!(
-            sync_counter,
-            sync_cache
-                .blocking()
-                .find::<User, _>(&mut sync_conn, 1)
-                .unwrap()
-        );
-        assert_eq!((ada.name.as_str(), queries), ("Ada (async)", 1));
-
-        // A sync write (in a sync transaction) invalidates what the async process cached.
-        memclone::transaction(&mut sync_conn, |conn| {
-            memclone::update(users::table.filter(users::id.eq(1)))
-                .set(users::name.eq("Ada (sync)"))
-                .using(&sync_cache)
-                .execute(conn)?;
-            memclone::insert_into(users::table)
-                .values(&user(2, "Bob"))
-                .using(&sync_cache)
-                .execute(conn)?;
-            Ok::<_, Error>(())
-        })
-        .unwrap();
-        (sync_conn, sync_cache, sync_counter)
-    })
-    .await
-    .unwrap();
-    let (rows, queries) = counted!(
-        async_counter,
-        diesel_memclone::CachedDsl::cached(users::table.order(users::id), "all")
-            .using(&async_cache)
-            .load::<User, _>(&mut async_conn)
-            .await
-            .unwrap()
-    );
-    assert_eq!(
-        (rows.len(), rows[0].name.as_str(), queries),
-        (2, "Ada (sync)", 1)
-    );
-    let (ada, queries) = counted!(
-        async_counter,
-        async_cache
-            .find::<User, _>(&mut async_conn, 1)
-            .await
-            .unwrap()
-    );
-    assert_eq!((ada.name.as_str(), queries), ("Ada (sync)", 1));
-
-    // Diesel's own transaction around a memclone write is refused, and nothing is written.
-    tokio::task::spawn_blocking(move || {
-        let refused = sync_conn.transaction(|conn| {
-            memclone::delete(users::table.filter(users::id.eq(2)))
-                .using(&sync_cache)
-                .execute(conn)
-        });
-        assert!(
-            matches!(refused, Err(Error::UnmanagedTransaction)),
-            "{refused:?}"
-        );
-        let (rows, queries) = counted!(sync_counter, sync_read(&mut sync_conn, &sync_cache));
-        assert_eq!((rows.len(), queries), (2, 0));
-    })
-    .await
-    .unwrap();
+    let async_conn = postgres_again(schema).await;
+    sync_and_async_processes!(PgConnection, sync_conn, async_conn, sync_store, async_store);
 }
 
 /// Sets each pooled connection's schema.
@@ -231,37 +302,25 @@ fn r2d2_pooled_connections() {
             diesel_memclone_tests::postgres_url(),
         ))
         .unwrap();
-    let counter = QueryCounter::default();
-    let mut conn = pool.get().unwrap();
-    counter.attach_sync(&mut *conn);
-    let all = || users::table.order(users::id).cached("all").using(&cache);
-    memclone::insert_into(users::table)
-        .values(&user(1, "Ada"))
-        .using(&cache)
-        .execute(&mut conn)
+    r2d2_pooled_connections!(PgConnection, pool, cache);
+}
+
+#[test]
+fn r2d2_pooled_connections_mariadb_redis() {
+    let database = unique("sync_r2d2");
+    let (Some(_), Some(store)) = (mysql_sync(&database), redis_store_sync()) else {
+        return;
+    };
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("sync_r2d2"))
+        .build()
         .unwrap();
-    let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
-    assert_eq!((rows.len(), queries), (1, 1));
-    let (_, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
-    assert_eq!(queries, 0);
-    // A transaction on the pooled handle; a helper taking the plain connection writes inside.
-    fn helper(conn: &mut PgConnection, cache: &Cache) -> Result<usize, Error> {
-        memclone::insert_into(users::table)
-            .values(&user(2, "Bob"))
-            .using(cache)
-            .execute(conn)
-    }
-    memclone::transaction(&mut conn, |conn| {
-        helper(conn, &cache)?;
-        Ok::<_, Error>(())
-    })
-    .unwrap();
-    let (rows, queries) = counted!(counter, all().load::<User, _>(&mut conn).unwrap());
-    assert_eq!((rows.len(), queries), (2, 1));
-    // Another pooled connection gets the entry.
-    let mut other = pool.get().unwrap();
-    let other_counter = QueryCounter::default();
-    other_counter.attach_sync(&mut *other);
-    let (rows, queries) = counted!(other_counter, all().load::<User, _>(&mut other).unwrap());
-    assert_eq!((rows.len(), queries), (2, 0));
+    let pool = Pool::builder()
+        .max_size(2)
+        .build(ConnectionManager::<MysqlConnection>::new(mysql_url_of(
+            &database,
+        )))
+        .unwrap();
+    r2d2_pooled_connections!(MysqlConnection, pool, cache);
 }
