@@ -106,7 +106,9 @@
 //!
 //! * `derive` (default): re-exports `#[derive(MemClone)]` and `#[derive(CacheValue)]`;
 //! * `redis`: [`store::RedisStore`], over a deadpool-redis pool (single server or Cluster);
-//! * `postgres`, `mysql`, `sqlite`: forward diesel-async's backends.
+//! * `postgres`, `mysql`, `sqlite`: forward diesel-async's backends; `postgres` also gives
+//!   [`listen`](crate::listen): triggers and a listener that invalidate the cache on writes that
+//!   bypass memclone.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // Without the `redis` feature `RedisStore` does not exist; the links above then point at
 // docs.rs, where every feature is documented.
@@ -121,6 +123,9 @@ mod entity;
 mod error;
 mod flight;
 mod key;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod listen;
 mod model;
 mod near;
 mod query;
