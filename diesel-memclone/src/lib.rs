@@ -107,11 +107,15 @@
 //! * `derive` (default): re-exports `#[derive(MemClone)]` and `#[derive(CacheValue)]`;
 //! * `redis`: [`store::RedisStore`], over a deadpool-redis pool (single server or Cluster);
 //! * `postgres`, `mysql`, `sqlite`: forward diesel-async's backends; `postgres` also gives
-//!   [`listen`](crate::listen): triggers and a listener that invalidate the cache on writes that
+//!   [`listen`]: triggers and a listener that invalidate the cache on writes that
 //!   bypass memclone.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // Without the `redis` feature `RedisStore` does not exist; the links above then point at
 // docs.rs, where every feature is documented.
+#![cfg_attr(
+    not(feature = "postgres"),
+    doc = "\n\n[`listen`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/index.html"
+)]
 #![cfg_attr(
     not(feature = "redis"),
     doc = "\n\n[`store::RedisStore`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/store/struct.RedisStore.html"
