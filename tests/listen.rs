@@ -385,3 +385,37 @@ fn models_tables() {
     assert_eq!(listen::tables::<(User, Post, User)>(), ["users", "posts"]);
     assert_eq!(listen::tables::<(Membership,)>(), ["memberships"]);
 }
+
+/// A listener that lost its connection says so in the handle and in the cache's stats until it
+/// is back or stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhealthy_listener_shows_in_stats() {
+    let schema = unique("listen");
+    let Some(mut conn) = postgres(&schema).await else {
+        return;
+    };
+    install(&mut conn, &schema).await;
+    let cache = Cache::builder()
+        .namespace(unique("listen"))
+        .build()
+        .unwrap();
+    // A reconnection far away: the listener stays down for the whole test.
+    let handle = listener(&cache, &schema)
+        .backoff(Duration::from_secs(600), Duration::from_secs(600))
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.is_healthy());
+    assert_eq!(cache.stats().listeners_unhealthy, 0);
+    diesel::sql_query(format!(
+        "SELECT pg_terminate_backend({})",
+        handle.backend_pid()
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    eventually!(handle.is_healthy(), false);
+    eventually!(cache.stats().listeners_unhealthy, 1);
+    handle.stop().await;
+    assert_eq!(cache.stats().listeners_unhealthy, 0);
+}

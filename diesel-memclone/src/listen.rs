@@ -469,9 +469,23 @@ async fn check_triggers(
     Ok(())
 }
 
+impl Shared {
+    /// Down: counted once in the cache's stats; up again or stopped: uncounted.
+    fn set_down(&self, cache: &Cache, down: bool) {
+        if down {
+            self.healthy.store(false, Ordering::Release);
+        }
+        if self.counted_down.swap(down, Ordering::AcqRel) != down {
+            cache.listener_unhealthy(down);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     healthy: AtomicBool,
+    /// Counted in the cache's `Stats::listeners_unhealthy`.
+    counted_down: AtomicBool,
     reconnects: AtomicU64,
     notifications: AtomicU64,
     pid: AtomicI32,
@@ -496,7 +510,9 @@ impl fmt::Debug for ListenHandle {
 }
 
 impl ListenHandle {
-    /// Whether the listener is connected and listening. While it is not (it is reconnecting),
+    /// Whether the listener is connected and listening (the cache's
+    /// [`Stats::listeners_unhealthy`](crate::Stats::listeners_unhealthy) counts those that are
+    /// not). While it is not (it is reconnecting),
     /// writes that bypass memclone are not seen until it is back, when it invalidates every
     /// watched table; meanwhile such writes can be served stale (at most until the TTL, as
     /// without a listener).
@@ -554,7 +570,7 @@ async fn run(
                 return;
             }
             Served::Lost(why) => {
-                shared.healthy.store(false, Ordering::Release);
+                shared.set_down(&cache, true);
                 tracing::warn!(
                     error = %why,
                     "memclone listener lost its connection; reconnecting (writes that bypass \
@@ -563,6 +579,8 @@ async fn run(
             }
         }
         drop(conn);
+        // However the reconnection ends (back, stopped, or the task dropped), uncount it.
+        let down = DownGuard(&shared, &cache);
         let mut pause = listener.backoff.0;
         conn = loop {
             tokio::select! {
@@ -581,11 +599,21 @@ async fn run(
                 }
             }
         };
+        drop(down);
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             tables = ?listener.tables,
             "memclone listener reconnected; invalidated every watched table"
         );
+    }
+}
+
+/// Uncounts a listener that was down, when dropped.
+struct DownGuard<'a>(&'a Shared, &'a Cache);
+
+impl Drop for DownGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set_down(self.1, false);
     }
 }
 

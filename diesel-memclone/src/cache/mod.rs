@@ -365,6 +365,9 @@ pub struct Stats {
     pub invalidation_lag_us: u64,
     /// About how many bytes of entries the near tier holds now.
     pub near_bytes: u64,
+    /// Database listeners of this cache (`listen`, feature `postgres`) that are running but not
+    /// connected now: writes that bypass memclone are not seen until they are back.
+    pub listeners_unhealthy: u64,
 }
 
 /// The live counts behind [`Stats`].
@@ -381,6 +384,8 @@ struct Counters {
     lock_timeouts: Counter,
     stale_served: Counter,
     written_through: Counter,
+    /// A gauge, not a count: see [`Stats::listeners_unhealthy`].
+    listeners_unhealthy: AtomicU64,
 }
 
 /// One count of [`Stats`], shared by every clone of the cache.
@@ -538,7 +543,18 @@ impl Cache {
             near_flushes: self.inner.near.as_ref().map_or(0, |n| n.flushes()),
             invalidation_lag_us: self.inner.near.as_ref().map_or(0, |n| n.lag_max_us()),
             near_bytes: self.inner.near.as_ref().map_or(0, |n| n.size().1),
+            listeners_unhealthy: c.listeners_unhealthy.load(Ordering::Relaxed),
         }
+    }
+
+    /// A listener of this cache went down (`true`) or came back or stopped (`false`).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn listener_unhealthy(&self, unhealthy: bool) {
+        let gauge = &self.inner.stats.listeners_unhealthy;
+        match unhealthy {
+            true => gauge.fetch_add(1, Ordering::Relaxed),
+            false => gauge.fetch_sub(1, Ordering::Relaxed),
+        };
     }
 
     /// The near tier, its change stream started (on the first read inside a runtime).
