@@ -46,6 +46,16 @@
 //! namespace and rows: each kind must see the other's writes (not with `--naive` or
 //! `--near-cache`).
 //!
+//! `--external-writers N` (single Redis only; issue 12) adds N processes that write the same rows
+//! with plain Diesel (no memclone: like `psql`, a cron job or another service). The parent
+//! installs memclone's triggers (`listen::install_sql`) on the tables and runs a listener for
+//! the whole run (a sidecar), and each memclone process runs one of its own
+//! (`listen::postgres(..).start()`). Every stale read is timed from the return of the commit
+//! that made it stale; stale reads are expected here (a listener hears of a commit after it),
+//! stale entries are not: once every process stopped, the answers still stale are counted
+//! (waiting up to 10 s for the last notifications to land). The last line is
+//! `reads=R writes=W stale_reads=S stale_entries=E lag_p50_us=A lag_p99_us=B max_lag_us=C`.
+//!
 //! `--cut-tracking-every S` (single Redis only: `NearCache::tracking_url` takes one server) runs
 //! each process's invalidation stream through a proxy of its own that every S seconds
 //! alternately stalls (holds every byte, connection open) and cuts the link, restoring it after
@@ -132,6 +142,10 @@ struct Options {
     sync_processes: usize,
     /// This child uses the synchronous API.
     sync: bool,
+    /// Processes that write with plain Diesel, invalidating through the database's listeners.
+    external_writers: usize,
+    /// This child is one of them.
+    external: bool,
 }
 
 fn parse_options() -> Options {
@@ -153,6 +167,8 @@ fn parse_options() -> Options {
         child: None,
         sync_processes: 0,
         sync: false,
+        external_writers: 0,
+        external: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -178,6 +194,10 @@ fn parse_options() -> Options {
                 options.sync_processes = value().parse().expect("--sync-processes N")
             }
             "--sync" => options.sync = true,
+            "--external-writers" => {
+                options.external_writers = value().parse().expect("--external-writers N")
+            }
+            "--external" => options.external = true,
             "--child" => {
                 let schema = value();
                 options.child = Some((schema, value()));
@@ -192,6 +212,11 @@ fn parse_options() -> Options {
     assert!(
         options.cut_every.is_none() || (options.near && options.cluster.is_none()),
         "--cut-tracking-every needs --near-cache and a single Redis (not --redis-cluster)"
+    );
+    assert!(
+        options.external_writers == 0
+            || !(options.near || options.naive || options.cluster.is_some()),
+        "--external-writers does not combine with --near-cache, --naive or --redis-cluster"
     );
     options
 }
@@ -459,12 +484,16 @@ async fn writer(
     stop: Stop,
     salt: u64,
     lags: Option<Lags>,
+    external: bool,
 ) {
     let tally = stop.tally.clone();
     let mut random = Random::new(salt);
     while !stop.now() {
         let row = 1 + random.below(rows as u64) as i32;
-        let written: Result<i64, Error> = if random.below(2) == 0 {
+        let written: Result<i64, Error> = if external {
+            // Plain Diesel, no memclone: only the triggers and the listeners see it.
+            external_write(&mut conn, row, random.below(2) == 0).await
+        } else if random.below(2) == 0 {
             // Item and note in one transaction: invalidated after the commit.
             let cache2 = cache.clone();
             diesel_memclone::transaction(&mut conn, async move |conn| {
@@ -522,6 +551,39 @@ async fn writer(
             Err(error) => eprintln!("write failed: {error}"),
         }
     }
+}
+
+/// The writer's two writes with plain Diesel: in one transaction, or as two autocommits.
+async fn external_write(
+    conn: &mut AsyncPgConnection,
+    row: i32,
+    in_transaction: bool,
+) -> Result<i64, Error> {
+    use diesel_async::AsyncConnection as _;
+    async fn both(conn: &mut AsyncPgConnection, row: i32) -> QueryResult<i64> {
+        let version: i64 = diesel::update(fresh_items::table.find(row))
+            .set(fresh_items::version.eq(fresh_items::version + 1))
+            .returning(fresh_items::version)
+            .get_result(conn)
+            .await?;
+        diesel::update(fresh_notes::table.filter(fresh_notes::item_id.eq(row)))
+            .set(
+                fresh_notes::version.eq(diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+                    "GREATEST(version, {version})"
+                ))),
+            )
+            .execute(conn)
+            .await?;
+        Ok(version)
+    }
+    let version = match in_transaction {
+        true => {
+            conn.transaction(async move |conn| both(conn, row).await)
+                .await?
+        }
+        false => both(conn, row).await?,
+    };
+    Ok(version)
 }
 
 async fn reader(
@@ -675,7 +737,16 @@ async fn child(options: Options) {
         Some(near) => near.cache.clone(),
         None => cache_for(&options, &namespace),
     };
-    let lags = near.as_ref().map(|near| near.lags.clone());
+    let mut lags = near.as_ref().map(|near| near.lags.clone());
+    let external = options.external || options.external_writers > 0;
+    if external {
+        lags = Some(Lags::connect(&namespace, EXTERNAL_WINDOW_US).await);
+    }
+    // A memclone process beside external writers listens, as an application would.
+    let listener = match options.external_writers > 0 && !options.external {
+        true => Some(listener_for(&schema, &cache).await),
+        false => None,
+    };
     let reads = Reads::new(&options, &namespace, &cache);
     let floors = Floors {
         redis: RawRedis::open(&redis_url()).await.expect("Redis"),
@@ -699,11 +770,13 @@ async fn child(options: Options) {
             conn,
             options.rows,
             stop.clone(),
-            i as u64,
+            i as u64 + if options.external { 500 } else { 0 },
             lags.clone(),
+            options.external,
         )));
     }
-    for i in 0..options.readers {
+    let readers = if options.external { 0 } else { options.readers };
+    for i in 0..readers {
         let conn = connect(&schema).await;
         tasks.push(tokio::spawn(reader(
             reads.clone(),
@@ -722,12 +795,43 @@ async fn child(options: Options) {
     if let Some(near) = near {
         return near.finish(&options, &schema, &tally).await;
     }
+    if let Some(listener) = listener {
+        eprintln!("listener: {listener:?}");
+        listener.stop().await;
+    }
+    if let (true, Some(lags)) = (external, &lags) {
+        let samples = lags.samples.lock().unwrap_or_else(|e| e.into_inner());
+        let samples: Vec<String> = samples.iter().map(u64::to_string).collect();
+        println!("lags_us={}", samples.join(","));
+    }
     println!(
         "reads={} writes={} stale_reads={}",
         AtomicU64::load(&tally.reads, Ordering::Relaxed),
         AtomicU64::load(&tally.writes, Ordering::Relaxed),
         AtomicU64::load(&tally.stale, Ordering::Relaxed)
     );
+}
+
+/// `--external-writers`: the lag a stale read may have (issue 12's bound on p99), in µs.
+const EXTERNAL_WINDOW_US: u64 = 50_000;
+
+/// The tables the triggers are on and the listeners watch, schema-qualified.
+fn watched(schema: &str) -> [String; 2] {
+    [
+        format!("{schema}.fresh_items"),
+        format!("{schema}.fresh_notes"),
+    ]
+}
+
+/// A listener that invalidates `cache` on every write to the checker's tables.
+async fn listener_for(schema: &str, cache: &Cache) -> diesel_memclone::listen::ListenHandle {
+    diesel_memclone::listen::postgres(database_url())
+        .tables(watched(schema))
+        .channel(schema)
+        .cache(cache.clone())
+        .start()
+        .await
+        .expect("listener")
 }
 
 fn field(line: &str, name: &str) -> u64 {
@@ -801,13 +905,32 @@ async fn parent(options: Options) {
     ))
     .await
     .expect("schema");
+    // `--external-writers`: the triggers, and a listener for the whole run (a sidecar), which
+    // outlives every writer.
+    let sidecar = match options.external_writers {
+        0 => None,
+        _ => {
+            let tables = watched(&schema);
+            conn.batch_execute(&diesel_memclone::listen::install_sql(&schema, &tables))
+                .await
+                .expect("triggers");
+            let cache = cache_for(&options, &namespace);
+            Some(listener_for(&schema, &cache).await)
+        }
+    };
 
     let exe = std::env::current_exe().expect("current exe");
     let mut children = Vec::new();
-    for i in 0..options.processes + options.sync_processes {
+    let memclone_processes = options.processes + options.sync_processes;
+    for i in 0..memclone_processes + options.external_writers {
         let mut command = tokio::process::Command::new(&exe);
-        if i >= options.processes {
+        if i >= memclone_processes {
+            command.arg("--external");
+        } else if i >= options.processes {
             command.arg("--sync");
+        }
+        if options.external_writers > 0 {
+            command.args(["--external-writers", &options.external_writers.to_string()]);
         }
         command
             .args(["--child", &schema, &namespace])
@@ -836,6 +959,7 @@ async fn parent(options: Options) {
     }
     let (mut reads, mut writes, mut stale_reads) = (0, 0, 0);
     let mut lines = Vec::new();
+    let mut lags_us: Vec<u64> = Vec::new();
     for child in children {
         let output = child.wait_with_output().await.expect("child output");
         assert!(
@@ -844,6 +968,9 @@ async fn parent(options: Options) {
             output.status
         );
         let text = String::from_utf8_lossy(&output.stdout);
+        for lags in text.lines().filter_map(|l| l.strip_prefix("lags_us=")) {
+            lags_us.extend(lags.split(',').filter_map(|lag| lag.parse::<u64>().ok()));
+        }
         let line = text.lines().last().unwrap_or_default().to_owned();
         eprintln!("process: {line}");
         reads += field(&line, "reads");
@@ -851,13 +978,36 @@ async fn parent(options: Options) {
         stale_reads += field(&line, "stale_reads");
         lines.push(line);
     }
-    let stale_entries = stale_entries(&options, &schema, &namespace).await;
+    let mut stale_entries = stale_entries(&options, &schema, &namespace).await;
+    if let Some(sidecar) = sidecar {
+        // The last external commits reach the cache through the sidecar: give them time.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stale_entries > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stale_entries = self::stale_entries(&options, &schema, &namespace).await;
+        }
+        eprintln!("sidecar listener: {sidecar:?}");
+        sidecar.stop().await;
+    }
     conn.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .await
         .expect("drop schema");
     if options.near {
         let totals = [reads, writes, stale_reads, stale_entries];
         return near_summary(&options, &lines, totals);
+    }
+    if options.external_writers > 0 {
+        lags_us.sort_unstable();
+        let at = |q: f64| match lags_us.len() {
+            0 => 0,
+            n => lags_us[((n as f64 * q).ceil() as usize).clamp(1, n) - 1],
+        };
+        let (p50, p99, max) = (at(0.50), at(0.99), lags_us.last().copied().unwrap_or(0));
+        println!(
+            "reads={reads} writes={writes} stale_reads={stale_reads} stale_entries={stale_entries} \
+             lag_p50_us={p50} lag_p99_us={p99} max_lag_us={max}"
+        );
+        return;
     }
     println!(
         "reads={reads} writes={writes} stale_reads={stale_reads} stale_entries={stale_entries}"
@@ -883,6 +1033,8 @@ struct Lags {
     window_us: u64,
     max_us: Arc<AtomicU64>,
     beyond: Arc<AtomicU64>,
+    /// Every stale read's lag (`--external-writers`: for the percentiles).
+    samples: Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 impl Lags {
@@ -898,6 +1050,7 @@ impl Lags {
             window_us,
             max_us: Arc::default(),
             beyond: Arc::default(),
+            samples: Arc::default(),
         }
     }
 
@@ -953,6 +1106,10 @@ impl Lags {
             lag = Some(lag.map_or(row_lag, |lag: u64| lag.max(row_lag)));
         }
         if let Some(lag) = lag {
+            self.samples
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(lag);
             self.max_us.fetch_max(lag, Ordering::Relaxed);
             if lag > self.window_us {
                 let n = self.beyond.fetch_add(1, Ordering::Relaxed);
