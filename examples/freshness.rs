@@ -476,16 +476,18 @@ impl Stop {
     }
 }
 
+/// Writes through memclone on `cache`, or, without one, with plain Diesel (`--external`).
 async fn writer(
-    cache: Cache,
+    cache: Option<Cache>,
     floors: Floors,
     mut conn: AsyncPgConnection,
     rows: i32,
     stop: Stop,
     salt: u64,
     lags: Option<Lags>,
-    external: bool,
 ) {
+    let external = cache.is_none();
+    let cache = cache.unwrap_or_else(Cache::in_memory);
     let tally = stop.tally.clone();
     let mut random = Random::new(salt);
     while !stop.now() {
@@ -765,14 +767,13 @@ async fn child(options: Options) {
     for i in 0..options.writers {
         let conn = connect(&schema).await;
         tasks.push(tokio::spawn(writer(
-            cache.clone(),
+            (!options.external).then(|| cache.clone()),
             floors.clone(),
             conn,
             options.rows,
             stop.clone(),
             i as u64 + if options.external { 500 } else { 0 },
             lags.clone(),
-            options.external,
         )));
     }
     let readers = if options.external { 0 } else { options.readers };
