@@ -582,6 +582,7 @@ async fn run(
         // However the reconnection ends (back, stopped, or the task dropped), uncount it.
         let down = DownGuard(&shared, &cache);
         let mut pause = listener.backoff.0;
+        let mut warned = false;
         conn = loop {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
@@ -594,7 +595,12 @@ async fn run(
             match attempt {
                 Ok(conn) => break conn,
                 Err(e) => {
-                    tracing::debug!(error = %e, "memclone listener: reconnection failed");
+                    // Said once per outage (a missing trigger, say); each retry at debug level.
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!(error = %e, "memclone listener: reconnection failed; retrying");
+                    } else {
+                        tracing::debug!(error = %e, "memclone listener: reconnection failed");
+                    }
                     pause = (pause * 2).min(listener.backoff.1);
                 }
             }
