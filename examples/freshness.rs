@@ -757,7 +757,8 @@ async fn child(options: Options) {
     let tally = Arc::new(Tally::default());
     let stop = Stop {
         deadline: Instant::now() + Duration::from_secs_f64(options.seconds),
-        reads: options.reads_target,
+        // An external writer has no readers: its work is its writes.
+        reads: options.reads_target.filter(|_| !options.external),
         writes: options.writes_target,
         until_stale: options.until_stale,
         not_before: Instant::now() + Duration::from_secs_f64(options.min_seconds),

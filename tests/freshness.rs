@@ -312,3 +312,65 @@ async fn near_cache_within_max_lag_while_the_stream_stalls_and_is_cut() {
     );
     assert!(run.near_flushes > 2, "the cuts flushed the tiers: {run:?}");
 }
+
+/// Issue 12: two memclone processes and one that writes with plain Diesel (no memclone), the
+/// triggers installed and listeners running. Stale reads are allowed (a listener hears of a
+/// commit after it); stale entries once every process stopped are not. The lags are reported,
+/// not asserted (no speed is asserted in the suite).
+#[tokio::test]
+async fn external_writers_leave_no_stale_entry() {
+    if !servers_up().await {
+        return;
+    }
+    let output = Command::new(checker())
+        .args([
+            "--processes",
+            "2",
+            "--external-writers",
+            "1",
+            "--reads",
+            READS,
+            "--writes",
+            WRITES,
+            "--seconds",
+            UPPER_BOUND,
+        ])
+        .output()
+        .expect("run the checker");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "checker failed: {}\n{}",
+        stdout,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default().to_owned();
+    let fields: Vec<(&str, u64)> = last
+        .split_whitespace()
+        .filter_map(|p| p.split_once('='))
+        .map(|(name, value)| (name, value.parse().expect("a number")))
+        .collect();
+    let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
+    assert_eq!(
+        names,
+        [
+            "reads",
+            "writes",
+            "stale_reads",
+            "stale_entries",
+            "lag_p50_us",
+            "lag_p99_us",
+            "max_lag_us"
+        ],
+        "{last:?}"
+    );
+    let field = |name: &str| fields.iter().find(|(n, _)| *n == name).unwrap().1;
+    // Three writing processes (two through memclone, one external).
+    assert!(
+        field("reads") >= 2 * READS.parse::<u64>().unwrap()
+            && field("writes") >= 3 * WRITES.parse::<u64>().unwrap(),
+        "the run hit its bound before doing its work: {last}"
+    );
+    assert_eq!(field("stale_entries"), 0, "{last}");
+    eprintln!("external writers: {last}");
+}
