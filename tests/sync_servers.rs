@@ -324,3 +324,67 @@ fn r2d2_pooled_connections_mariadb_redis() {
         .unwrap();
     r2d2_pooled_connections!(MysqlConnection, pool, cache);
 }
+
+/// A blocking statement on one thread holds up nobody else's store calls: thread B holds a row
+/// lock in a transaction and then reads through Redis while thread A's update waits for that
+/// lock. With a runtime that A's call held while its statement ran, B's read could never be
+/// answered and the two threads would wait for each other for ever.
+#[test]
+fn a_blocked_statement_does_not_stall_other_threads() {
+    let schema = unique("sync_lock");
+    let (Some(mut setup), Some(store)) = (postgres_sync(&schema), redis_store_sync()) else {
+        return;
+    };
+    let again = |schema: &str| {
+        let mut conn = PgConnection::establish(&diesel_memclone_tests::postgres_url()).unwrap();
+        conn.batch_execute(&format!("SET search_path TO {schema}"))
+            .unwrap();
+        conn
+    };
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("sync_lock"))
+        .build()
+        .unwrap();
+    memclone::insert_into(users::table)
+        .values(&user(1, "Ada"))
+        .using(&cache)
+        .execute(&mut setup)
+        .unwrap();
+    let (mut conn_a, mut conn_b) = (again(&schema), again(&schema));
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let cache_b = cache.clone();
+    let done_b = done_tx.clone();
+    std::thread::spawn(move || {
+        let read = memclone::transaction(&mut conn_b, |conn| {
+            memclone::update(users::table.filter(users::id.eq(1)))
+                .set(users::name.eq("Bea"))
+                .using(&cache_b)
+                .execute(conn)?;
+            locked_tx.send(()).unwrap();
+            // Let A's update start and block on the row lock.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            users::table
+                .order(users::id)
+                .cached("all")
+                .using(&cache_b)
+                .load::<User, _>(conn)
+        });
+        done_b.send(("B", read.map(|users| users.len()))).unwrap();
+    });
+    std::thread::spawn(move || {
+        locked_rx.recv().unwrap();
+        let updated = memclone::update(users::table.filter(users::id.eq(1)))
+            .set(users::name.eq("Cy"))
+            .using(&cache)
+            .execute(&mut conn_a);
+        done_tx.send(("A", updated)).unwrap();
+    });
+    for _ in 0..2 {
+        let (who, outcome) = done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("both threads finish: no stall between a blocked statement and a store call");
+        assert_eq!(outcome.unwrap(), 1, "thread {who}");
+    }
+}

@@ -63,6 +63,9 @@ pub const FUNCTION_NAME: &str = "memclone_notify";
 /// The `application_name` of the listener's connection (to find it in `pg_stat_activity`).
 pub const APPLICATION_NAME: &str = "memclone-listener";
 
+/// How long one reconnection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The names of the tables of the given [`MemClone`](crate::MemClone) models, for
 /// [`install_sql`] and [`Listener::tables`]: `listen::tables::<(User, Post)>()`.
 ///
@@ -588,8 +591,16 @@ async fn run(
                 _ = tokio::time::sleep(pause) => {}
                 _ = stopped(&mut stop) => return,
             }
+            // Bounded: a host that drops packets, or a connection that went silent, must not
+            // keep the listener down for minutes.
             let attempt = tokio::select! {
-                attempt = listener.connect(&cache, &shared) => attempt,
+                attempt = tokio::time::timeout(CONNECT_TIMEOUT, listener.connect(&cache, &shared)) => {
+                    attempt.unwrap_or_else(|_| {
+                        Err(ListenError::Connection(diesel::ConnectionError::BadConnection(
+                            "no answer in 10 s".into(),
+                        )))
+                    })
+                }
                 _ = stopped(&mut stop) => return,
             };
             match attempt {
@@ -658,8 +669,16 @@ async fn serve(
                             tables.insert(n.payload);
                         }
                     }
-                    Some(Err(e)) => return Served::Lost(e.to_string()),
-                    None => return Served::Lost("notification stream ended".into()),
+                    // What arrived before the loss is invalidated first: a reconnect may take
+                    // long, and tables outside the watched list are not invalidated by it.
+                    Some(Err(e)) => {
+                        invalidate_all(cache, &tables).await;
+                        return Served::Lost(e.to_string());
+                    }
+                    None => {
+                        invalidate_all(cache, &tables).await;
+                        return Served::Lost("notification stream ended".into());
+                    }
                 }
                 // Whatever else has arrived: one invalidation per table.
                 next = stream.next().now_or_never();
@@ -678,9 +697,13 @@ async fn serve(
                 Err(_) => return Served::Lost("no answer to a ping".into()),
             }
         }
-        for table in &tables {
-            cache.invalidate_table(table).await;
-        }
+        invalidate_all(cache, &tables).await;
+    }
+}
+
+async fn invalidate_all(cache: &Cache, tables: &BTreeSet<String>) {
+    for table in tables {
+        cache.invalidate_table(table).await;
     }
 }
 

@@ -364,6 +364,12 @@ where
     if sync_in_transaction(conn) {
         return Err(Error::UnmanagedTransaction.into());
     }
+    // Inside another synchronous call's fill the invalidation could not be delivered after the
+    // commit: refuse before the transaction begins rather than report an error for committed
+    // work.
+    if crate::sync::driving() {
+        return Err(Error::NestedSyncCall.into());
+    }
     let outer = SYNC_INNERMOST.with(|t| t.borrow().clone());
     let transaction = OpenTransaction(Arc::new(Mutex::new(Deferred {
         conn: here,
