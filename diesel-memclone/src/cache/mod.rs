@@ -195,7 +195,7 @@ impl CacheBuilder {
     /// How long a generation a write sets on a row lives before an entry is stored under it
     /// (default 1 minute): long enough for the write to store its returned rows
     /// (write-through). Once entries depend on a row's generation, it lives as long as the
-    /// longest of them, whatever this says, and no longer. Expiry is safe: a lost generation
+    /// longest of them, whatever this says, and at most a quarter longer. Expiry is safe: a lost generation
     /// comes back with a fresh value, so older entries just miss.
     pub fn generation_ttl(mut self, ttl: Duration) -> Self {
         self.generation_ttl = ttl;
@@ -243,8 +243,8 @@ impl CacheBuilder {
     /// Redis tells the tier of every change (see [`NearCache`] for what `max_lag` promises).
     ///
     /// [`build`](CacheBuilder::build) fails on a store that cannot report changes (the
-    /// in-process store, which needs no near tier, or a `RedisStore` made from a pool without
-    /// [`NearCache::tracking_url`]).
+    /// in-process store, which needs no near tier, a single-server `RedisStore` made from a
+    /// pool without [`NearCache::tracking_url`], or a cluster store given one).
     pub fn near_cache(mut self, options: NearCache) -> Self {
         self.near = Some(options);
         self
