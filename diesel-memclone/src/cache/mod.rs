@@ -195,8 +195,8 @@ impl CacheBuilder {
     /// How long a generation a write sets on a row lives before an entry is stored under it
     /// (default 1 minute): long enough for the write to store its returned rows
     /// (write-through). Once entries depend on a row's generation, it lives as long as the
-    /// longest of them, whatever this says, and at most a quarter longer. Expiry is safe: a lost generation
-    /// comes back with a fresh value, so older entries just miss.
+    /// longest of them, whatever this says, and at most a quarter longer. Expiry is safe: a
+    /// lost generation comes back with a fresh value, so older entries just miss.
     pub fn generation_ttl(mut self, ttl: Duration) -> Self {
         self.generation_ttl = ttl;
         self
