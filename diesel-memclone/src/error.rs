@@ -60,10 +60,10 @@ pub enum Error {
     Store(StoreError),
     /// The cache was configured with a value it cannot use.
     Config(String),
-    /// A memclone write (or [`crate::transaction`]) ran inside a database transaction that
+    /// A memclone write (or [`crate::transaction()`]) ran inside a database transaction that
     /// memclone did not open, such as diesel-async's `conn.transaction(..)`: memclone cannot
     /// know when it commits, so it cannot defer the invalidation. Open the outermost
-    /// transaction with [`crate::transaction`] instead; diesel-async transactions nested in it
+    /// transaction with [`crate::transaction()`] instead; diesel-async transactions nested in it
     /// are fine.
     UnmanagedTransaction,
     /// Waiting for another caller's fill lock timed out, and the lock's
