@@ -142,6 +142,23 @@ async fn near_cache(namespace: &str, near: NearCache) -> Cache {
     cache
 }
 
+/// The order of the kinds of read in each round: a Fisher-Yates shuffle driven by xorshift64
+/// (fixed seed: runs are comparable).
+struct Order(u64);
+
+impl Order {
+    fn shuffled(&mut self) -> [usize; 6] {
+        let mut order = [0, 1, 2, 3, 4, 5];
+        for i in (1..order.len()).rev() {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            order.swap(i, (self.0 % (i as u64 + 1)) as usize);
+        }
+        order
+    }
+}
+
 /// What one cache's timed reads were, from its stats before and after them.
 fn kinds(before: Stats, after: Stats) -> [u64; 4] {
     [
@@ -175,6 +192,7 @@ async fn near(conn: &mut AsyncPgConnection) {
     let mut samples: [Vec<f64>; 6] = Default::default();
     let caches = [&near, &generations, &memory, &plain];
     let mut before = [Stats::default(); 4];
+    let mut order = Order(0x2545_f491_4f6c_dd1d);
     for round in 0..ROUNDS + WARM_UP {
         if round == WARM_UP {
             // The first rounds warm the pools up and put the entry and generations in the tiers.
@@ -183,9 +201,11 @@ async fn near(conn: &mut AsyncPgConnection) {
             }
         }
         let mut times = [0.0; 6];
-        // Rotated each round, so that no kind always follows the same other kind.
-        for turn in 0..6 {
-            let kind = (round + turn) % 6;
+        // A fresh order each round, so that no kind always follows the same other kind. (A
+        // rotation keeps the cyclic order: the near hit then always came right after a Redis
+        // round trip, with the thread just woken on cold caches, and the in-process hit always
+        // right after the near hit, on caches it had warmed.)
+        for kind in order.shuffled() {
             times[kind] = match kind {
                 0 => timed_hit(&near, conn, &want).await,
                 1 => timed_hit(&memory, conn, &want).await,

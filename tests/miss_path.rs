@@ -1,12 +1,16 @@
 //! The miss path's round trips: the store operations of one uncontended miss after an
-//! invalidating write, counted by a wrapper store (each operation is one round trip on Redis),
-//! on a single server and on the cluster, with the fill lock on and off. Behaviour, not speed.
+//! invalidating write that its caller waits for, and the one that stores the entry after the
+//! call returned, counted by a wrapper store (each operation is one round trip on Redis), on a
+//! single server and on the cluster, with the fill lock on and off. Behaviour, not speed.
 
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
 use diesel_memclone::deadpool_redis::redis;
 use diesel_memclone::store::RedisStore;
-use diesel_memclone::Cache;
+use diesel_memclone::{Cache, NearCache};
 use diesel_memclone_tests::counting::Counting;
 use diesel_memclone_tests::*;
+use std::time::Duration;
 
 async fn scenario(store: RedisStore, cluster: bool) {
     let schema = unique("misspath");
@@ -23,6 +27,12 @@ async fn scenario(store: RedisStore, cluster: bool) {
         }
         let cache = builder.build().unwrap();
         let names = user_names(&cache, &mut conn).await;
+        let stored = match lock {
+            true => "put_and_unlock",
+            false => "put",
+        };
+        // The first fill's entry write, finished after it returned.
+        background(&counting, stored).await;
         cache.invalidate_table("users").await;
         if !cluster {
             // Scripts lost (a restart, SCRIPT FLUSH): the miss's scripts load them again, and
@@ -32,14 +42,16 @@ async fn scenario(store: RedisStore, cluster: bool) {
         }
         counting.take();
         assert_eq!(user_names(&cache, &mut conn).await, names);
+        // What the caller waited for: the operations done when the read returned.
         let ops = counting.take();
         let want: &[&str] = match lock {
-            // The entry and generations; the lock with a look at the entry; the entry stored
-            // and the lock freed.
-            true => &["fetch", "fetch_or_lock", "put_and_unlock"],
-            false => &["fetch", "put"],
+            // The entry and generations; the lock with a look at the entry.
+            true => &["fetch", "fetch_or_lock"],
+            false => &["fetch"],
         };
         assert_eq!(ops, want, "lock {lock}, cluster {cluster}");
+        // Then, off the caller's path: the entry stored and the lock freed, in one round trip.
+        assert_eq!(background(&counting, stored).await, [stored], "lock {lock}");
         assert_eq!(cache.stats().misses, 2);
         // The lock was freed: no lock key is left in the namespace.
         let raw = RawRedis::test_server(cluster).await;
@@ -53,6 +65,20 @@ async fn scenario(store: RedisStore, cluster: bool) {
         assert_eq!(user_names(&cache, &mut conn).await, names);
         assert_eq!(counting.take(), ["fetch"]);
     }
+}
+
+/// The operations that completed until `last` did (a write the cache finishes after
+/// returning), waiting for it up to 5 s.
+async fn background(counting: &Counting<RedisStore>, last: &str) -> Vec<&'static str> {
+    let mut done = Vec::new();
+    for _ in 0..500 {
+        done.extend(counting.take());
+        if done.contains(&last) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    done
 }
 
 #[tokio::test]
@@ -69,4 +95,75 @@ async fn uncontended_miss_cluster() {
         return;
     };
     scenario(store, true).await;
+}
+
+/// The entry write that a miss leaves running after it returned loses to an invalidation that
+/// lands first: a read after the invalidation gets the new row, whichever write reaches the
+/// store last, with the fill lock on and off and with a near tier.
+#[tokio::test]
+async fn an_invalidation_racing_the_background_write_wins() {
+    let Some(store) = redis_store().await else {
+        return;
+    };
+    let schema = unique("misspath_race");
+    let Some(mut conn) = postgres(&schema).await else {
+        return;
+    };
+    diesel::insert_into(schema::users::table)
+        .values((
+            schema::users::id.eq(1),
+            schema::users::name.eq("ada"),
+            schema::users::status.eq("active"),
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let slow_write = Duration::from_millis(300);
+    for (lock, near) in [(true, false), (false, false), (true, true)] {
+        let counting = Counting::new(store.clone()).with_put_delay(slow_write);
+        let mut builder = Cache::builder()
+            .store(counting.clone())
+            // The slow write must not time out: it is to land after the invalidation.
+            .store_timeout(Duration::from_secs(5))
+            .namespace(unique("misspath_race"));
+        if !lock {
+            builder = builder.no_lock();
+        }
+        if near {
+            builder = builder.near_cache(NearCache::new());
+        }
+        let cache = builder.build().unwrap();
+        if near {
+            assert!(cache.near_cache_ready(Duration::from_secs(10)).await);
+        }
+        let before = user_names(&cache, &mut conn).await;
+        // The miss's entry write is still waiting: the row changes and the table is
+        // invalidated before it reaches the store.
+        let renamed = format!("renamed {lock} {near}");
+        diesel::update(schema::users::table.filter(schema::users::id.eq(1)))
+            .set(schema::users::name.eq(&renamed))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        cache.invalidate_table("users").await;
+        let mut after = before.clone();
+        after[0] = renamed;
+        assert_eq!(
+            user_names(&cache, &mut conn).await,
+            after,
+            "lock {lock} near {near}"
+        );
+        // Both writes have landed now, the old one possibly last: still the new row.
+        tokio::time::sleep(slow_write * 3).await;
+        assert_eq!(
+            user_names(&cache, &mut conn).await,
+            after,
+            "lock {lock} near {near}"
+        );
+        // No lock is left behind for other processes to wait on.
+        let raw = RawRedis::test_server(false).await;
+        let pattern = format!("{}:*:lock:*", cache.namespace());
+        let keys: Vec<String> = raw.query_as(redis::cmd("KEYS").arg(&pattern)).await;
+        assert!(keys.is_empty(), "locks left: {keys:?}");
+    }
 }

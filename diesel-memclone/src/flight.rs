@@ -112,7 +112,9 @@ type Published = Option<Arc<[u8]>>;
 /// began, so the load sees every write the caller had seen commit.
 #[derive(Default)]
 pub(crate) struct Flights {
-    running: Mutex<HashMap<String, Running>>,
+    /// Shared with the leaders, which may outlive the call that made them (a leader stays until
+    /// its entry is in the store, see `Cache::store_entry`).
+    running: Arc<Mutex<HashMap<String, Running>>>,
     /// Orders call starts and load starts (see [`Flights::ticket`]).
     tickets: AtomicU64,
 }
@@ -123,15 +125,16 @@ struct Running {
     began: u64,
 }
 
-pub(crate) enum Join<'a> {
-    Lead(Leader<'a>),
+pub(crate) enum Join {
+    Lead(Leader),
     Follow(watch::Receiver<Published>),
 }
 
 /// The caller that loads. Dropping it without [`publish`](Leader::publish) (an error, a
-/// cancelled future) releases the followers, who then load for themselves.
-pub(crate) struct Leader<'a> {
-    flights: &'a Flights,
+/// cancelled future) releases the followers, who then load for themselves. After `publish`,
+/// callers that join get the published entry until it is dropped.
+pub(crate) struct Leader {
+    running: Arc<Mutex<HashMap<String, Running>>>,
     key: String,
     sender: watch::Sender<Published>,
 }
@@ -143,14 +146,14 @@ impl Flights {
         self.tickets.fetch_add(1, Ordering::SeqCst)
     }
 
-    pub(crate) fn join(&self, key: String) -> Join<'_> {
+    pub(crate) fn join(&self, key: String) -> Join {
         self.join_after(key, None)
     }
 
     /// Like [`join`](Flights::join), but with `since` (a [`ticket`](Flights::ticket) the caller
     /// took when its call began) follows only a load that began after it; an older load is
     /// replaced by this caller's own.
-    pub(crate) fn join_after(&self, key: String, since: Option<u64>) -> Join<'_> {
+    pub(crate) fn join_after(&self, key: String, since: Option<u64>) -> Join {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(load) = running.get(&key) {
             let recent = since.is_none_or(|since| load.began > since);
@@ -163,26 +166,22 @@ impl Flights {
         let began = self.ticket();
         running.insert(key.clone(), Running { receiver, began });
         Join::Lead(Leader {
-            flights: self,
+            running: self.running.clone(),
             key,
             sender,
         })
     }
 }
 
-impl Leader<'_> {
-    pub(crate) fn publish(self, entry: Arc<[u8]>) {
+impl Leader {
+    pub(crate) fn publish(&self, entry: Arc<[u8]>) {
         let _ = self.sender.send(Some(entry));
     }
 }
 
-impl Drop for Leader<'_> {
+impl Drop for Leader {
     fn drop(&mut self) {
-        let mut running = self
-            .flights
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         if running
             .get(&self.key)
             .is_some_and(|load| load.receiver.same_channel(&self.sender.subscribe()))

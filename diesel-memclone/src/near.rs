@@ -114,6 +114,46 @@ impl NearCache {
 
 const STRIPES: usize = 256;
 
+/// The hasher of the tier's maps (the view and the entries), whose keys are this crate's own
+/// store keys: xxh3 (already used for keys and checksums) with a seed drawn per map, instead
+/// of the default SipHash, which cost more than the rest of a lookup. The seed keeps keys that
+/// a client can choose (row primary keys) from being aimed at one bucket.
+#[derive(Clone)]
+pub(crate) struct BuildKeyHasher {
+    seed: u64,
+}
+
+impl BuildKeyHasher {
+    fn new() -> Self {
+        Self {
+            seed: crate::store::fresh_generation(),
+        }
+    }
+}
+
+impl std::hash::BuildHasher for BuildKeyHasher {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(self.seed)
+    }
+}
+
+/// See [`BuildKeyHasher`]: one xxh3 call per key (a `str` is written whole, then a `0xff`).
+pub(crate) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
+    }
+    fn write_u8(&mut self, byte: u8) {
+        // A bijection of the xxh3 output: its bits stay spread.
+        self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 /// An encoded entry and when the tier drops it.
 #[derive(Clone)]
 pub(crate) struct NearEntry {
@@ -146,9 +186,9 @@ pub(crate) struct Near {
     /// Each value with the stamp of its stripe when it was read: it counts only while the stripe
     /// still has that stamp, so a change that lands between a check and an insert can never be
     /// read past.
-    view: DashMap<Box<str>, (u64, u64)>,
+    view: DashMap<Box<str>, (u64, u64), BuildKeyHasher>,
     stripes: Box<[AtomicU64]>,
-    entries: moka::sync::Cache<String, NearEntry>,
+    entries: moka::sync::Cache<String, NearEntry, BuildKeyHasher>,
     /// Nanoseconds after `base` at which the last acknowledged heartbeat was sent; 0: not in
     /// sync.
     synced_at: AtomicU64,
@@ -177,7 +217,7 @@ impl Near {
                 u32::try_from(key.len() + value.bytes.len() + 64).unwrap_or(u32::MAX)
             })
             .expire_after(UntilFresh)
-            .build();
+            .build_with_hasher(BuildKeyHasher::new());
         Arc::new_cyclic(|near| Self {
             request: FollowChanges::new(
                 prefixes,
@@ -185,7 +225,7 @@ impl Near {
                 options.tracking_url.clone(),
                 Arc::new(NearListener(near.clone())),
             ),
-            view: DashMap::new(),
+            view: DashMap::with_hasher(BuildKeyHasher::new()),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             entries,
             synced_at: AtomicU64::new(0),

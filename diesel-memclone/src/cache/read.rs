@@ -6,11 +6,12 @@
 use super::{Cache, Lookup, Policy};
 use crate::codec::{self, Reject};
 use crate::error::{Error, Result};
-use crate::flight::{self, Join, LockOptions, OnLockTimeout};
+use crate::flight::{self, Join, Leader, LockOptions, OnLockTimeout};
 use crate::key;
 use crate::model::RowKey;
 use crate::near::Near;
 use crate::store::{LockProbe, PutEntry};
+use futures_util::future::{BoxFuture, FutureExt};
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
 use std::sync::Arc;
@@ -268,8 +269,8 @@ impl Cache {
                 match &value {
                     Ok(value) => {
                         self.inner.stats.misses.add_one();
-                        self.store_entry(&lookup, &tags, value, Some((&key, owner)))
-                            .await;
+                        let unlock = Some((key.clone(), owner));
+                        in_background(self.store_entry(&lookup, &tags, value, unlock, None));
                     }
                     Err(_) => {
                         let _ = self.call(self.inner.store.unlock(&key, owner)).await;
@@ -328,25 +329,23 @@ impl Cache {
             }
         }
         let value = fill().await;
-        let unlock = held_lock
-            .as_ref()
-            .map(|(key, owner)| (key.as_str(), *owner));
         match &value {
             Ok(value) => {
                 match lookup.policy {
                     Policy::Refresh => stats.bypasses.add_one(),
                     _ => stats.misses.add_one(),
                 }
-                // The entry is stored and the lock freed in one round trip.
-                if let Some(entry) = self.store_entry(&lookup, &tags, value, unlock).await {
-                    if let Some(leader) = leader {
-                        leader.publish(entry);
-                    }
+                // The entry is stored and the lock freed in one round trip, which the caller
+                // does not wait for, except on a reload (which returns once it is stored).
+                let write = self.store_entry(&lookup, &tags, value, held_lock, leader);
+                match lookup.policy {
+                    Policy::Refresh => write.await,
+                    _ => in_background(write),
                 }
             }
             Err(_) => {
-                if let Some((key, owner)) = unlock {
-                    let _ = self.call(self.inner.store.unlock(key, owner)).await;
+                if let Some((key, owner)) = held_lock {
+                    let _ = self.call(self.inner.store.unlock(&key, owner)).await;
                 }
             }
         }
@@ -421,50 +420,68 @@ impl Cache {
         Some(LockWait::FilledByOther(value, entry.into()))
     }
 
-    /// Encodes and stores an entry, and frees `unlock` (a lock key and its owner) in the same
-    /// round trip; returns the bytes (also for single-flight followers).
-    async fn store_entry<T: Serialize + DeserializeOwned>(
+    /// Encodes an entry, hands it to `leader`'s followers, then stores it and frees `unlock` (a
+    /// lock key and its owner) in one round trip, off the caller's path: the caller gets its
+    /// value as soon as the database answered. Until the store has answered, callers of this
+    /// process that miss the entry get it from the flight (`leader` is held until then), and
+    /// other processes wait on the lock, which the store write frees. A failed write only costs
+    /// a later miss (the lock expires); it cannot make a read stale: the entry carries the
+    /// generations read before the database read, and an invalidation that lands first moved
+    /// them. Returns the write, for [`in_background`] (or to await, for a reload).
+    fn store_entry<T: Serialize + DeserializeOwned>(
         &self,
         lookup: &Lookup,
         tags: &[u64],
         value: &T,
-        unlock: Option<(&str, u64)>,
-    ) -> Option<Arc<[u8]>> {
+        unlock: Option<(String, u64)>,
+        leader: Option<Leader>,
+    ) -> BoxFuture<'static, ()> {
         let ttl = self.jittered(lookup.ttl);
         let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
-        let store = &self.inner.store;
+        let cache = self.clone();
         let Some(bytes) = codec::encode(tags, fresh_until, value) else {
-            if let Some((key, owner)) = unlock {
-                let _ = self.call(store.unlock(key, owner)).await;
+            // The followers load for themselves (`leader` dropped unpublished).
+            drop(leader);
+            return async move {
+                if let Some((key, owner)) = unlock {
+                    let _ = cache.call(cache.inner.store.unlock(&key, owner)).await;
+                }
             }
-            return None;
+            .boxed();
         };
         let entry: Arc<[u8]> = bytes.as_slice().into();
-        let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
-        // Generations that expire (a row's) are kept alive as long as the entry.
-        let put = match (lookup.generation_ttl, unlock) {
-            (Some(_), None) => {
-                store.put_with_generations(&lookup.key, bytes, kept_for, &lookup.generations)
-            }
-            (None, None) => store.put(&lookup.key, bytes, kept_for),
-            (generation_ttl, Some((key, owner))) => {
-                let generations = match generation_ttl {
-                    Some(_) => &lookup.generations[..],
-                    None => &[],
-                };
-                let entry = PutEntry::new(&lookup.key, bytes, kept_for, generations);
-                store.put_and_unlock(entry, key, owner)
-            }
-        };
-        let near = self.inner.near.as_deref();
-        let stamp = near.map(|near| near.stamp(&lookup.key));
-        // A failed store write only costs a later miss.
-        if self.call(put).await.is_ok() {
-            if let (Some(near), Some(stamp)) = (near, stamp) {
-                near.keep(&lookup.key, entry.clone(), fresh_until, stamp);
-            }
+        if let Some(leader) = &leader {
+            leader.publish(entry.clone());
         }
-        Some(entry)
+        let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
+        let key = lookup.key.clone();
+        // Generations that expire (a row's) are kept alive as long as the entry.
+        let generations = lookup.generation_ttl.map(|_| lookup.generations.clone());
+        // Kept in the near tier at once, for this process's next reads: like the store's copy,
+        // it is served only under the generations it carries, which an invalidation moves.
+        if let Some(near) = self.inner.near.as_deref() {
+            let stamp = near.stamp(&lookup.key);
+            near.keep(&lookup.key, entry.clone(), fresh_until, stamp);
+        }
+        let storing = async move {
+            let store = &cache.inner.store;
+            let put = match (generations.as_deref(), &unlock) {
+                (Some(generations), None) => {
+                    store.put_with_generations(&key, bytes, kept_for, generations)
+                }
+                (None, None) => store.put(&key, bytes, kept_for),
+                (generations, Some((lock, owner))) => {
+                    let generations = generations.unwrap_or(&[]);
+                    let put = PutEntry::new(&key, bytes, kept_for, generations);
+                    store.put_and_unlock(put, lock, *owner)
+                }
+            };
+            // A failed write only costs a later miss.
+            let _ = cache.call(put).await;
+            // Only now may callers of this process go to the store for the entry.
+            drop(leader);
+        };
+        storing.boxed()
     }
 
     fn jittered(&self, ttl: Duration) -> Duration {
@@ -532,6 +549,21 @@ impl Cache {
             let _ = self.call(self.inner.store.put(&key, bytes, kept_for)).await;
             self.forget_near(std::slice::from_ref(&key));
         }
+    }
+}
+
+/// Runs a store write off the caller's path: polled once here, so that an in-process store is
+/// done at once and a Redis command is on its way, then finished by a task of its own. Outside
+/// a runtime (never the case on the read path, which needs one for its store timeouts) the rest
+/// is dropped: a lock then expires by itself, and the entry is missed once more.
+fn in_background(write: BoxFuture<'static, ()>) {
+    let mut write = write;
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    if write.as_mut().poll(&mut context).is_ready() {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        drop(runtime.spawn(write));
     }
 }
 
