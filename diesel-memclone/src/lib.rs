@@ -132,6 +132,7 @@ mod key;
 pub mod listen;
 mod model;
 mod near;
+pub mod observe;
 mod query;
 pub mod store;
 pub mod sync;
