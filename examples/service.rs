@@ -55,7 +55,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const CLIENTS: usize = 32;
+const CLIENTS: usize = 64;
 const MAX_REQUESTS: u64 = 2_000_000;
 
 #[tokio::main]
@@ -130,7 +130,7 @@ struct Figures {
 }
 
 async fn bench(measured: Duration) {
-    let warmup = (measured / 5).min(Duration::from_secs(2));
+    let warmup = (measured / 2).min(Duration::from_secs(10));
     let cached = load_run(
         Config::from_env().named("memclone_service_bench"),
         warmup,
@@ -186,12 +186,24 @@ async fn load_run(config: Config, warmup: Duration, measured: Duration) -> Figur
     let elapsed = began.elapsed();
     let hit_ratio = match (cache.as_ref().map(|c| c.stats()), before) {
         (Some(after), Some(before)) => {
+            println!("cache stats over the measured run (cumulative since start): {after:?}");
             let hits = after.hits - before.hits;
             let reads = hits + (after.misses - before.misses) + (after.bypasses - before.bypasses);
             hits as f64 / reads.max(1) as f64
         }
         _ => 0.0,
     };
+    if std::env::var("SHOW_METRICS").is_ok() {
+        for line in service::prometheus().render().lines().filter(|l| {
+            l.starts_with("memclone_hits")
+                || l.starts_with("memclone_misses")
+                || l.starts_with("memclone_coal")
+                || l.starts_with("memclone_fill_seconds{")
+                || l.starts_with("memclone_store_seconds{")
+        }) {
+            println!("{line}");
+        }
+    }
     let _ = stop.send(());
     server.await.expect("server task").expect("serve");
 
@@ -272,18 +284,30 @@ fn next_request(
 ) -> (Method, String, Option<serde_json::Value>) {
     let user = rng.skewed(users);
     let post = rng.skewed(posts);
-    match rng.below(100) {
-        0..30 => (Method::GET, format!("/users/{user}"), None),
-        30..60 => (Method::GET, format!("/posts/{post}"), None),
-        60..75 => (Method::GET, format!("/posts?author={user}"), None),
-        75..85 => (Method::GET, "/users?status=active&limit=50".into(), None),
-        85..90 => (Method::GET, "/posts".into(), None),
-        90..95 => (
+    let pick = match std::env::var("MIX_ONLY").ok().and_then(|v| v.parse().ok()) {
+        Some(p) => p,
+        None => rng.below(100),
+    };
+    // Cumulative thresholds of the mix (percent): see the module's table.
+    static MIX: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+    let mix = MIX.get_or_init(|| {
+        std::env::var("MIX")
+            .map(|m| m.split(',').map(|x| x.parse().unwrap()).collect())
+            .unwrap_or(vec![30, 60, 75, 85, 90, 95, 98])
+    });
+    let kind = mix.iter().position(|&t| pick < t).unwrap_or(mix.len());
+    match kind {
+        0 => (Method::GET, format!("/users/{user}"), None),
+        1 => (Method::GET, format!("/posts/{post}"), None),
+        2 => (Method::GET, format!("/posts?author={user}"), None),
+        3 => (Method::GET, "/users?status=active&limit=50".into(), None),
+        4 => (Method::GET, "/posts".into(), None),
+        5 => (
             Method::PUT,
             format!("/posts/{post}"),
             Some(serde_json::json!({ "title": format!("edited {}", rng.below(1_000_000)) })),
         ),
-        95..98 => (
+        6 => (
             Method::POST,
             "/posts".into(),
             Some(serde_json::json!({ "user_id": user, "title": "new post" })),

@@ -56,7 +56,7 @@ pub struct Config {
     pub seed_users: i32,
     /// Posts per seeded user.
     pub posts_per_user: i32,
-    /// Database connections in the pool.
+    /// Database connections in each pool (one for reads, one for writes).
     pub pool_size: usize,
 }
 
@@ -100,7 +100,11 @@ impl Config {
 /// What every request handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    pool: Pool<AsyncPgConnection>,
+    /// Reads and writes have pools of their own (as with a replica for reads): a read, which
+    /// needs a connection even when the cache answers it, never waits behind writes waiting
+    /// for their commit to reach the disk.
+    reads: Pool<AsyncPgConnection>,
+    writes: Pool<AsyncPgConnection>,
     /// The cache, when reads are cached.
     pub cache: Option<Cache>,
     metrics: PrometheusHandle,
@@ -152,23 +156,12 @@ pub async fn start(config: &Config) -> Result<AppState, Box<dyn std::error::Erro
     ))
     .await?;
 
-    // Each pooled connection works in the service's schema.
-    let mut setup = ManagerConfig::default();
-    // No test query on every checkout: a cached read must not cost a database round trip.
-    setup.recycling_method = RecyclingMethod::Fast;
-    let search_path = format!("SET search_path TO {schema}");
-    setup.custom_setup = Box::new(move |url| {
-        let search_path = search_path.clone();
-        Box::pin(async move {
-            let mut conn = AsyncPgConnection::establish(url).await?;
-            conn.batch_execute(&search_path)
-                .await
-                .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
-            Ok(conn)
-        })
-    });
-    let manager = AsyncDieselConnectionManager::new_with_config(config.database_url.clone(), setup);
-    let pool = Pool::builder(manager).max_size(config.pool_size).build()?;
+    let reads = Pool::builder(manager_of(config))
+        .max_size(config.pool_size)
+        .build()?;
+    let writes = Pool::builder(manager_of(config))
+        .max_size(config.pool_size)
+        .build()?;
 
     let cache = if config.cached {
         let store = RedisStore::builder(config.redis_url.clone()).build()?;
@@ -187,10 +180,31 @@ pub async fn start(config: &Config) -> Result<AppState, Box<dyn std::error::Erro
         None
     };
     Ok(AppState {
-        pool,
+        reads,
+        writes,
         cache,
         metrics,
     })
+}
+
+/// A connection manager whose connections work in the service's schema.
+fn manager_of(config: &Config) -> AsyncDieselConnectionManager<AsyncPgConnection> {
+    let schema = &config.schema;
+    let mut setup = ManagerConfig::<AsyncPgConnection>::default();
+    // No test query on every checkout: a cached read must not cost a database round trip.
+    setup.recycling_method = RecyclingMethod::Fast;
+    let search_path = format!("SET search_path TO {schema}");
+    setup.custom_setup = Box::new(move |url| {
+        let search_path = search_path.clone();
+        Box::pin(async move {
+            let mut conn = AsyncPgConnection::establish(url).await?;
+            conn.batch_execute(&search_path)
+                .await
+                .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+            Ok(conn)
+        })
+    });
+    AsyncDieselConnectionManager::new_with_config(config.database_url.clone(), setup)
 }
 
 /// The routes (see the module's table).
@@ -293,8 +307,15 @@ impl From<diesel_memclone::Error> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 impl AppState {
-    async fn conn(&self) -> ApiResult<Object<AsyncPgConnection>> {
-        self.pool
+    async fn read_conn(&self) -> ApiResult<Object<AsyncPgConnection>> {
+        self.reads
+            .get()
+            .await
+            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+    }
+
+    async fn write_conn(&self) -> ApiResult<Object<AsyncPgConnection>> {
+        self.writes
             .get()
             .await
             .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
@@ -370,7 +391,7 @@ async fn list_users(
         .order(users::id)
         .limit(limit)
         .select(User::as_select());
-    let mut conn = state.conn().await?;
+    let mut conn = state.read_conn().await?;
     let rows = match &state.cache {
         Some(cache) => {
             use diesel_memclone::CachedDsl;
@@ -386,7 +407,7 @@ async fn list_users(
 }
 
 async fn get_user(State(state): State<AppState>, Path(id): Path<i32>) -> ApiResult<Json<User>> {
-    let mut conn = state.conn().await?;
+    let mut conn = state.read_conn().await?;
     let user = match &state.cache {
         Some(cache) => cache.find::<User, _>(&mut *conn, id).await?,
         None => {
@@ -404,7 +425,7 @@ async fn create_user(
     State(state): State<AppState>,
     Json(new): Json<NewUser>,
 ) -> ApiResult<(StatusCode, Json<User>)> {
-    let mut conn = state.conn().await?;
+    let mut conn = state.write_conn().await?;
     let user: User = match &state.cache {
         Some(cache) => {
             diesel_memclone::insert_into(users::table)
@@ -430,7 +451,7 @@ async fn update_user(
     Path(id): Path<i32>,
     Json(changes): Json<UserChanges>,
 ) -> ApiResult<Json<User>> {
-    let mut conn = state.conn().await?;
+    let mut conn = state.write_conn().await?;
     let user: User = match &state.cache {
         Some(cache) => {
             diesel_memclone::update(users::table.find(id))
@@ -452,7 +473,7 @@ async fn update_user(
 }
 
 async fn delete_user(State(state): State<AppState>, Path(id): Path<i32>) -> ApiResult<StatusCode> {
-    let mut conn = state.conn().await?;
+    let mut conn = state.write_conn().await?;
     let deleted = match &state.cache {
         Some(cache) => {
             diesel_memclone::delete(posts::table.filter(posts::user_id.eq(id)))
@@ -483,7 +504,7 @@ async fn list_posts(
     State(state): State<AppState>,
     Query(filter): Query<PostFilter>,
 ) -> ApiResult<Json<Vec<PostWithAuthor>>> {
-    let mut conn = state.conn().await?;
+    let mut conn = state.read_conn().await?;
     let joined = posts::table
         .inner_join(users::table)
         .select((Post::as_select(), users::name))
@@ -523,7 +544,7 @@ async fn list_posts(
 }
 
 async fn get_post(State(state): State<AppState>, Path(id): Path<i32>) -> ApiResult<Json<Post>> {
-    let mut conn = state.conn().await?;
+    let mut conn = state.read_conn().await?;
     let post = match &state.cache {
         Some(cache) => cache.find::<Post, _>(&mut *conn, id).await?,
         None => {
@@ -541,7 +562,7 @@ async fn create_post(
     State(state): State<AppState>,
     Json(new): Json<NewPost>,
 ) -> ApiResult<(StatusCode, Json<Post>)> {
-    let mut conn = state.conn().await?;
+    let mut conn = state.write_conn().await?;
     let post: Post = match &state.cache {
         Some(cache) => {
             diesel_memclone::insert_into(posts::table)
@@ -567,7 +588,7 @@ async fn update_post(
     Path(id): Path<i32>,
     Json(changes): Json<PostChanges>,
 ) -> ApiResult<Json<Post>> {
-    let mut conn = state.conn().await?;
+    let mut conn = state.write_conn().await?;
     let post: Post = match &state.cache {
         Some(cache) => {
             diesel_memclone::update(posts::table.find(id))
@@ -589,7 +610,7 @@ async fn update_post(
 }
 
 async fn delete_post(State(state): State<AppState>, Path(id): Path<i32>) -> ApiResult<StatusCode> {
-    let mut conn = state.conn().await?;
+    let mut conn = state.write_conn().await?;
     let deleted = match &state.cache {
         Some(cache) => {
             diesel_memclone::delete(posts::table.find(id))

@@ -61,7 +61,12 @@ async fn metrics_count_the_requests_hits_and_misses() {
         let client = client.clone();
         async move {
             let (status, body) = client.get(path).await.expect("a response");
-            assert_eq!(status, StatusCode::OK, "{path}: {}", String::from_utf8_lossy(&body));
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "{path}: {}",
+                String::from_utf8_lossy(&body)
+            );
             body
         }
     };
