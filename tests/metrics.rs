@@ -31,6 +31,17 @@ fn recorded<F: std::future::Future<Output = ()>>(scenario: impl FnOnce() -> F) -
     handle.render()
 }
 
+async fn active_ids(cache: &Cache, conn: &mut SqliteConn) -> Vec<i32> {
+    users::table
+        .filter(users::status.eq("active"))
+        .select(users::id)
+        .cached("active_ids")
+        .using(cache)
+        .load::<i32, _>(conn)
+        .await
+        .unwrap()
+}
+
 #[test]
 fn reads_count_by_tier_and_label_and_writes_by_table() {
     let cache = Cache::builder()
@@ -42,17 +53,9 @@ fn reads_count_by_tier_and_label_and_writes_by_table() {
         conn.batch_execute("INSERT INTO users VALUES (1, 'Ann', 'active'), (2, 'Bob', 'away')")
             .await
             .unwrap();
-        let read = |conn: &mut SqliteConn| {
-            users::table
-                .filter(users::status.eq("active"))
-                .select(users::id)
-                .cached("active_ids")
-                .using(&cache)
-                .load::<i32>(conn)
-        };
-        let first = read(&mut conn).await.unwrap();
-        assert_eq!(read(&mut conn).await.unwrap(), first);
-        assert_eq!(read(&mut conn).await.unwrap(), first);
+        let first = active_ids(&cache, &mut conn).await;
+        assert_eq!(active_ids(&cache, &mut conn).await, first);
+        assert_eq!(active_ids(&cache, &mut conn).await, first);
         let ann = cache.find::<User, _>(&mut conn, 1).await.unwrap();
         assert_eq!(ann.name, "Ann");
         diesel_memclone::update(users::table.find(1))
@@ -61,7 +64,7 @@ fn reads_count_by_tier_and_label_and_writes_by_table() {
             .execute(&mut conn)
             .await
             .unwrap();
-        read(&mut conn).await.unwrap();
+        active_ids(&cache, &mut conn).await;
     });
     let count = |series: &str| sample(&rendered, series).unwrap_or(0.0);
     assert_eq!(
@@ -103,7 +106,7 @@ fn reads_in_a_transaction_count_as_bypasses() {
                 .select(users::id)
                 .cached("in_transaction")
                 .using(&cache)
-                .load::<i32>(conn)
+                .load::<i32, _>(conn)
                 .await
         })
         .await
@@ -144,7 +147,7 @@ fn without_a_recorder_reads_are_still_counted_in_stats() {
                 .select(users::id)
                 .cached("no_recorder")
                 .using(&cache)
-                .load::<i32>(&mut conn)
+                .load::<i32, _>(&mut conn)
                 .await
                 .unwrap();
         }
