@@ -61,6 +61,7 @@ macro_rules! on_every_store {
 pub mod bench;
 pub mod counting;
 pub mod proxy;
+pub mod service;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 use diesel::prelude::*;

@@ -8,7 +8,9 @@
 //!   then invalidate every cached query of the written table (one O(1) generation bump) and the
 //!   written rows' entity entries;
 //! * two stores: [`store::MemoryStore`] (the embedded default, one per process) and
-//!   [`store::RedisStore`] (feature `redis`; shared by every process that uses it).
+//!   [`store::RedisStore`] (feature `redis`; shared by every process that uses it);
+//! * `tracing` spans on cached reads and invalidations, and metrics through the `metrics`
+//!   facade (feature `metrics`): see [`observe`] for every name.
 //!
 //! Without [`install`], each process gets its own in-process cache: replicas of a service then
 //! never invalidate each other and can serve stale rows for the default TTL (1 hour). Install
@@ -132,6 +134,7 @@ mod key;
 pub mod listen;
 mod model;
 mod near;
+pub mod observe;
 mod query;
 pub mod store;
 pub mod sync;

@@ -1,6 +1,6 @@
 //! `.cached(label)` on any Diesel query.
 
-use crate::cache::{cache, Cache, Lookup, Policy, Shape, ShapeKey};
+use crate::cache::{cache, Cache, Lookup, Policy, ReadName, Shape, ShapeKey};
 use crate::error::Result;
 use crate::key;
 use crate::model::CacheValue;
@@ -178,6 +178,7 @@ impl<Q> Cached<Q> {
             ttl: self.ttl.unwrap_or_else(|| cache.default_ttl()),
             tables: tables.into(),
             policy: Policy::ReadWrite,
+            name: ReadName::query(&self.label),
         }
     }
 
@@ -265,6 +266,7 @@ impl<Q> Cached<Q> {
             ttl: self.ttl.unwrap_or_else(|| cache.default_ttl()),
             tables: shape.tables.clone(),
             policy: Policy::ReadWrite,
+            name: ReadName::query(&self.label),
         })
     }
 

@@ -55,6 +55,8 @@ impl Cache {
         if inner.health.skip(inner.retry_after) {
             return Err(StoreError::Unavailable);
         }
+        #[cfg(feature = "metrics")]
+        let began = super::observe::meters::store_call_began();
         let outcome = match tokio::time::timeout(inner.store_timeout, operation).await {
             Ok(outcome) => outcome,
             Err(_) => {
@@ -63,6 +65,8 @@ impl Cache {
                 Err(StoreError::Timeout)
             }
         };
+        #[cfg(feature = "metrics")]
+        super::observe::meters::store_call_ended(began, outcome.as_ref().err());
         match &outcome {
             Ok(_) => inner.health.succeeded(),
             Err(error) => {

@@ -25,6 +25,14 @@ impl Cache {
         self.invalidate_table(M::table()).await;
     }
 
+    /// Delivers now, if the store takes them, the invalidations that could not be delivered
+    /// (they are otherwise retried every `retry_after` in the background): for a graceful
+    /// shutdown, which should not leave other processes serving what this one wrote. True when
+    /// none is left.
+    pub async fn deliver_invalidations(&self) -> bool {
+        self.deliver_pending().await
+    }
+
     /// Tables whose invalidation has not reached the store yet.
     pub fn undelivered_invalidations(&self) -> Vec<String> {
         self.lock_undelivered().keys().cloned().collect()
@@ -69,6 +77,7 @@ impl Cache {
 
     /// Records tables whose invalidation did not reach the store.
     pub(crate) fn mark_undelivered(&self, tables: &[String]) {
+        self.undelivered_event(tables);
         let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
         let mut pending = self.lock_undelivered();
         for table in tables {
@@ -192,7 +201,22 @@ impl Cache {
         tables: &[String],
         rows: Option<&[RowKey]>,
     ) -> Option<Invalidated> {
-        self.inner.stats.invalidations.add_one();
+        let span = Cache::invalidate_span(tables, rows.map(<[RowKey]>::len));
+        if span.is_disabled() {
+            return self.invalidate_tables(tables, rows, &span).await;
+        }
+        let invalidation = self.invalidate_tables(tables, rows, &span);
+        tracing::Instrument::instrument(invalidation, span.clone()).await
+    }
+
+    /// [`invalidate_written`](Self::invalidate_written), in its span.
+    async fn invalidate_tables(
+        &self,
+        tables: &[String],
+        rows: Option<&[RowKey]>,
+        span: &tracing::Span,
+    ) -> Option<Invalidated> {
+        self.invalidation_event(tables);
         // If this future is dropped before the bump is done (a cancelled request), the guard
         // records the invalidation as undelivered, to be retried.
         let mut guard = Undelivered {
@@ -200,7 +224,12 @@ impl Cache {
             tables,
             delivered: false,
         };
-        let invalidated = self.bump_tables(tables, rows).await.ok()?;
+        let bumped = self.bump_tables(tables, rows).await;
+        span.record(
+            "outcome",
+            ["undelivered", "delivered"][usize::from(bumped.is_ok())],
+        );
+        let invalidated = bumped.ok()?;
         guard.delivered = true;
         self.deliver_pending().await;
         Some(invalidated)

@@ -10,9 +10,11 @@
 
 mod health;
 mod invalidate;
+mod observe;
 mod read;
 
 pub(crate) use invalidate::{Invalidated, PendingWrite};
+pub(crate) use observe::ReadName;
 
 use crate::error::{Error, Result};
 use crate::flight::{Flights, LockOptions};
@@ -49,6 +51,8 @@ pub struct Cache {
 
 struct Inner {
     store: Arc<dyn Store>,
+    /// The store's [`Store::tier_name`], for metrics and spans.
+    store_tier: &'static str,
     namespace: String,
     default_ttl: Duration,
     store_timeout: Duration,
@@ -300,6 +304,7 @@ impl CacheBuilder {
         };
         Ok(Cache {
             inner: Arc::new(Inner {
+                store_tier: store.tier_name(),
                 store,
                 namespace: self.namespace,
                 default_ttl: self.default_ttl,
@@ -424,6 +429,8 @@ pub(crate) struct Lookup {
     pub(crate) ttl: Duration,
     pub(crate) tables: Arc<[String]>,
     pub(crate) policy: Policy,
+    /// Its label and span.
+    pub(crate) name: ReadName,
 }
 
 /// Which reads share a [`Shape`]: the result type, and (a hint only) the type name of the
@@ -657,6 +664,7 @@ impl Cache {
             ttl,
             tables: Arc::new([row.table.to_owned()]),
             policy,
+            name: ReadName::entity(row.table),
         }
     }
 }

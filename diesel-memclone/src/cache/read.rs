@@ -3,6 +3,7 @@
 //! process (single-flight) and across processes (the fill lock). Also the entries a write
 //! stores through.
 
+use super::observe::ReadEvent;
 use super::{Cache, Lookup, Policy};
 use crate::codec::{self, Reject};
 use crate::error::{Error, Result};
@@ -20,19 +21,34 @@ use std::time::{Duration, Instant};
 impl Cache {
     /// Answers a read from the store when a fresh entry exists, otherwise from `fill`, and
     /// stores the result tagged with the generations read *before* `fill` ran.
-    pub(crate) async fn read_through<T, F, Fut>(&self, lookup: Lookup, fill: F) -> Result<T>
+    pub(crate) async fn read_through<T, F, Fut>(&self, mut lookup: Lookup, fill: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
         Fut: Future<Output = diesel::QueryResult<T>>,
     {
-        let stats = &self.inner.stats;
+        #[cfg(feature = "metrics")]
+        let fill = super::observe::meters::timed_fill(&lookup.name.label, fill);
+        let span = self.read_span(&mut lookup);
+        if span.is_disabled() {
+            return self.read(lookup, fill).await;
+        }
+        tracing::Instrument::instrument(self.read(lookup, fill), span).await
+    }
+
+    /// [`read_through`](Self::read_through), in its span.
+    async fn read<T, F, Fut>(&self, lookup: Lookup, fill: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = diesel::QueryResult<T>>,
+    {
         // Taken before anything else: a database read shared when the store fails must begin
         // after this call did (see `database_read`).
         let began = self.inner.flights.ticket();
         let blocked = !self.deliver_pending().await && self.is_undelivered(&lookup.tables);
         if lookup.policy == Policy::Bypass {
-            stats.bypasses.add_one();
+            self.read_event(&lookup, ReadEvent::Bypass);
             return Ok(fill().await?);
         }
         if blocked {
@@ -62,7 +78,7 @@ impl Cache {
             }
         }
         if lookup.policy == Policy::ReadOnly {
-            stats.bypasses.add_one();
+            self.read_event(&lookup, ReadEvent::Bypass);
             return Ok(fill().await?);
         }
         let tags = match tags {
@@ -96,12 +112,12 @@ impl Cache {
         lookup: &Lookup,
         current: Vec<u64>,
     ) -> StoreRead<T> {
-        let stats = &self.inner.stats;
         if let Some(bytes) = near.entry(&lookup.key) {
             if let Ok((value, fresh_until)) = codec::decode::<T>(&bytes, &current) {
                 if codec::now_millis() < fresh_until {
                     near.count_hit();
-                    stats.hits.add_one();
+                    self.read_event(lookup, ReadEvent::NearHit);
+                    self.read_bytes(lookup, bytes.len());
                     return StoreRead::Hit(value);
                 }
             }
@@ -171,7 +187,8 @@ impl Cache {
     ) -> Option<Judged<T>> {
         match codec::decode::<T>(&bytes, current) {
             Ok((value, fresh_until)) if codec::now_millis() < fresh_until => {
-                self.inner.stats.hits.add_one();
+                self.read_event(lookup, ReadEvent::StoreHit);
+                self.read_bytes(lookup, bytes.len());
                 if let Some(near) = near {
                     near.keep(&lookup.key, bytes.into(), fresh_until, stamp);
                 }
@@ -183,7 +200,7 @@ impl Cache {
             }
             Ok(_) => None,
             Err(Reject::Corrupt) => {
-                self.inner.stats.corrupt_entries.add_one();
+                self.read_event(lookup, ReadEvent::Corrupt);
                 None
             }
             Err(Reject::Outdated) => None,
@@ -200,10 +217,9 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = diesel::QueryResult<T>>,
     {
-        let stats = &self.inner.stats;
         // Only a plain read may share: a read in a transaction must see that transaction.
         if lookup.policy != Policy::ReadWrite || !self.inner.single_flight {
-            stats.bypasses.add_one();
+            self.read_event(lookup, ReadEvent::Bypass);
             return Ok(fill().await?);
         }
         let key = format!("{}#database", lookup.key);
@@ -213,7 +229,7 @@ impl Cache {
                 let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
                 if let Ok(Some(entry)) = followed.await {
                     if let Ok((value, _)) = codec::decode::<T>(&entry, &[]) {
-                        stats.coalesced.add_one();
+                        self.read_event(lookup, ReadEvent::Coalesced);
                         return Ok(value);
                     }
                 }
@@ -221,7 +237,7 @@ impl Cache {
                 None
             }
         };
-        stats.bypasses.add_one();
+        self.read_event(lookup, ReadEvent::Bypass);
         let value = fill().await?;
         if let Some(leader) = leader {
             if let Some(bytes) = codec::encode(&[], u64::MAX, &value) {
@@ -268,7 +284,7 @@ impl Cache {
                 let value = fill().await;
                 match &value {
                     Ok(value) => {
-                        self.inner.stats.misses.add_one();
+                        self.read_event(&lookup, ReadEvent::Miss);
                         let unlock = Some((key.clone(), owner));
                         in_background(self.store_entry(&lookup, &tags, value, unlock, None));
                     }
@@ -279,7 +295,7 @@ impl Cache {
                 Ok(value?)
             }
             _ => {
-                self.inner.stats.stale_served.add_one();
+                self.read_event(&lookup, ReadEvent::Stale);
                 Ok(stale)
             }
         }
@@ -293,7 +309,6 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = diesel::QueryResult<T>>,
     {
-        let stats = &self.inner.stats;
         let coordinated = lookup.policy == Policy::ReadWrite;
         let mut leader = None;
         if coordinated && self.inner.single_flight {
@@ -307,7 +322,7 @@ impl Cache {
                     let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
                     if let Ok(Some(entry)) = followed.await {
                         if let Ok((value, _)) = codec::decode::<T>(&entry, &tags) {
-                            stats.coalesced.add_one();
+                            self.read_event(&lookup, ReadEvent::Coalesced);
                             return Ok(value);
                         }
                     }
@@ -332,8 +347,8 @@ impl Cache {
         match &value {
             Ok(value) => {
                 match lookup.policy {
-                    Policy::Refresh => stats.bypasses.add_one(),
-                    _ => stats.misses.add_one(),
+                    Policy::Refresh => self.read_event(&lookup, ReadEvent::Bypass),
+                    _ => self.read_event(&lookup, ReadEvent::Miss),
                 }
                 // The entry is stored and the lock freed in one round trip, which the caller
                 // does not wait for, except on a reload (which returns once it is stored).
@@ -377,7 +392,7 @@ impl Cache {
                     let entry = probed.entry.filter(|bytes| probe.matches(bytes));
                     if let Some(entry) = entry {
                         if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
-                            self.inner.stats.lock_waits.add_one();
+                            self.read_event(lookup, ReadEvent::LockWait);
                             return Ok(LockWait::FilledByOther(value, entry.into()));
                         }
                     }
@@ -386,7 +401,7 @@ impl Cache {
                 Err(_) => return Ok(LockWait::GoAhead),
             }
             if Instant::now() >= deadline {
-                self.inner.stats.lock_timeouts.add_one();
+                self.read_event(lookup, ReadEvent::LockTimeout);
                 return match lock.on_timeout {
                     OnLockTimeout::Database => Ok(LockWait::GoAhead),
                     OnLockTimeout::Error => Err(Error::LockTimeout),
@@ -416,7 +431,7 @@ impl Cache {
         }
         let entry = fetched.entry?;
         let (value, _) = codec::decode::<T>(&entry, tags).ok()?;
-        self.inner.stats.lock_waits.add_one();
+        self.read_event(lookup, ReadEvent::LockWait);
         Some(LockWait::FilledByOther(value, entry.into()))
     }
 
@@ -450,6 +465,7 @@ impl Cache {
             .boxed();
         };
         let entry: Arc<[u8]> = bytes.as_slice().into();
+        self.read_bytes(lookup, entry.len());
         if let Some(leader) = &leader {
             leader.publish(entry.clone());
         }

@@ -203,6 +203,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn tier_name(&self) -> &'static str {
+        "memory"
+    }
+
     fn fetch<'a>(
         &'a self,
         entry: &'a str,

@@ -204,6 +204,12 @@ pub trait Store: Send + Sync + 'static {
         let _ = follow;
         None
     }
+
+    /// The store's name in metrics and spans (see [`observe`](crate::observe)): `memory`,
+    /// `redis`, or by default `store`. Keep it short, fixed and lowercase.
+    fn tier_name(&self) -> &'static str {
+        "store"
+    }
 }
 
 /// Where a store reports changes for a near tier (see [`Store::follow_changes`]).

@@ -671,6 +671,10 @@ fn parse_generation(value: &Value) -> Option<u64> {
 }
 
 impl Store for RedisStore {
+    fn tier_name(&self) -> &'static str {
+        "redis"
+    }
+
     fn fetch<'a>(
         &'a self,
         entry: &'a str,
