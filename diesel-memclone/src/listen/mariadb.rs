@@ -1,55 +1,5 @@
-//! Invalidation from MariaDB/MySQL, which has no `NOTIFY`: row triggers bump a per-table
-//! version counter in the writer's transaction, and a listener polls the counters.
-//!
-//! * [`mariadb_install_sql`] gives the SQL for a migration: the counter table
-//!   (`memclone_versions`, InnoDB) and, on each table, three `AFTER INSERT/UPDATE/DELETE ... FOR
-//!   EACH ROW` triggers of one statement each (no `DELIMITER` needed), which run
-//!   `INSERT INTO memclone_versions (tbl, shard, version) VALUES ('<table>', CONNECTION_ID() % 16, 1)
-//!   ON DUPLICATE KEY UPDATE version = version + 1`. [`mariadb_uninstall_sql`] undoes it.
-//! * [`mariadb`] starts a listener: a background task on a connection of its own that reads the
-//!   counters every few milliseconds ([`MariaDbListener::poll_every`], default 10 ms) and
-//!   invalidates each table whose counters moved, through the same path as memclone's own
-//!   writes ([`Cache::invalidate_table`]).
-//!
-//! Why counters rather than a change log: the bump is part of the writer's transaction, so the
-//! listener sees it exactly when the write commits (and never if it rolls back). Counters only
-//! grow, so a listener that compares them cannot skip a change, whereas a log's auto-increment
-//! ids commit out of order and a cursor over them can skip one that commits late; they need no
-//! trimming (one row per table and shard), and any number of listeners (one per replica) read
-//! them without writing. The counter row is locked by the writer until it commits: the shard
-//! (`CONNECTION_ID() % 16`) keeps concurrent writers of one table on different rows, so that
-//! they do not wait for each other's commits.
-//!
-//! Foreign-key cascades (`ON DELETE CASCADE`, `SET NULL`, ...) change child rows without firing
-//! their triggers. The listener reads the database's foreign keys
-//! (`information_schema.REFERENTIAL_CONSTRAINTS`) at start, after every reconnection and every
-//! 10 s, and when a table changes it invalidates the tables its cascades can change too
-//! (transitively).
-//!
-//! Nothing is lost while the listener is away: on start and after every reconnection it reads
-//! the counters, then invalidates every watched table (and the tables that changed meanwhile),
-//! then polls. A write committed before that read is covered by the invalidation, one committed
-//! after it moves a counter the next poll sees.
-//!
-//! Not seen (as on PostgreSQL for DDL): `TRUNCATE TABLE` (it fires no trigger), DDL, and writes
-//! to tables without the triggers. Call [`Cache::invalidate_table`] after those.
-//!
-//! ```no_run
-//! # async fn run() -> Result<(), diesel_memclone::listen::ListenError> {
-//! use diesel_memclone::listen;
-//! // In a migration (`up.sql`): the output of
-//! let up = listen::mariadb_install_sql(listen::MARIADB_VERSIONS_TABLE, &["users", "posts"]);
-//! // and in `down.sql`:
-//! let down = listen::mariadb_uninstall_sql(listen::MARIADB_VERSIONS_TABLE, &["users", "posts"]);
-//!
-//! // In the application, once the cache is installed:
-//! let listener = listen::mariadb("mysql://app@localhost/app")
-//!     .tables(["users", "posts"])
-//!     .start()
-//!     .await?;
-//! assert!(listener.is_healthy());
-//! # Ok(()) }
-//! ```
+//! Invalidation from MariaDB/MySQL: see [`mariadb`] (the public items are re-exported by
+//! `listen`).
 
 use super::{
     invalidate_all, stopped, DownGuard, ListenError, ListenHandle, Served, Shared, CONNECT_TIMEOUT,
@@ -333,6 +283,59 @@ impl fmt::Debug for MariaDbListener {
 
 /// A listener on the MariaDB/MySQL database at `database_url` (which names the database whose
 /// tables are watched): give it the tables to watch, then [`start`](MariaDbListener::start) it.
+///
+/// MariaDB/MySQL has no `NOTIFY`: row triggers bump a per-table version counter in the
+/// writer's transaction, and the listener polls the counters.
+///
+/// * [`mariadb_install_sql`] gives the SQL for a migration: the counter table
+///   (`memclone_versions`, InnoDB) and, on each table, three `AFTER INSERT/UPDATE/DELETE ... FOR
+///   EACH ROW` triggers of one statement each (no `DELIMITER` needed), which run
+///   `INSERT INTO memclone_versions (tbl, shard, version) VALUES ('<table>', CONNECTION_ID() % 16, 1)
+///   ON DUPLICATE KEY UPDATE version = version + 1`. [`mariadb_uninstall_sql`] undoes it.
+/// * this starts a listener: a background task on a connection of its own that reads the
+///   counters every few milliseconds ([`MariaDbListener::poll_every`], default 10 ms) and
+///   invalidates each table whose counters moved, through the same path as memclone's own
+///   writes ([`Cache::invalidate_table`]).
+///
+/// Why counters rather than a change log: the bump is part of the writer's transaction, so the
+/// listener sees it exactly when the write commits (and never if it rolls back). Counters only
+/// grow, so a listener that compares them cannot skip a change, whereas a log's auto-increment
+/// ids commit out of order and a cursor over them can skip one that commits late; they need no
+/// trimming (one row per table and shard), and any number of listeners (one per replica) read
+/// them without writing. The counter row is locked by the writer until it commits: the shard
+/// (`CONNECTION_ID() % 16`) keeps concurrent writers of one table on different rows, so that
+/// they do not wait for each other's commits.
+///
+/// Foreign-key cascades (`ON DELETE CASCADE`, `SET NULL`, ...) change child rows without firing
+/// their triggers. The listener reads the database's foreign keys
+/// (`information_schema.REFERENTIAL_CONSTRAINTS`) at start, after every reconnection and every
+/// 10 s, and when a table changes it invalidates the tables its cascades can change too
+/// (transitively).
+///
+/// Nothing is lost while the listener is away: on start and after every reconnection it reads
+/// the counters, then invalidates every watched table (and the tables that changed meanwhile),
+/// then polls. A write committed before that read is covered by the invalidation, one committed
+/// after it moves a counter the next poll sees.
+///
+/// Not seen (as on PostgreSQL for DDL): `TRUNCATE TABLE` (it fires no trigger), DDL, and writes
+/// to tables without the triggers. Call [`Cache::invalidate_table`] after those.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), diesel_memclone::listen::ListenError> {
+/// use diesel_memclone::listen;
+/// // In a migration (`up.sql`): the output of
+/// let up = listen::mariadb_install_sql(listen::MARIADB_VERSIONS_TABLE, &["users", "posts"]);
+/// // and in `down.sql`:
+/// let down = listen::mariadb_uninstall_sql(listen::MARIADB_VERSIONS_TABLE, &["users", "posts"]);
+///
+/// // In the application, once the cache is installed:
+/// let listener = listen::mariadb("mysql://app@localhost/app")
+///     .tables(["users", "posts"])
+///     .start()
+///     .await?;
+/// assert!(listener.is_healthy());
+/// # Ok(()) }
+/// ```
 pub fn mariadb(database_url: impl Into<String>) -> MariaDbListener {
     MariaDbListener {
         database_url: database_url.into(),

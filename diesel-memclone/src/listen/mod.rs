@@ -43,6 +43,16 @@
 //!
 //! MariaDB/MySQL has no `NOTIFY`: its listener (feature `mysql`) polls counters that triggers
 //! bump, see [`mariadb`].
+// Each backend's items exist with its feature only; links to the other's then point at docs.rs,
+// where every feature is documented (as in lib.rs).
+#![cfg_attr(
+    not(feature = "postgres"),
+    doc = "\n\n[`install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.install_sql.html\n[`uninstall_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.uninstall_sql.html\n[`postgres`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.postgres.html\n[`Listener`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html"
+)]
+#![cfg_attr(
+    not(feature = "mysql"),
+    doc = "\n\n[`mariadb`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.mariadb.html"
+)]
 
 #[cfg(feature = "mysql")]
 mod mariadb;
@@ -89,6 +99,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// These are the names memclone keys them by ([`MemClone::table`](crate::MemClone::table)):
 /// without their schema. A model whose table is not in the `search_path` of the migration and of
 /// the listener's connection has to be named with its schema (`"app.ledger"`) instead.
+#[cfg_attr(
+    not(feature = "postgres"),
+    doc = "\n\n[`install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.install_sql.html\n[`Listener::tables`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html#method.tables"
+)]
 pub fn tables<M: Models>() -> Vec<&'static str> {
     let mut out = Vec::new();
     M::tables(&mut out);
@@ -245,6 +259,10 @@ pub fn uninstall_sql<S: AsRef<str>>(tables: &[S]) -> String {
 }
 
 /// Why a [`Listener`] did not start.
+#[cfg_attr(
+    not(feature = "postgres"),
+    doc = "\n\n[`Listener`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html"
+)]
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ListenError {
