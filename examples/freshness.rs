@@ -56,6 +56,9 @@
 //! (waiting up to 10 s for the last notifications to land). The last line is
 //! `reads=R writes=W stale_reads=S stale_entries=E lag_p50_us=A lag_p99_us=B max_lag_us=C`.
 //!
+//! `--mariadb` runs the `--external-writers` mode on MariaDB/MySQL (`MYSQL_URL`) with its
+//! listener (`listen::mariadb`): see `freshness/mariadb.rs`.
+//!
 //! `--cut-tracking-every S` (single Redis only: `NearCache::tracking_url` takes one server) runs
 //! each process's invalidation stream through a proxy of its own that every S seconds
 //! alternately stalls (holds every byte, connection open) and cuts the link, restoring it after
@@ -76,6 +79,10 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+// Not `examples/mariadb.rs`: cargo would take that for an example of its own.
+#[path = "freshness/mariadb.rs"]
+mod mariadb;
 
 #[allow(missing_docs)]
 mod schema {
@@ -146,6 +153,8 @@ struct Options {
     external_writers: usize,
     /// This child is one of them.
     external: bool,
+    /// `--mariadb`: the external-writer mode on MariaDB/MySQL.
+    mariadb: bool,
 }
 
 fn parse_options() -> Options {
@@ -169,6 +178,7 @@ fn parse_options() -> Options {
         sync: false,
         external_writers: 0,
         external: false,
+        mariadb: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -198,6 +208,7 @@ fn parse_options() -> Options {
                 options.external_writers = value().parse().expect("--external-writers N")
             }
             "--external" => options.external = true,
+            "--mariadb" => options.mariadb = true,
             "--child" => {
                 let schema = value();
                 options.child = Some((schema, value()));
@@ -217,6 +228,14 @@ fn parse_options() -> Options {
         options.external_writers == 0
             || !(options.near || options.naive || options.cluster.is_some()),
         "--external-writers does not combine with --near-cache, --naive or --redis-cluster"
+    );
+    assert!(
+        !options.mariadb
+            || !(options.near
+                || options.naive
+                || options.cluster.is_some()
+                || options.sync_processes > 0),
+        "--mariadb does not combine with --near-cache, --naive, --redis-cluster or --sync-processes"
     );
     options
 }
@@ -1295,7 +1314,12 @@ fn near_summary(options: &Options, lines: &[String], totals: [u64; 4]) {
 #[tokio::main]
 async fn main() {
     let options = parse_options();
-    if options.child.is_some() && options.sync {
+    if options.mariadb {
+        match options.child.is_some() {
+            true => mariadb::child(options).await,
+            false => mariadb::parent(options).await,
+        }
+    } else if options.child.is_some() && options.sync {
         sync_child(options).await;
     } else if options.child.is_some() {
         child(options).await;

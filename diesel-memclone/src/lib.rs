@@ -108,14 +108,14 @@
 //!
 //! * `derive` (default): re-exports `#[derive(MemClone)]` and `#[derive(CacheValue)]`;
 //! * `redis`: [`store::RedisStore`], over a deadpool-redis pool (single server or Cluster);
-//! * `postgres`, `mysql`, `sqlite`: forward diesel-async's backends; `postgres` also gives
-//!   [`listen`]: triggers and a listener that invalidate the cache on writes that
-//!   bypass memclone.
+//! * `postgres`, `mysql`, `sqlite`: forward diesel-async's backends; `postgres` and `mysql` also
+//!   give [`listen`]: triggers and a listener that invalidate the cache on writes that bypass
+//!   memclone.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // Without the `redis` feature `RedisStore` does not exist; the links above then point at
 // docs.rs, where every feature is documented.
 #![cfg_attr(
-    not(feature = "postgres"),
+    not(any(feature = "postgres", feature = "mysql")),
     doc = "\n\n[`listen`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/index.html"
 )]
 #![cfg_attr(
@@ -129,8 +129,8 @@ mod entity;
 mod error;
 mod flight;
 mod key;
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]
 pub mod listen;
 mod model;
 mod near;

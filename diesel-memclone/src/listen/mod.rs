@@ -41,11 +41,34 @@
 //! # Ok(()) }
 //! ```
 //!
-//! MariaDB/MySQL has no `NOTIFY`: this module is PostgreSQL only.
+//! MariaDB/MySQL has no `NOTIFY`: its listener (feature `mysql`) polls counters that triggers
+//! bump, see [`mariadb`].
+// Each backend's items exist with its feature only; links to the other's then point at docs.rs,
+// where every feature is documented (as in lib.rs).
+#![cfg_attr(
+    not(feature = "postgres"),
+    doc = "\n\n[`install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.install_sql.html\n[`uninstall_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.uninstall_sql.html\n[`postgres`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.postgres.html\n[`Listener`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html"
+)]
+#![cfg_attr(
+    not(feature = "mysql"),
+    doc = "\n\n[`mariadb`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.mariadb.html"
+)]
+
+#[cfg(feature = "mysql")]
+mod mariadb;
+#[cfg(feature = "mysql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+pub use mariadb::{
+    mariadb, mariadb_install_sql, mariadb_uninstall_sql, MariaDbListener, MariaDbSetupError,
+    MARIADB_SHARDS, MARIADB_VERSIONS_TABLE,
+};
 
 use crate::Cache;
+#[cfg(feature = "postgres")]
 use diesel::sql_types::{BigInt, Bool, Integer, Text};
+#[cfg(feature = "postgres")]
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+#[cfg(feature = "postgres")]
 use futures_util::{FutureExt, StreamExt};
 use std::collections::BTreeSet;
 use std::fmt;
@@ -53,13 +76,17 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "postgres")]
 /// The channel the triggers notify and the listener listens on, unless told otherwise.
 pub const DEFAULT_CHANNEL: &str = "memclone";
+#[cfg(feature = "postgres")]
 /// The name of the trigger [`install_sql`] creates on each table.
 pub const TRIGGER_NAME: &str = "memclone_invalidate";
+#[cfg(feature = "postgres")]
 /// The name of the trigger function [`install_sql`] creates (in the first schema of the
 /// migration's `search_path`).
 pub const FUNCTION_NAME: &str = "memclone_notify";
+#[cfg(feature = "postgres")]
 /// The `application_name` of the listener's connection (to find it in `pg_stat_activity`).
 pub const APPLICATION_NAME: &str = "memclone-listener";
 
@@ -72,6 +99,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// These are the names memclone keys them by ([`MemClone::table`](crate::MemClone::table)):
 /// without their schema. A model whose table is not in the `search_path` of the migration and of
 /// the listener's connection has to be named with its schema (`"app.ledger"`) instead.
+#[cfg_attr(
+    not(feature = "postgres"),
+    doc = "\n\n[`install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.install_sql.html\n[`Listener::tables`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html#method.tables"
+)]
 pub fn tables<M: Models>() -> Vec<&'static str> {
     let mut out = Vec::new();
     M::tables(&mut out);
@@ -111,6 +142,7 @@ models_tuple!(A, B, C, D, E, F, G, H, I, J);
 models_tuple!(A, B, C, D, E, F, G, H, I, J, K);
 models_tuple!(A, B, C, D, E, F, G, H, I, J, K, L);
 
+#[cfg(feature = "postgres")]
 /// A table named as text (`users`, `app.ledger`, `"App"."Ledger"`), as a list of identifiers:
 /// quoted parts keep their case (`""` is a quote), bare parts are folded to lower case, as
 /// PostgreSQL does.
@@ -149,14 +181,17 @@ fn identifiers(name: &str) -> Vec<String> {
     parts
 }
 
+#[cfg(feature = "postgres")]
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+#[cfg(feature = "postgres")]
 fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+#[cfg(feature = "postgres")]
 /// The table as SQL: each identifier quoted (`"app"."ledger"`).
 fn table_sql(name: &str) -> String {
     identifiers(name)
@@ -166,6 +201,7 @@ fn table_sql(name: &str) -> String {
         .join(".")
 }
 
+#[cfg(feature = "postgres")]
 /// The SQL that installs the triggers on `tables`, for a migration's `up.sql`: the trigger
 /// function `memclone_notify()` (created or replaced, in the first schema of the `search_path`)
 /// and, on each table, the trigger `memclone_invalidate` (replaced if it exists).
@@ -200,6 +236,7 @@ pub fn install_sql<S: AsRef<str>>(channel: &str, tables: &[S]) -> String {
     sql
 }
 
+#[cfg(feature = "postgres")]
 /// The SQL that removes what [`install_sql`] installed on `tables`, for a migration's
 /// `down.sql`: each table's trigger, then the function if no trigger uses it any more.
 pub fn uninstall_sql<S: AsRef<str>>(tables: &[S]) -> String {
@@ -222,6 +259,10 @@ pub fn uninstall_sql<S: AsRef<str>>(tables: &[S]) -> String {
 }
 
 /// Why a [`Listener`] did not start.
+#[cfg_attr(
+    not(feature = "postgres"),
+    doc = "\n\n[`Listener`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html"
+)]
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ListenError {
@@ -234,6 +275,7 @@ pub enum ListenError {
     NoSuchTable(String),
     /// A watched table lacks the trigger [`install_sql`] installs for this channel, or has an
     /// older, different or disabled one.
+    #[cfg(feature = "postgres")]
     MissingTrigger {
         /// The table, as given.
         table: String,
@@ -242,6 +284,10 @@ pub enum ListenError {
     },
     /// No table to watch was given.
     NoTables,
+    /// MariaDB/MySQL: the counter table or a trigger is missing or out of date.
+    #[cfg(feature = "mysql")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+    MariaDb(MariaDbSetupError),
 }
 
 impl fmt::Display for ListenError {
@@ -252,6 +298,7 @@ impl fmt::Display for ListenError {
             ListenError::NoSuchTable(t) => {
                 write!(f, "memclone listener: watched table {t} does not exist")
             }
+            #[cfg(feature = "postgres")]
             ListenError::MissingTrigger { table, channel } => write!(
                 f,
                 "memclone listener: table {table} has no up-to-date `{TRIGGER_NAME}` trigger for \
@@ -259,6 +306,8 @@ impl fmt::Display for ListenError {
                  `diesel_memclone::listen::install_sql({channel:?}, ..)` (in a migration)"
             ),
             ListenError::NoTables => write!(f, "memclone listener: no table to watch"),
+            #[cfg(feature = "mysql")]
+            ListenError::MariaDb(e) => write!(f, "memclone listener: {e}"),
         }
     }
 }
@@ -285,6 +334,7 @@ impl From<diesel::result::Error> for ListenError {
     }
 }
 
+#[cfg(feature = "postgres")]
 /// A listener to configure and [`start`](Listener::start): see [`postgres`].
 #[must_use = "a listener does nothing until started"]
 #[derive(Clone)]
@@ -297,6 +347,7 @@ pub struct Listener {
     ping_every: Duration,
 }
 
+#[cfg(feature = "postgres")]
 impl fmt::Debug for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The URL may hold a password.
@@ -309,6 +360,7 @@ impl fmt::Debug for Listener {
     }
 }
 
+#[cfg(feature = "postgres")]
 /// A listener on the PostgreSQL database at `database_url`: give it the tables to watch, then
 /// [`start`](Listener::start) it.
 pub fn postgres(database_url: impl Into<String>) -> Listener {
@@ -322,6 +374,7 @@ pub fn postgres(database_url: impl Into<String>) -> Listener {
     }
 }
 
+#[cfg(feature = "postgres")]
 impl Listener {
     /// Adds tables to watch (as for [`install_sql`]): each must have the trigger, and each is
     /// invalidated on start and after every reconnection. A notification for another table on
@@ -424,12 +477,14 @@ impl Listener {
     }
 }
 
+#[cfg(feature = "postgres")]
 #[derive(diesel::QueryableByName)]
 struct BackendPid {
     #[diesel(sql_type = Integer)]
     pid: i32,
 }
 
+#[cfg(feature = "postgres")]
 #[derive(diesel::QueryableByName)]
 struct TriggerCheck {
     #[diesel(sql_type = Bool)]
@@ -438,6 +493,7 @@ struct TriggerCheck {
     triggers: i64,
 }
 
+#[cfg(feature = "postgres")]
 /// Every watched table exists and has an enabled `memclone_invalidate` trigger that fires after
 /// each statement of the four kinds and notifies `channel`.
 async fn check_triggers(
@@ -559,6 +615,7 @@ enum Served {
     Lost(String),
 }
 
+#[cfg(feature = "postgres")]
 async fn run(
     listener: Listener,
     cache: Cache,
@@ -639,6 +696,7 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
+#[cfg(feature = "postgres")]
 async fn serve(
     listener: &Listener,
     cache: &Cache,
@@ -707,6 +765,7 @@ async fn invalidate_all(cache: &Cache, tables: &BTreeSet<String>) {
     }
 }
 
+#[cfg(feature = "postgres")]
 #[cfg(test)]
 mod tests {
     use super::*;
