@@ -49,6 +49,11 @@ pub struct Cache {
 
 struct Inner {
     store: Arc<dyn Store>,
+    /// True for the crate's own stores, whose operations may run on a synchronous caller's own
+    /// runtime (see `crate::sync::MAX_THREAD_RUNTIMES`): the in-process store does no I/O, and
+    /// the Redis store opens there only connections of that thread's own. Other stores' operations
+    /// run with the internal runtime current, as they may open or spawn what every thread shares.
+    store_is_thread_aware: bool,
     namespace: String,
     default_ttl: Duration,
     store_timeout: Duration,
@@ -119,6 +124,8 @@ impl std::fmt::Debug for Cache {
 #[must_use]
 pub struct CacheBuilder {
     store: Option<Arc<dyn Store>>,
+    /// See `Inner::store_is_thread_aware`.
+    store_is_thread_aware: bool,
     namespace: String,
     default_ttl: Duration,
     store_timeout: Duration,
@@ -145,6 +152,7 @@ impl Default for CacheBuilder {
     fn default() -> Self {
         Self {
             store: None,
+            store_is_thread_aware: true,
             namespace: "memclone".to_owned(),
             default_ttl: Duration::from_secs(3600),
             store_timeout: Duration::from_millis(250),
@@ -159,9 +167,19 @@ impl Default for CacheBuilder {
     }
 }
 
+/// See `Inner::store_is_thread_aware`.
+fn thread_aware(store: &dyn std::any::Any) -> bool {
+    #[cfg(feature = "redis")]
+    if store.is::<crate::store::RedisStore>() {
+        return true;
+    }
+    store.is::<MemoryStore>()
+}
+
 impl CacheBuilder {
     /// The store (default: a [`MemoryStore`] of 256 MiB).
     pub fn store(mut self, store: impl Store) -> Self {
+        self.store_is_thread_aware = thread_aware(&store);
         self.store = Some(Arc::new(store));
         self
     }
@@ -301,6 +319,7 @@ impl CacheBuilder {
         Ok(Cache {
             inner: Arc::new(Inner {
                 store,
+                store_is_thread_aware: self.store_is_thread_aware,
                 namespace: self.namespace,
                 default_ttl: self.default_ttl,
                 store_timeout: self.store_timeout,
