@@ -34,6 +34,13 @@ use std::time::Duration;
 /// it, while concurrent operations wait for that same connect. [`RedisStore::connect`] opens
 /// them all ahead of the first request.
 ///
+/// Synchronous calls ([`crate::sync`]) are the exception: each calling thread, up to
+/// [`MAX_THREAD_RUNTIMES`](crate::sync::MAX_THREAD_RUNTIMES) of them, opens one connection of its
+/// own (through the pool's manager, with its settings, outside its size) on its own runtime,
+/// and closes it when the thread ends (or, once the store is dropped, when the thread next opens
+/// a connection to another store). Count them in Redis's `maxclients`. A cluster store's
+/// synchronous calls use its shared cluster connection.
+///
 /// ```no_run
 /// # async fn demo() -> diesel_memclone::Result<()> {
 /// use diesel_memclone::{store::RedisStore, Cache};
