@@ -348,7 +348,10 @@ fn near_sync_against_async(
     // Until the tier is in sync and holds the entry.
     let deadline = Instant::now() + Duration::from_secs(10);
     while sync_near.stats().near_hits == 0 {
-        assert!(Instant::now() < deadline, "the sync near tier holds the entry");
+        assert!(
+            Instant::now() < deadline,
+            "the sync near tier holds the entry"
+        );
         sync_hit();
         std::thread::sleep(Duration::from_millis(1));
     }

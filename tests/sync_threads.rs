@@ -1,13 +1,15 @@
 //! Synchronous calls on Redis from many threads: each thread (up to
 //! `sync::MAX_THREAD_RUNTIMES`) reads through a connection of its own, closed when the thread
 //! ends, and further threads share the store's connection. A file of its own: the bound is
-//! process-wide, so no other test may hold thread runtimes meanwhile.
+//! process-wide, so no other test may hold thread runtimes meanwhile (and this file's tests run
+//! one at a time).
 //!
 //! The Redis server is reached through a proxy that counts the connections open at each moment.
 
 use diesel_memclone::store::RedisStore;
 use diesel_memclone::sync::MAX_THREAD_RUNTIMES;
 use diesel_memclone::Cache;
+use diesel_memclone_tests::counting::Counting;
 use diesel_memclone_tests::proxy::Proxy;
 use diesel_memclone_tests::{redis_store_sync, redis_url, unique};
 use std::sync::{Arc, Barrier};
@@ -59,12 +61,14 @@ fn read_on_threads(
         .collect()
 }
 
-#[test]
-fn each_thread_reads_on_a_connection_of_its_own_up_to_the_bound() {
-    if redis_store_sync().is_none() {
-        return;
-    }
-    // The proxy runs on a runtime of the test's own; the reads run on plain threads.
+/// Held by each test: the bound is process-wide, so a test's threads must not take thread
+/// runtimes while another test counts connections.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A proxy to the test Redis, on a runtime of the test's own (the reads run on plain threads),
+/// or `None` (reported) when the server is unreachable.
+fn proxy() -> Option<(tokio::runtime::Runtime, Proxy)> {
+    redis_store_sync()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -75,6 +79,15 @@ fn each_thread_reads_on_a_connection_of_its_own_up_to_the_bound() {
         .parse()
         .expect("REDIS_URL as redis://ip:port");
     let proxy = runtime.block_on(Proxy::start(upstream));
+    Some((runtime, proxy))
+}
+
+#[test]
+fn each_thread_reads_on_a_connection_of_its_own_up_to_the_bound() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((_runtime, proxy)) = proxy() else {
+        return;
+    };
     let store = RedisStore::builder(proxy.url()).build().unwrap();
     let cache = Cache::builder()
         .store(store)
@@ -126,5 +139,48 @@ fn each_thread_reads_on_a_connection_of_its_own_up_to_the_bound() {
         open_connections(&proxy, 0),
         0,
         "the shared one closed with the store"
+    );
+}
+
+/// A store of the user's own (here one wrapping the Redis store) runs its operations with the
+/// internal runtime current: the connection it opens serves every thread and outlives the
+/// thread that opened it.
+#[test]
+fn a_store_of_the_users_own_shares_its_connection_across_threads() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((_runtime, proxy)) = proxy() else {
+        return;
+    };
+    let store = Counting::new(RedisStore::builder(proxy.url()).build().unwrap());
+    let cache = Cache::builder()
+        .store(store.clone())
+        .namespace(unique("sync_own_store"))
+        .build()
+        .unwrap();
+    let read = |cache: &Cache| {
+        let cache = cache.clone();
+        std::thread::spawn(move || {
+            cache
+                .blocking()
+                .fill_with("own", "answer", &["users"], || Ok(42_i64))
+        })
+        .join()
+        .expect("a reading thread panicked")
+    };
+    assert!(matches!(read(&cache), Ok(42)));
+    assert!(store.take().contains(&"fetch"), "the store was asked");
+    assert_eq!(
+        open_connections(&proxy, 1),
+        1,
+        "the store's one connection outlives the thread that opened it"
+    );
+    assert!(matches!(read(&cache), Ok(42)));
+    assert_eq!(store.take(), ["fetch"], "a hit: one round trip");
+    assert_eq!(proxy.accepted(), 1, "on the same connection");
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.misses, stats.hits, stats.store_errors),
+        (1, 1, 0),
+        "{stats:?}"
     );
 }
