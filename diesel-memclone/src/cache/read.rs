@@ -89,21 +89,55 @@ impl Cache {
 
     /// A read whose generations the near tier knows: its entry from the tier, or else the
     /// entry alone from the store (one `GET`), validated against those generations.
+    /// The near tier's fresh entry for `lookup` under the `current` generations, counted as a
+    /// hit; `None` (not counted) otherwise.
+    fn near_entry_hit<T: DeserializeOwned>(
+        &self,
+        near: &Near,
+        lookup: &Lookup,
+        current: &[u64],
+    ) -> Option<T> {
+        let bytes = near.entry(&lookup.key)?;
+        let (value, fresh_until) = codec::decode::<T>(&bytes, current).ok()?;
+        if codec::now_millis() >= fresh_until {
+            return None;
+        }
+        near.count_hit();
+        self.inner.stats.hits.add_one();
+        Some(value)
+    }
+
+    /// A near hit answered at once, without a runtime: what `read_through` would answer from
+    /// the near tier without waiting for anything, else `None` (nothing counted) and the caller
+    /// goes on with `read_through`. For synchronous calls, whose runtime costs more than the
+    /// lookup itself.
+    pub(crate) fn near_hit_now<T: DeserializeOwned>(&self, lookup: &Lookup) -> Option<T> {
+        // As `read_through`: a pending invalidation or a policy that does not read first goes
+        // the long way.
+        // Inside another synchronous call's fill every call is refused, hit or not.
+        if !matches!(lookup.policy, Policy::ReadWrite | Policy::ReadOnly)
+            || self
+                .inner
+                .has_undelivered
+                .load(std::sync::atomic::Ordering::Acquire)
+            || crate::sync::driving()
+        {
+            return None;
+        }
+        // Not `near()`: its change stream is started by the first call inside a runtime.
+        let near = self.inner.near.as_deref().filter(|near| near.in_sync())?;
+        let current = near.generations(&lookup.generations)?;
+        self.near_entry_hit(near, lookup, &current)
+    }
+
     async fn near_read<T: DeserializeOwned>(
         &self,
         near: &Near,
         lookup: &Lookup,
         current: Vec<u64>,
     ) -> StoreRead<T> {
-        let stats = &self.inner.stats;
-        if let Some(bytes) = near.entry(&lookup.key) {
-            if let Ok((value, fresh_until)) = codec::decode::<T>(&bytes, &current) {
-                if codec::now_millis() < fresh_until {
-                    near.count_hit();
-                    stats.hits.add_one();
-                    return StoreRead::Hit(value);
-                }
-            }
+        if let Some(value) = self.near_entry_hit(near, lookup, &current) {
+            return StoreRead::Hit(value);
         }
         near.count_miss();
         let stamp = near.stamp(&lookup.key);
