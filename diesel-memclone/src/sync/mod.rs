@@ -19,8 +19,9 @@
 //! calls. At most [`MAX_THREAD_RUNTIMES`] threads get one; the runtime and its connections
 //! close when the thread ends. Background work (the near tier's stream, invalidation retries),
 //! the store's shared connections, and stores other than the crate's own live on an internal
-//! runtime with one worker thread, created on first need. The program needs no runtime of its
-//! own.
+//! runtime with one worker thread, created on first need. A near hit
+//! ([`NearCache`](crate::NearCache)) is answered before any runtime is entered. The program needs
+//! no runtime of its own.
 //!
 //! Where it may be called:
 //! * plain threads and `tokio::task::spawn_blocking`: as any blocking call;
