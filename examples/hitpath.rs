@@ -27,8 +27,9 @@
 //! With `--sync`, one row on Redis, on one plain thread, interleaved round by round: the hit of
 //! the synchronous API (`diesel_memclone::sync`, a `PgConnection`) and the hit of the async API
 //! (an `AsyncPgConnection`, timed inside a current-thread runtime's `block_on`), each through
-//! its own store and pool on one namespace, so both read the same entry. The last line is
-//! `sync_us=S async_us=A ratio=Q`.
+//! its own store and pool on one namespace, so both read the same entry. Then the same with a
+//! near tier holding the entry (a near hit of each API, `near: sync_us=.. async_us=..`). The
+//! last line is `sync_us=S async_us=A ratio=Q`, of the Redis hits.
 
 // mimalloc, as in the benches: with glibc's malloc the cost of the same decode depends on the
 // allocation history (consolidation of freed chunks), which adds noise unrelated to the cache.
@@ -315,12 +316,92 @@ fn sync_against_async() {
         "every timed async read was a hit: {async_stats:?}"
     );
     let (sync, asynch) = (median(syncs), median(asyncs));
+    near_sync_against_async(&mut sync_conn, &mut async_conn, &namespace, &filled);
     println!(
         "rows=1 sync_us={sync:.1} async_us={asynch:.1} ratio={:.3}",
         sync / asynch
     );
     println!(
         "sync_us={sync:.1} async_us={asynch:.1} ratio={:.3}",
+        sync / asynch
+    );
+}
+
+/// `--sync`, with a near tier holding the entry: the sync API's near hit against the async
+/// API's, interleaved. A near hit is a lookup in this process's memory: the sync call should
+/// cost no more than the async one.
+fn near_sync_against_async(
+    sync_conn: &mut PgConnection,
+    async_conn: &mut AsyncPgConnection,
+    namespace: &str,
+    want: &[BenchUser],
+) {
+    // A worker thread keeps the async near tier's change stream going between the timed reads
+    // (a near hit does no I/O: the connection's own runtime need not run).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let async_near = runtime.block_on(near_cache(namespace, NearCache::new()));
+    // Built outside the example's runtime: its first sync read starts its change stream on the
+    // library's internal runtime, which runs while this thread is not inside a call.
+    let store = RedisStore::builder(diesel_memclone_tests::redis_url())
+        .build()
+        .expect("Redis URL");
+    let sync_near = Cache::builder()
+        .store(store)
+        .namespace(namespace)
+        .near_cache(NearCache::new())
+        .build()
+        .expect("cache");
+    let mut sync_hit = || {
+        let start = Instant::now();
+        let hit: Vec<BenchUser> = diesel_memclone::sync::CachedDsl::cached(first_users(1), "first")
+            .using(&sync_near)
+            .load(sync_conn)
+            .unwrap();
+        let time = start.elapsed().as_secs_f64() * 1e6;
+        assert_eq!(hit, want);
+        time
+    };
+    // Until the tier is in sync and holds the entry.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sync_near.stats().near_hits == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sync near tier holds the entry"
+        );
+        sync_hit();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (mut syncs, mut asyncs) = (Vec::with_capacity(ROUNDS), Vec::with_capacity(ROUNDS));
+    let mut before = (Stats::default(), Stats::default());
+    for round in 0..ROUNDS + 200 {
+        if round == 200 {
+            before = (sync_near.stats(), async_near.stats());
+        }
+        let sync_time = sync_hit();
+        let async_time = runtime.block_on(timed_hit(&async_near, async_conn, want));
+        if round >= 200 {
+            syncs.push(sync_time);
+            asyncs.push(async_time);
+        }
+    }
+    let rounds = ROUNDS as u64;
+    assert_eq!(
+        kinds(before.0, sync_near.stats()),
+        [rounds, 0, rounds, 0],
+        "sync: all near hits"
+    );
+    assert_eq!(
+        kinds(before.1, async_near.stats()),
+        [rounds, 0, rounds, 0],
+        "async: all near hits"
+    );
+    let (sync, asynch) = (median(syncs), median(asyncs));
+    println!(
+        "near: sync_us={sync:.2} async_us={asynch:.2} ratio={:.3}",
         sync / asynch
     );
 }

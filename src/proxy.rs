@@ -15,6 +15,7 @@ pub struct Proxy {
     addr: SocketAddr,
     up: Arc<AtomicBool>,
     accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
     cut: watch::Sender<u64>,
     stalled: watch::Sender<bool>,
 }
@@ -40,6 +41,15 @@ async fn forward(
     }
 }
 
+/// Counts a forwarded connection as closed when its task ends.
+struct Closed(Arc<AtomicUsize>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Proxy {
     /// Starts a proxy on an ephemeral loopback port forwarding to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Proxy {
@@ -51,6 +61,8 @@ impl Proxy {
         let accepting_up = up.clone();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counting = accepted.clone();
+        let open = Arc::new(AtomicUsize::new(0));
+        let opened = open.clone();
         let cuts = cut.subscribe();
         let stalls = stalled.subscribe();
         tokio::spawn(async move {
@@ -60,11 +72,14 @@ impl Proxy {
                     continue;
                 }
                 counting.fetch_add(1, Ordering::SeqCst);
+                opened.fetch_add(1, Ordering::SeqCst);
+                let closed = Closed(opened.clone());
                 let mut cuts = cuts.clone();
                 // Only cuts after this connection was accepted end it.
                 cuts.borrow_and_update();
                 let stalls = stalls.clone();
                 tokio::spawn(async move {
+                    let _closed = closed;
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
@@ -82,6 +97,7 @@ impl Proxy {
             addr,
             up,
             accepted,
+            open,
             cut,
             stalled,
         }
@@ -95,6 +111,11 @@ impl Proxy {
     /// Connections accepted and forwarded so far: how many connections a client opened.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now: accepted, and neither side has closed them yet.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Drops every open connection and refuses new ones.

@@ -388,3 +388,70 @@ fn a_blocked_statement_does_not_stall_other_threads() {
         assert_eq!(outcome.unwrap(), 1, "thread {who}");
     }
 }
+
+/// A synchronous read through a near tier: near hits (answered before any runtime is entered),
+/// and a write made through another cache ("process") on the same Redis served at most
+/// `max_lag` late.
+#[test]
+fn sync_near_hits_see_other_processes_writes() {
+    use diesel_memclone::NearCache;
+    use std::time::{Duration, Instant};
+    let schema = unique("sync_near");
+    let (Some(mut conn), Some(store), Some(other_store)) = (
+        postgres_sync(&schema),
+        redis_store_sync(),
+        redis_store_sync(),
+    ) else {
+        return;
+    };
+    let namespace = unique("sync_near");
+    let max_lag = NearCache::DEFAULT_MAX_LAG;
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(&namespace)
+        .near_cache(NearCache::new())
+        .build()
+        .unwrap();
+    let other = Cache::builder()
+        .store(other_store)
+        .namespace(&namespace)
+        .build()
+        .unwrap();
+    let counter = QueryCounter::default();
+    counter.attach_sync(&mut conn);
+    memclone::insert_into(users::table)
+        .values(&user(1, "Ada"))
+        .using(&other)
+        .execute(&mut conn)
+        .unwrap();
+    let read = |conn: &mut PgConnection| {
+        users::table
+            .order(users::id)
+            .cached("all")
+            .using(&cache)
+            .load::<User, _>(conn)
+            .unwrap()
+    };
+    // The first read fills, a later one keeps the entry in the tier once its stream is in sync.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.stats().near_hits == 0 {
+        assert!(Instant::now() < deadline, "a near hit within 10 s");
+        assert_eq!(read(&mut conn)[0].name, "Ada");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A hit: near, or from Redis if the stream lags on a loaded machine.
+    let (users, queries) = counted!(counter, read(&mut conn));
+    assert_eq!((users[0].name.as_str(), queries), ("Ada", 0), "a hit");
+
+    memclone::update(users::table.filter(users::id.eq(1)))
+        .set(users::name.eq("Bea"))
+        .using(&other)
+        .execute(&mut conn)
+        .unwrap();
+    std::thread::sleep(max_lag * 2);
+    assert_eq!(
+        read(&mut conn)[0].name,
+        "Bea",
+        "another process's write, max_lag later"
+    );
+}

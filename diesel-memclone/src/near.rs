@@ -278,15 +278,14 @@ impl Near {
         self.request.clone()
     }
 
-    /// Starts the store's change stream on the current runtime, unless it runs already. Outside
-    /// a runtime it is started by a later call. If its runtime shuts down, the tier is out of
+    /// Starts the store's change stream on the current runtime (the internal one for a
+    /// synchronous call), unless it runs already. Outside a runtime it is started by a later call. If its runtime shuts down, the tier is out of
     /// sync and flushed, and the next call (on another runtime) starts it again.
     pub(crate) fn follow(self: &Arc<Self>, store: &dyn Store) {
         if self.started.load(Ordering::Relaxed) || self.started.swap(true, Ordering::AcqRel) {
             return;
         }
-        let stream = tokio::runtime::Handle::try_current()
-            .ok()
+        let stream = crate::sync::background_runtime()
             .and_then(|runtime| Some((runtime, store.follow_changes(self.request())?)));
         let Some((runtime, stream)) = stream else {
             self.started.store(false, Ordering::Release);

@@ -57,7 +57,14 @@ impl Cache {
         }
         #[cfg(feature = "metrics")]
         let began = super::observe::meters::store_call_began();
-        let outcome = match tokio::time::timeout(inner.store_timeout, operation).await {
+        let timed = match inner.store_is_thread_aware {
+            true => tokio::time::timeout(inner.store_timeout, operation).await,
+            false => {
+                let operation = crate::sync::in_shared_runtime(operation);
+                tokio::time::timeout(inner.store_timeout, operation).await
+            }
+        };
+        let outcome = match timed {
             Ok(outcome) => outcome,
             Err(_) => {
                 // The link may be stalled rather than broken: start afresh next time.

@@ -95,7 +95,8 @@ impl Cache {
         if self.inner.retrying.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // A synchronous call's own runtime runs only during its calls: the internal one then.
+        let Some(runtime) = crate::sync::background_runtime() else {
             self.inner.retrying.store(false, Ordering::Release);
             return;
         };

@@ -53,6 +53,11 @@ struct Inner {
     store: Arc<dyn Store>,
     /// The store's [`Store::tier_name`], for metrics and spans.
     store_tier: &'static str,
+    /// True for the crate's own stores, whose operations may run on a synchronous caller's own
+    /// runtime (see `crate::sync::MAX_THREAD_RUNTIMES`): the in-process store does no I/O, and
+    /// the Redis store opens there only connections of that thread's own. Other stores' operations
+    /// run with the internal runtime current, as they may open or spawn what every thread shares.
+    store_is_thread_aware: bool,
     namespace: String,
     default_ttl: Duration,
     store_timeout: Duration,
@@ -123,6 +128,8 @@ impl std::fmt::Debug for Cache {
 #[must_use]
 pub struct CacheBuilder {
     store: Option<Arc<dyn Store>>,
+    /// See `Inner::store_is_thread_aware`.
+    store_is_thread_aware: bool,
     namespace: String,
     default_ttl: Duration,
     store_timeout: Duration,
@@ -149,6 +156,7 @@ impl Default for CacheBuilder {
     fn default() -> Self {
         Self {
             store: None,
+            store_is_thread_aware: true,
             namespace: "memclone".to_owned(),
             default_ttl: Duration::from_secs(3600),
             store_timeout: Duration::from_millis(250),
@@ -163,9 +171,19 @@ impl Default for CacheBuilder {
     }
 }
 
+/// See `Inner::store_is_thread_aware`.
+fn thread_aware(store: &dyn std::any::Any) -> bool {
+    #[cfg(feature = "redis")]
+    if store.is::<crate::store::RedisStore>() {
+        return true;
+    }
+    store.is::<MemoryStore>()
+}
+
 impl CacheBuilder {
     /// The store (default: a [`MemoryStore`] of 256 MiB).
     pub fn store(mut self, store: impl Store) -> Self {
+        self.store_is_thread_aware = thread_aware(&store);
         self.store = Some(Arc::new(store));
         self
     }
@@ -306,6 +324,7 @@ impl CacheBuilder {
             inner: Arc::new(Inner {
                 store_tier: store.tier_name(),
                 store,
+                store_is_thread_aware: self.store_is_thread_aware,
                 namespace: self.namespace,
                 default_ttl: self.default_ttl,
                 store_timeout: self.store_timeout,

@@ -106,21 +106,56 @@ impl Cache {
 
     /// A read whose generations the near tier knows: its entry from the tier, or else the
     /// entry alone from the store (one `GET`), validated against those generations.
+    /// The near tier's fresh entry for `lookup` under the `current` generations, counted as a
+    /// hit; `None` (not counted) otherwise.
+    fn near_entry_hit<T: DeserializeOwned>(
+        &self,
+        near: &Near,
+        lookup: &Lookup,
+        current: &[u64],
+    ) -> Option<T> {
+        let bytes = near.entry(&lookup.key)?;
+        let (value, fresh_until) = codec::decode::<T>(&bytes, current).ok()?;
+        if codec::now_millis() >= fresh_until {
+            return None;
+        }
+        near.count_hit();
+        self.read_event(lookup, ReadEvent::NearHit);
+        self.read_bytes(lookup, bytes.len());
+        Some(value)
+    }
+
+    /// A near hit answered at once, without a runtime: what `read_through` would answer from
+    /// the near tier without waiting for anything, else `None` (nothing counted) and the caller
+    /// goes on with `read_through`. For synchronous calls, whose runtime costs more than the
+    /// lookup itself.
+    pub(crate) fn near_hit_now<T: DeserializeOwned>(&self, lookup: &Lookup) -> Option<T> {
+        // As `read_through`: a pending invalidation or a policy that does not read first goes
+        // the long way.
+        // Inside another synchronous call's fill every call is refused, hit or not.
+        if !matches!(lookup.policy, Policy::ReadWrite | Policy::ReadOnly)
+            || self
+                .inner
+                .has_undelivered
+                .load(std::sync::atomic::Ordering::Acquire)
+            || crate::sync::driving()
+        {
+            return None;
+        }
+        // Not `near()`: its change stream is started by the first call inside a runtime.
+        let near = self.inner.near.as_deref().filter(|near| near.in_sync())?;
+        let current = near.generations(&lookup.generations)?;
+        self.near_entry_hit(near, lookup, &current)
+    }
+
     async fn near_read<T: DeserializeOwned>(
         &self,
         near: &Near,
         lookup: &Lookup,
         current: Vec<u64>,
     ) -> StoreRead<T> {
-        if let Some(bytes) = near.entry(&lookup.key) {
-            if let Ok((value, fresh_until)) = codec::decode::<T>(&bytes, &current) {
-                if codec::now_millis() < fresh_until {
-                    near.count_hit();
-                    self.read_event(lookup, ReadEvent::NearHit);
-                    self.read_bytes(lookup, bytes.len());
-                    return StoreRead::Hit(value);
-                }
-            }
+        if let Some(value) = self.near_entry_hit(near, lookup, &current) {
+            return StoreRead::Hit(value);
         }
         near.count_miss();
         let stamp = near.stamp(&lookup.key);
@@ -573,6 +608,16 @@ impl Cache {
 /// a runtime (never the case on the read path, which needs one for its store timeouts) the rest
 /// is dropped: a lock then expires by itself, and the entry is missed once more.
 fn in_background(write: BoxFuture<'static, ()>) {
+    if crate::sync::on_own_runtime() {
+        // A synchronous caller's own runtime runs only while its thread is inside a call, and
+        // its Redis connection is the thread's own: polled there, the write (and the lock it
+        // releases) would wait for the thread's next call. It runs on the internal runtime, on
+        // the store's shared connections, from its first poll.
+        if let Some(runtime) = crate::sync::background_runtime() {
+            drop(runtime.spawn(write));
+        }
+        return;
+    }
     let mut write = write;
     let mut context = std::task::Context::from_waker(std::task::Waker::noop());
     if write.as_mut().poll(&mut context).is_ready() {

@@ -6,12 +6,14 @@ use super::{
     StoreResult, TableBump, SEQUENCE_SHIFT,
 };
 use crate::error::{Error, StoreError};
+use deadpool::managed;
 use deadpool_redis::redis::{self, Value};
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::try_join_all;
 use futures_util::future::{BoxFuture, FutureExt, Shared as SharedFuture};
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 /// A [`Store`] on a Redis (or Valkey) server, over multiplexed connections opened through a
@@ -31,6 +33,13 @@ use std::time::Duration;
 /// and spreads operations over them; each is opened once, by the first operation that needs
 /// it, while concurrent operations wait for that same connect. [`RedisStore::connect`] opens
 /// them all ahead of the first request.
+///
+/// Synchronous calls ([`crate::sync`]) are the exception: each calling thread, up to
+/// [`MAX_THREAD_RUNTIMES`](crate::sync::MAX_THREAD_RUNTIMES) of them, opens one connection of its
+/// own (through the pool's manager, with its settings, outside its size) on its own runtime,
+/// and closes it when the thread ends (or, once the store is dropped, when the thread next opens
+/// a connection to another store). Count them in Redis's `maxclients`. A cluster store's
+/// synchronous calls use its shared cluster connection.
 ///
 /// ```no_run
 /// # async fn demo() -> diesel_memclone::Result<()> {
@@ -468,15 +477,13 @@ impl RedisStore {
 
     async fn run_with(&self, cmds: &[redis::Cmd], resend: bool) -> StoreResult<Vec<Value>> {
         match &self.backend {
+            Backend::Single(pool) if crate::sync::on_own_runtime() => {
+                self.run_on_own_connection(pool, cmds, resend).await
+            }
             Backend::Single(pool) => {
                 let n = self.shared.next.fetch_add(1, Ordering::Relaxed) % self.shared.single.len();
                 let slot = &self.shared.single[n];
-                let mut pipe = redis::pipe();
-                // Error replies come back in place, for each operation to judge per key.
-                pipe.ignore_errors();
-                for cmd in cmds {
-                    pipe.add_command(cmd.clone());
-                }
+                let pipe = pipeline(cmds);
                 // A shared connection may have died while idle (a restart, a cut link): one
                 // retry on a fresh connection before reporting a failure.
                 for attempt in 0..2 {
@@ -500,27 +507,124 @@ impl RedisStore {
                 }
                 Err(StoreError::Unavailable)
             }
-            Backend::Cluster(pool) => {
-                let slot = &self.shared.cluster;
-                let Lent {
-                    conn: shared, id, ..
-                } = slot.get(|| open_cluster(pool)).await?;
-                let replies = try_join_all(cmds.iter().map(|cmd| {
-                    let mut conn = shared.clone();
-                    async move { in_place(cmd.query_async::<Value>(&mut conn).await) }
-                }));
-                match replies.await {
-                    Ok(values) => Ok(values),
-                    Err(error) => {
-                        if broken(&error) {
-                            slot.forget(id);
-                        }
-                        Err(StoreError::backend(error))
-                    }
+            // A synchronous caller's own runtime: the cluster connection, shared, lives on the
+            // internal runtime.
+            Backend::Cluster(pool) if crate::sync::on_own_runtime() => {
+                crate::sync::in_shared_runtime(self.run_on_cluster(pool, cmds)).await
+            }
+            Backend::Cluster(pool) => self.run_on_cluster(pool, cmds).await,
+        }
+    }
+
+    async fn run_on_cluster(
+        &self,
+        pool: &deadpool_redis::cluster::Pool,
+        cmds: &[redis::Cmd],
+    ) -> StoreResult<Vec<Value>> {
+        let slot = &self.shared.cluster;
+        let Lent {
+            conn: shared, id, ..
+        } = slot.get(|| open_cluster(pool)).await?;
+        let replies = try_join_all(cmds.iter().map(|cmd| {
+            let mut conn = shared.clone();
+            async move { in_place(cmd.query_async::<Value>(&mut conn).await) }
+        }));
+        match replies.await {
+            Ok(values) => Ok(values),
+            Err(error) => {
+                if broken(&error) {
+                    slot.forget(id);
                 }
+                Err(StoreError::backend(error))
             }
         }
     }
+}
+
+impl RedisStore {
+    /// `run_with` during a synchronous call on the caller's own runtime: on a connection of this
+    /// thread's own, opened on that runtime (see [`crate::sync::MAX_THREAD_RUNTIMES`]), so
+    /// that the reply is read by this thread, not handed over from another. It is not lent to
+    /// other threads, which could not use it while this one is not inside a call.
+    async fn run_on_own_connection(
+        &self,
+        pool: &Pool,
+        cmds: &[redis::Cmd],
+        resend: bool,
+    ) -> StoreResult<Vec<Value>> {
+        let pipe = pipeline(cmds);
+        for attempt in 0..2 {
+            let (mut conn, fresh) = match own_connection(&self.shared) {
+                Some(conn) => (conn, false),
+                None => {
+                    let conn = managed::Manager::create(pool.manager())
+                        .await
+                        .map_err(StoreError::backend)?;
+                    keep_own_connection(&self.shared, conn.clone());
+                    (conn, true)
+                }
+            };
+            match pipe.query_async(&mut conn).await {
+                Ok(values) => return Ok(values),
+                Err(error) if broken(&error) => {
+                    forget_own_connection(&self.shared);
+                    if fresh || attempt == 1 || !resend {
+                        return Err(StoreError::backend(error));
+                    }
+                }
+                Err(error) => return Err(StoreError::backend(error)),
+            }
+        }
+        Err(StoreError::Unavailable)
+    }
+}
+
+/// The commands as one pipeline whose error replies come back in place, for each operation to
+/// judge per key.
+fn pipeline(cmds: &[redis::Cmd]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for cmd in cmds {
+        pipe.add_command(cmd.clone());
+    }
+    pipe
+}
+
+std::thread_local! {
+    /// The connections this thread opened on its own runtime, one per store (known by its
+    /// `Shared`), closed with the thread (see `crate::sync::MAX_THREAD_RUNTIMES`).
+    static OWN_CONNECTIONS: RefCell<Vec<(Weak<Shared>, redis::aio::MultiplexedConnection)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+fn own_connection(store: &Arc<Shared>) -> Option<redis::aio::MultiplexedConnection> {
+    OWN_CONNECTIONS
+        .try_with(|own| {
+            own.borrow()
+                .iter()
+                .find(|(of, _)| std::ptr::eq(of.as_ptr(), Arc::as_ptr(store)))
+                .map(|(_, conn)| conn.clone())
+        })
+        .ok()
+        .flatten()
+}
+
+fn keep_own_connection(store: &Arc<Shared>, conn: redis::aio::MultiplexedConnection) {
+    let _ = OWN_CONNECTIONS.try_with(|own| {
+        let mut own = own.borrow_mut();
+        // Those of dropped stores go, and an older one of this store (opened concurrently).
+        own.retain(|(of, _)| {
+            of.strong_count() > 0 && !std::ptr::eq(of.as_ptr(), Arc::as_ptr(store))
+        });
+        own.push((Arc::downgrade(store), conn));
+    });
+}
+
+fn forget_own_connection(store: &Arc<Shared>) {
+    let _ = OWN_CONNECTIONS.try_with(|own| {
+        own.borrow_mut()
+            .retain(|(of, _)| !std::ptr::eq(of.as_ptr(), Arc::as_ptr(store)));
+    });
 }
 
 /// Opens a connection to a single server, to be shared: taken out of the pool.
@@ -937,6 +1041,8 @@ impl Store for RedisStore {
     }
 
     fn reset(&self) {
+        // Called on the thread whose operation timed out.
+        forget_own_connection(&self.shared);
         for slot in &self.shared.single {
             slot.reset();
         }

@@ -43,12 +43,15 @@ impl BlockingCache<'_> {
         M::FindQuery: LoadQuery<'q, C, M> + 'q,
     {
         let cache = self.0;
+        let row = RowKey::new(M::table(), &primary_key);
+        let tables = [M::table().to_owned()];
+        let policy = sync_read_policy(conn, &tables);
+        let fingerprint = <M as crate::CacheValue>::fingerprint();
+        let lookup = cache.entity_lookup(&row, fingerprint, ttl_of::<M>(cache), policy);
+        if let Some(hit) = cache.near_hit_now(&lookup) {
+            return Ok(hit);
+        }
         block_on(async move {
-            let row = RowKey::new(M::table(), &primary_key);
-            let tables = [M::table().to_owned()];
-            let policy = sync_read_policy(conn, &tables);
-            let fingerprint = <M as crate::CacheValue>::fingerprint();
-            let lookup = cache.entity_lookup(&row, fingerprint, ttl_of::<M>(cache), policy);
             let fill =
                 || std::future::ready(M::find_query(primary_key).get_result::<M>(conn).optional());
             cache.read_through(lookup, fill).await

@@ -101,8 +101,11 @@ impl<Q> Cached<Q> {
         let Some(mut lookup) = lookup else {
             return Ok(query.load::<U>(conn)?);
         };
+        lookup.policy = sync_read_policy(conn, &lookup.tables);
+        if let Some(hit) = this.cache().near_hit_now(&lookup) {
+            return Ok(hit);
+        }
         block_on(async move {
-            lookup.policy = sync_read_policy(conn, &lookup.tables);
             let fill = || std::future::ready(query.load::<U>(conn));
             this.cache().read_through(lookup, fill).await
         })
@@ -125,8 +128,11 @@ impl<Q> Cached<Q> {
         let Some(mut lookup) = lookup else {
             return Ok(query.get_result::<U>(conn)?);
         };
+        lookup.policy = sync_read_policy(conn, &lookup.tables);
+        if let Some(hit) = this.cache().near_hit_now::<Option<U>>(&lookup) {
+            return hit.ok_or(crate::Error::Database(diesel::result::Error::NotFound));
+        }
         let found = block_on(async move {
-            lookup.policy = sync_read_policy(conn, &lookup.tables);
             let fill = || std::future::ready(query.get_result::<U>(conn).optional());
             this.cache().read_through(lookup, fill).await
         })?;
