@@ -913,9 +913,11 @@ async fn parent(options: Options) {
         0 => None,
         _ => {
             let tables = watched(&schema);
-            conn.batch_execute(&diesel_memclone::listen::install_sql(&schema, &tables))
-                .await
-                .expect("triggers");
+            conn.batch_execute(
+                &diesel_memclone::listen::install_sql(&schema, &tables).expect("valid names"),
+            )
+            .await
+            .expect("triggers");
             let cache = cache_for(&options, &namespace);
             Some(listener_for(&schema, &cache).await)
         }
