@@ -6,8 +6,11 @@
 //!
 //! ```text
 //! cargo run --release -p diesel-memclone-tests --example listen_cost -- [--writes 2000] \
-//!     [--rounds 6] [--store redis|memory]
+//!     [--rounds 6] [--store redis|memory] [--listener both|on|off]
 //! ```
+//!
+//! `--listener on` or `off` runs every round one way, for an instruction count of each under
+//! `valgrind --tool=callgrind` (independent of the machine's load).
 //!
 //! The writer's session sets `synchronous_commit = off`: the disk's flush per commit (milliseconds
 //! on a busy machine) would otherwise hide what is measured.
@@ -43,6 +46,7 @@ fn median(values: &mut [f64]) -> f64 {
 #[tokio::main]
 async fn main() {
     let (mut writes, mut rounds, mut store) = (2000_u64, 6_usize, "redis".to_owned());
+    let mut modes = vec![false, true];
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
@@ -50,6 +54,13 @@ async fn main() {
             "--writes" => writes = value().parse().expect("--writes N"),
             "--rounds" => rounds = value().parse().expect("--rounds N"),
             "--store" => store = value(),
+            "--listener" => {
+                modes = match value().as_str() {
+                    "on" => vec![true],
+                    "off" => vec![false],
+                    _ => vec![false, true],
+                }
+            }
             other => panic!("unknown option {other}"),
         }
     }
@@ -96,7 +107,12 @@ async fn main() {
     // One warm-up round of each, not counted.
     let (mut off_us, mut on_us, mut off_bumps, mut on_bumps) = (vec![], vec![], vec![], vec![]);
     for round in 0..rounds + 1 {
-        for listening in [round % 2 == 0, round % 2 != 0] {
+        // Alternate which goes first.
+        let order: Vec<bool> = match round % 2 {
+            0 => modes.clone(),
+            _ => modes.iter().rev().copied().collect(),
+        };
+        for listening in order {
             let listener = match listening {
                 true => Some(
                     listen::postgres(&database_url)
@@ -138,6 +154,10 @@ async fn main() {
     conn.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .await
         .expect("drop schema");
+    if off_us.is_empty() || on_us.is_empty() {
+        println!("store={store} writes={writes} (one mode only: no comparison)");
+        return;
+    }
     let (off, on) = (median(&mut off_us), median(&mut on_us));
     println!(
         "store={store} writes={writes} off_us={off:.1} on_us={on:.1} ratio={:.3} \
