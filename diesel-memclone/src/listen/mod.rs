@@ -50,6 +50,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # One listener per deployment
+//!
+//! The `memclone-listen` binary (package `diesel-memclone-listen`) runs this listener as a
+//! sidecar on the applications' Redis and namespace, so that the applications need none of
+//! their own; `memclone-listen --print-install-sql --tables ..` prints [`install_sql`]'s SQL.
+//!
 //! MariaDB/MySQL has no `NOTIFY`: this module is PostgreSQL only.
 
 use crate::Cache;
