@@ -58,6 +58,19 @@
 //!
 //! `--mariadb` runs the `--external-writers` mode on MariaDB/MySQL (`MYSQL_URL`) with its
 //! listener (`listen::mariadb`): see `freshness/mariadb.rs`.
+//! `--embedded` (issue 12) runs the replicas' set-up without Redis in the cache: each memclone
+//! process keeps the in-process store and a listener of its own, and hears every other
+//! process's writes (and, with `--external-writers`, the plain-Diesel ones) only through
+//! PostgreSQL's notifications. Stale reads are timed from the return of the write (through
+//! memclone in another process, or external) that made them stale. Once every process has
+//! stopped writing, each memclone process counts the answers its own store still gives stale
+//! (waiting up to 10 s for the last notifications), and the last line is the one of
+//! `--external-writers`. Redis still holds the checker's floors and return times (not the cache).
+//!
+//! ```text
+//! cargo run --release -p diesel-memclone-tests --example freshness -- --embedded --processes 2 \
+//!     [--external-writers 1] --seconds 20
+//! ```
 //!
 //! `--cut-tracking-every S` (single Redis only: `NearCache::tracking_url` takes one server) runs
 //! each process's invalidation stream through a proxy of its own that every S seconds
@@ -155,6 +168,8 @@ struct Options {
     external: bool,
     /// `--mariadb`: the external-writer mode on MariaDB/MySQL.
     mariadb: bool,
+    /// In-process stores and a listener per process, no Redis in the cache.
+    embedded: bool,
 }
 
 fn parse_options() -> Options {
@@ -179,6 +194,7 @@ fn parse_options() -> Options {
         external_writers: 0,
         external: false,
         mariadb: false,
+        embedded: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -209,6 +225,7 @@ fn parse_options() -> Options {
             }
             "--external" => options.external = true,
             "--mariadb" => options.mariadb = true,
+            "--embedded" => options.embedded = true,
             "--child" => {
                 let schema = value();
                 options.child = Some((schema, value()));
@@ -230,12 +247,12 @@ fn parse_options() -> Options {
         "--external-writers does not combine with --near-cache, --naive or --redis-cluster"
     );
     assert!(
-        !options.mariadb
+        !(options.mariadb || options.embedded)
             || !(options.near
                 || options.naive
                 || options.cluster.is_some()
                 || options.sync_processes > 0),
-        "--mariadb does not combine with --near-cache, --naive, --redis-cluster or --sync-processes"
+        "--mariadb and --embedded do not combine with --near-cache, --naive, --redis-cluster or --sync-processes"
     );
     options
 }
@@ -268,6 +285,14 @@ fn store_for(options: &Options) -> RedisStore {
 }
 
 fn cache_for(options: &Options, namespace: &str) -> Cache {
+    if options.embedded {
+        // The in-process store: nothing shared, only the listener keeps it fresh.
+        return Cache::builder()
+            .namespace(namespace)
+            .default_ttl(Duration::from_secs(600))
+            .build()
+            .expect("cache");
+    }
     Cache::builder()
         .store(store_for(options))
         .namespace(namespace)
@@ -759,12 +784,12 @@ async fn child(options: Options) {
         None => cache_for(&options, &namespace),
     };
     let mut lags = near.as_ref().map(|near| near.lags.clone());
-    let external = options.external || options.external_writers > 0;
+    let external = options.external || options.external_writers > 0 || options.embedded;
     if external {
         lags = Some(Lags::connect(&namespace, EXTERNAL_WINDOW_US).await);
     }
     // A memclone process beside external writers listens, as an application would.
-    let listener = match options.external_writers > 0 && !options.external {
+    let listener = match (options.external_writers > 0 || options.embedded) && !options.external {
         true => Some(listener_for(&schema, &cache).await),
         false => None,
     };
@@ -816,6 +841,27 @@ async fn child(options: Options) {
     if let Some(near) = near {
         return near.finish(&options, &schema, &tally).await;
     }
+    let mut stale_entries = None;
+    if let (true, Some(lags)) = (options.embedded, &lags) {
+        // Every process's writes have to be over before this store can be checked.
+        let patience = Duration::from_secs_f64(options.seconds) + Duration::from_secs(120);
+        lags.all_stopped(options.processes + options.external_writers, patience)
+            .await;
+        stale_entries = Some(match options.external {
+            true => 0,
+            false => {
+                // The last notifications may still be on their way: up to 10 s.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let stale = count_stale_entries(&cache, &options, &schema, &namespace).await;
+                    if stale == 0 || Instant::now() >= deadline {
+                        break stale;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+    }
     if let Some(listener) = listener {
         eprintln!("listener: {listener:?}");
         listener.stop().await;
@@ -825,8 +871,11 @@ async fn child(options: Options) {
         let samples: Vec<String> = samples.iter().map(u64::to_string).collect();
         println!("lags_us={}", samples.join(","));
     }
+    let stale_entries = stale_entries
+        .map(|stale| format!(" stale_entries={stale}"))
+        .unwrap_or_default();
     println!(
-        "reads={} writes={} stale_reads={}",
+        "reads={} writes={} stale_reads={}{stale_entries}",
         AtomicU64::load(&tally.reads, Ordering::Relaxed),
         AtomicU64::load(&tally.writes, Ordering::Relaxed),
         AtomicU64::load(&tally.stale, Ordering::Relaxed)
@@ -926,18 +975,20 @@ async fn parent(options: Options) {
     ))
     .await
     .expect("schema");
-    // `--external-writers`: the triggers, and a listener for the whole run (a sidecar), which
-    // outlives every writer.
-    let sidecar = match options.external_writers {
-        0 => None,
-        _ => {
-            let tables = watched(&schema);
-            conn.batch_execute(&diesel_memclone::listen::install_sql(&schema, &tables))
-                .await
-                .expect("triggers");
-            let cache = cache_for(&options, &namespace);
-            Some(listener_for(&schema, &cache).await)
-        }
+    // `--external-writers` and `--embedded`: the triggers. With Redis, also a listener for the
+    // whole run (a sidecar), which outlives every writer; with `--embedded` each process's store
+    // is its own, and the processes' listeners are all there is.
+    if options.external_writers > 0 || options.embedded {
+        let tables = watched(&schema);
+        conn.batch_execute(
+            &diesel_memclone::listen::install_sql(&schema, &tables).expect("valid names"),
+        )
+        .await
+        .expect("triggers");
+    }
+    let sidecar = match options.external_writers > 0 && !options.embedded {
+        true => Some(listener_for(&schema, &cache_for(&options, &namespace)).await),
+        false => None,
     };
 
     let exe = std::env::current_exe().expect("current exe");
@@ -952,6 +1003,12 @@ async fn parent(options: Options) {
         }
         if options.external_writers > 0 {
             command.args(["--external-writers", &options.external_writers.to_string()]);
+        }
+        if options.embedded {
+            // The children wait for each other before counting stale entries.
+            command
+                .arg("--embedded")
+                .args(["--processes", &options.processes.to_string()]);
         }
         command
             .args(["--child", &schema, &namespace])
@@ -999,7 +1056,11 @@ async fn parent(options: Options) {
         stale_reads += field(&line, "stale_reads");
         lines.push(line);
     }
-    let mut stale_entries = stale_entries(&options, &schema, &namespace).await;
+    let mut stale_entries = match options.embedded {
+        // Each process counted its own store's, which died with it.
+        true => lines.iter().map(|line| field(line, "stale_entries")).sum(),
+        false => stale_entries(&options, &schema, &namespace).await,
+    };
     if let Some(sidecar) = sidecar {
         // The last external commits reach the cache through the sidecar: give them time.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1017,7 +1078,7 @@ async fn parent(options: Options) {
         let totals = [reads, writes, stale_reads, stale_entries];
         return near_summary(&options, &lines, totals);
     }
-    if options.external_writers > 0 {
+    if options.external_writers > 0 || options.embedded {
         lags_us.sort_unstable();
         let at = |q: f64| match lags_us.len() {
             0 => 0,

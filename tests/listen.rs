@@ -20,8 +20,42 @@ mod extra {
             name -> Text,
         }
     }
+    diesel::table! {
+        #[sql_name = "Ledger"]
+        ledger (id) {
+            id -> Integer,
+            note -> Text,
+        }
+    }
+    diesel::table! {
+        #[sql_name = "We.ird\"Name"]
+        weird (id) {
+            id -> Integer,
+            note -> Text,
+        }
+    }
 }
-use extra::children;
+use extra::{children, ledger, weird};
+
+/// A model of a table whose name keeps its case.
+#[derive(
+    Debug, Clone, PartialEq, Queryable, Selectable, serde::Serialize, serde::Deserialize, MemClone,
+)]
+#[diesel(table_name = ledger)]
+struct LedgerRow {
+    id: i32,
+    note: String,
+}
+
+/// A model of a table whose name needs quoting for its dot and quote.
+#[derive(
+    Debug, Clone, PartialEq, Queryable, Selectable, serde::Serialize, serde::Deserialize, MemClone,
+)]
+#[diesel(table_name = weird)]
+struct WeirdRow {
+    id: i32,
+    note: String,
+}
 
 const WAIT: Duration = Duration::from_secs(10);
 const TABLES: [&str; 4] = ["users", "posts", "parents", "children"];
@@ -44,7 +78,7 @@ async fn install(conn: &mut AsyncPgConnection, schema: &str) {
     )
     .await
     .unwrap();
-    conn.batch_execute(&listen::install_sql(schema, &TABLES))
+    conn.batch_execute(&listen::install_sql(schema, &TABLES).unwrap())
         .await
         .unwrap();
 }
@@ -309,17 +343,17 @@ async fn bad_set_ups_fail_at_start() {
     );
     assert!(err.to_string().contains("install_sql"), "{err}");
     // Installed, but for another channel.
-    conn.batch_execute(&listen::install_sql("elsewhere", &["users"]))
+    conn.batch_execute(&listen::install_sql("elsewhere", &["users"]).unwrap())
         .await
         .unwrap();
     let err = only_users().start().await.unwrap_err();
     assert!(matches!(err, ListenError::MissingTrigger { .. }), "{err}");
     // Right channel: starts. Uninstalled: fails again.
-    conn.batch_execute(&listen::install_sql(&schema, &["users"]))
+    conn.batch_execute(&listen::install_sql(&schema, &["users"]).unwrap())
         .await
         .unwrap();
     only_users().start().await.unwrap().stop().await;
-    conn.batch_execute(&listen::uninstall_sql(&["users"]))
+    conn.batch_execute(&listen::uninstall_sql(&["users"]).unwrap())
         .await
         .unwrap();
     let err = only_users().start().await.unwrap_err();
@@ -418,4 +452,218 @@ async fn unhealthy_listener_shows_in_stats() {
     eventually!(cache.stats().listeners_unhealthy, 1);
     handle.stop().await;
     assert_eq!(cache.stats().listeners_unhealthy, 0);
+}
+
+/// A channel or table name that would break the triggers, or that PostgreSQL would read as
+/// another name, is refused by `install_sql` and at `start`, before anything is connected.
+#[tokio::test]
+async fn bad_names_are_refused() {
+    let cache = Cache::builder()
+        .namespace(unique("listen"))
+        .build()
+        .unwrap();
+    // An unreachable database: the names are checked first.
+    let unreachable = || {
+        listen::postgres("postgres://postgres@127.0.0.1:1/test")
+            .cache(cache.clone())
+            .tables(["users"])
+    };
+    let long = "c".repeat(64);
+    for channel in [
+        "",
+        long.as_str(),
+        "Memclone",
+        "mem clone",
+        "mem-clone",
+        "1memclone",
+    ] {
+        let err = unreachable().channel(channel).start().await.unwrap_err();
+        assert!(
+            matches!(&err, ListenError::InvalidChannel { channel: c, .. } if c == channel),
+            "{channel:?}: {err}"
+        );
+        assert!(
+            matches!(
+                listen::install_sql(channel, &["users"]),
+                Err(ListenError::InvalidChannel { .. })
+            ),
+            "{channel:?}"
+        );
+    }
+    let long_table = format!("\"{}\"", "t".repeat(64));
+    for table in ["", "a.b.c", "my table", "\"open", long_table.as_str()] {
+        let err = unreachable().tables([table]).start().await.unwrap_err();
+        assert!(
+            matches!(&err, ListenError::InvalidTable { table: t, .. } if t == table),
+            "{table:?}: {err}"
+        );
+        assert!(listen::install_sql("memclone", &[table]).is_err());
+        assert!(listen::uninstall_sql(&[table]).is_err());
+    }
+}
+
+/// Tables named with upper case, a dot and a quote: `listen::tables` names them so that
+/// `install_sql` puts the trigger on the right table, and the listener reads the trigger's
+/// payload (`quote_ident`) back to the table memclone keys. The listener watches only `users`:
+/// the other tables are invalidated only because their payloads were read right (a payload it
+/// could not read would invalidate `users` alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quoted_table_names() {
+    let schema = unique("listen");
+    let Some(mut conn) = postgres(&schema).await else {
+        return;
+    };
+    let tables = listen::tables::<(LedgerRow, WeirdRow, User)>();
+    assert_eq!(tables, [r#""Ledger""#, r#""We.ird""Name""#, "users"]);
+    conn.batch_execute(
+        r#"CREATE TABLE "Ledger" (id INTEGER PRIMARY KEY, note TEXT NOT NULL);
+           CREATE TABLE "We.ird""Name" (id INTEGER PRIMARY KEY, note TEXT NOT NULL);
+           INSERT INTO "Ledger" VALUES (1, 'one');
+           INSERT INTO "We.ird""Name" VALUES (1, 'one');"#,
+    )
+    .await
+    .unwrap();
+    conn.batch_execute(&listen::install_sql(&schema, &tables).unwrap())
+        .await
+        .unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("listen"))
+        .build()
+        .unwrap();
+    let handle = listen::postgres(postgres_url())
+        .tables([format!("{schema}.users")])
+        .channel(&schema)
+        .cache(cache.clone())
+        .start()
+        .await
+        .unwrap();
+    // The same tables, named with their schema as the listener's connection would name them.
+    listen::postgres(postgres_url())
+        .tables(tables.iter().map(|t| format!("{schema}.{t}")))
+        .channel(&schema)
+        .cache(cache.clone())
+        .start()
+        .await
+        .expect("the triggers are on the quoted tables")
+        .stop()
+        .await;
+    let counter = QueryCounter::default();
+    counter.attach(&mut conn);
+    assert_eq!(ledger_note(&mut conn, &cache).await, "one");
+    assert_eq!(weird_note(&mut conn, &cache).await, "one");
+    let before = counter.get();
+    assert_eq!(ledger_note(&mut conn, &cache).await, "one");
+    assert_eq!(weird_note(&mut conn, &cache).await, "one");
+    assert_eq!(counter.get(), before, "both served from the cache");
+    postgres_again(&schema)
+        .await
+        .batch_execute(
+            r#"UPDATE "Ledger" SET note = 'two'; UPDATE "We.ird""Name" SET note = 'two';"#,
+        )
+        .await
+        .unwrap();
+    eventually!(ledger_note(&mut conn, &cache).await, "two");
+    eventually!(weird_note(&mut conn, &cache).await, "two");
+    assert!(handle.notifications() >= 2);
+    // What the trigger sends is `quote_ident(schema) || '.' || quote_ident(table)`.
+    let payload: String = diesel::sql_query(
+        r#"SELECT quote_ident(current_schema()) || '.' || quote_ident('We.ird"Name') AS name"#,
+    )
+    .get_result::<Named>(&mut conn)
+    .await
+    .unwrap()
+    .name;
+    assert_eq!(payload, format!(r#"{schema}."We.ird""Name""#));
+    handle.stop().await;
+}
+
+async fn ledger_note(conn: &mut AsyncPgConnection, cache: &Cache) -> String {
+    cache.find::<LedgerRow, _>(conn, 1).await.unwrap().note
+}
+
+async fn weird_note(conn: &mut AsyncPgConnection, cache: &Cache) -> String {
+    weird::table
+        .find(1)
+        .select(weird::note)
+        .cached("weird note")
+        .using(cache)
+        .get_result(conn)
+        .await
+        .unwrap()
+}
+
+/// A role that cannot see a watched table's schema, and a trigger function of another version,
+/// are clear errors at start.
+#[tokio::test]
+async fn rights_and_outdated_function_fail_at_start() {
+    let schema = unique("listen");
+    let Some(mut conn) = postgres(&schema).await else {
+        return;
+    };
+    install(&mut conn, &schema).await;
+    let cache = Cache::builder()
+        .namespace(unique("listen"))
+        .build()
+        .unwrap();
+    let url = postgres_url();
+    if let Some(role_url) = url
+        .contains("://postgres@")
+        .then(|| url.replace("://postgres@", &format!("://{schema}@")))
+    {
+        // A role of its own (roles are per server: named after the schema, dropped at the end).
+        conn.batch_execute(&format!("CREATE ROLE {schema} LOGIN"))
+            .await
+            .unwrap();
+        let as_role = || {
+            listen::postgres(role_url.clone())
+                .tables([format!("{schema}.users")])
+                .channel(&schema)
+                .cache(cache.clone())
+        };
+        let err = as_role().start().await.unwrap_err();
+        assert!(
+            matches!(&err, ListenError::InsufficientPrivilege { role, needs }
+                if role == &schema && needs.contains("USAGE")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("USAGE on schema"), "{err}");
+        conn.batch_execute(&format!("GRANT USAGE ON SCHEMA {schema} TO {schema}"))
+            .await
+            .unwrap();
+        // USAGE is all it needs: no right on the table itself.
+        as_role().start().await.expect("with USAGE").stop().await;
+        conn.batch_execute(&format!(
+            "REVOKE USAGE ON SCHEMA {schema} FROM {schema}; DROP ROLE {schema}"
+        ))
+        .await
+        .unwrap();
+    } else {
+        server_missing(
+            "a PostgreSQL URL of user postgres (to log in as another role)",
+            &url,
+        );
+    }
+    // The function of an older version (it notified the bare table name).
+    conn.batch_execute(
+        "CREATE OR REPLACE FUNCTION memclone_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_notify(TG_ARGV[0], TG_TABLE_NAME); RETURN NULL; END $$;",
+    )
+    .await
+    .unwrap();
+    let err = listener(&cache, &schema).start().await.unwrap_err();
+    assert!(
+        matches!(&err, ListenError::OutdatedFunction { function, .. } if function.contains("memclone_notify")),
+        "{err}"
+    );
+    assert!(err.to_string().contains("install_sql"), "{err}");
+    // Installing again brings it up to date.
+    conn.batch_execute(&listen::install_sql(&schema, &TABLES).unwrap())
+        .await
+        .unwrap();
+    listener(&cache, &schema)
+        .start()
+        .await
+        .unwrap()
+        .stop()
+        .await;
 }

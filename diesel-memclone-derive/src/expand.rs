@@ -356,6 +356,13 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
                     static TABLE: ::std::sync::OnceLock<&'static str> = ::std::sync::OnceLock::new();
                     TABLE.get_or_init(|| ::diesel_memclone::table_name(&#table_path::table))
                 }
+                fn table_sql() -> &'static str {
+                    static TABLE_SQL: ::std::sync::OnceLock<::std::string::String> =
+                        ::std::sync::OnceLock::new();
+                    TABLE_SQL
+                        .get_or_init(|| ::diesel_memclone::__private::table_sql(&#table_path::table))
+                        .as_str()
+                }
                 const SHAPE: &'static str = #shape;
                 const TTL_SECONDS: ::core::option::Option<u64> = #ttl;
                 type PrimaryKey = #pk_type;

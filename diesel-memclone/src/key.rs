@@ -382,6 +382,55 @@ where
     parts.join(".")
 }
 
+/// A table as SQL names it, for `listen::tables`: with its schema when `table!` gives one and its
+/// case kept (Diesel renders each identifier quoted: `"app"."Ledger"`). A part that is a plain
+/// lower-case identifier is written bare (`app."Ledger"`, `users`): PostgreSQL folds it to the
+/// same name, and it reads like what people write.
+pub fn table_sql<T>(table: &T) -> String
+where
+    T: diesel::QuerySource,
+    T::FromClause: diesel::query_builder::QueryFragment<diesel::pg::Pg>,
+{
+    let rendered = Rendered::of::<diesel::pg::Pg, _>(&table.from_clause())
+        .map(|r| r.sql())
+        .unwrap_or_default();
+    let mut parts = Vec::new();
+    let mut chars = rendered.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            continue;
+        }
+        let mut name = String::new();
+        while let Some(n) = chars.next() {
+            if n == '"' {
+                if chars.next_if_eq(&'"').is_some() {
+                    name.push('"');
+                    continue;
+                }
+                break;
+            }
+            name.push(n);
+        }
+        parts.push(name);
+    }
+    parts
+        .iter()
+        .map(|part| {
+            let mut bytes = part.bytes();
+            let plain = bytes
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+                && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if plain {
+                part.clone()
+            } else {
+                format!("\"{}\"", part.replace('"', "\"\""))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 /// The last of a chain of quoted identifiers: `"app"."people"` gives `people`.
 fn last_identifier(from_clause: &str) -> String {
     match tokenize(from_clause)

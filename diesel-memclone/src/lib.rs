@@ -177,7 +177,7 @@ mod readme_doctests {}
 pub mod __private {
     //! Used by the derive's generated code; not public API.
     pub use crate::codec::bench as codec;
-    pub use crate::key::{hash64, qualified_table_name};
+    pub use crate::key::{hash64, qualified_table_name, table_sql};
     pub use crate::model::field;
     pub use diesel;
 }

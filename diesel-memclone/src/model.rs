@@ -61,6 +61,13 @@ pub trait MemClone: CacheValue {
     /// The table's name for the cache, taken from Diesel's `table!` (its SQL name, lower-cased,
     /// without the schema): see [`table_name`](crate::table_name).
     fn table() -> &'static str;
+    /// The table as SQL names it, for `listen::tables` and the `install_sql` of its
+    /// triggers (feature `postgres`): with its schema when `table!` gives one, and quoted where
+    /// a bare name would not name it (`app."Ledger"`). `#[derive(MemClone)]` renders it from
+    /// the `table!`; the default is [`table`](MemClone::table).
+    fn table_sql() -> &'static str {
+        Self::table()
+    }
     /// The shape the fingerprint is computed from: table, fields and their types.
     const SHAPE: &'static str;
     /// The model's entry lifetime in seconds (`#[memclone(ttl = 60)]`), if it has its own.

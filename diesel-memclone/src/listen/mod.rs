@@ -24,12 +24,21 @@
 //! then serves notifications. A write committed while it was away is covered by that
 //! invalidation; one committed after the `LISTEN` is notified.
 //!
+//! # Replicas on the in-process store
+//!
+//! Several replicas that each keep the embedded in-process store (no Redis) never hear of each
+//! other's writes through the cache itself. Give each replica its own listener (same channel,
+//! the same triggers): every write, through memclone in any replica or from outside, is
+//! notified to every replica, and each invalidates its own store. A replica's own memclone
+//! writes are bumped twice (at once by the write, then when the notification comes back), which
+//! costs a table bump per write statement and is harmless.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), diesel_memclone::listen::ListenError> {
 //! // In a migration (`up.sql`): the output of
-//! let up = diesel_memclone::listen::install_sql("memclone", &["users", "app.ledger"]);
+//! let up = diesel_memclone::listen::install_sql("memclone", &["users", "app.ledger"])?;
 //! // and in `down.sql`:
-//! let down = diesel_memclone::listen::uninstall_sql(&["users", "app.ledger"]);
+//! let down = diesel_memclone::listen::uninstall_sql(&["users", "app.ledger"])?;
 //!
 //! // In the application, once the cache is installed:
 //! let listener = diesel_memclone::listen::postgres("postgres://localhost/app")
@@ -40,6 +49,12 @@
 //! // Dropping `listener` (or `listener.stop().await`) ends the task.
 //! # Ok(()) }
 //! ```
+//!
+//! # One listener per deployment
+//!
+//! The `memclone-listen` binary (package `diesel-memclone-listen`) runs this listener as a
+//! sidecar on the applications' Redis and namespace, so that the applications need none of
+//! their own; `memclone-listen --print-install-sql --tables ..` prints [`install_sql`]'s SQL.
 //!
 //! MariaDB/MySQL has no `NOTIFY`: its listener (feature `mysql`) polls counters that triggers
 //! bump, see [`mariadb`].
@@ -54,6 +69,13 @@
     doc = "\n\n[`mariadb`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.mariadb.html"
 )]
 
+use crate::Cache;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 #[cfg(feature = "mysql")]
 mod mariadb;
 #[cfg(feature = "mysql")]
@@ -63,46 +85,38 @@ pub use mariadb::{
     MARIADB_SHARDS, MARIADB_VERSIONS_TABLE,
 };
 
-use crate::Cache;
 #[cfg(feature = "postgres")]
-use diesel::sql_types::{BigInt, Bool, Integer, Text};
+mod postgres;
+
 #[cfg(feature = "postgres")]
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
-#[cfg(feature = "postgres")]
-use futures_util::{FutureExt, StreamExt};
-use std::collections::BTreeSet;
-use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use self::postgres::{
+    install_sql, postgres, uninstall_sql, Listener, FUNCTION_NAME, TRIGGER_NAME,
+};
+
+/// How long one reconnection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a listener's session ended.
+enum Served {
+    Stopped,
+    Lost(String),
+}
 
 #[cfg(feature = "postgres")]
 /// The channel the triggers notify and the listener listens on, unless told otherwise.
 pub const DEFAULT_CHANNEL: &str = "memclone";
 #[cfg(feature = "postgres")]
-/// The name of the trigger [`install_sql`] creates on each table.
-pub const TRIGGER_NAME: &str = "memclone_invalidate";
-#[cfg(feature = "postgres")]
-/// The name of the trigger function [`install_sql`] creates (in the first schema of the
-/// migration's `search_path`).
-pub const FUNCTION_NAME: &str = "memclone_notify";
-#[cfg(feature = "postgres")]
 /// The `application_name` of the listener's connection (to find it in `pg_stat_activity`).
 pub const APPLICATION_NAME: &str = "memclone-listener";
-
-/// How long one reconnection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The names of the tables of the given [`MemClone`](crate::MemClone) models, for
 /// [`install_sql`] and [`Listener::tables`]: `listen::tables::<(User, Post)>()`.
 ///
-/// These are the names memclone keys them by ([`MemClone::table`](crate::MemClone::table)):
-/// without their schema. A model whose table is not in the `search_path` of the migration and of
-/// the listener's connection has to be named with its schema (`"app.ledger"`) instead.
-#[cfg_attr(
-    not(feature = "postgres"),
-    doc = "\n\n[`install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.install_sql.html\n[`Listener::tables`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html#method.tables"
-)]
+/// Each is the table as its `table!` names it ([`MemClone::table_sql`](crate::MemClone::table_sql)):
+/// with its schema when `table!` gives one (`app.ledger`), and quoted where a bare name would be
+/// folded to lower case or is not a plain identifier (`"Ledger"`). A table without a schema is
+/// found through the `search_path` of the migration and of the listener's connection.
 pub fn tables<M: Models>() -> Vec<&'static str> {
     let mut out = Vec::new();
     M::tables(&mut out);
@@ -111,7 +125,7 @@ pub fn tables<M: Models>() -> Vec<&'static str> {
 
 /// A tuple of [`MemClone`](crate::MemClone) models (up to 12), or one model: see [`tables`].
 pub trait Models {
-    /// Appends the models' table names.
+    /// Appends the models' tables, as [`tables`] lists them.
     fn tables(out: &mut Vec<&'static str>);
 }
 
@@ -120,8 +134,8 @@ macro_rules! models_tuple {
         impl<$($m: crate::MemClone),+> Models for ($($m,)+) {
             fn tables(out: &mut Vec<&'static str>) {
                 $(
-                    if !out.contains(&$m::table()) {
-                        out.push($m::table());
+                    if !out.contains(&$m::table_sql()) {
+                        out.push($m::table_sql());
                     }
                 )+
             }
@@ -142,145 +156,62 @@ models_tuple!(A, B, C, D, E, F, G, H, I, J);
 models_tuple!(A, B, C, D, E, F, G, H, I, J, K);
 models_tuple!(A, B, C, D, E, F, G, H, I, J, K, L);
 
-#[cfg(feature = "postgres")]
-/// A table named as text (`users`, `app.ledger`, `"App"."Ledger"`), as a list of identifiers:
-/// quoted parts keep their case (`""` is a quote), bare parts are folded to lower case, as
-/// PostgreSQL does.
-fn identifiers(name: &str) -> Vec<String> {
-    let mut parts = Vec::new();
-    let mut chars = name.trim().chars().peekable();
-    let mut current = String::new();
-    let mut quoted_part = false;
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => {
-                quoted_part = true;
-                while let Some(c) = chars.next() {
-                    if c == '"' {
-                        if chars.peek() == Some(&'"') {
-                            chars.next();
-                            current.push('"');
-                        } else {
-                            break;
-                        }
-                    } else {
-                        current.push(c);
-                    }
-                }
-            }
-            '.' => {
-                parts.push(std::mem::take(&mut current));
-                quoted_part = false;
-            }
-            c if c.is_whitespace() && !quoted_part => {}
-            c => current.extend(c.to_lowercase()),
-        }
-    }
-    parts.push(current);
-    parts.retain(|p| !p.is_empty());
-    parts
-}
-
-#[cfg(feature = "postgres")]
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-#[cfg(feature = "postgres")]
-fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-#[cfg(feature = "postgres")]
-/// The table as SQL: each identifier quoted (`"app"."ledger"`).
-fn table_sql(name: &str) -> String {
-    identifiers(name)
-        .iter()
-        .map(|p| quote_ident(p))
-        .collect::<Vec<_>>()
-        .join(".")
-}
-
-#[cfg(feature = "postgres")]
-/// The SQL that installs the triggers on `tables`, for a migration's `up.sql`: the trigger
-/// function `memclone_notify()` (created or replaced, in the first schema of the `search_path`)
-/// and, on each table, the trigger `memclone_invalidate` (replaced if it exists).
-///
-/// Each trigger runs once per statement, after it (`FOR EACH STATEMENT`: a statement that
-/// changes a million rows sends one notification, and one that changes none sends one too), and
-/// notifies `channel` with the table's name, schema-qualified and quoted
-/// (`"public"."users"`). Tables are named as memclone names them (`users`), or with their
-/// schema (`app.ledger`); an unqualified name is resolved by the migration's `search_path`.
-///
-/// Cost: one `pg_notify` per write statement, queued until commit and sent once per distinct
-/// table per transaction.
-pub fn install_sql<S: AsRef<str>>(channel: &str, tables: &[S]) -> String {
-    let mut sql = format!(
-        "-- diesel-memclone: invalidate the cache on every committed write (issue 12).\n\
-         CREATE OR REPLACE FUNCTION {FUNCTION_NAME}() RETURNS trigger LANGUAGE plpgsql AS $memclone$\n\
-         BEGIN\n  \
-           PERFORM pg_notify(TG_ARGV[0], quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME));\n  \
-           RETURN NULL;\n\
-         END\n\
-         $memclone$;\n"
-    );
-    for table in tables {
-        let table = table_sql(table.as_ref());
-        sql.push_str(&format!(
-            "DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {table};\n\
-             CREATE TRIGGER {TRIGGER_NAME} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}\n  \
-               FOR EACH STATEMENT EXECUTE FUNCTION {FUNCTION_NAME}({});\n",
-            quote_literal(channel)
-        ));
-    }
-    sql
-}
-
-#[cfg(feature = "postgres")]
-/// The SQL that removes what [`install_sql`] installed on `tables`, for a migration's
-/// `down.sql`: each table's trigger, then the function if no trigger uses it any more.
-pub fn uninstall_sql<S: AsRef<str>>(tables: &[S]) -> String {
-    let mut sql = String::new();
-    for table in tables {
-        sql.push_str(&format!(
-            "DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {};\n",
-            table_sql(table.as_ref())
-        ));
-    }
-    sql.push_str(&format!(
-        "DO $memclone$ BEGIN\n  \
-           IF to_regprocedure('{FUNCTION_NAME}()') IS NOT NULL AND NOT EXISTS (\n    \
-             SELECT 1 FROM pg_trigger WHERE tgfoid = to_regprocedure('{FUNCTION_NAME}()')) THEN\n    \
-             DROP FUNCTION {FUNCTION_NAME}();\n  \
-           END IF;\n\
-         END $memclone$;\n"
-    ));
-    sql
-}
-
-/// Why a [`Listener`] did not start.
+/// Why a listener ([`Listener`], or MariaDB's) did not start, or [`install_sql`] could not
+/// write its SQL.
 #[cfg_attr(
     not(feature = "postgres"),
-    doc = "\n\n[`Listener`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html"
+    doc = "\n\n[`Listener`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html\n[`install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.install_sql.html"
 )]
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ListenError {
     /// The database could not be reached.
     Connection(diesel::ConnectionError),
-    /// A statement failed (the role's rights, say).
+    /// A statement failed.
     Database(diesel::result::Error),
     /// A watched table does not exist (in the listener connection's `search_path`, when
     /// unqualified).
     NoSuchTable(String),
-    /// A watched table lacks the trigger [`install_sql`] installs for this channel, or has an
-    /// older, different or disabled one.
+    /// A watched table lacks the trigger [`install_sql`] installs for this channel, or has a
+    /// different or disabled one.
     #[cfg(feature = "postgres")]
     MissingTrigger {
         /// The table, as given.
         table: String,
         /// The channel the listener listens on.
         channel: String,
+    },
+    /// A watched table's trigger calls a trigger function whose body is not the one this version
+    /// of memclone installs (an older version's, or one edited by hand): what it sends may not
+    /// be what the listener reads.
+    #[cfg(feature = "postgres")]
+    OutdatedFunction {
+        /// The table, as given.
+        table: String,
+        /// The function the trigger calls.
+        function: String,
+    },
+    /// The listener's role lacks a right it needs to check the set-up.
+    InsufficientPrivilege {
+        /// The role (`current_user`).
+        role: String,
+        /// What it needs, and on what.
+        needs: String,
+    },
+    /// The channel cannot be used: see [`install_sql`] for what a channel may be.
+    InvalidChannel {
+        /// The channel, as given.
+        channel: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A table name cannot be read as `table` or `schema.table` (each part a plain identifier
+    /// or a double-quoted one of at most 63 bytes).
+    InvalidTable {
+        /// The name, as given.
+        table: String,
+        /// What is wrong with it.
+        reason: &'static str,
     },
     /// No table to watch was given.
     NoTables,
@@ -301,10 +232,27 @@ impl fmt::Display for ListenError {
             #[cfg(feature = "postgres")]
             ListenError::MissingTrigger { table, channel } => write!(
                 f,
-                "memclone listener: table {table} has no up-to-date `{TRIGGER_NAME}` trigger for \
+                "memclone listener: table {table} has no enabled `{TRIGGER_NAME}` trigger for \
                  channel {channel:?}: install it with the SQL of \
                  `diesel_memclone::listen::install_sql({channel:?}, ..)` (in a migration)"
             ),
+            #[cfg(feature = "postgres")]
+            ListenError::OutdatedFunction { table, function } => write!(
+                f,
+                "memclone listener: the trigger of table {table} calls {function}(), whose body \
+                 is not the one this version of memclone installs: run the SQL of \
+                 `diesel_memclone::listen::install_sql(..)` again (in a new migration)"
+            ),
+            ListenError::InsufficientPrivilege { role, needs } => write!(
+                f,
+                "memclone listener: role {role:?} lacks a right the listener needs: {needs}"
+            ),
+            ListenError::InvalidChannel { channel, reason } => {
+                write!(f, "memclone listener: channel {channel:?} {reason}")
+            }
+            ListenError::InvalidTable { table, reason } => {
+                write!(f, "memclone listener: table name {table:?} {reason}")
+            }
             ListenError::NoTables => write!(f, "memclone listener: no table to watch"),
             #[cfg(feature = "mysql")]
             ListenError::MariaDb(e) => write!(f, "memclone listener: {e}"),
@@ -334,198 +282,17 @@ impl From<diesel::result::Error> for ListenError {
     }
 }
 
-#[cfg(feature = "postgres")]
-/// A listener to configure and [`start`](Listener::start): see [`postgres`].
-#[must_use = "a listener does nothing until started"]
-#[derive(Clone)]
-pub struct Listener {
-    database_url: String,
-    tables: Vec<String>,
-    channel: String,
-    cache: Option<Cache>,
-    backoff: (Duration, Duration),
-    ping_every: Duration,
-}
-
-#[cfg(feature = "postgres")]
-impl fmt::Debug for Listener {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The URL may hold a password.
-        f.debug_struct("Listener")
-            .field("tables", &self.tables)
-            .field("channel", &self.channel)
-            .field("backoff", &self.backoff)
-            .field("ping_every", &self.ping_every)
-            .finish_non_exhaustive()
-    }
-}
-
-#[cfg(feature = "postgres")]
-/// A listener on the PostgreSQL database at `database_url`: give it the tables to watch, then
-/// [`start`](Listener::start) it.
-pub fn postgres(database_url: impl Into<String>) -> Listener {
-    Listener {
-        database_url: database_url.into(),
-        tables: Vec::new(),
-        channel: DEFAULT_CHANNEL.to_owned(),
-        cache: None,
-        backoff: (Duration::from_millis(100), Duration::from_secs(10)),
-        ping_every: Duration::from_secs(5),
-    }
-}
-
-#[cfg(feature = "postgres")]
-impl Listener {
-    /// Adds tables to watch (as for [`install_sql`]): each must have the trigger, and each is
-    /// invalidated on start and after every reconnection. A notification for another table on
-    /// the channel invalidates that table too.
-    pub fn tables<I, S>(mut self, tables: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        for table in tables {
-            let table = table.as_ref().to_owned();
-            if !self.tables.contains(&table) {
-                self.tables.push(table);
-            }
-        }
-        self
-    }
-
-    /// The channel (default [`DEFAULT_CHANNEL`]); the triggers must notify the same one.
-    pub fn channel(mut self, channel: impl Into<String>) -> Self {
-        self.channel = channel.into();
-        self
-    }
-
-    /// The cache to invalidate (default: the installed one, [`crate::cache()`]).
-    pub fn cache(mut self, cache: Cache) -> Self {
-        self.cache = Some(cache);
-        self
-    }
-
-    /// The pause before the first reconnection attempt, doubled after each failure up to `max`
-    /// (default 100 ms to 10 s).
-    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
-        self.backoff = (first, max.max(first));
-        self
-    }
-
-    /// How often the connection is checked (`SELECT 1`) while no notification comes (default
-    /// 5 s): what notices a connection that died without a word.
-    pub fn ping_every(mut self, every: Duration) -> Self {
-        self.ping_every = every.max(Duration::from_millis(10));
-        self
-    }
-
-    /// Connects, checks that every watched table has its trigger, `LISTEN`s, invalidates every
-    /// watched table, and leaves a background task (on the current tokio runtime) that serves
-    /// the notifications and reconnects when the connection drops.
-    ///
-    /// Fails, with nothing left running, when the database is unreachable, a table or its
-    /// trigger is missing, or the role cannot `LISTEN`.
-    pub async fn start(self) -> Result<ListenHandle, ListenError> {
-        if self.tables.is_empty() {
-            return Err(ListenError::NoTables);
-        }
-        let cache = self.cache.clone().unwrap_or_else(|| crate::cache().clone());
-        let shared = Arc::new(Shared::default());
-        let conn = self.connect(&cache, &shared).await?;
-        tracing::info!(
-            tables = ?self.tables,
-            channel = %self.channel,
-            "memclone listener started; invalidated every watched table"
-        );
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(run(self, cache, shared.clone(), conn, stop_rx));
-        Ok(ListenHandle {
-            shared,
-            stop: stop_tx,
-            task: Some(task),
-        })
-    }
-
-    /// A connection that listens, its tables checked, and every watched table invalidated.
-    async fn connect(
-        &self,
-        cache: &Cache,
-        shared: &Shared,
-    ) -> Result<AsyncPgConnection, ListenError> {
-        let mut conn = AsyncPgConnection::establish(&self.database_url).await?;
-        conn.batch_execute(&format!(
-            "SET application_name = {}",
-            quote_literal(APPLICATION_NAME)
-        ))
-        .await?;
-        check_triggers(&mut conn, &self.tables, &self.channel).await?;
-        conn.batch_execute(&format!("LISTEN {}", quote_ident(&self.channel)))
-            .await?;
-        let pid: BackendPid = diesel_async::RunQueryDsl::get_result(
-            diesel::sql_query("SELECT pg_backend_pid() AS pid"),
-            &mut conn,
-        )
-        .await?;
-        shared.pid.store(pid.pid, Ordering::Relaxed);
-        // After the LISTEN: a write committed before it is covered by this invalidation, one
-        // committed after it is notified.
-        for table in &self.tables {
-            cache.invalidate_table(table).await;
-        }
-        shared.healthy.store(true, Ordering::Release);
-        Ok(conn)
-    }
-}
-
-#[cfg(feature = "postgres")]
-#[derive(diesel::QueryableByName)]
-struct BackendPid {
-    #[diesel(sql_type = Integer)]
-    pid: i32,
-}
-
-#[cfg(feature = "postgres")]
-#[derive(diesel::QueryableByName)]
-struct TriggerCheck {
-    #[diesel(sql_type = Bool)]
-    exists: bool,
-    #[diesel(sql_type = BigInt)]
-    triggers: i64,
-}
-
-#[cfg(feature = "postgres")]
-/// Every watched table exists and has an enabled `memclone_invalidate` trigger that fires after
-/// each statement of the four kinds and notifies `channel`.
-async fn check_triggers(
-    conn: &mut AsyncPgConnection,
-    tables: &[String],
-    channel: &str,
-) -> Result<(), ListenError> {
-    // tgtype: 1 row, 2 before, 4 insert, 8 delete, 16 update, 32 truncate, 64 instead.
-    let query = "SELECT to_regclass($1) IS NOT NULL AS exists, \
-                 (SELECT count(*) FROM pg_trigger t \
-                  WHERE t.tgrelid = to_regclass($1) AND t.tgname = $2 AND t.tgenabled <> 'D' \
-                    AND (t.tgtype & 127) = 60 AND t.tgnargs = 1 \
-                    AND t.tgargs = convert_to($3, 'UTF8') || '\\x00'::bytea \
-                    AND t.tgfoid IN (SELECT oid FROM pg_proc WHERE proname = $4)) AS triggers";
-    for table in tables {
-        let query = diesel::sql_query(query)
-            .bind::<Text, _>(table_sql(table))
-            .bind::<Text, _>(TRIGGER_NAME)
-            .bind::<Text, _>(channel)
-            .bind::<Text, _>(FUNCTION_NAME);
-        let check: TriggerCheck = diesel_async::RunQueryDsl::get_result(query, &mut *conn).await?;
-        if !check.exists {
-            return Err(ListenError::NoSuchTable(table.clone()));
-        }
-        if check.triggers == 0 {
-            return Err(ListenError::MissingTrigger {
-                table: table.clone(),
-                channel: channel.to_owned(),
-            });
-        }
-    }
-    Ok(())
+/// What a listener's task and its handle share: health and counters.
+#[derive(Default)]
+struct Shared {
+    healthy: AtomicBool,
+    /// Counted in the cache's `Stats::listeners_unhealthy`.
+    counted_down: AtomicBool,
+    reconnects: AtomicU64,
+    notifications: AtomicU64,
+    pid: AtomicI32,
+    /// A notification that was not a table name was logged (once per listener).
+    warned_payload: AtomicBool,
 }
 
 impl Shared {
@@ -540,14 +307,13 @@ impl Shared {
     }
 }
 
-#[derive(Default)]
-struct Shared {
-    healthy: AtomicBool,
-    /// Counted in the cache's `Stats::listeners_unhealthy`.
-    counted_down: AtomicBool,
-    reconnects: AtomicU64,
-    notifications: AtomicU64,
-    pid: AtomicI32,
+/// Uncounts a listener that was down, when dropped.
+struct DownGuard<'a>(&'a Shared, &'a Cache);
+
+impl Drop for DownGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set_down(self.1, false);
+    }
 }
 
 /// A running listener. Dropping it, or [`stop`](ListenHandle::stop), ends its task and closes
@@ -609,185 +375,13 @@ impl Drop for ListenHandle {
     }
 }
 
-/// Why serving stopped.
-enum Served {
-    Stopped,
-    Lost(String),
-}
-
-#[cfg(feature = "postgres")]
-async fn run(
-    listener: Listener,
-    cache: Cache,
-    shared: Arc<Shared>,
-    mut conn: AsyncPgConnection,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        match serve(&listener, &cache, &shared, &mut conn, &mut stop).await {
-            Served::Stopped => {
-                shared.healthy.store(false, Ordering::Release);
-                return;
-            }
-            Served::Lost(why) => {
-                shared.set_down(&cache, true);
-                tracing::warn!(
-                    error = %why,
-                    "memclone listener lost its connection; reconnecting (writes that bypass \
-                     memclone are not seen until it is back)"
-                );
-            }
-        }
-        drop(conn);
-        // However the reconnection ends (back, stopped, or the task dropped), uncount it.
-        let down = DownGuard(&shared, &cache);
-        let mut pause = listener.backoff.0;
-        let mut warned = false;
-        conn = loop {
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stopped(&mut stop) => return,
-            }
-            // Bounded: a host that drops packets, or a connection that went silent, must not
-            // keep the listener down for minutes.
-            let attempt = tokio::select! {
-                attempt = tokio::time::timeout(CONNECT_TIMEOUT, listener.connect(&cache, &shared)) => {
-                    attempt.unwrap_or_else(|_| {
-                        Err(ListenError::Connection(diesel::ConnectionError::BadConnection(
-                            "no answer in 10 s".into(),
-                        )))
-                    })
-                }
-                _ = stopped(&mut stop) => return,
-            };
-            match attempt {
-                Ok(conn) => break conn,
-                Err(e) => {
-                    // Said once per outage (a missing trigger, say); each retry at debug level.
-                    if !std::mem::replace(&mut warned, true) {
-                        tracing::warn!(error = %e, "memclone listener: reconnection failed; retrying");
-                    } else {
-                        tracing::debug!(error = %e, "memclone listener: reconnection failed");
-                    }
-                    pause = (pause * 2).min(listener.backoff.1);
-                }
-            }
-        };
-        drop(down);
-        shared.reconnects.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            tables = ?listener.tables,
-            "memclone listener reconnected; invalidated every watched table"
-        );
-    }
-}
-
-/// Uncounts a listener that was down, when dropped.
-struct DownGuard<'a>(&'a Shared, &'a Cache);
-
-impl Drop for DownGuard<'_> {
-    fn drop(&mut self) {
-        self.0.set_down(self.1, false);
-    }
-}
-
 /// Resolves when the handle asks to stop or is dropped.
 async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-#[cfg(feature = "postgres")]
-async fn serve(
-    listener: &Listener,
-    cache: &Cache,
-    shared: &Shared,
-    conn: &mut AsyncPgConnection,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-) -> Served {
-    let mut ping = tokio::time::interval(listener.ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    loop {
-        let mut tables = BTreeSet::new();
-        {
-            // The stream only borrows the connection's channel of notifications: dropping it
-            // loses none (receiving is cancel-safe), and lets the ping use the connection.
-            let mut stream = std::pin::pin!(conn.notifications_stream());
-            let first = tokio::select! {
-                _ = stopped(stop) => return Served::Stopped,
-                _ = ping.tick() => None,
-                next = stream.next() => Some(next),
-            };
-            let mut next = first;
-            while let Some(item) = next {
-                match item {
-                    Some(Ok(n)) => {
-                        shared.notifications.fetch_add(1, Ordering::Relaxed);
-                        if n.channel == listener.channel {
-                            tables.insert(n.payload);
-                        }
-                    }
-                    // What arrived before the loss is invalidated first: a reconnect may take
-                    // long, and tables outside the watched list are not invalidated by it.
-                    Some(Err(e)) => {
-                        invalidate_all(cache, &tables).await;
-                        return Served::Lost(e.to_string());
-                    }
-                    None => {
-                        invalidate_all(cache, &tables).await;
-                        return Served::Lost("notification stream ended".into());
-                    }
-                }
-                // Whatever else has arrived: one invalidation per table.
-                next = stream.next().now_or_never();
-            }
-        }
-        if tables.is_empty() {
-            // A ping: a connection that died in silence is noticed here.
-            let alive = tokio::time::timeout(
-                listener.ping_every.max(Duration::from_secs(1)),
-                conn.batch_execute("SELECT 1"),
-            )
-            .await;
-            match alive {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Served::Lost(e.to_string()),
-                Err(_) => return Served::Lost("no answer to a ping".into()),
-            }
-        }
-        invalidate_all(cache, &tables).await;
-    }
-}
-
 async fn invalidate_all(cache: &Cache, tables: &BTreeSet<String>) {
     for table in tables {
         cache.invalidate_table(table).await;
-    }
-}
-
-#[cfg(feature = "postgres")]
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names() {
-        assert_eq!(identifiers("users"), ["users"]);
-        assert_eq!(identifiers("App.Ledger"), ["app", "ledger"]);
-        assert_eq!(identifiers(r#""App"."Le""dger""#), ["App", "Le\"dger"]);
-        assert_eq!(table_sql("app.ledger"), r#""app"."ledger""#);
-        assert_eq!(table_sql(r#""odd""name""#), r#""odd""name""#);
-    }
-
-    #[test]
-    fn sql() {
-        let up = install_sql("memclone", &["users", "app.ledger"]);
-        assert!(up.contains("CREATE OR REPLACE FUNCTION memclone_notify()"));
-        assert!(up.contains(
-            "AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON \"app\".\"ledger\"\n  FOR EACH STATEMENT EXECUTE FUNCTION memclone_notify('memclone');"
-        ));
-        let down = uninstall_sql(&["users"]);
-        assert!(down.contains("DROP TRIGGER IF EXISTS memclone_invalidate ON \"users\";"));
-        assert!(install_sql("it's", &["t"]).contains("memclone_notify('it''s')"));
     }
 }

@@ -1,0 +1,341 @@
+//! `memclone-listen`: one listener process per deployment. It `LISTEN`s to the notifications of
+//! the triggers `diesel_memclone::listen::install_sql` installs and bumps the generations in
+//! Redis exactly as a memclone write would, under the applications' namespace, so that their
+//! cached reads of a table written outside memclone (raw SQL, `psql`, another service) miss.
+//!
+//! ```text
+//! memclone-listen --database-url postgres://.. --redis-url redis://.. \
+//!     --namespace memclone --channel memclone --tables users,app.ledger
+//! memclone-listen --print-install-sql --tables users,app.ledger > up.sql
+//! ```
+//!
+//! Arguments are parsed by hand: a handful of flags, and a sidecar that builds without another
+//! dependency (clap would add about ten crates for no behaviour the users need).
+
+use diesel_memclone::listen::{self, ListenHandle};
+use diesel_memclone::store::RedisStore;
+use diesel_memclone::Cache;
+use std::io::Write as _;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+memclone-listen: invalidate diesel-memclone's Redis cache on every write PostgreSQL commits
+
+USAGE:
+    memclone-listen [OPTIONS] --tables TABLE[,TABLE..]
+    memclone-listen --print-install-sql [--channel NAME] --tables TABLE[,TABLE..]
+    memclone-listen --print-uninstall-sql --tables TABLE[,TABLE..]
+
+OPTIONS:
+    --database-url URL       PostgreSQL, a direct connection (not through PgBouncer's
+                             transaction pooling) [env: DATABASE_URL]
+    --redis-url URL          the applications' Redis (redis:// or rediss://) [env: REDIS_URL]
+    --redis-cluster URLS     a Redis Cluster instead: its nodes, comma-separated
+    --namespace NAME         the applications' cache namespace [default: memclone]
+    --channel NAME           the triggers' channel [default: memclone]
+    --tables LIST            the tables to watch, comma-separated (`users`, `app.ledger`,
+                             `\"Ledger\"`); may be repeated
+    --print-install-sql      print the SQL that installs the triggers (for a migration), exit
+    --print-uninstall-sql    print the SQL that removes them, exit
+    -h, --help               print this, exit
+    -V, --version            print the version, exit
+
+It starts only if every table has its trigger; then it invalidates every watched table once,
+prints one line to stdout (`memclone-listen: listening ..`) and runs until SIGTERM or SIGINT,
+reconnecting when the connection drops (each reconnection invalidates every watched table
+again). Logs go to stderr, filtered by RUST_LOG (default: info).
+Exit status: 0 stopped by a signal, 1 could not start, 2 bad arguments.
+";
+
+/// Where the cache lives.
+#[derive(Debug)]
+enum Redis {
+    Url(String),
+    Cluster(Vec<String>),
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+enum Command {
+    Run {
+        database_url: String,
+        redis: Redis,
+        namespace: String,
+        channel: String,
+        tables: Vec<String>,
+    },
+    PrintInstall {
+        channel: String,
+        tables: Vec<String>,
+    },
+    PrintUninstall {
+        tables: Vec<String>,
+    },
+    Help,
+    Version,
+}
+
+/// Splits a comma-separated list of tables, keeping commas inside double quotes (`"a,b"`).
+fn split_tables(list: &str, out: &mut Vec<String>) {
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in list.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                current.push(c);
+            }
+            ',' if !quoted => out.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    out.push(current);
+    out.retain(|t| !t.trim().is_empty());
+}
+
+fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+    let mut database_url = std::env::var("DATABASE_URL").ok();
+    let mut redis_url = std::env::var("REDIS_URL").ok();
+    let mut cluster = None;
+    let mut namespace = "memclone".to_owned();
+    let mut channel = listen::DEFAULT_CHANNEL.to_owned();
+    let mut tables = Vec::new();
+    let (mut print_install, mut print_uninstall) = (false, false);
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        // `--flag value` or `--flag=value`.
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value.into())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--database-url" => database_url = Some(value()?),
+            "--redis-url" => redis_url = Some(value()?),
+            "--redis-cluster" => {
+                let urls: Vec<String> = value()?
+                    .split(',')
+                    .map(|u| u.trim().to_owned())
+                    .filter(|u| !u.is_empty())
+                    .collect();
+                cluster = Some(urls);
+            }
+            "--namespace" => namespace = value()?,
+            "--channel" => channel = value()?,
+            "--tables" | "--table" => split_tables(&value()?, &mut tables),
+            "--print-install-sql" => print_install = true,
+            "--print-uninstall-sql" => print_uninstall = true,
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if tables.is_empty() {
+        return Err("no table to watch: give --tables".into());
+    }
+    match (print_install, print_uninstall) {
+        (true, true) => {
+            return Err("--print-install-sql and --print-uninstall-sql exclude each other".into())
+        }
+        (true, false) => return Ok(Command::PrintInstall { channel, tables }),
+        (false, true) => return Ok(Command::PrintUninstall { tables }),
+        (false, false) => {}
+    }
+    let database_url = database_url.ok_or("no database: give --database-url or DATABASE_URL")?;
+    let redis = match (cluster, redis_url) {
+        (Some(urls), _) if urls.is_empty() => return Err("--redis-cluster has no URL".into()),
+        (Some(urls), _) => Redis::Cluster(urls),
+        (None, Some(url)) => Redis::Url(url),
+        (None, None) => {
+            return Err("no Redis: give --redis-url (or REDIS_URL) or --redis-cluster".into())
+        }
+    };
+    Ok(Command::Run {
+        database_url,
+        redis,
+        namespace,
+        channel,
+        tables,
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let command = match parse(std::env::args().skip(1)) {
+        Ok(command) => command,
+        Err(e) => {
+            eprintln!("memclone-listen: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let printed = match command {
+        Command::Help => Ok(USAGE.to_owned()),
+        Command::Version => Ok(format!("memclone-listen {}\n", env!("CARGO_PKG_VERSION"))),
+        Command::PrintInstall { channel, tables } => listen::install_sql(&channel, &tables),
+        Command::PrintUninstall { tables } => listen::uninstall_sql(&tables),
+        Command::Run {
+            database_url,
+            redis,
+            namespace,
+            channel,
+            tables,
+        } => return run(database_url, redis, namespace, channel, tables).await,
+    };
+    match printed {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(
+    database_url: String,
+    redis: Redis,
+    namespace: String,
+    channel: String,
+    tables: Vec<String>,
+) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let store = match &redis {
+        Redis::Url(url) => RedisStore::builder(url.clone()).build(),
+        Redis::Cluster(urls) => RedisStore::cluster_builder(urls.iter().cloned()).build(),
+    };
+    // The same namespace and key layout as the applications' caches: the bumps land on the
+    // generations their entries are tagged with.
+    let cache =
+        match store.and_then(|store| Cache::builder().store(store).namespace(&namespace).build()) {
+            Ok(cache) => cache,
+            Err(e) => {
+                eprintln!("memclone-listen: bad Redis set-up: {e}");
+                return ExitCode::from(1);
+            }
+        };
+    let handle = match listen::postgres(database_url)
+        .tables(&tables)
+        .channel(&channel)
+        .cache(cache.clone())
+        .start()
+        .await
+    {
+        Ok(handle) => handle,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    // `start` invalidated every watched table: one it could not deliver means Redis is not
+    // there, and a sidecar that cannot invalidate must not look healthy.
+    let undelivered = cache.undelivered_invalidations();
+    if !undelivered.is_empty() {
+        eprintln!(
+            "memclone-listen: cannot reach Redis: the invalidations of {undelivered:?} were not \
+             delivered"
+        );
+        handle.stop().await;
+        return ExitCode::from(1);
+    }
+    println!(
+        "memclone-listen: listening on channel {channel} for {} (namespace {namespace}, backend \
+         pid {})",
+        tables.join(","),
+        handle.backend_pid()
+    );
+    let _ = std::io::stdout().flush();
+    let signal = wait_for_signal().await;
+    stop(handle, signal).await;
+    ExitCode::SUCCESS
+}
+
+async fn stop(handle: ListenHandle, signal: &str) {
+    tracing::info!(
+        signal,
+        notifications = handle.notifications(),
+        reconnects = handle.reconnects(),
+        "memclone-listen stopping"
+    );
+    handle.stop().await;
+    eprintln!("memclone-listen: stopped ({signal})");
+}
+
+/// SIGTERM (what a container runtime sends) or SIGINT (Ctrl-C).
+#[cfg(unix)]
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> &'static str {
+    let _ = tokio::signal::ctrl_c().await;
+    "Ctrl-C"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn tables_split() {
+        let mut out = Vec::new();
+        split_tables(r#"users, app.ledger,"a,b",,"#, &mut out);
+        assert_eq!(out, ["users", " app.ledger", r#""a,b""#]);
+    }
+
+    #[test]
+    fn parses() {
+        match parse(args(
+            "--database-url=pg --redis-cluster a,b --namespace ns --channel ch --tables t1,t2 --table t3",
+        )) {
+            Ok(Command::Run {
+                database_url,
+                redis: Redis::Cluster(urls),
+                namespace,
+                channel,
+                tables,
+            }) => {
+                assert_eq!(database_url, "pg");
+                assert_eq!(urls, ["a", "b"]);
+                assert_eq!((namespace.as_str(), channel.as_str()), ("ns", "ch"));
+                assert_eq!(tables, ["t1", "t2", "t3"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(args("--print-install-sql --tables t")),
+            Ok(Command::PrintInstall { .. })
+        ));
+        assert!(parse(args("--tables")).is_err());
+        assert!(parse(args("--database-url pg --redis-url r")).is_err());
+        assert!(parse(args("--bogus")).is_err());
+        assert!(parse(args("--print-install-sql --print-uninstall-sql --tables t")).is_err());
+    }
+}
