@@ -321,7 +321,11 @@ impl Cache {
                     Ok(value) => {
                         self.read_event(&lookup, ReadEvent::Miss);
                         let unlock = Some((key.clone(), owner));
-                        in_background(self.store_entry(&lookup, &tags, value, unlock, None));
+                        let write = self.store_entry(&lookup, &tags, value, unlock, None);
+                        match writes_behind(lookup.policy) {
+                            true => in_background(write),
+                            false => write.await,
+                        }
                     }
                     Err(_) => {
                         let _ = self.call(self.inner.store.unlock(&key, owner)).await;
@@ -386,11 +390,11 @@ impl Cache {
                     _ => self.read_event(&lookup, ReadEvent::Miss),
                 }
                 // The entry is stored and the lock freed in one round trip, which the caller
-                // does not wait for, except on a reload (which returns once it is stored).
+                // does not wait for, except where `writes_behind` says otherwise.
                 let write = self.store_entry(&lookup, &tags, value, held_lock, leader);
-                match lookup.policy {
-                    Policy::Refresh => write.await,
-                    _ => in_background(write),
+                match writes_behind(lookup.policy) {
+                    true => in_background(write),
+                    false => write.await,
                 }
             }
             Err(_) => {
@@ -603,27 +607,38 @@ impl Cache {
     }
 }
 
+/// Whether a miss's entry write may finish after the read returns. Not on a reload (which
+/// returns once it is stored), nor on a synchronous caller's own runtime: that thread reads on a
+/// connection of its own, so its next read could overtake the write on the shared one and find
+/// the entry missing (or this process's lock held); there the write costs the caller its round
+/// trip, as before.
+fn writes_behind(policy: Policy) -> bool {
+    policy != Policy::Refresh && !crate::sync::on_own_runtime()
+}
+
 /// Runs a store write off the caller's path: polled once here, so that an in-process store is
 /// done at once and a Redis command is on its way, then finished by a task of its own. Outside
 /// a runtime (never the case on the read path, which needs one for its store timeouts) the rest
 /// is dropped: a lock then expires by itself, and the entry is missed once more.
 fn in_background(write: BoxFuture<'static, ()>) {
-    if crate::sync::on_own_runtime() {
-        // A synchronous caller's own runtime runs only while its thread is inside a call, and
-        // its Redis connection is the thread's own: polled there, the write (and the lock it
-        // releases) would wait for the thread's next call. It runs on the internal runtime, on
-        // the store's shared connections, from its first poll.
-        if let Some(runtime) = crate::sync::background_runtime() {
-            drop(runtime.spawn(write));
-        }
-        return;
-    }
-    let mut write = write;
+    // A synchronous caller's own runtime runs only while its thread is inside a call, and its
+    // Redis connection is the thread's own: the write (and the lock it releases) would wait for
+    // the thread's next call. From such a thread it is polled, from the first poll on, as on the
+    // internal runtime (on the store's shared connections), and finished there.
+    let own_runtime = crate::sync::on_own_runtime();
+    let mut write = match own_runtime {
+        true => crate::sync::in_shared_runtime(write).boxed(),
+        false => write,
+    };
     let mut context = std::task::Context::from_waker(std::task::Waker::noop());
     if write.as_mut().poll(&mut context).is_ready() {
         return;
     }
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+    let runtime = match own_runtime {
+        true => crate::sync::background_runtime(),
+        false => tokio::runtime::Handle::try_current().ok(),
+    };
+    if let Some(runtime) = runtime {
         drop(runtime.spawn(write));
     }
 }

@@ -2,8 +2,8 @@
 //! `LISTEN`s and turns notifications into invalidations.
 
 use super::{
-    invalidate_all, stopped, DownGuard, ListenError, ListenHandle, Served, Shared, APPLICATION_NAME,
-    CONNECT_TIMEOUT, DEFAULT_CHANNEL,
+    invalidate_all, stopped, DownGuard, ListenError, ListenHandle, Served, Shared,
+    APPLICATION_NAME, CONNECT_TIMEOUT, DEFAULT_CHANNEL,
 };
 use crate::Cache;
 use diesel::sql_types::{Bool, Integer, Nullable, Text};
@@ -30,7 +30,6 @@ BEGIN
   RETURN NULL;
 END
 ";
-
 
 /// The longest identifier PostgreSQL keeps (`NAMEDATALEN - 1`): a longer one is cut to this
 /// length with only a `NOTICE`, so a trigger would notify a name memclone does not know, and
@@ -480,7 +479,6 @@ async fn check_triggers(
 fn same_text(a: &str, b: &str) -> bool {
     a.split_whitespace().eq(b.split_whitespace())
 }
-
 
 async fn run(
     listener: Listener,
