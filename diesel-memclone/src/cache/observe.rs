@@ -2,6 +2,10 @@
 //! counted in [`Stats`](crate::Stats), recorded on its span and, with the `metrics` feature,
 //! emitted as a metric.
 
+// Labels are passed as `&Cow`, not `&str`: a borrowed `'static` label (a literal, the usual
+// case) is copied into spans and metric keys for free, an owned one is cloned.
+#![allow(clippy::ptr_arg)]
+
 use super::{Cache, Lookup};
 use std::borrow::Cow;
 use tracing::field::Empty;
