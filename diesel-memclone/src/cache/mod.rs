@@ -51,8 +51,10 @@ pub struct Cache {
 
 struct Inner {
     store: Arc<dyn Store>,
-    /// The store's [`Store::tier_name`], for metrics and spans.
+    /// The store's [`Store::tier_name`], for metrics, and a hit's outcome there, for spans.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     store_tier: &'static str,
+    store_hit: &'static str,
     namespace: String,
     default_ttl: Duration,
     store_timeout: Duration,
@@ -305,6 +307,7 @@ impl CacheBuilder {
         Ok(Cache {
             inner: Arc::new(Inner {
                 store_tier: store.tier_name(),
+                store_hit: observe::store_hit_outcome(store.tier_name()),
                 store,
                 namespace: self.namespace,
                 default_ttl: self.default_ttl,
