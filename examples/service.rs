@@ -252,7 +252,7 @@ async fn drive(
             reported.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (task as u64 + 1) * 0x2545_f491_4f6c_dd1d);
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((task as u64 + 1) * 0x2545_f491_4f6c_dd1d));
             let mut latencies = Vec::new();
             while Instant::now() < deadline && sent.fetch_add(1, Ordering::Relaxed) < max_requests {
                 let (method, path, body) = next_request(&mut rng, users, posts);

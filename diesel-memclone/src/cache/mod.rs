@@ -51,13 +51,15 @@ pub struct Cache {
 
 struct Inner {
     store: Arc<dyn Store>,
-    /// The store's [`Store::tier_name`], for metrics and spans.
+    /// The store's [`Store::tier_name`], for metrics, and a hit's outcome there, for spans.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     store_tier: &'static str,
     /// True for the crate's own stores, whose operations may run on a synchronous caller's own
     /// runtime (see `crate::sync::MAX_THREAD_RUNTIMES`): the in-process store does no I/O, and
     /// the Redis store opens there only connections of that thread's own. Other stores' operations
     /// run with the internal runtime current, as they may open or spawn what every thread shares.
     store_is_thread_aware: bool,
+    store_hit: &'static str,
     namespace: String,
     default_ttl: Duration,
     store_timeout: Duration,
@@ -323,6 +325,7 @@ impl CacheBuilder {
         Ok(Cache {
             inner: Arc::new(Inner {
                 store_tier: store.tier_name(),
+                store_hit: observe::store_hit_outcome(store.tier_name()),
                 store,
                 store_is_thread_aware: self.store_is_thread_aware,
                 namespace: self.namespace,

@@ -2,6 +2,10 @@
 //! counted in [`Stats`](crate::Stats), recorded on its span and, with the `metrics` feature,
 //! emitted as a metric.
 
+// Labels are passed as `&Cow`, not `&str`: a borrowed `'static` label (a literal, the usual
+// case) is copied into spans and metric keys for free, an owned one is cloned.
+#![allow(clippy::ptr_arg)]
+
 use super::{Cache, Lookup};
 use std::borrow::Cow;
 use tracing::field::Empty;
@@ -12,7 +16,7 @@ use tracing::field::Empty;
 pub(crate) struct ReadName {
     pub(super) label: Cow<'static, str>,
     entity: bool,
-    span: tracing::Span,
+    pub(super) span: tracing::Span,
 }
 
 impl ReadName {
@@ -33,6 +37,16 @@ impl ReadName {
             entity: true,
             span: tracing::Span::none(),
         }
+    }
+}
+
+/// The outcome of a hit from a store whose [`tier_name`](crate::store::Store::tier_name) is
+/// `tier`, for spans.
+pub(super) fn store_hit_outcome(tier: &str) -> &'static str {
+    match tier {
+        "redis" => "hit_redis",
+        "memory" => "hit_memory",
+        _ => "hit_store",
     }
 }
 
@@ -71,11 +85,7 @@ impl Cache {
             }
             ReadEvent::StoreHit => {
                 counters.hits.add_one();
-                match self.inner.store_tier {
-                    "redis" => "hit_redis",
-                    "memory" => "hit_memory",
-                    _ => "hit_store",
-                }
+                self.inner.store_hit
             }
             ReadEvent::Miss => {
                 counters.misses.add_one();
@@ -106,14 +116,19 @@ impl Cache {
                 "lock_timeout"
             }
         };
-        lookup.name.span.record("outcome", outcome);
+        // A disabled span still looks its field up by name: skip it.
+        if !lookup.name.span.is_disabled() {
+            lookup.name.span.record("outcome", outcome);
+        }
         #[cfg(feature = "metrics")]
         meters::read_event(self.inner.store_tier, &lookup.name.label, event);
     }
 
     /// Records the size of the entry a read found or stored on its span.
     pub(crate) fn read_bytes(&self, lookup: &Lookup, bytes: usize) {
-        lookup.name.span.record("bytes", bytes);
+        if !lookup.name.span.is_disabled() {
+            lookup.name.span.record("bytes", bytes);
+        }
     }
 
     /// The span of a cached read, kept in its lookup so that its outcome can be recorded on it.
@@ -129,7 +144,9 @@ impl Cache {
             outcome = Empty,
             bytes = Empty,
         );
-        lookup.name.span = span.clone();
+        if !span.is_disabled() {
+            lookup.name.span = span.clone();
+        }
         span
     }
 
