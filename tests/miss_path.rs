@@ -167,3 +167,52 @@ async fn an_invalidation_racing_the_background_write_wins() {
         assert!(keys.is_empty(), "locks left: {keys:?}");
     }
 }
+
+/// `uncache` moves no generation: a miss under a custom key must not leave its entry write (or
+/// its single-flight) behind the caller, or the write would land after the delete, and the next
+/// read would be handed the old value. With entry writes held back 200 ms: a miss, a write that
+/// bypasses memclone, `uncache` of the key, then reads at once and after the delay.
+#[tokio::test]
+async fn uncache_after_a_miss_under_a_custom_key_wins() {
+    use diesel_async::SimpleAsyncConnection;
+    use diesel_memclone::prelude::*;
+    use diesel_memclone::store::MemoryStore;
+    use diesel_memclone_tests::schema::users;
+    use std::time::Duration;
+
+    async fn names(cache: &Cache, conn: &mut SqliteConn) -> Vec<String> {
+        users::table
+            .order(users::id)
+            .select(users::name)
+            .cached("summary")
+            .key("summary")
+            .using(cache)
+            .load::<String, _>(conn)
+            .await
+            .unwrap()
+    }
+    let store = Counting::new(MemoryStore::default()).with_put_delay(Duration::from_millis(200));
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("uncache_race"))
+        .build()
+        .unwrap();
+    let mut conn = sqlite().await;
+    conn.batch_execute("INSERT INTO users VALUES (1, 'Ann', 'active')")
+        .await
+        .unwrap();
+    assert_eq!(names(&cache, &mut conn).await, ["Ann"]);
+    conn.batch_execute("UPDATE users SET name = 'Bob' WHERE id = 1")
+        .await
+        .unwrap();
+    cache.uncache(&["summary"]).await;
+    let right_after = names(&cache, &mut conn).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let later = names(&cache, &mut conn).await;
+    assert_eq!(
+        (right_after, later),
+        (vec!["Bob".to_string()], vec!["Bob".to_string()]),
+        "{:?}",
+        cache.stats()
+    );
+}

@@ -259,6 +259,20 @@ async fn run(
     let _ = std::io::stdout().flush();
     let signal = wait_for_signal().await;
     stop(handle, signal).await;
+    // Invalidations Redis has not taken yet live only in this process: deliver them before it
+    // ends, or the applications would serve those tables stale until their TTL.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !cache.deliver_invalidations().await {
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "memclone-listen: the invalidations of {:?} were not delivered: those tables can \
+                 be served stale until their TTL",
+                cache.undelivered_invalidations()
+            );
+            return ExitCode::from(1);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     ExitCode::SUCCESS
 }
 

@@ -38,6 +38,11 @@ impl Health {
         *since = Some(Instant::now());
     }
 
+    /// Forgets the last failure's time, so that the next call tries the store at once.
+    pub(super) fn retry_now(&self) {
+        *self.down_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn succeeded(&self) {
         if self.down.swap(false, Ordering::Relaxed) {
             tracing::info!("diesel-memclone: cache store answers again");

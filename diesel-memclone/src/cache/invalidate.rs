@@ -28,8 +28,11 @@ impl Cache {
     /// Delivers now, if the store takes them, the invalidations that could not be delivered
     /// (they are otherwise retried every `retry_after` in the background): for a graceful
     /// shutdown, which should not leave other processes serving what this one wrote. True when
-    /// none is left.
+    /// none is left. It tries the store even within `retry_after` of a failure.
     pub async fn deliver_invalidations(&self) -> bool {
+        if self.inner.has_undelivered.load(Ordering::Acquire) {
+            self.inner.health.retry_now();
+        }
         self.deliver_pending().await
     }
 

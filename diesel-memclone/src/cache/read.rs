@@ -317,7 +317,7 @@ impl Cache {
                         self.read_event(&lookup, ReadEvent::Miss);
                         let unlock = Some((key.clone(), owner));
                         let write = self.store_entry(&lookup, &tags, value, unlock, None);
-                        match writes_behind(lookup.policy) {
+                        match self.writes_behind(&lookup) {
                             true => in_background(write),
                             false => write.await,
                         }
@@ -333,6 +333,21 @@ impl Cache {
                 Ok(stale)
             }
         }
+    }
+
+    /// Whether a miss's entry write may finish after the read returns. Not on a reload (which
+    /// returns once it is stored); not under a custom key (`.key(..)`), which `uncache` deletes
+    /// without moving a generation: a write still in flight would land after the delete, and
+    /// the open single-flight would hand the old value to the next read; nor on a synchronous
+    /// caller's own runtime: that thread reads on a connection of its own, so its next read
+    /// could overtake the write on the shared one and find the entry missing (or this
+    /// process's lock held). There the write costs the caller its round trip, as before.
+    fn writes_behind(&self, lookup: &Lookup) -> bool {
+        let custom_key = lookup
+            .key
+            .strip_prefix(self.inner.namespace.as_str())
+            .is_some_and(|rest| rest.starts_with(":{k:"));
+        lookup.policy != Policy::Refresh && !custom_key && !crate::sync::on_own_runtime()
     }
 
     /// A miss: one load per entry and generations, shared by the callers of this process
@@ -355,12 +370,17 @@ impl Cache {
                 Join::Follow(receiver) => {
                     let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
                     if let Ok(Some(entry)) = followed.await {
-                        if let Ok((value, _)) = codec::decode::<T>(&entry, &tags) {
-                            self.read_event(&lookup, ReadEvent::Coalesced);
-                            return Ok(value);
+                        // A leader whose store write never lands (its runtime no longer
+                        // driven) keeps its flight open: its value is shared only while fresh.
+                        if let Ok((value, fresh_until)) = codec::decode::<T>(&entry, &tags) {
+                            if codec::now_millis() < fresh_until {
+                                self.read_event(&lookup, ReadEvent::Coalesced);
+                                return Ok(value);
+                            }
                         }
                     }
-                    // The leader gave up (an error, a cancelled call): load for ourselves.
+                    // The leader gave up (an error, a cancelled call, an entry past its
+                    // freshness): load for ourselves.
                 }
             }
         }
@@ -387,7 +407,7 @@ impl Cache {
                 // The entry is stored and the lock freed in one round trip, which the caller
                 // does not wait for, except where `writes_behind` says otherwise.
                 let write = self.store_entry(&lookup, &tags, value, held_lock, leader);
-                match writes_behind(lookup.policy) {
+                match self.writes_behind(&lookup) {
                     true => in_background(write),
                     false => write.await,
                 }
@@ -600,15 +620,6 @@ impl Cache {
             self.forget_near(std::slice::from_ref(&key));
         }
     }
-}
-
-/// Whether a miss's entry write may finish after the read returns. Not on a reload (which
-/// returns once it is stored), nor on a synchronous caller's own runtime: that thread reads on a
-/// connection of its own, so its next read could overtake the write on the shared one and find
-/// the entry missing (or this process's lock held); there the write costs the caller its round
-/// trip, as before.
-fn writes_behind(policy: Policy) -> bool {
-    policy != Policy::Refresh && !crate::sync::on_own_runtime()
 }
 
 /// Runs a store write off the caller's path: polled once here, so that an in-process store is

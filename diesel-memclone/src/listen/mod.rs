@@ -292,6 +292,7 @@ struct Shared {
     notifications: AtomicU64,
     pid: AtomicI32,
     /// A notification that was not a table name was logged (once per listener).
+    #[cfg(feature = "postgres")]
     warned_payload: AtomicBool,
 }
 

@@ -381,7 +381,9 @@ impl RedisStore {
     }
 
     /// A store whose connections `pool` opens: [`RedisStore::DEFAULT_CONNECTIONS`] of them, or
-    /// the pool's maximum size if smaller. Each is taken out of the pool for good.
+    /// the pool's maximum size if smaller. Each is taken out of the pool for good. Synchronous
+    /// calls share these connections too (no connection of each thread's own, which would miss
+    /// the pool's hooks), at about 1.35× the cost of a thread's own.
     pub fn from_pool(pool: Pool) -> Self {
         let connections = Self::DEFAULT_CONNECTIONS.min(pool.status().max_size);
         Self {
@@ -477,7 +479,10 @@ impl RedisStore {
 
     async fn run_with(&self, cmds: &[redis::Cmd], resend: bool) -> StoreResult<Vec<Value>> {
         match &self.backend {
-            Backend::Single(pool) if crate::sync::on_own_runtime() => {
+            // Only a store this crate built from its URL: a pool of the user's own may
+            // configure its connections in hooks (`SELECT`, `AUTH`, a name) that a connection
+            // opened apart from the pool would miss.
+            Backend::Single(pool) if crate::sync::on_own_runtime() && self.targets.is_some() => {
                 self.run_on_own_connection(pool, cmds, resend).await
             }
             Backend::Single(pool) => {

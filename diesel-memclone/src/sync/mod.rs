@@ -212,6 +212,10 @@ pub(crate) fn block_on<T, F: Future<Output = Result<T>>>(future: F) -> Result<T>
         // poll on this thread with a plain parking loop instead, the internal runtime's worker
         // driving the I/O.
         Ok(_) => {
+            // Marked as driving too: a nested call from this call's fill would otherwise see
+            // the internal (multi-thread) runtime entered and panic in `block_in_place`.
+            DRIVING.set(true);
+            let _driving = NotDriving;
             let _entered = driver().runtime.enter();
             park_until_ready(tokio::task::unconstrained(future))
         }
