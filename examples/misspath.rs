@@ -110,7 +110,9 @@ const KINDS: [(&str, bool, bool); 4] = [
     ("near_nolock", false, true),
 ];
 
-#[tokio::main(flavor = "current_thread")]
+// A multi-thread runtime: a miss writes its entry behind the caller only on one (a current-thread
+// runtime may not run again once a `block_on` returns).
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     let mut args = std::env::args().skip(1);
     let mut cluster = false;

@@ -81,7 +81,7 @@ async fn background(counting: &Counting<RedisStore>, last: &str) -> Vec<&'static
     done
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncontended_miss_single_server() {
     let Some(store) = redis_store().await else {
         return;
@@ -89,7 +89,7 @@ async fn uncontended_miss_single_server() {
     scenario(store, false).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncontended_miss_cluster() {
     let Some(store) = redis_cluster_store().await else {
         return;
@@ -100,7 +100,7 @@ async fn uncontended_miss_cluster() {
 /// The entry write that a miss leaves running after it returned loses to an invalidation that
 /// lands first: a read after the invalidation gets the new row, whichever write reaches the
 /// store last, with the fill lock on and off and with a near tier.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidation_racing_the_background_write_wins() {
     let Some(store) = redis_store().await else {
         return;
@@ -172,7 +172,7 @@ async fn an_invalidation_racing_the_background_write_wins() {
 /// its single-flight) behind the caller, or the write would land after the delete, and the next
 /// read would be handed the old value. With entry writes held back 200 ms: a miss, a write that
 /// bypasses memclone, `uncache` of the key, then reads at once and after the delay.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncache_after_a_miss_under_a_custom_key_wins() {
     use diesel_async::SimpleAsyncConnection;
     use diesel_memclone::prelude::*;
@@ -214,5 +214,55 @@ async fn uncache_after_a_miss_under_a_custom_key_wins() {
         (vec!["Bob".to_string()], vec!["Bob".to_string()]),
         "{:?}",
         cache.stats()
+    );
+}
+
+/// A runtime used for one `block_on` per call (current-thread, not driven in between) gets no
+/// entry write behind it: a miss there stores its entry and frees its fill lock before
+/// returning, so another cache on the same Redis (another process) reads a hit at once, with no
+/// lock wait (before, it waited out the lock and read the database).
+#[test]
+fn a_current_thread_runtime_between_calls_leaves_no_lock_behind() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some(store) = runtime.block_on(redis_store()) else {
+        return;
+    };
+    let schema = unique("misspath_block_on");
+    let Some(mut conn) = runtime.block_on(postgres(&schema)) else {
+        return;
+    };
+    let namespace = unique("misspath_block_on");
+    let cache = |store: RedisStore| {
+        Cache::builder()
+            .store(store)
+            .namespace(namespace.clone())
+            .build()
+            .unwrap()
+    };
+    let first = cache(store);
+    let names = runtime.block_on(user_names(&first, &mut conn));
+    // The runtime is not driven from here on; another process's cache, on its own runtime.
+    let other_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let other = cache(other_runtime.block_on(redis_store()).unwrap());
+    let mut other_conn = other_runtime.block_on(postgres_again(&schema));
+    let read = other_runtime.block_on(user_names(&other, &mut other_conn));
+    assert_eq!(read, names);
+    let stats = other.stats();
+    assert_eq!(
+        (
+            stats.hits,
+            stats.misses,
+            stats.lock_waits,
+            stats.lock_timeouts
+        ),
+        (1, 0, 0, 0),
+        "{stats:?}"
     );
 }

@@ -341,13 +341,20 @@ impl Cache {
     /// the open single-flight would hand the old value to the next read; nor on a synchronous
     /// caller's own runtime: that thread reads on a connection of its own, so its next read
     /// could overtake the write on the shared one and find the entry missing (or this
-    /// process's lock held). There the write costs the caller its round trip, as before.
+    /// process's lock held); nor on a current-thread runtime, which may not run again once the
+    /// caller's `block_on` returns (a runtime kept for per-call `block_on`s is common), leaving
+    /// the entry unwritten and its fill lock held until its TTL. There the write costs the
+    /// caller its round trip, as before.
     fn writes_behind(&self, lookup: &Lookup) -> bool {
         let custom_key = lookup
             .key
             .strip_prefix(self.inner.namespace.as_str())
             .is_some_and(|rest| rest.starts_with(":{k:"));
-        lookup.policy != Policy::Refresh && !custom_key && !crate::sync::on_own_runtime()
+        let runs_on = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+        lookup.policy != Policy::Refresh
+            && !custom_key
+            && !crate::sync::on_own_runtime()
+            && runs_on.is_ok_and(|flavor| flavor == tokio::runtime::RuntimeFlavor::MultiThread)
     }
 
     /// A miss: one load per entry and generations, shared by the callers of this process

@@ -34,20 +34,22 @@ const EVENTS: [(&str, &str); 3] = [("INSERT", "ai"), ("UPDATE", "au"), ("DELETE"
 const MAX_IDENTIFIER: usize = 64;
 
 /// A table named as text (`users`, ``app.`Users` ``): the database, if given, and the table.
-/// Backquoted parts may hold dots (` `` ` is a backquote); case is kept, as MariaDB on Linux
-/// keeps it.
+/// Backquoted (or double-quoted) parts may hold dots (` `` ` is a backquote); case is kept, as
+/// MariaDB on Linux keeps it.
 fn split_name(name: &str) -> (Option<String>, String) {
     let mut parts = Vec::new();
     let mut current = String::new();
     let mut chars = name.trim().chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            '`' => {
+            // Backticks, MariaDB's own, or double quotes, as `listen::tables` writes names
+            // (PostgreSQL's quoting, which ANSI_QUOTES mode also reads).
+            quote @ ('`' | '"') => {
                 while let Some(c) = chars.next() {
-                    if c == '`' {
-                        if chars.peek() == Some(&'`') {
+                    if c == quote {
+                        if chars.peek() == Some(&quote) {
                             chars.next();
-                            current.push('`');
+                            current.push(quote);
                         } else {
                             break;
                         }
@@ -848,6 +850,12 @@ mod tests {
         assert_eq!(
             split_name("`a.b`.`c``d`"),
             (Some("a.b".into()), "c`d".into())
+        );
+        // As `listen::tables` names a mixed-case table.
+        assert_eq!(split_name("\"Ledger\""), (None, "Ledger".into()));
+        assert_eq!(
+            split_name("app.\"We.ird\"\"Name\""),
+            (Some("app".into()), "We.ird\"Name".into())
         );
         assert_eq!(trigger_name("users", "ai"), "memclone_ai_users");
         let long = "t".repeat(64);
