@@ -1,9 +1,7 @@
 //! Invalidation from MariaDB/MySQL: see [`mariadb`] (the public items are re-exported by
 //! `listen`).
 
-use super::{
-    invalidate_all, stopped, DownGuard, ListenError, ListenHandle, Served, Shared, CONNECT_TIMEOUT,
-};
+use super::{invalidate_all, lost, reconnect, stopped, ListenError, ListenHandle, Served, Shared};
 use crate::Cache;
 use diesel::sql_types::{BigInt, Nullable, Text, Unsigned};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -729,14 +727,7 @@ async fn run(
                 shared.healthy.store(false, Ordering::Release);
                 return;
             }
-            Served::Lost(why) => {
-                shared.set_down(&cache, true);
-                tracing::warn!(
-                    error = %why,
-                    "memclone listener (MariaDB) lost its connection; reconnecting (writes that \
-                     bypass memclone are not seen until it is back)"
-                );
-            }
+            Served::Lost(why) => lost("mariadb", &cache, &shared, &why),
         }
         let Connected {
             conn,
@@ -744,51 +735,18 @@ async fn run(
             ..
         } = connected;
         drop(conn);
-        // However the reconnection ends (back, stopped, or the task dropped), uncount it.
-        let down = DownGuard(&shared, &cache);
-        let mut pause = listener.backoff.0;
-        let mut warned = false;
-        connected = loop {
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stopped(&mut stop) => return,
-            }
-            // Bounded: a host that drops packets must not keep the listener down for minutes.
-            let attempt = tokio::select! {
-                attempt = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    listener.connect(&cache, &shared, Some(&known)),
-                ) => {
-                    attempt.unwrap_or_else(|_| {
-                        Err(ListenError::Connection(diesel::ConnectionError::BadConnection(
-                            "no answer in 10 s".into(),
-                        )))
-                    })
-                }
-                _ = stopped(&mut stop) => return,
-            };
-            match attempt {
-                Ok(connected) => break connected,
-                Err(e) => {
-                    // Said once per outage (a dropped trigger, say); each retry at debug level.
-                    if !std::mem::replace(&mut warned, true) {
-                        tracing::warn!(
-                            error = %e,
-                            "memclone listener (MariaDB): reconnection failed; retrying"
-                        );
-                    } else {
-                        tracing::debug!(error = %e, "memclone listener (MariaDB): reconnection failed");
-                    }
-                    pause = (pause * 2).min(listener.backoff.1);
-                }
-            }
-        };
-        drop(down);
-        shared.reconnects.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            tables = ?listener.tables,
-            "memclone listener (MariaDB) reconnected; invalidated every watched table"
+        let reconnected = reconnect(
+            "mariadb",
+            &cache,
+            &shared,
+            listener.backoff,
+            &mut stop,
+            || listener.connect(&cache, &shared, Some(&known)),
         );
+        match reconnected.await {
+            Some(session) => connected = session,
+            None => return,
+        }
     }
 }
 

@@ -376,6 +376,76 @@ impl Drop for ListenHandle {
     }
 }
 
+/// Marks a listener whose connection was lost as down (in its handle, the cache's stats and
+/// the log), until [`reconnect`] brings it back.
+fn lost(name: &'static str, cache: &Cache, shared: &Shared, why: &str) {
+    shared.set_down(cache, true);
+    tracing::warn!(
+        listener = name,
+        error = %why,
+        "memclone listener lost its connection; reconnecting (writes that bypass memclone are \
+         not seen until it is back)"
+    );
+}
+
+/// Reconnects a listener that was [`lost`], with exponential `backoff` between attempts, each
+/// bounded by [`CONNECT_TIMEOUT`]: `connect` gives a session that has invalidated every watched
+/// table, or an error (said once per outage, each retry at debug level). `None` when the handle
+/// asks to stop first. The listener counts as down until it is back (or stopped).
+async fn reconnect<C, Fut>(
+    name: &'static str,
+    cache: &Cache,
+    shared: &Shared,
+    backoff: (Duration, Duration),
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    mut connect: impl FnMut() -> Fut,
+) -> Option<C>
+where
+    Fut: std::future::Future<Output = Result<C, ListenError>>,
+{
+    // However the reconnection ends (back, stopped, or the task dropped), uncount it.
+    let _down = DownGuard(shared, cache);
+    let mut pause = backoff.0;
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stopped(stop) => return None,
+        }
+        // Bounded: a host that drops packets, or a connection that went silent, must not keep
+        // the listener down for minutes.
+        let attempt = tokio::select! {
+            attempt = tokio::time::timeout(CONNECT_TIMEOUT, connect()) => {
+                attempt.unwrap_or_else(|_| {
+                    Err(ListenError::Connection(diesel::ConnectionError::BadConnection(
+                        "no answer in 10 s".into(),
+                    )))
+                })
+            }
+            _ = stopped(stop) => return None,
+        };
+        match attempt {
+            Ok(session) => {
+                shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    listener = name,
+                    "memclone listener reconnected; invalidated every watched table"
+                );
+                return Some(session);
+            }
+            Err(e) => {
+                // Said once per outage (a missing trigger, say); each retry at debug level.
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!(listener = name, error = %e, "memclone listener: reconnection failed; retrying");
+                } else {
+                    tracing::debug!(listener = name, error = %e, "memclone listener: reconnection failed");
+                }
+                pause = (pause * 2).min(backoff.1);
+            }
+        }
+    }
+}
+
 /// Resolves when the handle asks to stop or is dropped.
 async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;

@@ -2,8 +2,8 @@
 //! `LISTEN`s and turns notifications into invalidations.
 
 use super::{
-    invalidate_all, stopped, DownGuard, ListenError, ListenHandle, Served, Shared,
-    APPLICATION_NAME, CONNECT_TIMEOUT, DEFAULT_CHANNEL,
+    invalidate_all, lost, reconnect, stopped, ListenError, ListenHandle, Served, Shared,
+    APPLICATION_NAME, DEFAULT_CHANNEL,
 };
 use crate::Cache;
 use diesel::sql_types::{Bool, Integer, Nullable, Text};
@@ -493,56 +493,21 @@ async fn run(
                 shared.healthy.store(false, Ordering::Release);
                 return;
             }
-            Served::Lost(why) => {
-                shared.set_down(&cache, true);
-                tracing::warn!(
-                    error = %why,
-                    "memclone listener lost its connection; reconnecting (writes that bypass \
-                     memclone are not seen until it is back)"
-                );
-            }
+            Served::Lost(why) => lost("postgres", &cache, &shared, &why),
         }
         drop(conn);
-        // However the reconnection ends (back, stopped, or the task dropped), uncount it.
-        let down = DownGuard(&shared, &cache);
-        let mut pause = listener.backoff.0;
-        let mut warned = false;
-        conn = loop {
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stopped(&mut stop) => return,
-            }
-            // Bounded: a host that drops packets, or a connection that went silent, must not
-            // keep the listener down for minutes.
-            let attempt = tokio::select! {
-                attempt = tokio::time::timeout(CONNECT_TIMEOUT, listener.connect(&cache, &shared)) => {
-                    attempt.unwrap_or_else(|_| {
-                        Err(ListenError::Connection(diesel::ConnectionError::BadConnection(
-                            "no answer in 10 s".into(),
-                        )))
-                    })
-                }
-                _ = stopped(&mut stop) => return,
-            };
-            match attempt {
-                Ok(conn) => break conn,
-                Err(e) => {
-                    // Said once per outage (a missing trigger, say); each retry at debug level.
-                    if !std::mem::replace(&mut warned, true) {
-                        tracing::warn!(error = %e, "memclone listener: reconnection failed; retrying");
-                    } else {
-                        tracing::debug!(error = %e, "memclone listener: reconnection failed");
-                    }
-                    pause = (pause * 2).min(listener.backoff.1);
-                }
-            }
-        };
-        drop(down);
-        shared.reconnects.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            tables = ?listener.tables,
-            "memclone listener reconnected; invalidated every watched table"
+        let reconnected = reconnect(
+            "postgres",
+            &cache,
+            &shared,
+            listener.backoff,
+            &mut stop,
+            || listener.connect(&cache, &shared),
         );
+        match reconnected.await {
+            Some(session) => conn = session,
+            None => return,
+        }
     }
 }
 
