@@ -629,29 +629,16 @@ impl Cache {
     }
 }
 
-/// Runs a store write off the caller's path: polled once here, so that an in-process store is
-/// done at once and a Redis command is on its way, then finished by a task of its own. Outside
-/// a runtime (never the case on the read path, which needs one for its store timeouts) the rest
-/// is dropped: a lock then expires by itself, and the entry is missed once more.
+/// Runs a store write off the caller's path, where [`Cache::writes_behind`] allows it (a
+/// multi-thread runtime, whose workers finish it): polled once here, so that an in-process store
+/// is done at once and a Redis command is on its way, then finished by a task of its own.
 fn in_background(write: BoxFuture<'static, ()>) {
-    // A synchronous caller's own runtime runs only while its thread is inside a call, and its
-    // Redis connection is the thread's own: the write (and the lock it releases) would wait for
-    // the thread's next call. From such a thread it is polled, from the first poll on, as on the
-    // internal runtime (on the store's shared connections), and finished there.
-    let own_runtime = crate::sync::on_own_runtime();
-    let mut write = match own_runtime {
-        true => crate::sync::in_shared_runtime(write).boxed(),
-        false => write,
-    };
+    let mut write = write;
     let mut context = std::task::Context::from_waker(std::task::Waker::noop());
     if write.as_mut().poll(&mut context).is_ready() {
         return;
     }
-    let runtime = match own_runtime {
-        true => crate::sync::background_runtime(),
-        false => tokio::runtime::Handle::try_current().ok(),
-    };
-    if let Some(runtime) = runtime {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         drop(runtime.spawn(write));
     }
 }

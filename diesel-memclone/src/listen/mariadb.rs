@@ -1,4 +1,4 @@
-//! Invalidation from MariaDB/MySQL: see [`mariadb`] (the public items are re-exported by
+//! Invalidation from MariaDB/MySQL: see [`mariadb()`] (the public items are re-exported by
 //! `listen`).
 
 use super::{invalidate_all, lost, reconnect, stopped, ListenError, ListenHandle, Served, Shared};
@@ -257,7 +257,7 @@ impl From<MariaDbSetupError> for ListenError {
 }
 
 /// A MariaDB/MySQL listener to configure and [`start`](MariaDbListener::start): see
-/// [`mariadb`].
+/// [`mariadb()`].
 #[must_use = "a listener does nothing until started"]
 #[derive(Clone)]
 pub struct MariaDbListener {

@@ -9,7 +9,7 @@
 //!   delivers a notification only after its transaction commits, once per distinct payload per
 //!   transaction, so a transaction that writes a table a thousand times sends one notification.
 //!   [`uninstall_sql`] undoes it.
-//! * [`postgres`] starts a [`Listener`]: a background task on a connection of its own that
+//! * [`postgres()`] starts a [`Listener`]: a background task on a connection of its own that
 //!   `LISTEN`s on the channel and invalidates each notified table through the same path as
 //!   memclone's own writes ([`Cache::invalidate_table`]: an invalidation the store did not take is
 //!   kept, retried, and keeps the table from being served meanwhile).
@@ -57,16 +57,16 @@
 //! their own; `memclone-listen --print-install-sql --tables ..` prints [`install_sql`]'s SQL.
 //!
 //! MariaDB/MySQL has no `NOTIFY`: its listener (feature `mysql`) polls counters that triggers
-//! bump, see [`mariadb`].
+//! bump, see [`mariadb()`].
 // Each backend's items exist with its feature only; links to the other's then point at docs.rs,
 // where every feature is documented (as in lib.rs).
 #![cfg_attr(
     not(feature = "postgres"),
-    doc = "\n\n[`install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.install_sql.html\n[`uninstall_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.uninstall_sql.html\n[`postgres`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.postgres.html\n[`Listener`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html"
+    doc = "\n\n[`install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.install_sql.html\n[`uninstall_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.uninstall_sql.html\n[`postgres()`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.postgres.html\n[`Listener`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html"
 )]
 #![cfg_attr(
     not(feature = "mysql"),
-    doc = "\n\n[`mariadb`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.mariadb.html"
+    doc = "\n\n[`mariadb()`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.mariadb.html"
 )]
 
 use crate::Cache;
@@ -116,7 +116,16 @@ pub const APPLICATION_NAME: &str = "memclone-listener";
 /// Each is the table as its `table!` names it ([`MemClone::table_sql`](crate::MemClone::table_sql)):
 /// with its schema when `table!` gives one (`app.ledger`), and quoted where a bare name would be
 /// folded to lower case or is not a plain identifier (`"Ledger"`). A table without a schema is
-/// found through the `search_path` of the migration and of the listener's connection.
+/// found through the `search_path` of the migration and of the listener's connection. The
+/// MariaDB listener and [`mariadb_install_sql`] read these names too.
+#[cfg_attr(
+    not(feature = "postgres"),
+    doc = "\n\n[`install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.install_sql.html\n[`Listener::tables`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html#method.tables"
+)]
+#[cfg_attr(
+    not(feature = "mysql"),
+    doc = "\n\n[`mariadb_install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.mariadb_install_sql.html"
+)]
 pub fn tables<M: Models>() -> Vec<&'static str> {
     let mut out = Vec::new();
     M::tables(&mut out);
@@ -198,7 +207,7 @@ pub enum ListenError {
         /// What it needs, and on what.
         needs: String,
     },
-    /// The channel cannot be used: see [`install_sql`] for what a channel may be.
+    /// The channel cannot be used: see `install_sql` (PostgreSQL) for what a channel may be.
     InvalidChannel {
         /// The channel, as given.
         channel: String,

@@ -205,7 +205,7 @@ pub fn uninstall_sql<S: AsRef<str>>(tables: &[S]) -> Result<String, ListenError>
     Ok(sql)
 }
 
-/// A listener to configure and [`start`](Listener::start): see [`postgres`].
+/// A listener to configure and [`start`](Listener::start): see [`postgres()`].
 #[must_use = "a listener does nothing until started"]
 #[derive(Clone)]
 pub struct Listener {
