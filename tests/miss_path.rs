@@ -18,7 +18,10 @@ async fn scenario(store: RedisStore, cluster: bool) {
         return;
     };
     for lock in [true, false] {
-        let counting = Counting::new(store.clone());
+        // Entry writes held back 200 ms: on a multi-thread runtime the write behind the caller
+        // runs on another worker, and without the delay it could land before the caller's
+        // return is looked at; with it, a write found done at once was waited for.
+        let counting = Counting::new(store.clone()).with_put_delay(Duration::from_millis(200));
         let mut builder = Cache::builder()
             .store(counting.clone())
             .namespace(unique("misspath"));
