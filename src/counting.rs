@@ -6,7 +6,8 @@
 //! many the cache makes (behaviour, not speed), and for `examples/misspath.rs`.
 
 use diesel_memclone::store::{
-    Bumped, Fetched, FollowChanges, LockProbe, Probed, PutEntry, Store, StoreResult, TableBump,
+    Bumped, Fetched, FollowChanges, LockProbe, Probed, PutEntry, ReadLocked, ReadProbe, Store,
+    StoreResult, TableBump,
 };
 use futures_util::future::{BoxFuture, FutureExt};
 use std::sync::{Arc, Mutex};
@@ -156,6 +157,14 @@ impl<S: Store> Store for Counting<S> {
 
     fn fetch_or_lock<'a>(&'a self, probe: LockProbe<'a>) -> BoxFuture<'a, StoreResult<Probed>> {
         self.record("fetch_or_lock", self.inner.fetch_or_lock(probe))
+    }
+
+    fn read_or_lock<'a>(&'a self, probe: ReadProbe<'a>) -> BoxFuture<'a, StoreResult<ReadLocked>> {
+        self.record("read_or_lock", self.inner.read_or_lock(probe))
+    }
+
+    fn reads_and_locks_at_once(&self) -> bool {
+        self.inner.reads_and_locks_at_once()
     }
 
     fn put_and_unlock<'a>(

@@ -1,7 +1,8 @@
 //! The miss path's round trips: the store operations of one uncontended miss after an
 //! invalidating write that its caller waits for, and the one that stores the entry after the
 //! call returned, counted by a wrapper store (each operation is one round trip on Redis), on a
-//! single server and on the cluster, with the fill lock on and off. Behaviour, not speed.
+//! single server and on the cluster, with the fill lock on and off, with and without a near
+//! tier. Behaviour, not speed.
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -47,10 +48,14 @@ async fn scenario(store: RedisStore, cluster: bool) {
         assert_eq!(user_names(&cache, &mut conn).await, names);
         // What the caller waited for: the operations done when the read returned.
         let ops = counting.take();
-        let want: &[&str] = match lock {
-            // The entry and generations; the lock with a look at the entry.
-            true => &["fetch", "fetch_or_lock"],
-            false => &["fetch"],
+        let want: &[&str] = match (lock, cluster) {
+            // One round trip: the entry and generations, and the lock named after them, in one
+            // script (this process's write moved the generations: a miss is likely).
+            (true, false) => &["read_or_lock"],
+            // The entry and generations; the lock with a look at the entry (a cluster's keys
+            // of one read live in several slots, which no script may touch).
+            (true, true) => &["fetch", "fetch_or_lock"],
+            (false, _) => &["fetch"],
         };
         assert_eq!(ops, want, "lock {lock}, cluster {cluster}");
         // Then, off the caller's path: the entry stored and the lock freed, in one round trip.
@@ -98,6 +103,68 @@ async fn uncontended_miss_cluster() {
         return;
     };
     scenario(store, true).await;
+}
+
+/// A write made by another process (another cache on the same Redis): a cache with a near tier
+/// hears of it, no longer knows the generations, and its miss takes the lock in its one round
+/// trip; a cache without one cannot tell it from a hit, and reads first (two round trips, as
+/// before). Either way the next read is a hit, and no lock is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_after_another_process_wrote() {
+    let Some(store) = redis_store().await else {
+        return;
+    };
+    let schema = unique("misspath_other");
+    let Some(mut conn) = postgres(&schema).await else {
+        return;
+    };
+    for near in [true, false] {
+        let namespace = unique("misspath_other");
+        let writer = Cache::builder()
+            .store(store.clone())
+            .namespace(&namespace)
+            .build()
+            .unwrap();
+        let counting = Counting::new(store.clone()).with_put_delay(Duration::from_millis(200));
+        let mut builder = Cache::builder()
+            .store(counting.clone())
+            .namespace(&namespace);
+        if near {
+            builder = builder.near_cache(NearCache::new());
+        }
+        let cache = builder.build().unwrap();
+        if near {
+            assert!(cache.near_cache_ready(Duration::from_secs(10)).await);
+        }
+        let names = user_names(&cache, &mut conn).await;
+        background(&counting, "put_and_unlock").await;
+        writer.invalidate_table("users").await;
+        if near {
+            // The push has arrived: the tier no longer knows the table's generation.
+            assert!(cache.near_cache_ready(Duration::from_secs(10)).await);
+        }
+        counting.take();
+        assert_eq!(user_names(&cache, &mut conn).await, names);
+        let want: &[&str] = match near {
+            true => &["read_or_lock"],
+            false => &["fetch", "fetch_or_lock"],
+        };
+        assert_eq!(counting.take(), want, "near {near}");
+        let stored = background(&counting, "put_and_unlock").await;
+        assert_eq!(stored, ["put_and_unlock"], "near {near}");
+        assert_eq!(user_names(&cache, &mut conn).await, names);
+        let want: &[&str] = match near {
+            // Held by the near tier since the fill.
+            true => &[],
+            false => &["fetch"],
+        };
+        assert_eq!(counting.take(), want, "near {near}: a hit");
+        assert_eq!(cache.stats().misses, 2, "near {near}");
+        let raw = RawRedis::test_server(false).await;
+        let pattern = format!("{namespace}:*:lock:*");
+        let keys: Vec<String> = raw.query_as(redis::cmd("KEYS").arg(&pattern)).await;
+        assert!(keys.is_empty(), "locks left: {keys:?}");
+    }
 }
 
 /// The entry write that a miss leaves running after it returned loses to an invalidation that

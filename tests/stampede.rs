@@ -202,6 +202,109 @@ async fn a_killed_lock_holder_frees_the_lock_when_it_expires() {
     );
 }
 
+/// A fill cancelled while it holds the lock (its caller went away) frees the lock at once,
+/// whether the lock was taken after the read (a cold entry) or in the read itself (this
+/// process's write moved the generations, see `tests/miss_path.rs`): the other process does not
+/// wait out the lock's 30 s, and with `OnLockTimeout::Error` would fail if it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_fill_frees_its_lock_at_once() {
+    let lock = LockOptions::default()
+        .ttl(Duration::from_secs(30))
+        .wait_timeout(Duration::from_secs(2))
+        .on_timeout(OnLockTimeout::Error);
+    let Some((a, b, db)) = two_processes(lock).await else {
+        return;
+    };
+    for after_a_write in [false, true] {
+        if after_a_write {
+            a.invalidate_table("users").await;
+        }
+        let holding = Arc::new(Notify::new());
+        let holder = {
+            let (a, holding) = (a.clone(), holding.clone());
+            tokio::spawn(async move {
+                a.fill_with("users", "count", &["users"], || async move {
+                    holding.notify_one();
+                    std::future::pending::<diesel::QueryResult<i64>>().await
+                })
+                .await
+            })
+        };
+        holding.notified().await;
+        holder.abort();
+        assert!(holder.await.unwrap_err().is_cancelled());
+        let before = db.counter.get();
+        assert_eq!(
+            b.fill_with("users", "count", &["users"], || db.count_users())
+                .await
+                .unwrap(),
+            0,
+            "after a write: {after_a_write}"
+        );
+        assert_eq!(db.counter.get() - before, 1);
+        assert_eq!(b.stats().lock_timeouts, 0);
+        // The next round starts from a miss again.
+        b.invalidate_table("users").await;
+    }
+}
+
+/// After a write, many callers in two processes miss one entry at once, each through a read
+/// that takes the fill lock in its round trip (the writing process expects the miss; the
+/// other's near tier no longer knows the generations): one database read in all, and every
+/// caller gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_lock_in_their_read_share_one_load_across_processes() {
+    let Some((_, db)) = setup().await else {
+        return;
+    };
+    let Some(store) = redis_store().await else {
+        return;
+    };
+    let ns = unique("readlock");
+    let a = Cache::builder()
+        .store(store.clone())
+        .namespace(&ns)
+        .build()
+        .unwrap();
+    let b = Cache::builder()
+        .store(store)
+        .namespace(&ns)
+        .near_cache(diesel_memclone::NearCache::new())
+        .build()
+        .unwrap();
+    assert!(b.near_cache_ready(Duration::from_secs(10)).await);
+    let slow = || async {
+        let mut conn = db.conn.lock().await;
+        let row: Number = diesel::sql_query("SELECT count(*) AS n FROM users, pg_sleep(0.1)")
+            .get_result(&mut *conn)
+            .await?;
+        Ok(row.n)
+    };
+    for round in 0..3 {
+        // Both have read the entry; then `a` writes.
+        for cache in [&a, &b] {
+            let n = cache.fill_with("users", "slow count", &["users"], slow).await;
+            assert_eq!(n.unwrap(), 0);
+        }
+        a.invalidate_table("users").await;
+        assert!(b.near_cache_ready(Duration::from_secs(10)).await);
+        let before = db.counter.get();
+        let callers = (0..25).flat_map(|_| {
+            [
+                a.fill_with("users", "slow count", &["users"], slow),
+                b.fill_with("users", "slow count", &["users"], slow),
+            ]
+        });
+        let results = futures_util::future::join_all(callers).await;
+        assert!(results.iter().all(|r| matches!(r, Ok(0))), "{results:?}");
+        assert_eq!(
+            db.counter.get() - before,
+            1,
+            "round {round}: one load for fifty callers in two processes"
+        );
+    }
+}
+
 async fn wait_timeout(
     on_timeout: OnLockTimeout,
 ) -> Option<(diesel_memclone::Result<i64>, Cache, Db)> {

@@ -180,6 +180,9 @@ impl Cache {
             // read-your-writes, with no window, in the near tier.
             self.forget_near(&keys);
             self.forget_near(&row_keys);
+            // And the next read of an entry under them expects a miss.
+            self.inner.moves.moved(&keys);
+            self.inner.moves.moved(&row_keys);
             let bumped = bumped?;
             invalidated.push(TableInvalidated {
                 sequence: bumped.as_ref().map(|b| b.sequence),
@@ -257,6 +260,7 @@ impl Cache {
         };
         let bumped = self.call(self.inner.store.bump_table(bump)).await.is_ok();
         self.forget_near(&row_keys);
+        self.inner.moves.moved(&row_keys);
         bumped
     }
 

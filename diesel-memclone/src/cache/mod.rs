@@ -10,6 +10,7 @@
 
 mod health;
 mod invalidate;
+mod moves;
 mod observe;
 mod read;
 
@@ -83,6 +84,10 @@ struct Inner {
     near: Option<Arc<Near>>,
     /// What every read of a query shape shares (see [`Shape`]).
     shapes: RwLock<HashMap<ShapeKey, Arc<Shape>, BuildShapeHasher>>,
+    /// The store's [`Store::reads_and_locks_at_once`], asked once.
+    locks_on_read: bool,
+    /// The generations this process moved, for reads that expect a miss.
+    moves: moves::Moves,
 }
 
 impl std::fmt::Debug for Cache {
@@ -324,6 +329,8 @@ impl CacheBuilder {
         };
         Ok(Cache {
             inner: Arc::new(Inner {
+                locks_on_read: store.reads_and_locks_at_once(),
+                moves: moves::Moves::default(),
                 store_tier: store.tier_name(),
                 store_hit: observe::store_hit_outcome(store.tier_name()),
                 store,

@@ -3,6 +3,7 @@
 //! process (single-flight) and across processes (the fill lock). Also the entries a write
 //! stores through.
 
+use super::moves::Seen;
 use super::observe::ReadEvent;
 use super::{Cache, Lookup, Policy};
 use crate::codec::{self, Reject};
@@ -11,7 +12,7 @@ use crate::flight::{self, Join, Leader, LockOptions, OnLockTimeout};
 use crate::key;
 use crate::model::RowKey;
 use crate::near::Near;
-use crate::store::{LockProbe, PutEntry};
+use crate::store::{LockProbe, PutEntry, ReadLock, ReadProbe};
 use futures_util::future::{BoxFuture, FutureExt};
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
@@ -52,6 +53,7 @@ impl Cache {
         let near = self.near();
         let mut tags = None;
         let mut stale = None;
+        let mut lock = Lock::Unknown;
         if lookup.policy != Policy::Refresh {
             let mut read = None;
             if let Some(near) = near.filter(|near| near.in_sync()) {
@@ -66,9 +68,10 @@ impl Cache {
             match read {
                 StoreRead::Hit(value) => return Ok(value),
                 StoreRead::Failed => return self.database_read(&lookup, began, fill).await,
-                StoreRead::Miss(current, expired) => {
+                StoreRead::Miss(current, expired, held) => {
                     tags = current;
                     stale = expired;
+                    lock = held;
                 }
             }
         }
@@ -94,13 +97,13 @@ impl Cache {
             }
         };
         if let Some(stale) = stale {
+            // (A read that found a stale value took no lock: the value holds its generations.)
+            drop(lock);
             return self.revalidate(lookup, tags, stale, fill).await;
         }
-        self.fill_once(lookup, tags, fill).await
+        self.fill_once(lookup, tags, fill, lock).await
     }
 
-    /// A read whose generations the near tier knows: its entry from the tier, or else the
-    /// entry alone from the store (one `GET`), validated against those generations.
     /// The near tier's fresh entry for `lookup` under the `current` generations, counted as a
     /// hit; `None` (not counted) otherwise.
     fn near_entry_hit<T: DeserializeOwned>(
@@ -143,6 +146,8 @@ impl Cache {
         self.near_entry_hit(near, lookup, &current)
     }
 
+    /// A read whose generations the near tier knows: its entry from the tier, or else the
+    /// entry alone from the store (one `GET`), validated against those generations.
     async fn near_read<T: DeserializeOwned>(
         &self,
         near: &Near,
@@ -166,24 +171,37 @@ impl Cache {
         };
         match expired {
             Some(Judged::Fresh(value)) => StoreRead::Hit(value),
-            Some(Judged::Expired(value)) => StoreRead::Miss(Some(current), Some(value)),
-            None => StoreRead::Miss(Some(current), None),
+            Some(Judged::Expired(value)) => {
+                StoreRead::Miss(Some(current), Some(value), Lock::Unknown)
+            }
+            None => StoreRead::Miss(Some(current), None, Lock::Unknown),
         }
     }
 
     /// A read of the entry and its generations from the store, in one round trip; what it
-    /// learns of the generations goes to the near tier, if any.
+    /// learns of the generations goes to the near tier, if any. Where a miss is likely (see
+    /// [`Cache::expects_miss`]) the same round trip also takes the fill lock, if the entry
+    /// does not hold the generations read.
     async fn store_read<T: DeserializeOwned>(
         &self,
         near: Option<&Near>,
         lookup: &Lookup,
     ) -> StoreRead<T> {
+        let expects = self.expects_miss(near, lookup);
+        if let Some((true, seen)) = expects {
+            let read = self.read_or_lock(near, lookup).await;
+            self.inner.moves.settle(seen);
+            return read;
+        }
         let stamps = near.map(|near| (near.stamps(&lookup.generations), near.stamp(&lookup.key)));
         let store = &self.inner.store;
-        let Ok(fetched) = self
+        let fetched = self
             .call(store.fetch(&lookup.key, &lookup.generations))
-            .await
-        else {
+            .await;
+        if let Some((_, seen)) = expects {
+            self.inner.moves.settle(seen);
+        }
+        let Ok(fetched) = fetched else {
             return StoreRead::Failed;
         };
         let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
@@ -196,12 +214,94 @@ impl Cache {
             match self.judge::<T>(near, lookup, bytes, current, entry_stamp) {
                 Some(Judged::Fresh(value)) => return StoreRead::Hit(value),
                 Some(Judged::Expired(value)) => {
-                    return StoreRead::Miss(Some(current.clone()), Some(value))
+                    return StoreRead::Miss(Some(current.clone()), Some(value), Lock::Unknown)
                 }
                 None => {}
             }
         }
-        StoreRead::Miss(current, None)
+        StoreRead::Miss(current, None, Lock::Unknown)
+    }
+
+    /// Whether a read whose generations this process does not know should take the fill lock
+    /// with its read, with what to settle once it is done (`None`: it never does; see
+    /// [`Store::read_or_lock`](crate::store::Store::read_or_lock)). Only where the store does
+    /// it in the round trip of a plain fetch, for a read that fills (and may lock), and only
+    /// where a miss is likely, since the script that does it costs a hit more than a fetch
+    /// (`examples/misspath.rs`, `examples/hitpath.rs`): with a near tier that follows
+    /// changes, always (the tier dropped these generations: they moved lately, or this process
+    /// never read them); otherwise when this process moved one of them since it last read the
+    /// entry (see `moves.rs`). A write by another process is not seen without a near tier: that
+    /// miss takes two round trips, as on a cluster.
+    fn expects_miss(&self, near: Option<&Near>, lookup: &Lookup) -> Option<(bool, Seen)> {
+        if !self.inner.locks_on_read
+            || lookup.policy != Policy::ReadWrite
+            || self.inner.lock.is_none()
+            || lookup.generations.len() > 255
+        {
+            return None;
+        }
+        let (moved, seen) = self
+            .inner
+            .moves
+            .expects_miss(&lookup.key, &lookup.generations);
+        Some((moved || near.is_some_and(Near::in_sync), seen))
+    }
+
+    /// [`store_read`](Cache::store_read) that also takes the fill lock unless the entry holds
+    /// the generations read, in one round trip ([`Store::read_or_lock`]; missing generations
+    /// are created in it too).
+    ///
+    /// [`Store::read_or_lock`]: crate::store::Store::read_or_lock
+    async fn read_or_lock<T: DeserializeOwned>(
+        &self,
+        near: Option<&Near>,
+        lookup: &Lookup,
+    ) -> StoreRead<T> {
+        let Some(options) = &self.inner.lock else {
+            return StoreRead::Failed;
+        };
+        let stamps = near.map(|near| (near.stamps(&lookup.generations), near.stamp(&lookup.key)));
+        let fresh: Vec<u64> = lookup
+            .generations
+            .iter()
+            .map(|_| crate::store::fresh_generation())
+            .collect();
+        let prefix = lock_prefix(lookup, options);
+        let owner = crate::store::fresh_generation();
+        let probe = ReadProbe::new(
+            &lookup.key,
+            &lookup.generations,
+            &fresh,
+            lookup.generation_ttl,
+            codec::TAG_AT,
+            &prefix,
+            owner,
+            options.ttl,
+        );
+        let Ok(read) = self.call(self.inner.store.read_or_lock(probe)).await else {
+            return StoreRead::Failed;
+        };
+        let current = read.generations;
+        let mut entry_stamp = 0;
+        if let (Some(near), Some((stamps, stamp))) = (near, stamps) {
+            near.learn_all(&lookup.generations, &current, &stamps);
+            entry_stamp = stamp;
+        }
+        let lock = match read.lock {
+            ReadLock::Taken => Lock::Held(HeldLock::new(self, probe.lock_key(&current), owner)),
+            ReadLock::Busy => Lock::Busy,
+            _ => Lock::Unknown,
+        };
+        if let Some(bytes) = read.entry {
+            match self.judge::<T>(near, lookup, bytes, &current, entry_stamp) {
+                Some(Judged::Fresh(value)) => return StoreRead::Hit(value),
+                Some(Judged::Expired(value)) => {
+                    return StoreRead::Miss(Some(current), Some(value), lock)
+                }
+                None => {}
+            }
+        }
+        StoreRead::Miss(Some(current), None, lock)
     }
 
     /// Decodes an entry read from the store under `current` generations: fresh (counted as a
@@ -358,14 +458,26 @@ impl Cache {
     }
 
     /// A miss: one load per entry and generations, shared by the callers of this process
-    /// (single-flight) and, with the lock, of every process.
-    async fn fill_once<T, F, Fut>(&self, lookup: Lookup, tags: Vec<u64>, fill: F) -> Result<T>
+    /// (single-flight) and, with the lock, of every process. `lock`: the fill lock as the read
+    /// left it.
+    async fn fill_once<T, F, Fut>(
+        &self,
+        lookup: Lookup,
+        tags: Vec<u64>,
+        fill: F,
+        lock: Lock,
+    ) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
         Fut: Future<Output = diesel::QueryResult<T>>,
     {
         let coordinated = lookup.policy == Policy::ReadWrite;
+        let busy = matches!(lock, Lock::Busy);
+        let mut held_lock = match lock {
+            Lock::Held(held) => Some(held),
+            _ => None,
+        };
         let mut leader = None;
         if coordinated && self.inner.single_flight {
             match self
@@ -374,6 +486,9 @@ impl Cache {
                 .join(format!("{}#{}", lookup.key, tags_hex(&tags)))
             {
                 Join::Lead(lead) => leader = Some(lead),
+                // This call's read took the fill lock, which the leader of this process then
+                // waits for: this call fills, and the leader finds its entry.
+                Join::Follow(_) if held_lock.is_some() => {}
                 Join::Follow(receiver) => {
                     let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
                     if let Ok(Some(entry)) = followed.await {
@@ -391,10 +506,10 @@ impl Cache {
                 }
             }
         }
-        let mut held_lock = None;
-        if let (true, Some(lock)) = (coordinated, &self.inner.lock) {
-            match self.wait_for_lock::<T>(&lookup, &tags, lock).await? {
-                LockWait::Held(key, owner) => held_lock = Some((key, owner)),
+        if let (true, Some(lock), None) = (coordinated, &self.inner.lock, &held_lock) {
+            // Busy: the read just found another caller's lock; look again after a pause.
+            match self.wait_for_lock::<T>(&lookup, &tags, lock, !busy).await? {
+                LockWait::Held(held) => held_lock = Some(held),
                 LockWait::FilledByOther(value, entry) => {
                     if let Some(leader) = leader {
                         leader.publish(entry);
@@ -413,14 +528,16 @@ impl Cache {
                 }
                 // The entry is stored and the lock freed in one round trip, which the caller
                 // does not wait for, except where `writes_behind` says otherwise.
-                let write = self.store_entry(&lookup, &tags, value, held_lock, leader);
+                let unlock = held_lock.map(HeldLock::hand_on);
+                let write = self.store_entry(&lookup, &tags, value, unlock, leader);
                 match self.writes_behind(&lookup) {
                     true => in_background(write),
                     false => write.await,
                 }
             }
             Err(_) => {
-                if let Some((key, owner)) = held_lock {
+                if let Some(held) = held_lock {
+                    let (key, owner) = held.hand_on();
                     let _ = self.call(self.inner.store.unlock(&key, owner)).await;
                 }
             }
@@ -428,15 +545,17 @@ impl Cache {
         Ok(value?)
     }
 
-    /// Takes the entry's fill lock, or waits until its holder has filled the entry.
+    /// Takes the entry's fill lock, or waits until its holder has filled the entry; with
+    /// `probe_first` false, begins with the pause (the caller just found the lock held).
     async fn wait_for_lock<T: DeserializeOwned>(
         &self,
         lookup: &Lookup,
         tags: &[u64],
         lock: &LockOptions,
+        mut probe_first: bool,
     ) -> Result<LockWait<T>> {
         let store = &self.inner.store;
-        let key = lock_key(lookup, lock, tags);
+        let key = crate::store::lock_key(&lock_prefix(lookup, lock), tags);
         let owner = crate::store::fresh_generation();
         let tag = codec::tag(tags);
         let now = Instant::now();
@@ -447,9 +566,16 @@ impl Cache {
             // The lock, unless the entry was filled under `tags` in the meantime (the previous
             // holder may have filled it and left between our read and now): one round trip.
             let probe = LockProbe::new(&lookup.key, &tag, codec::TAG_AT, &key, owner, lock.ttl);
-            match self.call(store.fetch_or_lock(probe)).await {
-                Ok(probed) if probed.locked => return Ok(LockWait::Held(key, owner)),
-                Ok(probed) => {
+            let probed = match probe_first {
+                true => Some(self.call(store.fetch_or_lock(probe)).await),
+                false => None,
+            };
+            probe_first = true;
+            match probed {
+                Some(Ok(probed)) if probed.locked => {
+                    return Ok(LockWait::Held(HeldLock::new(self, key, owner)))
+                }
+                Some(Ok(probed)) => {
                     let entry = probed.entry.filter(|bytes| probe.matches(bytes));
                     if let Some(entry) = entry {
                         if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
@@ -459,7 +585,8 @@ impl Cache {
                     }
                 }
                 // The store is in trouble: the database answers.
-                Err(_) => return Ok(LockWait::GoAhead),
+                Some(Err(_)) => return Ok(LockWait::GoAhead),
+                None => {}
             }
             if Instant::now() >= deadline {
                 self.read_event(lookup, ReadEvent::LockTimeout);
@@ -647,9 +774,9 @@ fn in_background(write: BoxFuture<'static, ()>) {
 enum StoreRead<T> {
     /// A fresh entry.
     Hit(T),
-    /// No fresh entry: the current generations, if all known, and an expired value that the
-    /// stale-while-revalidate window still allows.
-    Miss(Option<Vec<u64>>, Option<T>),
+    /// No fresh entry: the current generations, if all known, an expired value that the
+    /// stale-while-revalidate window still allows, and the fill lock as the read left it.
+    Miss(Option<Vec<u64>>, Option<T>, Lock),
     /// The store failed.
     Failed,
 }
@@ -660,14 +787,65 @@ enum Judged<T> {
 }
 
 enum LockWait<T> {
-    Held(String, u64),
+    Held(HeldLock),
     FilledByOther(T, Arc<[u8]>),
     GoAhead,
 }
 
-/// The fill lock of `lookup`'s entry under `tags`: after the entry key, so in its slot.
-fn lock_key(lookup: &Lookup, lock: &LockOptions, tags: &[u64]) -> String {
-    format!("{}:{}:{}", lookup.key, lock.prefix, tags_hex(tags))
+/// The fill lock as a read left it.
+enum Lock {
+    /// Not asked for (or the entry held the generations read).
+    Unknown,
+    /// Taken for this call.
+    Held(HeldLock),
+    /// Held by another caller when the read looked.
+    Busy,
+}
+
+/// A fill lock this call holds. Dropped before it is handed on (a cancelled call, or a path
+/// that does not fill), it is freed in the background rather than left to expire, so that
+/// other processes do not wait out its time to live.
+struct HeldLock {
+    key: String,
+    owner: u64,
+    /// Who frees it when dropped; `None` once handed on.
+    frees: Option<Cache>,
+}
+
+impl HeldLock {
+    fn new(cache: &Cache, key: String, owner: u64) -> Self {
+        Self {
+            key,
+            owner,
+            frees: Some(cache.clone()),
+        }
+    }
+
+    /// The lock key and owner, for the caller that frees it from now on.
+    fn hand_on(mut self) -> (String, u64) {
+        self.frees = None;
+        (std::mem::take(&mut self.key), self.owner)
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        let Some(cache) = self.frees.take() else {
+            return;
+        };
+        let (key, owner) = (std::mem::take(&mut self.key), self.owner);
+        if let Some(runtime) = crate::sync::background_runtime() {
+            drop(runtime.spawn(async move {
+                let _ = cache.call(cache.inner.store.unlock(&key, owner)).await;
+            }));
+        }
+    }
+}
+
+/// The fill locks of `lookup`'s entry start with this, followed by the generations (see
+/// [`ReadProbe::lock_key`]): after the entry key, so in its slot.
+fn lock_prefix(lookup: &Lookup, lock: &LockOptions) -> String {
+    format!("{}:{}:", lookup.key, lock.prefix)
 }
 
 fn tags_hex(tags: &[u64]) -> String {

@@ -170,6 +170,31 @@ pub trait Store: Send + Sync + 'static {
         .boxed()
     }
 
+    /// Reads `probe.entry` and the current values of `probe.generations`, creating a missing
+    /// (or unreadable) generation with its value from `probe.fresh` as
+    /// [`ensure_generations`](Store::ensure_generations) does; then, unless the entry holds
+    /// those generations (see [`ReadProbe::holds`]), takes the fill lock named after them
+    /// ([`ReadProbe::lock_key`]) for `probe.owner` as [`try_lock`](Store::try_lock) does. A
+    /// miss whose generations the caller does not know then waits for one round trip before
+    /// its database read instead of two, where the store does all this in one step (see
+    /// [`reads_and_locks_at_once`](Store::reads_and_locks_at_once)).
+    ///
+    /// The default makes the steps one after the other: [`fetch`](Store::fetch), then
+    /// [`ensure_generations`](Store::ensure_generations) if one is missing, then
+    /// [`fetch_or_lock`](Store::fetch_or_lock) unless the entry holds the generations.
+    fn read_or_lock<'a>(&'a self, probe: ReadProbe<'a>) -> BoxFuture<'a, StoreResult<ReadLocked>> {
+        read_or_lock_in_steps(self, probe)
+    }
+
+    /// True when [`read_or_lock`](Store::read_or_lock) costs what a
+    /// [`fetch`](Store::fetch) costs (one round trip): the cache then calls it where a miss is
+    /// likely, instead of a fetch followed by [`fetch_or_lock`](Store::fetch_or_lock). The
+    /// default is false, and so is a Redis Cluster's (the keys of one read live in several
+    /// slots): the cache then never calls it.
+    fn reads_and_locks_at_once(&self) -> bool {
+        false
+    }
+
     /// Stores an entry as [`put_with_generations`](Store::put_with_generations) does, then
     /// frees the lock `lock` if `owner` holds it, as [`unlock`](Store::unlock) does: one round
     /// trip where the store allows. The lock is freed even if the entry could not be stored.
@@ -329,6 +354,182 @@ impl Probed {
     pub fn new(entry: Option<Vec<u8>>, locked: bool) -> Self {
         Self { entry, locked }
     }
+}
+
+/// What [`Store::read_or_lock`] reads, the generations it creates when missing, and the lock it
+/// takes unless the entry holds the generations it read.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct ReadProbe<'a> {
+    /// The entry's key.
+    pub entry: &'a str,
+    /// The generation keys the entry must match, in order (at most 255).
+    pub generations: &'a [String],
+    /// One fresh value per generation, for those that are missing.
+    pub fresh: &'a [u64],
+    /// How long a created generation lives (`None`: until evicted or bumped).
+    pub generation_ttl: Option<Duration>,
+    /// Where the generations start in an entry (see [`ReadProbe::holds`]).
+    pub tag_at: usize,
+    /// The lock key before the generations (see [`ReadProbe::lock_key`]).
+    pub lock_prefix: &'a str,
+    /// The lock's owner token.
+    pub owner: u64,
+    /// How long the lock lives unless freed.
+    pub ttl: Duration,
+}
+
+impl<'a> ReadProbe<'a> {
+    /// A probe from its parts (for callers of [`Store::read_or_lock`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        entry: &'a str,
+        generations: &'a [String],
+        fresh: &'a [u64],
+        generation_ttl: Option<Duration>,
+        tag_at: usize,
+        lock_prefix: &'a str,
+        owner: u64,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            entry,
+            generations,
+            fresh,
+            generation_ttl,
+            tag_at,
+            lock_prefix,
+            owner,
+            ttl,
+        }
+    }
+
+    /// The bytes an entry filled under `generations` holds at [`tag_at`](ReadProbe::tag_at):
+    /// their count (one byte), then each one as 8 bytes, little-endian. Empty (matching no
+    /// entry) past 255 generations.
+    pub fn tag(generations: &[u64]) -> Vec<u8> {
+        let Ok(count) = u8::try_from(generations.len()) else {
+            return Vec::new();
+        };
+        let mut tag = Vec::with_capacity(1 + 8 * generations.len());
+        tag.push(count);
+        for generation in generations {
+            tag.extend_from_slice(&generation.to_le_bytes());
+        }
+        tag
+    }
+
+    /// True when `entry` was filled under `generations` (holds their [`tag`](ReadProbe::tag)).
+    pub fn holds(&self, entry: &[u8], generations: &[u64]) -> bool {
+        let tag = Self::tag(generations);
+        !tag.is_empty()
+            && entry
+                .get(self.tag_at..)
+                .is_some_and(|rest| rest.starts_with(&tag))
+    }
+
+    /// The fill lock of the entry under `generations`: the prefix, then each generation as 16
+    /// lowercase hexadecimal digits.
+    pub fn lock_key(&self, generations: &[u64]) -> String {
+        lock_key(self.lock_prefix, generations)
+    }
+}
+
+/// See [`ReadProbe::lock_key`].
+pub(crate) fn lock_key(prefix: &str, generations: &[u64]) -> String {
+    use std::fmt::Write;
+    let mut key = String::with_capacity(prefix.len() + 16 * generations.len());
+    key.push_str(prefix);
+    for generation in generations {
+        let _ = write!(key, "{generation:016x}");
+    }
+    key
+}
+
+/// What became of the fill lock in [`Store::read_or_lock`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReadLock {
+    /// The entry holds the generations read: no lock was asked for.
+    Current,
+    /// The lock was taken for the caller.
+    Taken,
+    /// The entry does not hold them, and someone else holds the lock.
+    Busy,
+}
+
+/// What [`Store::read_or_lock`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReadLocked {
+    /// The entry's bytes, if the key exists (empty if it holds a value of another type).
+    pub entry: Option<Vec<u8>>,
+    /// The current value of each generation, in the order asked (created where missing).
+    pub generations: Vec<u64>,
+    /// The lock.
+    pub lock: ReadLock,
+}
+
+impl ReadLocked {
+    /// A result from its parts (for implementors of [`Store`]).
+    pub fn new(entry: Option<Vec<u8>>, generations: Vec<u64>, lock: ReadLock) -> Self {
+        Self {
+            entry,
+            generations,
+            lock,
+        }
+    }
+}
+
+/// [`Store::read_or_lock`] in steps, each one operation of `store` (the trait's default).
+pub(crate) fn read_or_lock_in_steps<'a, S: Store + ?Sized>(
+    store: &'a S,
+    probe: ReadProbe<'a>,
+) -> BoxFuture<'a, StoreResult<ReadLocked>> {
+    async move {
+        let fetched = store.fetch(probe.entry, probe.generations).await?;
+        let known: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
+        let generations = match known {
+            Some(generations) if generations.len() == probe.generations.len() => generations,
+            _ => {
+                store
+                    .ensure_generations(probe.generations, probe.generation_ttl)
+                    .await?
+            }
+        };
+        let entry = fetched.entry;
+        if entry
+            .as_deref()
+            .is_some_and(|bytes| probe.holds(bytes, &generations))
+        {
+            return Ok(ReadLocked::new(entry, generations, ReadLock::Current));
+        }
+        // The entry may have been filled since the fetch: the lock only if it was not.
+        let tag = ReadProbe::tag(&generations);
+        let lock = probe.lock_key(&generations);
+        let lock_probe = LockProbe::new(
+            probe.entry,
+            &tag,
+            probe.tag_at,
+            &lock,
+            probe.owner,
+            probe.ttl,
+        );
+        let probed = store.fetch_or_lock(lock_probe).await?;
+        let state = match probed.locked {
+            true => ReadLock::Taken,
+            false if probed
+                .entry
+                .as_deref()
+                .is_some_and(|bytes| lock_probe.matches(bytes)) =>
+            {
+                ReadLock::Current
+            }
+            false => ReadLock::Busy,
+        };
+        Ok(ReadLocked::new(probed.entry, generations, state))
+    }
+    .boxed()
 }
 
 /// An entry to store, for [`Store::put_and_unlock`]: as the arguments of

@@ -2,8 +2,8 @@
 
 use super::tracking::{self, Targets};
 use super::{
-    fresh_generation, Bumped, Fetched, FollowChanges, LockProbe, Probed, PutEntry, Store,
-    StoreResult, TableBump, SEQUENCE_SHIFT,
+    fresh_generation, Bumped, Fetched, FollowChanges, LockProbe, Probed, PutEntry, ReadLock,
+    ReadLocked, ReadProbe, Store, StoreResult, TableBump, SEQUENCE_SHIFT,
 };
 use crate::error::{Error, StoreError};
 use deadpool::managed;
@@ -882,6 +882,51 @@ impl Store for RedisStore {
         .boxed()
     }
 
+    fn reads_and_locks_at_once(&self) -> bool {
+        // A cluster's keys of one read live in several slots, which no script may touch.
+        matches!(self.backend, Backend::Single(_))
+    }
+
+    fn read_or_lock<'a>(&'a self, probe: ReadProbe<'a>) -> BoxFuture<'a, StoreResult<ReadLocked>> {
+        if !self.reads_and_locks_at_once() || probe.generations.len() > 255 {
+            return super::read_or_lock_in_steps(self, probe);
+        }
+        async move {
+            let mut cmd = evalsha(&SCRIPTS.read_or_lock, 1 + probe.generations.len());
+            cmd.arg(probe.entry).arg(probe.generations);
+            cmd.arg(probe.lock_prefix).arg(probe.owner).arg(millis(probe.ttl));
+            match probe.generation_ttl {
+                Some(ttl) => cmd.arg(millis(ttl)),
+                None => cmd.arg(""),
+            };
+            cmd.arg(probe.tag_at).arg(probe.fresh);
+            let reply = reply(self.run(&[cmd]).await?.pop().unwrap_or(Value::Nil))?;
+            let malformed = || StoreError::backend("unexpected reply of the read-or-lock script");
+            let Value::Array(items) = reply else {
+                return Err(malformed());
+            };
+            let mut items = items.into_iter();
+            let entry = match items.next() {
+                Some(Value::BulkString(bytes)) => Some(bytes),
+                Some(Value::Nil) => None,
+                _ => return Err(malformed()),
+            };
+            let lock = match items.next() {
+                Some(Value::Int(0)) => ReadLock::Current,
+                Some(Value::Int(1)) => ReadLock::Taken,
+                Some(Value::Int(2)) => ReadLock::Busy,
+                _ => return Err(malformed()),
+            };
+            let generations = items
+                .map(|value| parse_generation(&value))
+                .collect::<Option<Vec<u64>>>()
+                .filter(|generations| generations.len() == probe.generations.len())
+                .ok_or_else(malformed)?;
+            Ok(ReadLocked::new(entry, generations, lock))
+        }
+        .boxed()
+    }
+
     fn remove<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, StoreResult<()>> {
         async move {
             // One DEL per key: the keys may live in different cluster slots.
@@ -1072,6 +1117,7 @@ struct Scripts {
     unlock: redis::Script,
     extend: redis::Script,
     probe: redis::Script,
+    read_or_lock: redis::Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -1080,15 +1126,17 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     unlock: redis::Script::new(UNLOCK_SCRIPT),
     extend: redis::Script::new(EXTEND_SCRIPT),
     probe: redis::Script::new(PROBE_SCRIPT),
+    read_or_lock: redis::Script::new(READ_OR_LOCK_SCRIPT),
 });
 
 /// What `SCRIPT LOAD` sends when a server lost the scripts.
-const SCRIPT_SOURCES: [&str; 5] = [
+const SCRIPT_SOURCES: [&str; 6] = [
     BUMP_TABLE_SCRIPT,
     LOCK_SCRIPT,
     UNLOCK_SCRIPT,
     EXTEND_SCRIPT,
     PROBE_SCRIPT,
+    READ_OR_LOCK_SCRIPT,
 ];
 
 /// KEYS: the sequence, the table's generations (n), the rows' generations (m), the generations
@@ -1154,3 +1202,55 @@ const PROBE_SCRIPT: &str = "local tag, at = ARGV[1], tonumber(ARGV[2]) \
      if kind ~= 'none' and kind ~= 'string' then redis.call('DEL', KEYS[2]) end \
      if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) then return 1 end \
      return 0";
+
+/// `Store::read_or_lock` on a single server (it touches keys of several cluster slots, and a
+/// lock key it names itself). KEYS: the entry, then its n generations; ARGV: the lock key's
+/// prefix, the owner, the lock's time to live in ms, a created generation's time to live in ms
+/// (empty: none), where the generations start in an entry, then n fresh values. Returns the
+/// entry (nil if missing, empty if of another type), 0 (the entry holds the generations: no
+/// lock asked for), 1 (lock taken) or 2 (held by someone else), then the n generations.
+///
+/// A generation that is missing, not a decimal `u64`, or a key of another type is replaced by
+/// its fresh value, as `ensure_generations` does. Lua numbers are doubles, too narrow for a
+/// `u64`: each generation's decimal digits are turned into its 8 little-endian bytes by long
+/// division, which give the tag the entry must hold (the count, then those bytes, as
+/// `ReadProbe::tag`) and the lock key (the prefix, then each as 16 hex digits, as
+/// `ReadProbe::lock_key`). A lock key of another type is garbage, replaced (as `LOCK_SCRIPT`).
+const READ_OR_LOCK_SCRIPT: &str = "local n, prefix, at = #KEYS - 1, ARGV[1], tonumber(ARGV[5]) \
+     local function bytes(s) \
+       if type(s) ~= 'string' or #s == 0 or #s > 20 or not string.match(s, '^%d+$') \
+         or (#s == 20 and s > '18446744073709551615') then return nil end \
+       local d = { string.byte(s, 1, -1) } \
+       for i = 1, #d do d[i] = d[i] - 48 end \
+       local out = {} \
+       for b = 1, 8 do \
+         local r = 0 \
+         for i = 1, #d do local c = r * 10 + d[i]; d[i] = math.floor(c / 256); r = c % 256 end \
+         out[b] = r \
+       end \
+       return out \
+     end \
+     local tag, hex, gens = { string.char(n) }, {}, {} \
+     for i = 1, n do \
+       local key, value = KEYS[1 + i], redis.pcall('GET', KEYS[1 + i]) \
+       local b = bytes(value) \
+       if not b then \
+         value = ARGV[5 + i] \
+         if ARGV[4] == '' then redis.call('SET', key, value) \
+         else redis.call('SET', key, value, 'PX', ARGV[4]) end \
+         b = bytes(value) \
+       end \
+       gens[i] = value \
+       tag[1 + i] = string.char(unpack(b)) \
+       for j = 8, 1, -1 do hex[#hex + 1] = string.format('%02x', b[j]) end \
+     end \
+     local entry = redis.pcall('GET', KEYS[1]) \
+     if type(entry) == 'table' then entry = '' end \
+     local state, t = 0, table.concat(tag) \
+     if not entry or string.sub(entry, at + 1, at + #t) ~= t then \
+       local lock = prefix .. table.concat(hex) \
+       local kind = redis.call('TYPE', lock).ok \
+       if kind ~= 'none' and kind ~= 'string' then redis.call('DEL', lock) end \
+       if redis.call('SET', lock, ARGV[2], 'NX', 'PX', ARGV[3]) then state = 1 else state = 2 end \
+     end \
+     return { entry, state, unpack(gens) }";
