@@ -11,7 +11,9 @@
 //! same query with plain Diesel is timed in the same rounds. Each cache's stats must show one
 //! miss per round. Before timing, one such miss per cache goes through a store that counts the
 //! store operations (each one round trip on Redis) and prints those its caller waited for (done
-//! when the read returned) and those finished after it returned (the entry's write).
+//! when the read returned) and those finished after it returned (the entry's write): once after
+//! an invalidation made by the cache itself (as timed), once after one made by another cache on
+//! the same Redis (another process's write).
 //!
 //! A miss's caller does not wait for its entry's write (it is finished by a task of its own);
 //! each timed read is followed by an untimed pause in which that write completes, so that its
@@ -133,28 +135,37 @@ async fn main() {
     let want: Vec<BenchUser> = first_users(1).load(&mut conn).await.unwrap();
     let pid = std::process::id();
 
-    // Store operations (round trips) of one uncontended miss after an invalidation.
+    // Store operations (round trips) of one uncontended miss after an invalidation made by this
+    // cache, then after one made by another cache on the same Redis (another process).
     for (name, lock, near) in KINDS {
         let counting = Counting::new(store(cluster));
-        let cache = cache(
-            counting.clone(),
-            &format!("misspath_count{pid}_{name}"),
-            lock,
-            near,
-        )
-        .await;
-        read(&cache, &mut conn).await;
-        cache.invalidate_table("bench_users").await;
-        counting.take();
-        timed_read_miss(&cache, &mut conn, &want).await;
-        // Done when the read returned: what its caller waited for.
-        let ops = counting.take();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let after = counting.take();
-        println!(
-            "{name}: {} round trips waited for {ops:?}, then {after:?} after returning",
-            ops.len()
-        );
+        let namespace = format!("misspath_count{pid}_{name}");
+        let other = cache(store(cluster), &namespace, lock, false).await;
+        let cache = cache(counting.clone(), &namespace, lock, near).await;
+        for by_other in [false, true] {
+            read(&cache, &mut conn).await;
+            // The fill's entry write, finished behind the read, is not counted.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match by_other {
+                false => cache.invalidate_table("bench_users").await,
+                true => other.invalidate_table("bench_users").await,
+            }
+            if near {
+                // The tier has heard of the write.
+                assert!(cache.near_cache_ready(Duration::from_secs(10)).await);
+            }
+            counting.take();
+            timed_read_miss(&cache, &mut conn, &want).await;
+            // Done when the read returned: what its caller waited for.
+            let ops = counting.take();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let after = counting.take();
+            let writer = ["this process", "another process"][usize::from(by_other)];
+            println!(
+                "{name}, written by {writer}: {} round trips waited for {ops:?}, then {after:?} after returning",
+                ops.len()
+            );
+        }
     }
 
     let mut caches = Vec::new();
