@@ -7,7 +7,7 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use diesel_memclone::deadpool_redis::redis;
-use diesel_memclone::store::RedisStore;
+use diesel_memclone::store::{MemoryStore, ReadLock, ReadProbe, RedisStore, Store};
 use diesel_memclone::{Cache, NearCache};
 use diesel_memclone_tests::counting::Counting;
 use diesel_memclone_tests::*;
@@ -335,4 +335,132 @@ fn a_current_thread_runtime_between_calls_leaves_no_lock_behind() {
         (1, 0, 0, 0),
         "{stats:?}"
     );
+}
+
+/// `Store::read_or_lock`, as the Redis script does it on a single server and as the trait's
+/// default does it in steps (the cluster, the in-process store): the same generations (a
+/// missing one created, values past 2^53 intact), the lock named after them taken unless the
+/// entry holds them, held against another owner, and not asked for when the entry is current.
+async fn read_or_lock_scenario(store: &dyn Store, what: &str) {
+    let ns = unique("read_or_lock");
+    let entry = format!("{ns}:{{q:1}}:e");
+    let generations = vec![format!("{ns}:{{t:a}}:qgen"), format!("{ns}:{{t:b}}:qgen")];
+    store
+        .set_generations(&generations[..1], &[u64::MAX], None)
+        .await
+        .unwrap();
+    let fresh = [7, (1 << 53) + 1];
+    let prefix = format!("{entry}:lock:");
+    let ttl = Duration::from_secs(10);
+    let probe = |owner| {
+        let generation_ttl = Some(Duration::from_secs(60));
+        ReadProbe::new(
+            &entry,
+            &generations,
+            &fresh,
+            generation_ttl,
+            4,
+            &prefix,
+            owner,
+            ttl,
+        )
+    };
+    let first = store.read_or_lock(probe(1)).await.unwrap();
+    let current = first.generations.clone();
+    assert_eq!((&first.entry, first.lock), (&None, ReadLock::Taken), "{what}");
+    assert_eq!(current[0], u64::MAX, "{what}");
+    if store.reads_and_locks_at_once() {
+        // Created in the script, with the value given.
+        assert_eq!(current[1], (1 << 53) + 1, "{what}");
+    }
+    let lock = probe(1).lock_key(&current);
+    let hex = format!("{:016x}", current[1]);
+    assert_eq!(lock, format!("{prefix}ffffffffffffffff{hex}"));
+    assert_eq!(
+        store.fetch("", &generations).await.unwrap().generations,
+        [Some(u64::MAX), Some(current[1])],
+        "{what}: created"
+    );
+    assert!(!store.try_lock(&lock, 9, ttl).await.unwrap(), "{what}: held");
+    let second = store.read_or_lock(probe(2)).await.unwrap();
+    assert_eq!(
+        (&second.generations, second.lock),
+        (&current, ReadLock::Busy),
+        "{what}"
+    );
+    // An entry filled under these generations: current, and no lock asked for.
+    let mut bytes = b"MAGC".to_vec();
+    bytes.extend(ReadProbe::tag(&current));
+    bytes.extend(b"payload");
+    store
+        .put(&entry, bytes.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    store.unlock(&lock, 1).await.unwrap();
+    let third = store.read_or_lock(probe(3)).await.unwrap();
+    assert_eq!(
+        (third.entry, third.lock),
+        (Some(bytes), ReadLock::Current),
+        "{what}"
+    );
+    assert!(store.try_lock(&lock, 9, ttl).await.unwrap(), "{what}: free");
+    store.unlock(&lock, 9).await.unwrap();
+    // A generation moves: the entry no longer holds them, and the new lock is taken.
+    store
+        .set_generations(&generations[1..], &[5], None)
+        .await
+        .unwrap();
+    let fourth = store.read_or_lock(probe(4)).await.unwrap();
+    assert_eq!(
+        (&fourth.generations, fourth.lock),
+        (&vec![u64::MAX, 5], ReadLock::Taken),
+        "{what}"
+    );
+    let moved = probe(4).lock_key(&fourth.generations);
+    assert_eq!(moved, format!("{prefix}ffffffffffffffff0000000000000005"));
+    assert!(!store.try_lock(&moved, 9, ttl).await.unwrap(), "{what}");
+    store.unlock(&moved, 4).await.unwrap();
+}
+
+#[tokio::test]
+async fn read_or_lock_on_every_store() {
+    read_or_lock_scenario(&MemoryStore::default(), "memory").await;
+    if let Some(store) = redis_store().await {
+        assert!(store.reads_and_locks_at_once());
+        read_or_lock_scenario(&store, "redis").await;
+        // Keys of another type are replaced (a generation) or read as an empty entry.
+        let raw = RawRedis::test_server(false).await;
+        let ns = unique("read_or_lock_types");
+        let entry = format!("{ns}:{{q:1}}:e");
+        let generations = vec![format!("{ns}:{{t:a}}:qgen")];
+        for key in [&entry, &generations[0]] {
+            raw.query(redis::cmd("LPUSH").arg(key).arg("x"))
+                .await
+                .unwrap();
+        }
+        let prefix = format!("{entry}:lock:");
+        let probe = ReadProbe::new(
+            &entry,
+            &generations,
+            &[42],
+            None,
+            4,
+            &prefix,
+            1,
+            Duration::from_secs(10),
+        );
+        let read = store.read_or_lock(probe).await.unwrap();
+        assert_eq!(
+            (read.entry, read.generations, read.lock),
+            (Some(Vec::new()), vec![42], ReadLock::Taken)
+        );
+        store
+            .unlock(&probe.lock_key(&[42]), 1)
+            .await
+            .unwrap();
+    }
+    if let Some(store) = redis_cluster_store().await {
+        assert!(!store.reads_and_locks_at_once());
+        read_or_lock_scenario(&store, "cluster").await;
+    }
 }

@@ -171,8 +171,9 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Reads `probe.entry` and the current values of `probe.generations`, creating a missing
-    /// (or unreadable) generation with its value from `probe.fresh` as
-    /// [`ensure_generations`](Store::ensure_generations) does; then, unless the entry holds
+    /// (or unreadable) generation with a fresh value as
+    /// [`ensure_generations`](Store::ensure_generations) does (a store that does it all in one
+    /// step takes that value from `probe.fresh`); then, unless the entry holds
     /// those generations (see [`ReadProbe::holds`]), takes the fill lock named after them
     /// ([`ReadProbe::lock_key`]) for `probe.owner` as [`try_lock`](Store::try_lock) does. A
     /// miss whose generations the caller does not know then waits for one round trip before
