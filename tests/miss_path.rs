@@ -374,8 +374,7 @@ async fn read_or_lock_scenario(store: &dyn Store, what: &str) {
         assert_eq!(current[1], (1 << 53) + 1, "{what}");
     }
     let lock = probe(1).lock_key(&current);
-    let hex = format!("{:016x}", current[1]);
-    assert_eq!(lock, format!("{prefix}ffffffffffffffff{hex}"));
+    assert_eq!(lock, format!("{prefix}{}.{}", u64::MAX, current[1]));
     assert_eq!(
         store.fetch("", &generations).await.unwrap().generations,
         [Some(u64::MAX), Some(current[1])],
@@ -417,9 +416,19 @@ async fn read_or_lock_scenario(store: &dyn Store, what: &str) {
         "{what}"
     );
     let moved = probe(4).lock_key(&fourth.generations);
-    assert_eq!(moved, format!("{prefix}ffffffffffffffff0000000000000005"));
+    assert_eq!(moved, format!("{prefix}{}.5", u64::MAX));
     assert!(!store.try_lock(&moved, 9, ttl).await.unwrap(), "{what}");
     store.unlock(&moved, 4).await.unwrap();
+    // An entry one off in a generation does not hold them either.
+    let mut bytes = b"MAGC".to_vec();
+    bytes.extend(ReadProbe::tag(&[u64::MAX, 4]));
+    store
+        .put(&entry, bytes, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let fifth = store.read_or_lock(probe(5)).await.unwrap();
+    assert_eq!(fifth.lock, ReadLock::Taken, "{what}");
+    store.unlock(&moved, 5).await.unwrap();
 }
 
 #[tokio::test]

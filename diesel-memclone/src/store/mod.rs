@@ -429,8 +429,8 @@ impl<'a> ReadProbe<'a> {
                 .is_some_and(|rest| rest.starts_with(&tag))
     }
 
-    /// The fill lock of the entry under `generations`: the prefix, then each generation as 16
-    /// lowercase hexadecimal digits.
+    /// The fill lock of the entry under `generations`: the prefix, then the generations in
+    /// decimal, separated by dots (text a Lua script can build from the values Redis holds).
     pub fn lock_key(&self, generations: &[u64]) -> String {
         lock_key(self.lock_prefix, generations)
     }
@@ -439,10 +439,13 @@ impl<'a> ReadProbe<'a> {
 /// See [`ReadProbe::lock_key`].
 pub(crate) fn lock_key(prefix: &str, generations: &[u64]) -> String {
     use std::fmt::Write;
-    let mut key = String::with_capacity(prefix.len() + 16 * generations.len());
+    let mut key = String::with_capacity(prefix.len() + 21 * generations.len());
     key.push_str(prefix);
-    for generation in generations {
-        let _ = write!(key, "{generation:016x}");
+    for (i, generation) in generations.iter().enumerate() {
+        if i > 0 {
+            key.push('.');
+        }
+        let _ = write!(key, "{generation}");
     }
     key
 }
@@ -451,7 +454,9 @@ pub(crate) fn lock_key(prefix: &str, generations: &[u64]) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ReadLock {
-    /// The entry holds the generations read: no lock was asked for.
+    /// The entry holds the generations read: no lock was asked for. (A store may judge this
+    /// loosely, very rarely calling current an entry that is not: the cache checks the entry
+    /// itself, and then takes the lock in another step. Never the other way round.)
     Current,
     /// The lock was taken for the caller.
     Taken,
