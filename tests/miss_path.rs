@@ -367,7 +367,11 @@ async fn read_or_lock_scenario(store: &dyn Store, what: &str) {
     };
     let first = store.read_or_lock(probe(1)).await.unwrap();
     let current = first.generations.clone();
-    assert_eq!((&first.entry, first.lock), (&None, ReadLock::Taken), "{what}");
+    assert_eq!(
+        (&first.entry, first.lock),
+        (&None, ReadLock::Taken),
+        "{what}"
+    );
     assert_eq!(current[0], u64::MAX, "{what}");
     if store.reads_and_locks_at_once() {
         // Created in the script, with the value given.
@@ -380,7 +384,10 @@ async fn read_or_lock_scenario(store: &dyn Store, what: &str) {
         [Some(u64::MAX), Some(current[1])],
         "{what}: created"
     );
-    assert!(!store.try_lock(&lock, 9, ttl).await.unwrap(), "{what}: held");
+    assert!(
+        !store.try_lock(&lock, 9, ttl).await.unwrap(),
+        "{what}: held"
+    );
     let second = store.read_or_lock(probe(2)).await.unwrap();
     assert_eq!(
         (&second.generations, second.lock),
@@ -463,10 +470,7 @@ async fn read_or_lock_on_every_store() {
             (read.entry, read.generations, read.lock),
             (Some(Vec::new()), vec![42], ReadLock::Taken)
         );
-        store
-            .unlock(&probe.lock_key(&[42]), 1)
-            .await
-            .unwrap();
+        store.unlock(&probe.lock_key(&[42]), 1).await.unwrap();
     }
     if let Some(store) = redis_cluster_store().await {
         assert!(!store.reads_and_locks_at_once());

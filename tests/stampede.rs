@@ -283,7 +283,9 @@ async fn callers_that_lock_in_their_read_share_one_load_across_processes() {
     for round in 0..3 {
         // Both have read the entry; then `a` writes.
         for cache in [&a, &b] {
-            let n = cache.fill_with("users", "slow count", &["users"], slow).await;
+            let n = cache
+                .fill_with("users", "slow count", &["users"], slow)
+                .await;
             assert_eq!(n.unwrap(), 0);
         }
         a.invalidate_table("users").await;

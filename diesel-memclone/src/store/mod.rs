@@ -524,10 +524,11 @@ pub(crate) fn read_or_lock_in_steps<'a, S: Store + ?Sized>(
         let probed = store.fetch_or_lock(lock_probe).await?;
         let state = match probed.locked {
             true => ReadLock::Taken,
-            false if probed
-                .entry
-                .as_deref()
-                .is_some_and(|bytes| lock_probe.matches(bytes)) =>
+            false
+                if probed
+                    .entry
+                    .as_deref()
+                    .is_some_and(|bytes| lock_probe.matches(bytes)) =>
             {
                 ReadLock::Current
             }

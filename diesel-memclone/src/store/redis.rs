@@ -894,7 +894,9 @@ impl Store for RedisStore {
         async move {
             let mut cmd = evalsha(&SCRIPTS.read_or_lock, 1 + probe.generations.len());
             cmd.arg(probe.entry).arg(probe.generations);
-            cmd.arg(probe.lock_prefix).arg(probe.owner).arg(millis(probe.ttl));
+            cmd.arg(probe.lock_prefix)
+                .arg(probe.owner)
+                .arg(millis(probe.ttl));
             match probe.generation_ttl {
                 Some(ttl) => cmd.arg(millis(ttl)),
                 None => cmd.arg(""),
