@@ -940,6 +940,25 @@ async fn row_level_falls_back_to_the_table() {
     }
     let (n, _) = reads!(counter, user(&mut conn, &cache, 4).await);
     assert_eq!(n, 1, "user 4 was evicted with the table");
+    // Two rows, but keys too long for one notification (8,000 bytes): the table.
+    let tag = async |conn: &mut AsyncPgConnection| {
+        cache
+            .find_optional::<TagRow, _>(conn, "x".to_owned())
+            .await
+            .unwrap()
+    };
+    tag(&mut conn).await.unwrap();
+    let (n, _) = reads!(counter, tag(&mut conn).await);
+    assert_eq!(n, 0, "cached");
+    writer
+        .batch_execute("INSERT INTO tags VALUES (repeat('l', 5000), 'n'), (repeat('m', 5000), 'n')")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while reads!(counter, tag(&mut conn).await).0 == 0 {
+        assert!(Instant::now() < deadline, "tag x never evicted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // TRUNCATE: the table.
     writer.batch_execute("TRUNCATE users").await.unwrap();
     eventually!(user(&mut conn, &cache, 4).await, None::<User>);
@@ -1046,4 +1065,81 @@ async fn row_level_keys_of_every_kind() {
     let (n, _) = reads!(counter, user(&mut conn, &cache, 1).await);
     assert_eq!(n, 0, "users untouched");
     handle.stop().await;
+}
+
+/// The listener checks row-level triggers as it checks table-level ones: all four events
+/// covered, this version's function for the key columns the triggers name.
+#[tokio::test]
+async fn row_triggers_are_checked_at_start() {
+    let schema = unique("listen");
+    let Some(mut conn) = postgres(&schema).await else {
+        return;
+    };
+    let cache = Cache::builder()
+        .namespace(unique("listen"))
+        .build()
+        .unwrap();
+    let users_only = || {
+        listen::postgres(postgres_url())
+            .tables([format!("{schema}.users")])
+            .channel(&schema)
+            .cache(cache.clone())
+    };
+    let triggers = listen::row_triggers(&schema).models::<(User,)>();
+    conn.batch_execute(&triggers.install_sql().unwrap())
+        .await
+        .unwrap();
+    users_only().start().await.unwrap().stop().await;
+    // One event uncovered.
+    conn.batch_execute("DROP TRIGGER memclone_invalidate_truncate ON users")
+        .await
+        .unwrap();
+    let err = users_only().start().await.unwrap_err();
+    assert!(matches!(err, ListenError::MissingTrigger { .. }), "{err}");
+    // Every event, but the function edited by hand.
+    conn.batch_execute(&triggers.install_sql().unwrap())
+        .await
+        .unwrap();
+    let function: String = diesel::sql_query(
+        "SELECT p.proname::text AS name FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+         WHERE t.tgname = 'memclone_invalidate_update' AND t.tgrelid = 'users'::regclass",
+    )
+    .get_result::<Named>(&mut conn)
+    .await
+    .unwrap()
+    .name;
+    assert!(
+        function.starts_with(listen::ROWS_FUNCTION_NAME),
+        "{function}"
+    );
+    conn.batch_execute(&format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_notify(TG_ARGV[0], TG_TABLE_NAME); RETURN NULL; END $$;"
+    ))
+    .await
+    .unwrap();
+    let err = users_only().start().await.unwrap_err();
+    assert!(
+        matches!(&err, ListenError::OutdatedFunction { function: f, .. } if f.contains(&function)),
+        "{err}"
+    );
+    // Installed again: up; uninstalled: nothing left.
+    conn.batch_execute(&triggers.install_sql().unwrap())
+        .await
+        .unwrap();
+    users_only().start().await.unwrap().stop().await;
+    conn.batch_execute(&triggers.uninstall_sql().unwrap())
+        .await
+        .unwrap();
+    let err = users_only().start().await.unwrap_err();
+    assert!(matches!(err, ListenError::MissingTrigger { .. }), "{err}");
+    let left: String = diesel::sql_query(format!(
+        "SELECT count(*)::text AS name FROM pg_proc WHERE proname = '{function}' \
+         AND pronamespace = current_schema()::regnamespace"
+    ))
+    .get_result::<Named>(&mut conn)
+    .await
+    .unwrap()
+    .name;
+    assert_eq!(left, "0", "the function is dropped with its last trigger");
 }

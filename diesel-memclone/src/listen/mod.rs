@@ -209,8 +209,8 @@ pub enum ListenError {
     /// A watched table does not exist (in the listener connection's `search_path`, when
     /// unqualified).
     NoSuchTable(String),
-    /// A watched table lacks the trigger [`install_sql`] installs for this channel, or has a
-    /// different or disabled one.
+    /// A watched table lacks the trigger [`install_sql`] installs for this channel (or the four
+    /// that [`RowTriggers`] install), or has a different or disabled one.
     #[cfg(feature = "postgres")]
     MissingTrigger {
         /// The table, as given.
@@ -219,8 +219,8 @@ pub enum ListenError {
         channel: String,
     },
     /// A watched table's trigger calls a trigger function whose body is not the one this version
-    /// of memclone installs (an older version's, or one edited by hand): what it sends may not
-    /// be what the listener reads.
+    /// of memclone installs (for a row-level trigger: for the key columns it names): an older
+    /// version's, or one edited by hand. What it sends may not be what the listener reads.
     #[cfg(feature = "postgres")]
     OutdatedFunction {
         /// The table, as given.

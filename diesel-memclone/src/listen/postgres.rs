@@ -362,7 +362,7 @@ impl RowTriggers {
         self
     }
 
-    /// Adds the tables of `MemClone` models (a model or a tuple of up to 12), each with its
+    /// Adds the tables of `MemClone` models (a tuple of up to 12: `(User,)` for one), each with its
     /// primary key's columns: `.models::<(User, Post)>()`.
     pub fn models<M: super::Models>(mut self) -> Self {
         let mut keyed = Vec::new();
