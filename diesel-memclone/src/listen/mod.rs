@@ -75,7 +75,6 @@
 )]
 
 use crate::Cache;
-use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -508,7 +507,7 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
 }
 
 #[cfg(feature = "mysql")]
-async fn invalidate_all(cache: &Cache, tables: &BTreeSet<String>) {
+async fn invalidate_all(cache: &Cache, tables: &std::collections::BTreeSet<String>) {
     for table in tables {
         cache.invalidate_table(table).await;
     }
