@@ -85,6 +85,24 @@ async fn prints_the_libraries_sql() {
         String::from_utf8(output.stdout).unwrap(),
         listen::uninstall_sql(&tables).unwrap()
     );
+    // Key columns: row-level triggers (a table without gets the table-level one).
+    let keyed = listen::row_triggers("chan")
+        .table("users", &["id"])
+        .table("memberships", &["org_id", "user_id"])
+        .table(r#"app."Ledger""#, &[] as &[&str]);
+    for (flag, sql) in [
+        ("--print-install-sql", keyed.install_sql().unwrap()),
+        ("--print-uninstall-sql", keyed.uninstall_sql().unwrap()),
+    ] {
+        let output = sidecar()
+            .args([flag, "--channel", "chan", "--tables"])
+            .arg(r#"users(id),memberships(org_id, user_id),app."Ledger""#)
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success());
+        assert_eq!(String::from_utf8(output.stdout).unwrap(), sql);
+    }
     // A channel that would break every write: refused, nothing printed.
     let output = sidecar()
         .args([

@@ -10,6 +10,7 @@
 //! memclone-listen --database-url postgres://.. --redis-url redis://.. \
 //!     --namespace memclone --channel memclone --tables users,app.ledger
 //! memclone-listen --print-install-sql --tables users,app.ledger > up.sql
+//! memclone-listen --print-install-sql --tables 'users(id),memberships(org_id,user_id)' > up.sql
 //! memclone-listen --database-url mysql://.. --print-install-sql --tables users > up.sql
 //! ```
 //!
@@ -44,7 +45,9 @@ OPTIONS:
     --versions-table NAME    the triggers' counter table (MariaDB/MySQL)
                              [default: memclone_versions]
     --tables LIST            the tables to watch, comma-separated (`users`, `app.ledger`,
-                             `\"Ledger\"`); may be repeated
+                             `\"Ledger\"`); may be repeated. PostgreSQL: a table followed by
+                             its primary key's columns (`users(id)`, `m(org_id,user_id)`) gets
+                             row-level triggers from --print-install-sql (listen::row_triggers)
     --print-install-sql      print the SQL that installs the triggers (for a migration), exit:
                              MariaDB/MySQL's when the database URL is a mysql:// one
     --print-uninstall-sql    print the SQL that removes them, exit
@@ -96,32 +99,64 @@ enum Command {
     },
     PrintInstall {
         database: Database,
-        tables: Vec<String>,
+        tables: Vec<Keyed>,
     },
     PrintUninstall {
         database: Database,
-        tables: Vec<String>,
+        tables: Vec<Keyed>,
     },
     Help,
     Version,
 }
 
-/// Splits a comma-separated list of tables, keeping commas inside double quotes (`"a,b"`).
+/// A table and its key columns (none: table-level triggers).
+type Keyed = (String, Vec<String>);
+
+/// Splits a comma-separated list of tables, keeping commas inside double quotes (`"a,b"`) and
+/// inside a table's key columns (`m(org_id,user_id)`).
 fn split_tables(list: &str, out: &mut Vec<String>) {
     let mut current = String::new();
     let mut quoted = false;
+    let mut depth = 0_usize;
     for c in list.chars() {
         match c {
-            '"' => {
-                quoted = !quoted;
-                current.push(c);
+            '"' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => depth = depth.saturating_sub(1),
+            ',' if !quoted && depth == 0 => {
+                out.push(std::mem::take(&mut current));
+                continue;
             }
-            ',' if !quoted => out.push(std::mem::take(&mut current)),
-            c => current.push(c),
+            _ => {}
         }
+        current.push(c);
     }
     out.push(current);
     out.retain(|t| !t.trim().is_empty());
+}
+
+/// A table of `--tables` and its key columns: `users`, or `users(id)`.
+fn keyed(spec: &str) -> Result<Keyed, String> {
+    let mut quoted = false;
+    for (i, c) in spec.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '(' if !quoted => {
+                let columns = spec[i + 1..]
+                    .trim_end()
+                    .strip_suffix(')')
+                    .ok_or_else(|| format!("table {spec:?}: its key columns lack a `)`"))?;
+                let columns: Vec<String> = columns
+                    .split(',')
+                    .map(|c| c.trim().to_owned())
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                return Ok((spec[..i].trim().to_owned(), columns));
+            }
+            _ => {}
+        }
+    }
+    Ok((spec.trim().to_owned(), Vec::new()))
 }
 
 fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
@@ -171,13 +206,32 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
     if tables.is_empty() {
         return Err("no table to watch: give --tables".into());
     }
+    let keyed = tables
+        .iter()
+        .map(|t| keyed(t))
+        .collect::<Result<Vec<Keyed>, String>>()?;
+    let tables: Vec<String> = keyed.iter().map(|(t, _)| t.clone()).collect();
     let database = Database::of(database_url.as_deref(), channel, versions_table);
+    if matches!(database, Database::MariaDb { .. }) && keyed.iter().any(|(_, c)| !c.is_empty()) {
+        return Err("key columns (`users(id)`) are for PostgreSQL's row-level triggers".into());
+    }
+    let tables_keyed = keyed;
     match (print_install, print_uninstall) {
         (true, true) => {
             return Err("--print-install-sql and --print-uninstall-sql exclude each other".into())
         }
-        (true, false) => return Ok(Command::PrintInstall { database, tables }),
-        (false, true) => return Ok(Command::PrintUninstall { database, tables }),
+        (true, false) => {
+            return Ok(Command::PrintInstall {
+                database,
+                tables: tables_keyed,
+            })
+        }
+        (false, true) => {
+            return Ok(Command::PrintUninstall {
+                database,
+                tables: tables_keyed,
+            })
+        }
         (false, false) => {}
     }
     let database_url = database_url.ok_or("no database: give --database-url or DATABASE_URL")?;
@@ -211,16 +265,24 @@ async fn main() -> ExitCode {
         Command::Help => Ok(USAGE.to_owned()),
         Command::Version => Ok(format!("memclone-listen {}\n", env!("CARGO_PKG_VERSION"))),
         Command::PrintInstall { database, tables } => match database {
-            Database::Postgres { channel } => listen::install_sql(&channel, &tables),
-            Database::MariaDb { versions_table } => {
-                Ok(listen::mariadb_install_sql(&versions_table, &tables))
+            Database::Postgres { channel } if row_level(&tables) => {
+                row_triggers(&channel, &tables).install_sql()
             }
+            Database::Postgres { channel } => listen::install_sql(&channel, &names(&tables)),
+            Database::MariaDb { versions_table } => Ok(listen::mariadb_install_sql(
+                &versions_table,
+                &names(&tables),
+            )),
         },
         Command::PrintUninstall { database, tables } => match database {
-            Database::Postgres { .. } => listen::uninstall_sql(&tables),
-            Database::MariaDb { versions_table } => {
-                Ok(listen::mariadb_uninstall_sql(&versions_table, &tables))
+            Database::Postgres { channel } if row_level(&tables) => {
+                row_triggers(&channel, &tables).uninstall_sql()
             }
+            Database::Postgres { .. } => listen::uninstall_sql(&names(&tables)),
+            Database::MariaDb { versions_table } => Ok(listen::mariadb_uninstall_sql(
+                &versions_table,
+                &names(&tables),
+            )),
         },
         Command::Run {
             database_url,
@@ -240,6 +302,22 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Some table has key columns: row-level triggers (a table without gets the table-level one).
+fn row_level(tables: &[Keyed]) -> bool {
+    tables.iter().any(|(_, columns)| !columns.is_empty())
+}
+
+fn row_triggers(channel: &str, tables: &[Keyed]) -> listen::RowTriggers {
+    tables.iter().fold(
+        listen::row_triggers(channel),
+        |triggers, (table, columns)| triggers.table(table, columns),
+    )
+}
+
+fn names(tables: &[Keyed]) -> Vec<String> {
+    tables.iter().map(|(t, _)| t.clone()).collect()
 }
 
 async fn run(
@@ -384,8 +462,27 @@ mod tests {
     #[test]
     fn tables_split() {
         let mut out = Vec::new();
-        split_tables(r#"users, app.ledger,"a,b",,"#, &mut out);
-        assert_eq!(out, ["users", " app.ledger", r#""a,b""#]);
+        split_tables(r#"users, app.ledger,"a,b",,m(a, b),"x(".y(c)"#, &mut out);
+        assert_eq!(
+            out,
+            [
+                "users",
+                " app.ledger",
+                r#""a,b""#,
+                "m(a, b)",
+                r#""x(".y(c)"#
+            ]
+        );
+        assert_eq!(keyed("users").unwrap(), ("users".to_owned(), vec![]));
+        assert_eq!(
+            keyed(" m( a, b ) ").unwrap(),
+            ("m".to_owned(), vec!["a".to_owned(), "b".to_owned()])
+        );
+        assert_eq!(
+            keyed(r#""x(".y(c)"#).unwrap(),
+            (r#""x(".y"#.to_owned(), vec!["c".to_owned()])
+        );
+        assert!(keyed("m(a").is_err());
     }
 
     #[test]
@@ -429,6 +526,10 @@ mod tests {
                 ..
             })
         ));
+        assert!(parse(args(
+            "--database-url mysql://h/db --print-install-sql --tables t(id)"
+        ))
+        .is_err());
         assert!(parse(args("--tables")).is_err());
         assert!(parse(args("--database-url pg --redis-url r")).is_err());
         assert!(parse(args("--bogus")).is_err());
