@@ -48,7 +48,8 @@
 //!
 //! `--external-writers N` (single Redis only; issue 12) adds N processes that write the same rows
 //! with plain Diesel (no memclone: like `psql`, a cron job or another service). The parent
-//! installs memclone's triggers (`listen::install_sql`) on the tables and runs a listener for
+//! installs memclone's row-level triggers (`listen::row_triggers`; `--table-triggers`: the
+//! table-level ones of `listen::install_sql`) on the tables and runs a listener for
 //! the whole run (a sidecar), and each memclone process runs one of its own
 //! (`listen::postgres(..).start()`). Every stale read is timed from the return of the commit
 //! that made it stale; stale reads are expected here (a listener hears of a commit after it),
@@ -170,6 +171,8 @@ struct Options {
     mariadb: bool,
     /// In-process stores and a listener per process, no Redis in the cache.
     embedded: bool,
+    /// `--table-triggers`: `install_sql`'s table-level triggers, not row-level ones.
+    table_triggers: bool,
 }
 
 fn parse_options() -> Options {
@@ -195,6 +198,7 @@ fn parse_options() -> Options {
         external: false,
         mariadb: false,
         embedded: false,
+        table_triggers: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -226,6 +230,7 @@ fn parse_options() -> Options {
             "--external" => options.external = true,
             "--mariadb" => options.mariadb = true,
             "--embedded" => options.embedded = true,
+            "--table-triggers" => options.table_triggers = true,
             "--child" => {
                 let schema = value();
                 options.child = Some((schema, value()));
@@ -980,11 +985,15 @@ async fn parent(options: Options) {
     // is its own, and the processes' listeners are all there is.
     if options.external_writers > 0 || options.embedded {
         let tables = watched(&schema);
-        conn.batch_execute(
-            &diesel_memclone::listen::install_sql(&schema, &tables).expect("valid names"),
-        )
-        .await
-        .expect("triggers");
+        let up = match options.table_triggers {
+            true => diesel_memclone::listen::install_sql(&schema, &tables),
+            false => diesel_memclone::listen::row_triggers(&schema)
+                .models::<(Item, Note)>()
+                .install_sql(),
+        };
+        conn.batch_execute(&up.expect("valid names"))
+            .await
+            .expect("triggers");
     }
     let sidecar = match options.external_writers > 0 && !options.embedded {
         true => Some(listener_for(&schema, &cache_for(&options, &namespace)).await),

@@ -667,3 +667,479 @@ async fn rights_and_outdated_function_fail_at_start() {
         .stop()
         .await;
 }
+
+// Row-level triggers (`listen::row_triggers`): the changed rows' keys reach the listener, which
+// evicts those rows' entity entries and the table's queries, and leaves the table's other rows.
+
+#[allow(missing_docs)]
+mod keyed {
+    diesel::table! {
+        tags (name) {
+            name -> Text,
+            note -> Text,
+        }
+    }
+    diesel::table! {
+        pairs (a, b) {
+            a -> Text,
+            b -> Integer,
+            note -> Text,
+        }
+    }
+    diesel::table! {
+        tokens (id) {
+            id -> Uuid,
+            note -> Text,
+        }
+    }
+}
+use keyed::{pairs, tags, tokens};
+
+/// A row keyed by text.
+#[derive(
+    Debug, Clone, PartialEq, Queryable, Selectable, serde::Serialize, serde::Deserialize, MemClone,
+)]
+#[diesel(table_name = tags, primary_key(name))]
+struct TagRow {
+    name: String,
+    note: String,
+}
+
+/// A row keyed by text and an integer.
+#[derive(
+    Debug, Clone, PartialEq, Queryable, Selectable, serde::Serialize, serde::Deserialize, MemClone,
+)]
+#[diesel(table_name = pairs, primary_key(a, b))]
+struct PairRow {
+    a: String,
+    b: i32,
+    note: String,
+}
+
+/// A row keyed by a UUID.
+#[derive(
+    Debug, Clone, PartialEq, Queryable, Selectable, serde::Serialize, serde::Deserialize, MemClone,
+)]
+#[diesel(table_name = tokens)]
+struct TokenRow {
+    id: uuid::Uuid,
+    note: String,
+}
+
+/// Text keys that need quoting in the payload: a quote, a comma, a line break, a backslash.
+const ODD: &str = "a\"b,c\nd\\e";
+const TOKEN: &str = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+const OTHER_TOKEN: &str = "00000000-0000-4000-8000-0000000000ff";
+
+/// Users 1 to 4, the keyed tables, row-level triggers at most `max_rows` rows on `users`, `tags`,
+/// `pairs`, `tokens` and `memberships`, and the table-level trigger on `posts`; a listener on
+/// them and a cache.
+async fn rows_set_up(
+    schema: &str,
+    max_rows: u32,
+) -> Option<(AsyncPgConnection, Cache, ListenHandle)> {
+    let mut conn = postgres(schema).await?;
+    conn.batch_execute(&format!(
+        "CREATE TABLE tags (name TEXT PRIMARY KEY, note TEXT NOT NULL);
+         CREATE TABLE pairs (a TEXT, b INTEGER, note TEXT NOT NULL, PRIMARY KEY (a, b));
+         CREATE TABLE tokens (id UUID PRIMARY KEY, note TEXT NOT NULL);
+         INSERT INTO users VALUES (1, 'Ann', 'a'), (2, 'Bob', 'b'), (3, 'Cy', 'c'), (4, 'Di', 'd');
+         INSERT INTO posts VALUES (10, 1, 'Ann');
+         INSERT INTO memberships VALUES (1, 1, 'owner'), (1, 2, 'member');
+         INSERT INTO tags VALUES ({odd}, 'one'), ('x', 'one');
+         INSERT INTO pairs VALUES ({odd}, 1, 'one'), ({odd}, 2, 'one');
+         INSERT INTO tokens VALUES ('{TOKEN}', 'one'), ('{OTHER_TOKEN}', 'one');",
+        odd = sql_text(ODD)
+    ))
+    .await
+    .unwrap();
+    let up = listen::row_triggers(schema)
+        .models::<(User, TagRow, PairRow, TokenRow, Membership)>()
+        .max_rows(max_rows)
+        .install_sql()
+        .unwrap();
+    conn.batch_execute(&up).await.unwrap();
+    conn.batch_execute(&listen::install_sql(schema, &["posts"]).unwrap())
+        .await
+        .unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("listen"))
+        .build()
+        .unwrap();
+    let handle = listen::postgres(postgres_url())
+        .tables(
+            ["users", "posts", "tags", "pairs", "tokens", "memberships"]
+                .map(|t| format!("{schema}.{t}")),
+        )
+        .channel(schema)
+        .cache(cache.clone())
+        .start()
+        .await
+        .expect("listener on row-level triggers");
+    Some((conn, cache, handle))
+}
+
+/// A string as an SQL literal (`standard_conforming_strings`: a backslash is itself).
+fn sql_text(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+async fn user(conn: &mut AsyncPgConnection, cache: &Cache, id: i32) -> Option<User> {
+    cache.find_optional::<User, _>(conn, id).await.unwrap()
+}
+
+async fn user_name(conn: &mut AsyncPgConnection, cache: &Cache, id: i32) -> Option<String> {
+    user(conn, cache, id).await.map(|u| u.name)
+}
+
+async fn all_names(conn: &mut AsyncPgConnection, cache: &Cache) -> Vec<String> {
+    users::table
+        .order(users::id)
+        .select(users::name)
+        .cached("all names")
+        .using(cache)
+        .load(conn)
+        .await
+        .unwrap()
+}
+
+/// The database reads `read` made.
+macro_rules! reads {
+    ($counter:expr, $read:expr) => {{
+        let before = $counter.get();
+        let value = $read;
+        ($counter.get() - before, value)
+    }};
+}
+
+/// A raw update of one row, then of two, then a key change and a delete: each evicts the
+/// changed rows and the table's queries, and no other row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_updates_evict_only_their_rows() {
+    let schema = unique("listen");
+    let Some((mut conn, cache, handle)) = rows_set_up(&schema, 100).await else {
+        return;
+    };
+    let counter = QueryCounter::default();
+    counter.attach(&mut conn);
+    for id in 1..=4 {
+        user(&mut conn, &cache, id).await.unwrap();
+    }
+    assert_eq!(user(&mut conn, &cache, 10).await, None);
+    assert_eq!(
+        all_names(&mut conn, &cache).await,
+        ["Ann", "Bob", "Cy", "Di"]
+    );
+    let (n, _) = reads!(counter, user(&mut conn, &cache, 2).await);
+    assert_eq!(n, 0, "cached");
+    let mut writer = postgres_again(&schema).await;
+
+    // One row.
+    writer
+        .batch_execute("UPDATE users SET name = 'Ann 2' WHERE id = 1")
+        .await
+        .unwrap();
+    eventually!(
+        user_name(&mut conn, &cache, 1).await,
+        Some("Ann 2".to_owned())
+    );
+    assert_eq!(
+        all_names(&mut conn, &cache).await,
+        ["Ann 2", "Bob", "Cy", "Di"]
+    );
+    for id in 2..=4 {
+        let (n, _) = reads!(counter, user(&mut conn, &cache, id).await);
+        assert_eq!(n, 0, "user {id}: another row's entry stays cached");
+    }
+
+    // Two rows in one statement.
+    writer
+        .batch_execute("UPDATE users SET name = name || '+' WHERE id IN (2, 3)")
+        .await
+        .unwrap();
+    eventually!(
+        user_name(&mut conn, &cache, 2).await,
+        Some("Bob+".to_owned())
+    );
+    assert_eq!(user_name(&mut conn, &cache, 3).await.unwrap(), "Cy+");
+    assert_eq!(
+        all_names(&mut conn, &cache).await,
+        ["Ann 2", "Bob+", "Cy+", "Di"]
+    );
+    let (n, _) = reads!(counter, user(&mut conn, &cache, 4).await);
+    assert_eq!(n, 0, "user 4 stays cached");
+
+    // A key change: the old key is gone, the new one (cached as missing) is there.
+    writer
+        .batch_execute("UPDATE users SET id = 10 WHERE id = 1")
+        .await
+        .unwrap();
+    eventually!(user(&mut conn, &cache, 1).await, None::<User>);
+    assert_eq!(user_name(&mut conn, &cache, 10).await.unwrap(), "Ann 2");
+    let (n, _) = reads!(counter, user(&mut conn, &cache, 4).await);
+    assert_eq!(n, 0, "user 4 stays cached");
+
+    // A delete.
+    writer
+        .batch_execute("DELETE FROM users WHERE id = 2")
+        .await
+        .unwrap();
+    eventually!(user(&mut conn, &cache, 2).await, None::<User>);
+    assert_eq!(all_names(&mut conn, &cache).await, ["Cy+", "Di", "Ann 2"]);
+    let (n, _) = reads!(counter, user(&mut conn, &cache, 4).await);
+    assert_eq!(n, 0, "user 4 stays cached");
+
+    // An insert, in a transaction with an update of another row.
+    writer
+        .batch_execute(
+            "BEGIN; INSERT INTO users VALUES (5, 'Eve', 'e'); \
+             UPDATE users SET name = 'Cy 3' WHERE id = 3; COMMIT;",
+        )
+        .await
+        .unwrap();
+    eventually!(
+        all_names(&mut conn, &cache).await,
+        ["Cy 3", "Di", "Eve", "Ann 2"]
+    );
+    assert_eq!(user_name(&mut conn, &cache, 3).await.unwrap(), "Cy 3");
+    let (n, _) = reads!(counter, user(&mut conn, &cache, 4).await);
+    assert_eq!(n, 0, "user 4 stays cached");
+    handle.stop().await;
+}
+
+/// A statement over the row limit, and a `TRUNCATE`, are notified as the table: every row is
+/// evicted, those it did not change too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_falls_back_to_the_table() {
+    let schema = unique("listen");
+    let Some((mut conn, cache, handle)) = rows_set_up(&schema, 2).await else {
+        return;
+    };
+    let counter = QueryCounter::default();
+    counter.attach(&mut conn);
+    for id in 1..=4 {
+        user(&mut conn, &cache, id).await.unwrap();
+    }
+    let mut writer = postgres_again(&schema).await;
+    // Two rows: within the limit, user 4 stays.
+    writer
+        .batch_execute("UPDATE users SET status = 'x' WHERE id <= 2")
+        .await
+        .unwrap();
+    eventually!(user(&mut conn, &cache, 2).await.unwrap().status, "x");
+    let (n, _) = reads!(counter, user(&mut conn, &cache, 4).await);
+    assert_eq!(n, 0, "user 4 stays cached");
+    // Three rows: over the limit, the table, user 4 too.
+    writer
+        .batch_execute("UPDATE users SET status = 'y' WHERE id <= 3")
+        .await
+        .unwrap();
+    eventually!(user(&mut conn, &cache, 3).await.unwrap().status, "y");
+    for id in 1..=2 {
+        assert_eq!(user(&mut conn, &cache, id).await.unwrap().status, "y");
+    }
+    let (n, _) = reads!(counter, user(&mut conn, &cache, 4).await);
+    assert_eq!(n, 1, "user 4 was evicted with the table");
+    // Two rows, but keys too long for one notification (8,000 bytes): the table.
+    let tag = async |conn: &mut AsyncPgConnection| {
+        cache
+            .find_optional::<TagRow, _>(conn, "x".to_owned())
+            .await
+            .unwrap()
+    };
+    tag(&mut conn).await.unwrap();
+    let (n, _) = reads!(counter, tag(&mut conn).await);
+    assert_eq!(n, 0, "cached");
+    writer
+        .batch_execute("INSERT INTO tags VALUES (repeat('l', 5000), 'n'), (repeat('m', 5000), 'n')")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while reads!(counter, tag(&mut conn).await).0 == 0 {
+        assert!(Instant::now() < deadline, "tag x never evicted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // TRUNCATE: the table.
+    writer.batch_execute("TRUNCATE users").await.unwrap();
+    eventually!(user(&mut conn, &cache, 4).await, None::<User>);
+    assert_eq!(user(&mut conn, &cache, 1).await, None);
+    handle.stop().await;
+}
+
+/// Text keys with a quote, a comma, a line break and a backslash, a composite key of text and an
+/// integer, a UUID key, a composite integer key: each notified row is evicted, the other stays.
+/// And a table with `install_sql`'s table-level trigger beside them (its old payload) still
+/// evicts its every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_keys_of_every_kind() {
+    let schema = unique("listen");
+    let Some((mut conn, cache, handle)) = rows_set_up(&schema, 100).await else {
+        return;
+    };
+    let counter = QueryCounter::default();
+    counter.attach(&mut conn);
+    let token = uuid::Uuid::parse_str(TOKEN).unwrap();
+    let other_token = uuid::Uuid::parse_str(OTHER_TOKEN).unwrap();
+    let note_of_tag = async |conn: &mut AsyncPgConnection, name: &str| {
+        cache
+            .find::<TagRow, _>(conn, name.to_owned())
+            .await
+            .unwrap()
+            .note
+    };
+    let note_of_pair = async |conn: &mut AsyncPgConnection, b: i32| {
+        cache
+            .find::<PairRow, _>(conn, (ODD.to_owned(), b))
+            .await
+            .unwrap()
+            .note
+    };
+    let note_of_token = async |conn: &mut AsyncPgConnection, id: uuid::Uuid| {
+        cache.find::<TokenRow, _>(conn, id).await.unwrap().note
+    };
+    let role = async |conn: &mut AsyncPgConnection, user_id: i32| {
+        cache
+            .find::<Membership, _>(conn, (1, user_id))
+            .await
+            .unwrap()
+            .role
+    };
+    let post_title = async |conn: &mut AsyncPgConnection, id: i32| {
+        cache.find::<Post, _>(conn, id).await.unwrap().title
+    };
+    // Cache everything.
+    for name in [ODD, "x"] {
+        note_of_tag(&mut conn, name).await;
+    }
+    for b in [1, 2] {
+        note_of_pair(&mut conn, b).await;
+    }
+    for id in [token, other_token] {
+        note_of_token(&mut conn, id).await;
+    }
+    for user_id in [1, 2] {
+        role(&mut conn, user_id).await;
+    }
+    user(&mut conn, &cache, 1).await.unwrap();
+    post_title(&mut conn, 10).await;
+
+    let mut writer = postgres_again(&schema).await;
+    writer
+        .batch_execute(&format!(
+            "UPDATE tags SET note = 'two' WHERE name = {odd};
+             UPDATE pairs SET note = 'two' WHERE a = {odd} AND b = 1;
+             UPDATE tokens SET note = 'two' WHERE id = '{TOKEN}';
+             UPDATE memberships SET role = 'admin' WHERE user_id = 1;",
+            odd = sql_text(ODD)
+        ))
+        .await
+        .unwrap();
+    eventually!(note_of_tag(&mut conn, ODD).await, "two");
+    eventually!(note_of_pair(&mut conn, 1).await, "two");
+    eventually!(note_of_token(&mut conn, token).await, "two");
+    eventually!(role(&mut conn, 1).await, "admin");
+    let (n, _) = reads!(counter, note_of_tag(&mut conn, "x").await);
+    assert_eq!(n, 0, "the other tag stays cached");
+    let (n, _) = reads!(counter, note_of_pair(&mut conn, 2).await);
+    assert_eq!(n, 0, "the other pair stays cached");
+    let (n, _) = reads!(counter, note_of_token(&mut conn, other_token).await);
+    assert_eq!(n, 0, "the other token stays cached");
+    let (n, _) = reads!(counter, role(&mut conn, 2).await);
+    assert_eq!(n, 0, "the other membership stays cached");
+
+    // `posts` has the table-level trigger (the payload of the old triggers): a write to it
+    // evicts its every row, other posts too, and leaves `users` alone.
+    writer
+        .batch_execute("INSERT INTO posts VALUES (11, 2, 'Bob')")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (n, _) = reads!(counter, post_title(&mut conn, 10).await);
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "post 10 never evicted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (n, _) = reads!(counter, user(&mut conn, &cache, 1).await);
+    assert_eq!(n, 0, "users untouched");
+    handle.stop().await;
+}
+
+/// The listener checks row-level triggers as it checks table-level ones: all four events
+/// covered, this version's function for the key columns the triggers name.
+#[tokio::test]
+async fn row_triggers_are_checked_at_start() {
+    let schema = unique("listen");
+    let Some(mut conn) = postgres(&schema).await else {
+        return;
+    };
+    let cache = Cache::builder()
+        .namespace(unique("listen"))
+        .build()
+        .unwrap();
+    let users_only = || {
+        listen::postgres(postgres_url())
+            .tables([format!("{schema}.users")])
+            .channel(&schema)
+            .cache(cache.clone())
+    };
+    let triggers = listen::row_triggers(&schema).models::<(User,)>();
+    conn.batch_execute(&triggers.install_sql().unwrap())
+        .await
+        .unwrap();
+    users_only().start().await.unwrap().stop().await;
+    // One event uncovered.
+    conn.batch_execute("DROP TRIGGER memclone_invalidate_truncate ON users")
+        .await
+        .unwrap();
+    let err = users_only().start().await.unwrap_err();
+    assert!(matches!(err, ListenError::MissingTrigger { .. }), "{err}");
+    // Every event, but the function edited by hand.
+    conn.batch_execute(&triggers.install_sql().unwrap())
+        .await
+        .unwrap();
+    let function: String = diesel::sql_query(
+        "SELECT p.proname::text AS name FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+         WHERE t.tgname = 'memclone_invalidate_update' AND t.tgrelid = 'users'::regclass",
+    )
+    .get_result::<Named>(&mut conn)
+    .await
+    .unwrap()
+    .name;
+    assert!(
+        function.starts_with(listen::ROWS_FUNCTION_NAME),
+        "{function}"
+    );
+    conn.batch_execute(&format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_notify(TG_ARGV[0], TG_TABLE_NAME); RETURN NULL; END $$;"
+    ))
+    .await
+    .unwrap();
+    let err = users_only().start().await.unwrap_err();
+    assert!(
+        matches!(&err, ListenError::OutdatedFunction { function: f, .. } if f.contains(&function)),
+        "{err}"
+    );
+    // Installed again: up; uninstalled: nothing left.
+    conn.batch_execute(&triggers.install_sql().unwrap())
+        .await
+        .unwrap();
+    users_only().start().await.unwrap().stop().await;
+    conn.batch_execute(&triggers.uninstall_sql().unwrap())
+        .await
+        .unwrap();
+    let err = users_only().start().await.unwrap_err();
+    assert!(matches!(err, ListenError::MissingTrigger { .. }), "{err}");
+    let left: String = diesel::sql_query(format!(
+        "SELECT count(*)::text AS name FROM pg_proc WHERE proname = '{function}' \
+         AND pronamespace = current_schema()::regnamespace"
+    ))
+    .get_result::<Named>(&mut conn)
+    .await
+    .unwrap()
+    .name;
+    assert_eq!(left, "0", "the function is dropped with its last trigger");
+}

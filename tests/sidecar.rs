@@ -1,6 +1,6 @@
 //! The `memclone-listen` binary (package `diesel-memclone-listen`) against the real servers: a raw-SQL write invalidates an
 //! application's cached read through it (database queries counted), SIGTERM stops it cleanly,
-//! and its SQL printing matches the library's.
+//! and its SQL printing matches the library's; with a `mysql://` URL, the same on MariaDB.
 
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -85,6 +85,24 @@ async fn prints_the_libraries_sql() {
         String::from_utf8(output.stdout).unwrap(),
         listen::uninstall_sql(&tables).unwrap()
     );
+    // Key columns: row-level triggers (a table without gets the table-level one).
+    let keyed = listen::row_triggers("chan")
+        .table("users", &["id"])
+        .table("memberships", &["org_id", "user_id"])
+        .table(r#"app."Ledger""#, &[] as &[&str]);
+    for (flag, sql) in [
+        ("--print-install-sql", keyed.install_sql().unwrap()),
+        ("--print-uninstall-sql", keyed.uninstall_sql().unwrap()),
+    ] {
+        let output = sidecar()
+            .args([flag, "--channel", "chan", "--tables"])
+            .arg(r#"users(id),memberships(org_id, user_id),app."Ledger""#)
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success());
+        assert_eq!(String::from_utf8(output.stdout).unwrap(), sql);
+    }
     // A channel that would break every write: refused, nothing printed.
     let output = sidecar()
         .args([
@@ -260,4 +278,135 @@ async fn a_missing_trigger_fails_at_start() {
     assert!(output.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("install_sql"), "{stderr}");
+}
+
+async fn mariadb_name(conn: &mut diesel_async::AsyncMysqlConnection, cache: &Cache) -> String {
+    users::table
+        .find(1)
+        .select(users::name)
+        .cached("name")
+        .using(cache)
+        .get_result(conn)
+        .await
+        .unwrap()
+}
+
+/// With a `mysql://` URL: it prints `mariadb_install_sql`'s SQL, and runs MariaDB's listener, so
+/// that a raw write invalidates the application's cached read; SIGTERM stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_mode() {
+    let db = unique("sidecar");
+    let (Some(mut conn), Some(store)) = (mysql(&db).await, redis_store().await) else {
+        return;
+    };
+    let url = mysql_url_of(&db);
+    conn.batch_execute("INSERT INTO users VALUES (1, 'Ann', 'a')")
+        .await
+        .unwrap();
+    let printed = sidecar()
+        .args([
+            "--database-url",
+            &url,
+            "--print-install-sql",
+            "--tables",
+            "users",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(printed.status.success());
+    let up = String::from_utf8(printed.stdout).unwrap();
+    assert_eq!(
+        up,
+        listen::mariadb_install_sql(listen::MARIADB_VERSIONS_TABLE, &["users"])
+    );
+    conn.batch_execute(&up).await.unwrap();
+    let down = sidecar()
+        .env("DATABASE_URL", &url)
+        .args([
+            "--print-uninstall-sql",
+            "--versions-table",
+            "vt",
+            "--tables",
+            "users",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(down.stdout).unwrap(),
+        listen::mariadb_uninstall_sql("vt", &["users"])
+    );
+
+    let namespace = unique("sidecar");
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(&namespace)
+        .build()
+        .unwrap();
+    let counter = QueryCounter::default();
+    counter.attach(&mut conn);
+    let mut child = sidecar()
+        .args(["--database-url", &url, "--redis-url", &redis_url()])
+        .args(["--namespace", &namespace, "--tables", "users"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(WAIT, stdout.next_line())
+        .await
+        .expect("the sidecar said nothing in 10 s")
+        .unwrap()
+        .expect("the sidecar ended before listening");
+    assert!(
+        ready.starts_with("memclone-listen: listening on MariaDB"),
+        "{ready}"
+    );
+    assert_eq!(mariadb_name(&mut conn, &cache).await, "Ann");
+    let before = counter.get();
+    assert_eq!(mariadb_name(&mut conn, &cache).await, "Ann");
+    assert_eq!(counter.get(), before, "served from the cache");
+    mysql_again(&db)
+        .await
+        .batch_execute("UPDATE users SET name = 'Ann 2' WHERE id = 1")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let seen = mariadb_name(&mut conn, &cache).await;
+        if seen == "Ann 2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {seen:?} after {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("the sidecar did not stop in 10 s")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert!(stderr.contains("stopped (SIGTERM)"), "{stderr}");
+    // Without the triggers: an error at start, exit status 1.
+    conn.batch_execute(&listen::mariadb_uninstall_sql(
+        listen::MARIADB_VERSIONS_TABLE,
+        &["users"],
+    ))
+    .await
+    .unwrap();
+    let output = sidecar()
+        .args(["--database-url", &url, "--redis-url", &redis_url()])
+        .args(["--namespace", &namespace, "--tables", "users"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty());
 }

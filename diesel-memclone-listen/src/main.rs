@@ -2,11 +2,16 @@
 //! the triggers `diesel_memclone::listen::install_sql` installs and bumps the generations in
 //! Redis exactly as a memclone write would, under the applications' namespace, so that their
 //! cached reads of a table written outside memclone (raw SQL, `psql`, another service) miss.
+//! With a `mysql://` database URL it runs the MariaDB/MySQL listener instead
+//! (`diesel_memclone::listen::mariadb`), which polls the counters of the triggers
+//! `mariadb_install_sql` installs.
 //!
 //! ```text
 //! memclone-listen --database-url postgres://.. --redis-url redis://.. \
 //!     --namespace memclone --channel memclone --tables users,app.ledger
 //! memclone-listen --print-install-sql --tables users,app.ledger > up.sql
+//! memclone-listen --print-install-sql --tables 'users(id),memberships(org_id,user_id)' > up.sql
+//! memclone-listen --database-url mysql://.. --print-install-sql --tables users > up.sql
 //! ```
 //!
 //! Arguments are parsed by hand: a handful of flags, and a sidecar that builds without another
@@ -19,23 +24,32 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 const USAGE: &str = "\
-memclone-listen: invalidate diesel-memclone's Redis cache on every write PostgreSQL commits
+memclone-listen: invalidate diesel-memclone's Redis cache on every write PostgreSQL or
+MariaDB/MySQL commits
 
 USAGE:
     memclone-listen [OPTIONS] --tables TABLE[,TABLE..]
     memclone-listen --print-install-sql [--channel NAME] --tables TABLE[,TABLE..]
     memclone-listen --print-uninstall-sql --tables TABLE[,TABLE..]
+    memclone-listen --database-url mysql://.. --print-install-sql [--versions-table NAME] \
+        --tables TABLE[,TABLE..]
 
 OPTIONS:
     --database-url URL       PostgreSQL, a direct connection (not through PgBouncer's
-                             transaction pooling) [env: DATABASE_URL]
+                             transaction pooling), or MariaDB/MySQL (a mysql:// URL)
+                             [env: DATABASE_URL]
     --redis-url URL          the applications' Redis (redis:// or rediss://) [env: REDIS_URL]
     --redis-cluster URLS     a Redis Cluster instead: its nodes, comma-separated
     --namespace NAME         the applications' cache namespace [default: memclone]
-    --channel NAME           the triggers' channel [default: memclone]
+    --channel NAME           the triggers' channel (PostgreSQL) [default: memclone]
+    --versions-table NAME    the triggers' counter table (MariaDB/MySQL)
+                             [default: memclone_versions]
     --tables LIST            the tables to watch, comma-separated (`users`, `app.ledger`,
-                             `\"Ledger\"`); may be repeated
-    --print-install-sql      print the SQL that installs the triggers (for a migration), exit
+                             `\"Ledger\"`); may be repeated. PostgreSQL: a table followed by
+                             its primary key's columns (`users(id)`, `m(org_id,user_id)`) gets
+                             row-level triggers from --print-install-sql (listen::row_triggers)
+    --print-install-sql      print the SQL that installs the triggers (for a migration), exit:
+                             MariaDB/MySQL's when the database URL is a mysql:// one
     --print-uninstall-sql    print the SQL that removes them, exit
     -h, --help               print this, exit
     -V, --version            print the version, exit
@@ -54,43 +68,95 @@ enum Redis {
     Cluster(Vec<String>),
 }
 
+/// The database, and what its listener needs besides the tables.
+#[derive(Debug, Clone, PartialEq)]
+enum Database {
+    /// PostgreSQL: the channel the triggers notify.
+    Postgres { channel: String },
+    /// MariaDB/MySQL: the counter table the triggers bump.
+    MariaDb { versions_table: String },
+}
+
+impl Database {
+    /// MariaDB/MySQL for a `mysql://` URL, PostgreSQL otherwise.
+    fn of(url: Option<&str>, channel: String, versions_table: String) -> Self {
+        match url.is_some_and(|url| url.starts_with("mysql://")) {
+            true => Database::MariaDb { versions_table },
+            false => Database::Postgres { channel },
+        }
+    }
+}
+
 /// What the command line asks for.
 #[derive(Debug)]
 enum Command {
     Run {
         database_url: String,
+        database: Database,
         redis: Redis,
         namespace: String,
-        channel: String,
         tables: Vec<String>,
     },
     PrintInstall {
-        channel: String,
-        tables: Vec<String>,
+        database: Database,
+        tables: Vec<Keyed>,
     },
     PrintUninstall {
-        tables: Vec<String>,
+        database: Database,
+        tables: Vec<Keyed>,
     },
     Help,
     Version,
 }
 
-/// Splits a comma-separated list of tables, keeping commas inside double quotes (`"a,b"`).
+/// A table and its key columns (none: table-level triggers).
+type Keyed = (String, Vec<String>);
+
+/// Splits a comma-separated list of tables, keeping commas inside double quotes (`"a,b"`) and
+/// inside a table's key columns (`m(org_id,user_id)`).
 fn split_tables(list: &str, out: &mut Vec<String>) {
     let mut current = String::new();
     let mut quoted = false;
+    let mut depth = 0_usize;
     for c in list.chars() {
         match c {
-            '"' => {
-                quoted = !quoted;
-                current.push(c);
+            '"' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => depth = depth.saturating_sub(1),
+            ',' if !quoted && depth == 0 => {
+                out.push(std::mem::take(&mut current));
+                continue;
             }
-            ',' if !quoted => out.push(std::mem::take(&mut current)),
-            c => current.push(c),
+            _ => {}
         }
+        current.push(c);
     }
     out.push(current);
     out.retain(|t| !t.trim().is_empty());
+}
+
+/// A table of `--tables` and its key columns: `users`, or `users(id)`.
+fn keyed(spec: &str) -> Result<Keyed, String> {
+    let mut quoted = false;
+    for (i, c) in spec.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '(' if !quoted => {
+                let columns = spec[i + 1..]
+                    .trim_end()
+                    .strip_suffix(')')
+                    .ok_or_else(|| format!("table {spec:?}: its key columns lack a `)`"))?;
+                let columns: Vec<String> = columns
+                    .split(',')
+                    .map(|c| c.trim().to_owned())
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                return Ok((spec[..i].trim().to_owned(), columns));
+            }
+            _ => {}
+        }
+    }
+    Ok((spec.trim().to_owned(), Vec::new()))
 }
 
 fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
@@ -99,6 +165,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
     let mut cluster = None;
     let mut namespace = "memclone".to_owned();
     let mut channel = listen::DEFAULT_CHANNEL.to_owned();
+    let mut versions_table = listen::MARIADB_VERSIONS_TABLE.to_owned();
     let mut tables = Vec::new();
     let (mut print_install, mut print_uninstall) = (false, false);
     let mut args = args.into_iter();
@@ -127,6 +194,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
             }
             "--namespace" => namespace = value()?,
             "--channel" => channel = value()?,
+            "--versions-table" => versions_table = value()?,
             "--tables" | "--table" => split_tables(&value()?, &mut tables),
             "--print-install-sql" => print_install = true,
             "--print-uninstall-sql" => print_uninstall = true,
@@ -138,12 +206,32 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
     if tables.is_empty() {
         return Err("no table to watch: give --tables".into());
     }
+    let keyed = tables
+        .iter()
+        .map(|t| keyed(t))
+        .collect::<Result<Vec<Keyed>, String>>()?;
+    let tables: Vec<String> = keyed.iter().map(|(t, _)| t.clone()).collect();
+    let database = Database::of(database_url.as_deref(), channel, versions_table);
+    if matches!(database, Database::MariaDb { .. }) && keyed.iter().any(|(_, c)| !c.is_empty()) {
+        return Err("key columns (`users(id)`) are for PostgreSQL's row-level triggers".into());
+    }
+    let tables_keyed = keyed;
     match (print_install, print_uninstall) {
         (true, true) => {
             return Err("--print-install-sql and --print-uninstall-sql exclude each other".into())
         }
-        (true, false) => return Ok(Command::PrintInstall { channel, tables }),
-        (false, true) => return Ok(Command::PrintUninstall { tables }),
+        (true, false) => {
+            return Ok(Command::PrintInstall {
+                database,
+                tables: tables_keyed,
+            })
+        }
+        (false, true) => {
+            return Ok(Command::PrintUninstall {
+                database,
+                tables: tables_keyed,
+            })
+        }
         (false, false) => {}
     }
     let database_url = database_url.ok_or("no database: give --database-url or DATABASE_URL")?;
@@ -157,9 +245,9 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
     };
     Ok(Command::Run {
         database_url,
+        database,
         redis,
         namespace,
-        channel,
         tables,
     })
 }
@@ -176,15 +264,33 @@ async fn main() -> ExitCode {
     let printed = match command {
         Command::Help => Ok(USAGE.to_owned()),
         Command::Version => Ok(format!("memclone-listen {}\n", env!("CARGO_PKG_VERSION"))),
-        Command::PrintInstall { channel, tables } => listen::install_sql(&channel, &tables),
-        Command::PrintUninstall { tables } => listen::uninstall_sql(&tables),
+        Command::PrintInstall { database, tables } => match database {
+            Database::Postgres { channel } if row_level(&tables) => {
+                row_triggers(&channel, &tables).install_sql()
+            }
+            Database::Postgres { channel } => listen::install_sql(&channel, &names(&tables)),
+            Database::MariaDb { versions_table } => Ok(listen::mariadb_install_sql(
+                &versions_table,
+                &names(&tables),
+            )),
+        },
+        Command::PrintUninstall { database, tables } => match database {
+            Database::Postgres { channel } if row_level(&tables) => {
+                row_triggers(&channel, &tables).uninstall_sql()
+            }
+            Database::Postgres { .. } => listen::uninstall_sql(&names(&tables)),
+            Database::MariaDb { versions_table } => Ok(listen::mariadb_uninstall_sql(
+                &versions_table,
+                &names(&tables),
+            )),
+        },
         Command::Run {
             database_url,
+            database,
             redis,
             namespace,
-            channel,
             tables,
-        } => return run(database_url, redis, namespace, channel, tables).await,
+        } => return run(database_url, database, redis, namespace, tables).await,
     };
     match printed {
         Ok(text) => {
@@ -198,11 +304,27 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Some table has key columns: row-level triggers (a table without gets the table-level one).
+fn row_level(tables: &[Keyed]) -> bool {
+    tables.iter().any(|(_, columns)| !columns.is_empty())
+}
+
+fn row_triggers(channel: &str, tables: &[Keyed]) -> listen::RowTriggers {
+    tables.iter().fold(
+        listen::row_triggers(channel),
+        |triggers, (table, columns)| triggers.table(table, columns),
+    )
+}
+
+fn names(tables: &[Keyed]) -> Vec<String> {
+    tables.iter().map(|(t, _)| t.clone()).collect()
+}
+
 async fn run(
     database_url: String,
+    database: Database,
     redis: Redis,
     namespace: String,
-    channel: String,
     tables: Vec<String>,
 ) -> ExitCode {
     tracing_subscriber::fmt()
@@ -226,13 +348,25 @@ async fn run(
                 return ExitCode::from(1);
             }
         };
-    let handle = match listen::postgres(database_url)
-        .tables(&tables)
-        .channel(&channel)
-        .cache(cache.clone())
-        .start()
-        .await
-    {
+    let started = match &database {
+        Database::Postgres { channel } => {
+            listen::postgres(database_url)
+                .tables(&tables)
+                .channel(channel)
+                .cache(cache.clone())
+                .start()
+                .await
+        }
+        Database::MariaDb { versions_table } => {
+            listen::mariadb(database_url)
+                .tables(&tables)
+                .versions_table(versions_table)
+                .cache(cache.clone())
+                .start()
+                .await
+        }
+    };
+    let handle = match started {
         Ok(handle) => handle,
         Err(e) => {
             eprintln!("{e}");
@@ -250,12 +384,20 @@ async fn run(
         handle.stop().await;
         return ExitCode::from(1);
     }
-    println!(
-        "memclone-listen: listening on channel {channel} for {} (namespace {namespace}, backend \
-         pid {})",
-        tables.join(","),
-        handle.backend_pid()
-    );
+    match &database {
+        Database::Postgres { channel } => println!(
+            "memclone-listen: listening on channel {channel} for {} (namespace {namespace}, \
+             backend pid {})",
+            tables.join(","),
+            handle.backend_pid()
+        ),
+        Database::MariaDb { versions_table } => println!(
+            "memclone-listen: listening on MariaDB counter table {versions_table} for {} \
+             (namespace {namespace}, connection id {})",
+            tables.join(","),
+            handle.connection_id()
+        ),
+    }
     let _ = std::io::stdout().flush();
     let signal = wait_for_signal().await;
     stop(handle, signal).await;
@@ -320,8 +462,27 @@ mod tests {
     #[test]
     fn tables_split() {
         let mut out = Vec::new();
-        split_tables(r#"users, app.ledger,"a,b",,"#, &mut out);
-        assert_eq!(out, ["users", " app.ledger", r#""a,b""#]);
+        split_tables(r#"users, app.ledger,"a,b",,m(a, b),"x(".y(c)"#, &mut out);
+        assert_eq!(
+            out,
+            [
+                "users",
+                " app.ledger",
+                r#""a,b""#,
+                "m(a, b)",
+                r#""x(".y(c)"#
+            ]
+        );
+        assert_eq!(keyed("users").unwrap(), ("users".to_owned(), vec![]));
+        assert_eq!(
+            keyed(" m( a, b ) ").unwrap(),
+            ("m".to_owned(), vec!["a".to_owned(), "b".to_owned()])
+        );
+        assert_eq!(
+            keyed(r#""x(".y(c)"#).unwrap(),
+            (r#""x(".y"#.to_owned(), vec!["c".to_owned()])
+        );
+        assert!(keyed("m(a").is_err());
     }
 
     #[test]
@@ -331,9 +492,9 @@ mod tests {
         )) {
             Ok(Command::Run {
                 database_url,
+                database: Database::Postgres { channel },
                 redis: Redis::Cluster(urls),
                 namespace,
-                channel,
                 tables,
             }) => {
                 assert_eq!(database_url, "pg");
@@ -347,6 +508,28 @@ mod tests {
             parse(args("--print-install-sql --tables t")),
             Ok(Command::PrintInstall { .. })
         ));
+        match parse(args(
+            "--database-url mysql://root@h/db --redis-url r --versions-table vt --tables t",
+        )) {
+            Ok(Command::Run {
+                database: Database::MariaDb { versions_table },
+                ..
+            }) => assert_eq!(versions_table, "vt"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(args(
+                "--database-url mysql://h/db --print-install-sql --tables t"
+            )),
+            Ok(Command::PrintInstall {
+                database: Database::MariaDb { .. },
+                ..
+            })
+        ));
+        assert!(parse(args(
+            "--database-url mysql://h/db --print-install-sql --tables t(id)"
+        ))
+        .is_err());
         assert!(parse(args("--tables")).is_err());
         assert!(parse(args("--database-url pg --redis-url r")).is_err());
         assert!(parse(args("--bogus")).is_err());

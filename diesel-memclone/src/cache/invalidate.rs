@@ -138,7 +138,7 @@ impl Cache {
     async fn bump_tables(
         &self,
         tables: &[String],
-        rows: Option<&[RowKey]>,
+        rows: Option<&[RowName<'_>]>,
     ) -> StoreResult<Invalidated> {
         let ns = &self.inner.namespace;
         let store = &self.inner.store;
@@ -160,7 +160,7 @@ impl Cache {
             let row_keys: Vec<String> = rows
                 .unwrap_or_default()
                 .iter()
-                .map(|row| key::row_generation(ns, row.table, &row.primary_key))
+                .map(|(table, primary_key)| key::row_generation(ns, table, primary_key))
                 .collect();
             let row_values: Vec<u64> = row_keys.iter().map(|_| fresh_generation()).collect();
             let sequence = key::write_sequence(ns, table);
@@ -208,7 +208,36 @@ impl Cache {
         tables: &[String],
         rows: Option<&[RowKey]>,
     ) -> Option<Invalidated> {
-        let span = Cache::invalidate_span(tables, rows.map(<[RowKey]>::len));
+        let rows: Option<Vec<RowName<'_>>> = rows.map(|rows| {
+            rows.iter()
+                .map(|row| (row.table, row.primary_key.as_str()))
+                .collect()
+        });
+        self.invalidate_named(tables, rows.as_deref()).await
+    }
+
+    /// Invalidates every query of `table` (its SQL name, as for
+    /// [`invalidate_table`](Self::invalidate_table)) and the entity entries of the rows whose
+    /// primary keys, rendered as [`RowKey`] renders them, are `primary_keys`: the bumps of a
+    /// memclone write whose rows are known, for the listener's row-level notifications.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) async fn invalidate_rows(&self, table: &str, primary_keys: &[String]) {
+        let table = key::table_from_text(table);
+        let rows: Vec<RowName<'_>> = primary_keys
+            .iter()
+            .map(|pk| (table.as_str(), pk.as_str()))
+            .collect();
+        self.invalidate_named(std::slice::from_ref(&table), Some(&rows))
+            .await;
+    }
+
+    /// [`invalidate_written`](Self::invalidate_written), its rows named by table and key text.
+    async fn invalidate_named(
+        &self,
+        tables: &[String],
+        rows: Option<&[RowName<'_>]>,
+    ) -> Option<Invalidated> {
+        let span = Cache::invalidate_span(tables, rows.map(<[RowName<'_>]>::len));
         if span.is_disabled() {
             return self.invalidate_tables(tables, rows, &span).await;
         }
@@ -220,7 +249,7 @@ impl Cache {
     async fn invalidate_tables(
         &self,
         tables: &[String],
-        rows: Option<&[RowKey]>,
+        rows: Option<&[RowName<'_>]>,
         span: &tracing::Span,
     ) -> Option<Invalidated> {
         self.invalidation_event(tables);
@@ -273,6 +302,9 @@ impl Cache {
             .flatten()
     }
 }
+
+/// A written row: its table's name for the cache and its primary key as [`RowKey`] renders it.
+type RowName<'a> = (&'a str, &'a str);
 
 /// Clears the "retrying" flag when the background retry task ends or is dropped.
 struct RetryingFlag(Option<std::sync::Weak<Inner>>);

@@ -14,10 +14,15 @@
 //!   memclone's own writes ([`Cache::invalidate_table`]: an invalidation the store did not take is
 //!   kept, retried, and keeps the table from being served meanwhile).
 //!
-//! The invalidation is per table (every cached query and entity of the table), as for a write
-//! whose rows memclone does not know. Row-level payloads (the changed rows' primary keys, so
-//! that only their entity entries are evicted) are a later optimisation: the table's queries
-//! have to be invalidated on every write anyway.
+//! With these triggers the invalidation is per table (every cached query and entity of the
+//! table), as for a write whose rows memclone does not know. [`row_triggers`] installs
+//! row-level ones instead: statement-level triggers with transition tables that send the table
+//! and the primary keys of the changed rows (old and new keys when an `UPDATE` changes a key),
+//! or the table alone past a number of rows, past PostgreSQL's 8,000-byte payload, on
+//! `TRUNCATE`, or for a key type whose text memclone cannot match. For a notification with rows,
+//! the listener makes the bumps of a memclone write whose rows are known: the table's queries
+//! and those rows' entity entries, not the table's other rows. A listener reads both kinds of
+//! payload, so tables of either kind can be watched together.
 //!
 //! Nothing is lost while the listener is away: on start and after every reconnection it
 //! `LISTEN`s first, then invalidates every watched table once (and says so once in the log),
@@ -62,7 +67,7 @@
 // where every feature is documented (as in lib.rs).
 #![cfg_attr(
     not(feature = "postgres"),
-    doc = "\n\n[`install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.install_sql.html\n[`uninstall_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.uninstall_sql.html\n[`postgres()`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.postgres.html\n[`Listener`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html"
+    doc = "\n\n[`install_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.install_sql.html\n[`row_triggers`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.row_triggers.html\n[`uninstall_sql`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.uninstall_sql.html\n[`postgres()`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/fn.postgres.html\n[`Listener`]: https://docs.rs/diesel-memclone/latest/diesel_memclone/listen/struct.Listener.html"
 )]
 #![cfg_attr(
     not(feature = "mysql"),
@@ -70,7 +75,6 @@
 )]
 
 use crate::Cache;
-use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -91,7 +95,8 @@ mod postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use self::postgres::{
-    install_sql, postgres, uninstall_sql, Listener, FUNCTION_NAME, TRIGGER_NAME,
+    install_sql, postgres, row_triggers, uninstall_sql, Listener, RowTriggers, DEFAULT_MAX_ROWS,
+    FUNCTION_NAME, ROWS_FUNCTION_NAME, TRIGGER_NAME,
 };
 
 /// How long one reconnection attempt may take.
@@ -136,6 +141,18 @@ pub fn tables<M: Models>() -> Vec<&'static str> {
 pub trait Models {
     /// Appends the models' tables, as [`tables`] lists them.
     fn tables(out: &mut Vec<&'static str>);
+
+    /// Appends the models' tables, as [`tables`] lists them, each with its primary key's
+    /// columns (for row-level triggers). The default names no column: the table alone.
+    fn keyed_tables(out: &mut Vec<(&'static str, &'static [&'static str])>) {
+        let mut tables = Vec::new();
+        Self::tables(&mut tables);
+        out.extend(
+            tables
+                .into_iter()
+                .map(|t| (t, &[] as &'static [&'static str])),
+        );
+    }
 }
 
 macro_rules! models_tuple {
@@ -145,6 +162,16 @@ macro_rules! models_tuple {
                 $(
                     if !out.contains(&$m::table_sql()) {
                         out.push($m::table_sql());
+                    }
+                )+
+            }
+            fn keyed_tables(out: &mut Vec<(&'static str, &'static [&'static str])>) {
+                $(
+                    if !out.iter().any(|(t, _)| *t == $m::table_sql()) {
+                        out.push((
+                            $m::table_sql(),
+                            <$m as crate::CacheValue>::key_columns(),
+                        ));
                     }
                 )+
             }
@@ -181,8 +208,8 @@ pub enum ListenError {
     /// A watched table does not exist (in the listener connection's `search_path`, when
     /// unqualified).
     NoSuchTable(String),
-    /// A watched table lacks the trigger [`install_sql`] installs for this channel, or has a
-    /// different or disabled one.
+    /// A watched table lacks the trigger [`install_sql`] installs for this channel (or the four
+    /// that [`RowTriggers`] install), or has a different or disabled one.
     #[cfg(feature = "postgres")]
     MissingTrigger {
         /// The table, as given.
@@ -191,8 +218,8 @@ pub enum ListenError {
         channel: String,
     },
     /// A watched table's trigger calls a trigger function whose body is not the one this version
-    /// of memclone installs (an older version's, or one edited by hand): what it sends may not
-    /// be what the listener reads.
+    /// of memclone installs (for a row-level trigger: for the key columns it names): an older
+    /// version's, or one edited by hand. What it sends may not be what the listener reads.
     #[cfg(feature = "postgres")]
     OutdatedFunction {
         /// The table, as given.
@@ -219,6 +246,16 @@ pub enum ListenError {
     InvalidTable {
         /// The name, as given.
         table: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A key column given to [`RowTriggers::table`] cannot be a column's name.
+    #[cfg(feature = "postgres")]
+    InvalidColumn {
+        /// The table, as given.
+        table: String,
+        /// The column, as given.
+        column: String,
         /// What is wrong with it.
         reason: &'static str,
     },
@@ -262,6 +299,15 @@ impl fmt::Display for ListenError {
             ListenError::InvalidTable { table, reason } => {
                 write!(f, "memclone listener: table name {table:?} {reason}")
             }
+            #[cfg(feature = "postgres")]
+            ListenError::InvalidColumn {
+                table,
+                column,
+                reason,
+            } => write!(
+                f,
+                "memclone listener: key column {column:?} of table {table:?} {reason}"
+            ),
             ListenError::NoTables => write!(f, "memclone listener: no table to watch"),
             #[cfg(feature = "mysql")]
             ListenError::MariaDb(e) => write!(f, "memclone listener: {e}"),
@@ -460,7 +506,8 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-async fn invalidate_all(cache: &Cache, tables: &BTreeSet<String>) {
+#[cfg(feature = "mysql")]
+async fn invalidate_all(cache: &Cache, tables: &std::collections::BTreeSet<String>) {
     for table in tables {
         cache.invalidate_table(table).await;
     }

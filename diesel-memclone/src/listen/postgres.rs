@@ -2,14 +2,14 @@
 //! `LISTEN`s and turns notifications into invalidations.
 
 use super::{
-    invalidate_all, lost, reconnect, stopped, ListenError, ListenHandle, Served, Shared,
-    APPLICATION_NAME, DEFAULT_CHANNEL,
+    lost, reconnect, stopped, ListenError, ListenHandle, Served, Shared, APPLICATION_NAME,
+    DEFAULT_CHANNEL,
 };
 use crate::Cache;
-use diesel::sql_types::{Bool, Integer, Nullable, Text};
+use diesel::sql_types::{Bool, Integer, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::{FutureExt, StreamExt};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,6 +30,117 @@ BEGIN
   RETURN NULL;
 END
 ";
+
+/// What the names of the trigger functions [`RowTriggers`] installs start with: each is
+/// `memclone_notify_rows_` and a hash of its key columns' names (tables keyed by the same
+/// columns share one), in the first schema of the migration's `search_path`.
+pub const ROWS_FUNCTION_NAME: &str = "memclone_notify_rows";
+
+/// The row-level triggers [`RowTriggers`] creates on each table, one per kind of statement (a
+/// trigger with transition tables fires for one event only): name, event, transition tables.
+const ROW_TRIGGERS: [(&str, &str, &str); 4] = [
+    (
+        "memclone_invalidate_insert",
+        "INSERT",
+        "REFERENCING NEW TABLE AS memclone_new ",
+    ),
+    (
+        "memclone_invalidate_update",
+        "UPDATE",
+        "REFERENCING OLD TABLE AS memclone_old NEW TABLE AS memclone_new ",
+    ),
+    (
+        "memclone_invalidate_delete",
+        "DELETE",
+        "REFERENCING OLD TABLE AS memclone_old ",
+    ),
+    ("memclone_invalidate_truncate", "TRUNCATE", ""),
+];
+
+/// The name of the row-level trigger function for these key columns.
+fn rows_function_name<S: AsRef<str>>(columns: &[S]) -> String {
+    let joined: Vec<&str> = columns.iter().map(AsRef::as_ref).collect();
+    let hash = crate::key::hash64(&joined.join("\0"));
+    format!("{ROWS_FUNCTION_NAME}_{hash:016x}")
+}
+
+/// The body of a row-level trigger function, for these key columns. Its arguments: the channel,
+/// the most rows a notification names, and the key columns (for the listener's check: the body
+/// names them itself, so that its queries are planned once per session, not on every statement).
+///
+/// Its payload is the table as [`FUNCTION_BODY`] sends it, followed, when the statement changed
+/// at most that many rows, every key column is of a type whose text is the key's `Debug` in Rust
+/// (`int2`, `int4`, `int8`, `bool`, `uuid`: sent bare; `text`, `varchar`: double-quoted, `""` for
+/// a quote), no key value is NULL and the payload stays under PostgreSQL's 8,000 bytes, by one
+/// line per changed row (old and new keys for an `UPDATE`), its key's values separated by commas:
+/// what [`row_keys`] reads back. Otherwise (and on `TRUNCATE`) the table alone. A statement that
+/// changed no row sends nothing. The types are checked on each row (`pg_typeof`), so that a
+/// column of another type, or one whose type changed since, sends the table rather than a key
+/// in the wrong form.
+fn rows_function_body<S: AsRef<str>>(columns: &[S]) -> String {
+    let key: Vec<String> = columns
+        .iter()
+        .map(|column| {
+            let c = quote_ident(column.as_ref());
+            format!(
+                "CASE WHEN pg_typeof({c}) IN ('int2'::regtype, 'int4', 'int8', 'bool', 'uuid') \
+                 THEN {c}::text WHEN pg_typeof({c}) IN ('text'::regtype, 'varchar') \
+                 THEN '\"' || replace({c}::text, '\"', '\"\"') || '\"' END"
+            )
+        })
+        .collect();
+    let key = key.join(" || ',' || ");
+    format!(
+        r#"
+DECLARE
+  tbl text := quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME);
+  max_rows int := TG_ARGV[1]::int;
+  n int;
+  keys text;
+  nulls bool;
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    SELECT count(*) INTO n FROM (SELECT FROM memclone_new LIMIT max_rows + 1) s;
+    IF n BETWEEN 1 AND max_rows THEN
+      SELECT bool_or(k IS NULL), string_agg(k, E'\n') INTO nulls, keys
+        FROM (SELECT DISTINCT {key} AS k FROM memclone_new) s;
+    END IF;
+  ELSIF TG_OP = 'UPDATE' THEN
+    SELECT count(*) INTO n FROM (SELECT FROM memclone_old LIMIT max_rows + 1) s;
+    IF n BETWEEN 1 AND max_rows THEN
+      SELECT bool_or(k IS NULL), string_agg(k, E'\n') INTO nulls, keys
+        FROM (SELECT {key} AS k FROM memclone_old UNION SELECT {key} FROM memclone_new) s;
+    END IF;
+  ELSIF TG_OP = 'DELETE' THEN
+    SELECT count(*) INTO n FROM (SELECT FROM memclone_old LIMIT max_rows + 1) s;
+    IF n BETWEEN 1 AND max_rows THEN
+      SELECT bool_or(k IS NULL), string_agg(k, E'\n') INTO nulls, keys
+        FROM (SELECT DISTINCT {key} AS k FROM memclone_old) s;
+    END IF;
+  ELSE
+    n := -1;
+  END IF;
+  IF n = 0 THEN
+    RETURN NULL;
+  END IF;
+  IF keys IS NOT NULL AND NOT nulls AND octet_length(tbl) + 1 + octet_length(keys) < 8000 THEN
+    PERFORM pg_notify(TG_ARGV[0], tbl || E'\n' || keys);
+  ELSE
+    PERFORM pg_notify(TG_ARGV[0], tbl);
+  END IF;
+  RETURN NULL;
+END
+"#
+    )
+}
+
+/// The most rows a row-level notification names unless told otherwise
+/// ([`RowTriggers::max_rows`]).
+pub const DEFAULT_MAX_ROWS: u32 = 100;
+
+/// The most rows of one table that one batch of notifications evicts one by one; past it, the
+/// whole table.
+const MAX_BATCH_ROWS: usize = 1000;
 
 /// The longest identifier PostgreSQL keeps (`NAMEDATALEN - 1`): a longer one is cut to this
 /// length with only a `NOTICE`, so a trigger would notify a name memclone does not know, and
@@ -194,15 +305,210 @@ pub fn uninstall_sql<S: AsRef<str>>(tables: &[S]) -> Result<String, ListenError>
             table_sql(table.as_ref())?
         ));
     }
-    sql.push_str(&format!(
+    sql.push_str(&drop_unused(FUNCTION_NAME));
+    Ok(sql)
+}
+
+/// Row-level triggers for `channel`: give them tables and their key columns, or models, then
+/// take their [`install_sql`](RowTriggers::install_sql) for a migration's `up.sql` and
+/// [`uninstall_sql`](RowTriggers::uninstall_sql) for its `down.sql`.
+///
+/// Where [`install_sql`]'s triggers make the listener evict every cached row of a written table,
+/// these name the changed rows' primary keys, and the listener bumps exactly what a memclone
+/// write whose rows are known bumps: the table's queries and those rows' entity entries; the
+/// table's other cached rows stay. A statement that changes more than
+/// [`max_rows`](RowTriggers::max_rows) rows, a `TRUNCATE`, a key of another type than those
+/// listed at `rows_function_body` (integers, `bool`, `uuid`, `text`, `varchar`), or a payload
+/// that would pass PostgreSQL's 8,000 bytes, is notified as the table alone, as
+/// [`install_sql`]'s triggers notify it.
+///
+/// ```
+/// # fn sql() -> Result<(), diesel_memclone::listen::ListenError> {
+/// let up = diesel_memclone::listen::row_triggers("memclone")
+///     .table("users", &["id"])
+///     .table("app.memberships", &["org_id", "user_id"])
+///     .install_sql()?;
+/// assert!(up.contains("memclone_notify_rows('memclone', '100', 'org_id', 'user_id')"));
+/// # Ok(()) }
+/// ```
+///
+/// [`models`](RowTriggers::models) takes the tables and key columns of `MemClone` models.
+#[derive(Debug, Clone)]
+#[must_use = "the triggers' SQL comes from `install_sql`"]
+pub struct RowTriggers {
+    channel: String,
+    tables: Vec<(String, Vec<String>)>,
+    max_rows: u32,
+}
+
+/// Row-level triggers notifying `channel`: see [`RowTriggers`].
+pub fn row_triggers(channel: &str) -> RowTriggers {
+    RowTriggers {
+        channel: channel.to_owned(),
+        tables: Vec::new(),
+        max_rows: DEFAULT_MAX_ROWS,
+    }
+}
+
+impl RowTriggers {
+    /// Adds a table (named as for [`install_sql`]) and its primary key's columns, in the order
+    /// of the model's `PrimaryKey` tuple, each spelled as the catalog spells it (Diesel's
+    /// `Column::NAME`: case kept, no quotes). The keys the triggers send are built from these
+    /// columns: they must be the columns of the key memclone caches the table's rows by. No
+    /// column: the table alone is notified.
+    pub fn table<S: AsRef<str>>(mut self, table: &str, key_columns: &[S]) -> Self {
+        let columns = key_columns.iter().map(|c| c.as_ref().to_owned()).collect();
+        self.tables.push((table.to_owned(), columns));
+        self
+    }
+
+    /// Adds the tables of `MemClone` models (a tuple of up to 12: `(User,)` for one), each with its
+    /// primary key's columns: `.models::<(User, Post)>()`.
+    pub fn models<M: super::Models>(mut self) -> Self {
+        let mut keyed = Vec::new();
+        M::keyed_tables(&mut keyed);
+        for (table, columns) in keyed {
+            self = self.table(table, columns);
+        }
+        self
+    }
+
+    /// The most rows one notification names (default [`DEFAULT_MAX_ROWS`]); a statement that
+    /// changes more is notified as the table alone.
+    pub fn max_rows(mut self, max_rows: u32) -> Self {
+        self.max_rows = max_rows;
+        self
+    }
+
+    /// The SQL that installs the triggers, for a migration's `up.sql`: the trigger function
+    /// `memclone_notify_rows()` (created or replaced, in the first schema of the
+    /// `search_path`) and on each table four statement-level triggers, `memclone_invalidate_insert`,
+    /// `_update`, `_delete` (with transition tables) and `_truncate`, replacing the table's
+    /// [`install_sql`] trigger if it has one.
+    ///
+    /// Cost: on each write statement, a catalog look-up per key column and a query over the
+    /// transition table (planned on each statement), then one `pg_notify`, sent at commit. The
+    /// transition tables keep the changed rows until the statement ends. Unlike
+    /// [`install_sql`]'s, a transaction that writes many rows one statement at a time sends one
+    /// notification per statement (PostgreSQL folds only identical payloads).
+    ///
+    /// # Errors
+    ///
+    /// As [`install_sql`], and [`ListenError::InvalidColumn`] for a key column that is empty,
+    /// longer than 63 bytes or holds a NUL.
+    pub fn install_sql(&self) -> Result<String, ListenError> {
+        check_channel(&self.channel)?;
+        let mut sql = String::from(
+            "-- diesel-memclone: invalidate the cache's changed rows on every committed write \
+             (issue 12).\n",
+        );
+        let mut functions = BTreeSet::new();
+        let mut table_level = Vec::new();
+        for (table, columns) in &self.tables {
+            let name = table_sql(table)?;
+            if columns.is_empty() {
+                // No key to send: the table-level trigger.
+                table_level.push(table.as_str());
+                for (trigger, _, _) in ROW_TRIGGERS {
+                    sql.push_str(&format!("DROP TRIGGER IF EXISTS {trigger} ON {name};\n"));
+                }
+                continue;
+            }
+            let mut args = vec![
+                quote_literal(&self.channel),
+                quote_literal(&self.max_rows.to_string()),
+            ];
+            for column in columns {
+                check_column(table, column)?;
+                args.push(quote_literal(column));
+            }
+            let args = args.join(", ");
+            let function = rows_function_name(columns);
+            if functions.insert(function.clone()) {
+                sql.push_str(&format!(
+                    "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql \
+                     AS $memclone${}$memclone$;\n",
+                    rows_function_body(columns)
+                ));
+            }
+            sql.push_str(&format!(
+                "DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {name};\n"
+            ));
+            for (trigger, event, transition) in ROW_TRIGGERS {
+                sql.push_str(&format!(
+                    "DROP TRIGGER IF EXISTS {trigger} ON {name};\n\
+                     CREATE TRIGGER {trigger} AFTER {event} ON {name}\n  \
+                       {transition}FOR EACH STATEMENT EXECUTE FUNCTION {function}({args});\n"
+                ));
+            }
+        }
+        if !table_level.is_empty() {
+            sql.push_str(&install_sql(&self.channel, &table_level)?);
+        }
+        Ok(sql)
+    }
+
+    /// The SQL that removes what [`install_sql`](RowTriggers::install_sql) installed, for a
+    /// migration's `down.sql`: each table's triggers, then each trigger function that no
+    /// trigger uses any more.
+    ///
+    /// # Errors
+    ///
+    /// [`ListenError::InvalidTable`], as for [`install_sql`].
+    pub fn uninstall_sql(&self) -> Result<String, ListenError> {
+        let mut sql = String::new();
+        let mut functions = BTreeSet::new();
+        let mut table_level = Vec::new();
+        for (table, columns) in &self.tables {
+            let name = table_sql(table)?;
+            match columns.is_empty() {
+                true => table_level.push(table.as_str()),
+                false => {
+                    functions.insert(rows_function_name(columns));
+                }
+            }
+            for (trigger, _, _) in ROW_TRIGGERS {
+                sql.push_str(&format!("DROP TRIGGER IF EXISTS {trigger} ON {name};\n"));
+            }
+        }
+        for function in functions {
+            sql.push_str(&drop_unused(&function));
+        }
+        if !table_level.is_empty() {
+            sql.push_str(&uninstall_sql(&table_level)?);
+        }
+        Ok(sql)
+    }
+}
+
+/// Drops the trigger function `function` unless a trigger still uses it.
+fn drop_unused(function: &str) -> String {
+    format!(
         "DO $memclone$ BEGIN\n  \
-           IF to_regprocedure('{FUNCTION_NAME}()') IS NOT NULL AND NOT EXISTS (\n    \
-             SELECT 1 FROM pg_trigger WHERE tgfoid = to_regprocedure('{FUNCTION_NAME}()')) THEN\n    \
-             DROP FUNCTION {FUNCTION_NAME}();\n  \
+           IF to_regprocedure('{function}()') IS NOT NULL AND NOT EXISTS (\n    \
+             SELECT 1 FROM pg_trigger WHERE tgfoid = to_regprocedure('{function}()')) THEN\n    \
+             DROP FUNCTION {function}();\n  \
            END IF;\n\
          END $memclone$;\n"
-    ));
-    Ok(sql)
+    )
+}
+
+/// A key column's name, as the triggers' arguments carry it.
+fn check_column(table: &str, column: &str) -> Result<(), ListenError> {
+    let reason = if column.is_empty() {
+        "is empty"
+    } else if column.len() > MAX_IDENTIFIER_BYTES {
+        "is longer than 63 bytes (PostgreSQL would cut it)"
+    } else if column.contains('\0') {
+        "holds a NUL"
+    } else {
+        return Ok(());
+    };
+    Err(ListenError::InvalidColumn {
+        table: table.to_owned(),
+        column: column.to_owned(),
+        reason,
+    })
 }
 
 /// A listener to configure and [`start`](Listener::start): see [`postgres()`].
@@ -373,19 +679,36 @@ struct SchemaUsage {
 }
 
 #[derive(diesel::QueryableByName)]
-struct TriggerCheck {
+struct TableExists {
     #[diesel(sql_type = Bool)]
     exists: bool,
-    /// The body of the function a matching trigger calls, if there is such a trigger.
-    #[diesel(sql_type = Nullable<Text>)]
-    source: Option<String>,
-    #[diesel(sql_type = Nullable<Text>)]
-    function: Option<String>,
 }
 
-/// Every watched table exists and has an enabled `memclone_invalidate` trigger that fires after
-/// each statement of the four kinds, notifies `channel`, and calls this version's function; the
-/// role can read what that takes.
+#[derive(diesel::QueryableByName)]
+struct TriggerCheck {
+    /// `tgtype`'s low bits: 1 row, 2 before, 4 insert, 8 delete, 16 update, 32 truncate, 64
+    /// instead.
+    #[diesel(sql_type = Integer)]
+    kind: i32,
+    /// The function's name, arguments and body.
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = diesel::sql_types::Binary)]
+    args: Vec<u8>,
+    #[diesel(sql_type = Text)]
+    source: String,
+    #[diesel(sql_type = Text)]
+    function: String,
+}
+
+/// The events of `tgtype` a watched table's triggers must cover: insert, delete, update,
+/// truncate.
+const EVENTS: i32 = 4 | 8 | 16 | 32;
+
+/// Every watched table exists and has enabled memclone triggers, table-level
+/// ([`install_sql`]'s) or row-level ([`RowTriggers`]'), that fire after each statement of the
+/// four kinds, notify `channel`, and call this version's functions; the role can read what that
+/// takes.
 async fn check_triggers(
     conn: &mut AsyncPgConnection,
     tables: &[String],
@@ -411,15 +734,15 @@ async fn check_triggers(
                 .to_owned(),
         });
     }
-    // tgtype: 1 row, 2 before, 4 insert, 8 delete, 16 update, 32 truncate, 64 instead.
-    let query = "SELECT to_regclass($1) IS NOT NULL AS exists, p.prosrc AS source, \
-                 p.oid::regproc::text AS function \
-                 FROM (SELECT 1) AS one LEFT JOIN (pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid) \
-                   ON t.tgrelid = to_regclass($1) AND t.tgname = $2 AND t.tgenabled <> 'D' \
-                    AND (t.tgtype & 127) = 60 AND t.tgnargs = 1 \
-                    AND t.tgargs = convert_to($3, 'UTF8') || '\\x00'::bytea \
-                    AND p.proname = $4 \
-                 LIMIT 1";
+    // memclone's triggers on the table whose first argument is the channel.
+    let query = "SELECT (t.tgtype & 127)::int AS kind, p.proname::text AS name, \
+                 t.tgargs AS args, p.prosrc AS source, p.oid::regproc::text AS function \
+                 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+                 WHERE t.tgrelid = to_regclass($1) AND t.tgenabled <> 'D' \
+                   AND (t.tgname = $2 OR t.tgname LIKE $2 || '\\_%') AND t.tgnargs >= 1 \
+                   AND substring(t.tgargs FROM 1 FOR octet_length(convert_to($3, 'UTF8')) + 1) \
+                     = convert_to($3, 'UTF8') || '\\x00'::bytea \
+                   AND (p.proname = $4 OR p.proname LIKE $5 || '\\_%')";
     for table in tables {
         let parts = table_parts(table).map_err(|reason| ListenError::InvalidTable {
             table: table.clone(),
@@ -450,25 +773,60 @@ async fn check_triggers(
                 Some(_) => {}
             }
         }
+        let exists: TableExists = diesel_async::RunQueryDsl::get_result(
+            diesel::sql_query("SELECT to_regclass($1) IS NOT NULL AS exists")
+                .bind::<Text, _>(table_sql(table)?),
+            &mut *conn,
+        )
+        .await?;
+        if !exists.exists {
+            return Err(ListenError::NoSuchTable(table.clone()));
+        }
         let query = diesel::sql_query(query)
             .bind::<Text, _>(table_sql(table)?)
             .bind::<Text, _>(TRIGGER_NAME)
             .bind::<Text, _>(channel)
-            .bind::<Text, _>(FUNCTION_NAME);
-        let check: TriggerCheck = diesel_async::RunQueryDsl::get_result(query, &mut *conn).await?;
-        if !check.exists {
-            return Err(ListenError::NoSuchTable(table.clone()));
+            .bind::<Text, _>(FUNCTION_NAME)
+            .bind::<Text, _>(ROWS_FUNCTION_NAME);
+        let triggers: Vec<TriggerCheck> =
+            diesel_async::RunQueryDsl::load(query, &mut *conn).await?;
+        let mut covered = 0;
+        let mut outdated = None;
+        // After each statement: neither per row, nor before, nor instead of.
+        for trigger in triggers.iter().filter(|t| t.kind & (1 | 2 | 64) == 0) {
+            let fresh = match trigger.name.as_str() {
+                FUNCTION_NAME => same_text(&trigger.source, FUNCTION_BODY),
+                // channel, max rows, key columns: the body and name those columns give.
+                name => {
+                    let args: Vec<String> = trigger
+                        .args
+                        .split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    let columns = args
+                        .get(2..args.len().saturating_sub(1))
+                        .unwrap_or_default();
+                    !columns.is_empty()
+                        && name == rows_function_name(columns)
+                        && same_text(&trigger.source, &rows_function_body(columns))
+                }
+            };
+            if fresh {
+                covered |= trigger.kind & EVENTS;
+            } else {
+                outdated = Some(trigger.function.clone());
+            }
         }
-        let Some(source) = check.source else {
-            return Err(ListenError::MissingTrigger {
-                table: table.clone(),
-                channel: channel.to_owned(),
-            });
-        };
-        if !same_text(&source, FUNCTION_BODY) {
-            return Err(ListenError::OutdatedFunction {
-                table: table.clone(),
-                function: check.function.unwrap_or_else(|| FUNCTION_NAME.to_owned()),
+        if covered != EVENTS {
+            return Err(match outdated {
+                Some(function) => ListenError::OutdatedFunction {
+                    table: table.clone(),
+                    function,
+                },
+                None => ListenError::MissingTrigger {
+                    table: table.clone(),
+                    channel: channel.to_owned(),
+                },
             });
         }
     }
@@ -514,7 +872,9 @@ async fn run(
 /// What a batch of notifications asks for.
 #[derive(Default)]
 struct Batch {
-    tables: BTreeSet<String>,
+    /// Each notified table (as its payload names it): the rows to evict, or `None` for every
+    /// row of the table.
+    tables: BTreeMap<String, Option<BTreeSet<String>>>,
     /// A payload that is not a table name (another notifier on the channel, or a trigger of
     /// another version): every watched table is invalidated, since which one changed is unknown.
     unreadable: bool,
@@ -522,21 +882,47 @@ struct Batch {
 
 impl Batch {
     fn add(&mut self, payload: String, shared: &Shared) {
-        match table_parts(&payload) {
-            Ok(_) => {
-                self.tables.insert(payload);
+        let (table, rows) = split_payload(&payload);
+        if let Err(reason) = table_parts(table) {
+            if !shared.warned_payload.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    payload = %payload,
+                    reason,
+                    "memclone listener: a notification on its channel is not a table name; \
+                     invalidating every watched table (said once)"
+                );
             }
-            Err(reason) => {
+            self.unreadable = true;
+            return;
+        }
+        let rows = match rows.map(row_keys) {
+            None => None,
+            Some(Ok(rows)) => Some(rows),
+            Some(Err(reason)) => {
                 if !shared.warned_payload.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         payload = %payload,
                         reason,
-                        "memclone listener: a notification on its channel is not a table name; \
-                         invalidating every watched table (said once)"
+                        "memclone listener: a notification's rows cannot be read; invalidating \
+                         its whole table (said once)"
                     );
                 }
-                self.unreadable = true;
+                None
             }
+        };
+        let entry = self
+            .tables
+            .entry(table.to_owned())
+            .or_insert_with(|| Some(BTreeSet::new()));
+        match (entry.as_mut(), rows) {
+            (Some(known), Some(rows)) => {
+                known.extend(rows);
+                if known.len() > MAX_BATCH_ROWS {
+                    *entry = None;
+                }
+            }
+            (_, None) => *entry = None,
+            (None, Some(_)) => {}
         }
     }
 
@@ -544,13 +930,99 @@ impl Batch {
         self.tables.is_empty() && !self.unreadable
     }
 
+    /// The bumps of a memclone write: for a table whose rows are known, its queries and those
+    /// rows' entity entries; for any other, every query and entity entry of the table.
     async fn invalidate(&mut self, cache: &Cache, watched: &[String]) {
         if std::mem::take(&mut self.unreadable) {
-            self.tables.extend(watched.iter().cloned());
+            for table in watched {
+                self.tables.insert(table.clone(), None);
+            }
         }
-        invalidate_all(cache, &self.tables).await;
-        self.tables.clear();
+        for (table, rows) in std::mem::take(&mut self.tables) {
+            match rows {
+                Some(rows) => {
+                    let rows: Vec<String> = rows.into_iter().collect();
+                    cache.invalidate_rows(&table, &rows).await;
+                }
+                None => cache.invalidate_table(&table).await,
+            }
+        }
     }
+}
+
+/// A payload's table, and its rows' part when it has one (after the first line break outside
+/// double quotes: a table's name, as `quote_ident` writes it, has none).
+fn split_payload(payload: &str) -> (&str, Option<&str>) {
+    let mut quoted = false;
+    for (i, c) in payload.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '\n' if !quoted => return (&payload[..i], Some(&payload[i + 1..])),
+            _ => {}
+        }
+    }
+    (payload, None)
+}
+
+/// The rows' part of a row-level payload (see `rows_function_body`): one key per line, its
+/// values separated by commas, each as [`RowKey`](crate::RowKey) renders the key (the key's
+/// `Debug`): a bare value as it is (an integer, `true`/`false`, a lower-case UUID), a quoted
+/// one (a string) as Rust's `Debug` quotes it, several as a tuple's `Debug` does (`(1, "a")`).
+fn row_keys(rows: &str) -> Result<Vec<String>, &'static str> {
+    let mut keys = Vec::new();
+    let mut chars = rows.chars().peekable();
+    let mut values = Vec::new();
+    loop {
+        let value = if chars.next_if_eq(&'"').is_some() {
+            let mut text = String::new();
+            loop {
+                match chars.next() {
+                    None => return Err("has an unterminated quoted value"),
+                    Some('"') if chars.next_if_eq(&'"').is_some() => text.push('"'),
+                    Some('"') => break,
+                    Some(c) => text.push(c),
+                }
+            }
+            format!("{text:?}")
+        } else {
+            let mut bare = String::new();
+            while let Some(c) = chars.next_if(|c| *c != ',' && *c != '\n') {
+                bare.push(c);
+            }
+            if !is_bare_key(&bare) {
+                return Err("has a bare value that is not an integer, a boolean or a UUID");
+            }
+            bare
+        };
+        values.push(value);
+        match chars.next() {
+            Some(',') => continue,
+            end @ (Some('\n') | None) => {
+                keys.push(match values.len() {
+                    1 => values.pop().unwrap_or_default(),
+                    _ => format!("({})", values.join(", ")),
+                });
+                values.clear();
+                if end.is_none() {
+                    return Ok(keys);
+                }
+            }
+            Some(_) => return Err("has characters after a quoted value"),
+        }
+    }
+}
+
+/// A value whose text is its `Debug` in Rust: an integer, a boolean, a UUID as PostgreSQL
+/// writes it (lower case, hyphenated).
+fn is_bare_key(value: &str) -> bool {
+    let digits = value.strip_prefix('-').unwrap_or(value);
+    let integer = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+    let uuid = value.len() == 36
+        && value.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        });
+    integer || uuid || value == "true" || value == "false"
 }
 
 async fn serve(
@@ -709,6 +1181,98 @@ mod tests {
         );
         assert_eq!(parts(r#"app."user""#), ["app", "user"]);
         assert_eq!(parts(r#"app."a b""#), ["app", "a b"]);
+    }
+
+    /// Row-level payloads read back to the keys `RowKey` renders for the same values.
+    #[test]
+    fn row_payloads() {
+        use crate::RowKey;
+        let pk = |payload: &str| {
+            let (table, rows) = split_payload(payload);
+            (table.to_owned(), rows.map(row_keys))
+        };
+        assert_eq!(pk("public.users"), ("public.users".to_owned(), None));
+        let (table, rows) = pk("public.users\n1\n-20");
+        assert_eq!(table, "public.users");
+        assert_eq!(
+            rows.unwrap().unwrap(),
+            [
+                RowKey::new("users", 1).primary_key,
+                RowKey::new("users", -20_i64).primary_key
+            ]
+        );
+        // A table whose quoted name holds a line break, a quote and a comma.
+        let odd = "a\"b,c\nd\\e\té";
+        let payload = format!(
+            "app.\"x\ny\"\"\"\n\"{}\",7\n\"\",0\ntrue\n67e55044-10b1-426f-9247-bb680e5fe0c8",
+            odd.replace('"', "\"\"")
+        );
+        let (table, rows) = pk(&payload);
+        assert_eq!(table, "app.\"x\ny\"\"\"");
+        assert_eq!(parts(&table), ["app", "x\ny\""]);
+        assert_eq!(
+            rows.unwrap().unwrap(),
+            [
+                RowKey::new("t", (odd.to_owned(), 7)).primary_key,
+                RowKey::new("t", (String::new(), 0)).primary_key,
+                RowKey::new("t", true).primary_key,
+                "67e55044-10b1-426f-9247-bb680e5fe0c8".to_owned(),
+            ]
+        );
+        for bad in [
+            "",
+            "\"open",
+            "\"a\"b",
+            "1.5",
+            "x",
+            "1,",
+            "1\n",
+            "NULL",
+            "67E55044-10B1-426F-9247-BB680E5FE0C8",
+            "--1",
+            "-",
+        ] {
+            assert!(row_keys(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn row_sql() {
+        let up = row_triggers("memclone")
+            .table("app.ledger", &["id"])
+            .table("pairs", &["a", "B"])
+            .table("plain", &[] as &[&str])
+            .table("more", &["id"])
+            .max_rows(7)
+            .install_sql()
+            .unwrap();
+        let id_function = rows_function_name(&["id"]);
+        assert_eq!(up.matches("CREATE OR REPLACE FUNCTION").count(), 3, "{up}");
+        assert!(up.contains(&format!(
+            "CREATE TRIGGER memclone_invalidate_update AFTER UPDATE ON \"app\".\"ledger\"\n  \
+             REFERENCING OLD TABLE AS memclone_old NEW TABLE AS memclone_new FOR EACH STATEMENT \
+             EXECUTE FUNCTION {id_function}('memclone', '7', 'id');"
+        )));
+        assert!(up.contains("('memclone', '7', 'a', 'B');"));
+        assert!(up.contains("\"B\"::text"));
+        // A table without key columns gets the table-level trigger.
+        assert!(up.contains("AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON \"plain\""));
+        assert_ne!(rows_function_name(&["a", "b"]), rows_function_name(&["ab"]));
+        assert!(rows_function_name(&["x".repeat(63)]).len() <= MAX_IDENTIFIER_BYTES);
+        let down = row_triggers("memclone")
+            .table("app.ledger", &["id"])
+            .uninstall_sql()
+            .unwrap();
+        assert!(down.contains(
+            "DROP TRIGGER IF EXISTS memclone_invalidate_truncate ON \"app\".\"ledger\";"
+        ));
+        assert!(down.contains(&format!("DROP FUNCTION {id_function}();")));
+        for bad in ["", "a\0b"] {
+            assert!(matches!(
+                row_triggers("memclone").table("t", &[bad]).install_sql(),
+                Err(ListenError::InvalidColumn { .. })
+            ));
+        }
     }
 
     #[test]
