@@ -556,6 +556,20 @@ pub(crate) fn tables_of(rendered: &Rendered) -> std::sync::Arc<[String]> {
     tables
 }
 
+/// [`tables_in_sql`] of a statement's SQL, remembered per SQL text like [`tables_of`] (apart
+/// from it: an SQL text may be another's escaped form).
+pub(crate) fn tables_of_sql(sql: &str) -> std::sync::Arc<[String]> {
+    use std::sync::{Arc, OnceLock};
+    static SCANNED: OnceLock<moka::sync::Cache<String, Arc<[String]>>> = OnceLock::new();
+    let scanned = SCANNED.get_or_init(|| moka::sync::Cache::new(10_000));
+    if let Some(tables) = scanned.get(sql) {
+        return tables;
+    }
+    let tables: Arc<[String]> = tables_in_sql(sql).into();
+    scanned.insert(sql.to_owned(), tables.clone());
+    tables
+}
+
 /// Every table a statement may read, from its SQL text (lower-cased, unquoted).
 ///
 /// Over-approximates on purpose: a name that is not a table only costs one more generation read,

@@ -128,6 +128,7 @@ mod codec;
 mod entity;
 mod error;
 mod flight;
+mod identity;
 mod key;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]
@@ -145,6 +146,7 @@ pub use cache::{cache, install, Cache, CacheBuilder, Stats};
 pub use entity::{find, find_optional, invalidate, reload};
 pub use error::{Error, Result, StoreError};
 pub use flight::{LockOptions, OnLockTimeout};
+pub use identity::CacheBackend;
 pub use key::table_name;
 pub use model::{CacheValue, MemClone, RowKey};
 pub use near::NearCache;
