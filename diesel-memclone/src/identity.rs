@@ -1,23 +1,26 @@
 //! A cached query's identity from what its backend would send: the SQL, and the binds as the
 //! backend's own bind collector serializes them (bytes and type metadata).
 //!
-//! Diesel has no public accessor for a bind collector's contents (its fields are public only
-//! under a feature that opts out of Diesel's semver guarantees), so the collector is hashed
-//! through its `Debug` form, streamed into xxh3 without an intermediate string. That form is
-//! trusted only for the collectors memclone knows, which list every bind's bytes (or value) and
-//! type: any other backend keeps the identity of its `debug_query` rendering.
+//! The collector's contents are read through Diesel's API for third-party backends (the
+//! `RawBytesBindCollector` fields and `MoveableBindCollector`), which diesel-async already
+//! enables and which it pins Diesel's minor version for. PostgreSQL's and MySQL's binds are
+//! hashed from their bytes and types directly; SQLite's, from their owned values' `Debug` form
+//! (which lists each value and its type). Only these collectors are trusted: any other backend
+//! keeps the identity of its `debug_query` rendering.
 
 use diesel::backend::Backend;
+use diesel::query_builder::bind_collector::{MoveableBindCollector, RawBytesBindCollector};
 use diesel::query_builder::{QueryBuilder, QueryFragment};
-use std::any::TypeId;
+use std::any::{Any, TypeId};
 use std::fmt::{self, Write as _};
 use xxhash_rust::xxh3::Xxh3Default;
 
 /// A Diesel backend whose queries [`Cached`](crate::Cached) can cache.
 ///
 /// Implemented for every backend with a default value and query builder, whose bind collector
-/// has a default and a `Debug` form, and whose type lookup is Diesel's PostgreSQL one or `()`:
-/// PostgreSQL, MySQL/MariaDB and SQLite, with sync and async connections alike.
+/// has a default and can be moved (Diesel's `MoveableBindCollector`, with a `Debug` form), and
+/// whose type lookup is Diesel's PostgreSQL one or `()`: PostgreSQL, MySQL/MariaDB and SQLite,
+/// with sync and async connections alike.
 ///
 /// A query's identity is its SQL and its binds. On PostgreSQL, and on MySQL and SQLite with the
 /// crate's `mysql` and `sqlite` features, the binds are what the backend's bind collector
@@ -39,7 +42,8 @@ pub trait CacheBackend: Backend<QueryBuilder: Default> + Default + 'static {
 impl<DB> CacheBackend for DB
 where
     DB: Backend<QueryBuilder: Default> + Default + 'static,
-    for<'b> DB::BindCollector<'b>: Default + fmt::Debug,
+    for<'b> DB::BindCollector<'b>: Default + MoveableBindCollector<DB>,
+    for<'b> <DB::BindCollector<'b> as MoveableBindCollector<DB>>::BindData: fmt::Debug,
     DB::MetadataLookup: BindLookup,
 {
     fn collects_binds() -> bool {
@@ -63,9 +67,57 @@ where
             query.collect_binds(&mut collector, lookup, &backend)
         })
         .ok()?;
+        // Owned ('static), so that the collectors whose fields memclone reads can be told
+        // apart; for raw bytes, a copy of the collector.
+        let binds = collector.moveable();
+        let any: &dyn Any = &binds;
         let mut hasher = Hasher::new();
-        write!(hasher, "{collector:?}").ok()?;
+        if let Some(pg) = any.downcast_ref::<RawBytesBindCollector<diesel::pg::Pg>>() {
+            hasher.update(b"pg");
+            hash_raw_bytes(pg, &mut hasher, |metadata, hasher| {
+                for oid in [metadata.oid().ok(), metadata.array_oid().ok()] {
+                    // No OID (a failed lookup, which memclone's never is): a marker of its own.
+                    hasher.update(&oid.map_or([0xff; 5], |oid| {
+                        let [a, b, c, d] = oid.to_le_bytes();
+                        [0, a, b, c, d]
+                    }));
+                }
+            });
+            return Some(hasher.digest128());
+        }
+        #[cfg(feature = "mysql")]
+        if let Some(mysql) = any.downcast_ref::<RawBytesBindCollector<diesel::mysql::Mysql>>() {
+            hasher.update(b"mysql");
+            hash_raw_bytes(mysql, &mut hasher, |metadata, hasher| {
+                // A variant's name: an identifier, ended by a character none contains.
+                let _ = write!(hasher, "{metadata:?};");
+            });
+            return Some(hasher.digest128());
+        }
+        hasher.update(b"debug");
+        write!(hasher, "{binds:?}").ok()?;
         Some(hasher.digest128())
+    }
+}
+
+/// Hashes a raw-bytes collector: the number of binds, then each bind's type (`metadata`), and
+/// its bytes with their length, or a NULL marker.
+fn hash_raw_bytes<DB: Backend>(
+    collector: &RawBytesBindCollector<DB>,
+    hasher: &mut Hasher,
+    metadata: impl Fn(&DB::TypeMetadata, &mut Hasher),
+) {
+    hasher.update(&(collector.binds.len() as u64).to_le_bytes());
+    for (bind, bind_metadata) in collector.binds.iter().zip(&collector.metadata) {
+        metadata(bind_metadata, hasher);
+        match bind {
+            None => hasher.update(&[0]),
+            Some(bytes) => {
+                hasher.update(&[1]);
+                hasher.update(&(bytes.len() as u64).to_le_bytes());
+                hasher.update(bytes);
+            }
+        }
     }
 }
 
