@@ -131,6 +131,7 @@ struct Hasher {
 }
 
 impl Hasher {
+    #[inline]
     fn new() -> Self {
         Hasher {
             buffer: [0; 256],
@@ -139,20 +140,31 @@ impl Hasher {
         }
     }
 
+    #[inline]
     fn update(&mut self, bytes: &[u8]) {
-        if self.len + bytes.len() > self.buffer.len() {
-            let stream = self
-                .stream
-                .get_or_insert_with(|| Box::new(Xxh3Default::new()));
-            stream.update(&self.buffer[..self.len]);
-            self.len = 0;
-            if bytes.len() > self.buffer.len() {
-                stream.update(bytes);
-                return;
-            }
+        if let Some(free) = self.buffer.get_mut(self.len..self.len + bytes.len()) {
+            free.copy_from_slice(bytes);
+            self.len += bytes.len();
+        } else {
+            self.spill(bytes);
         }
-        self.buffer[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-        self.len += bytes.len();
+    }
+
+    /// [`update`](Self::update) past the buffer: into the streaming state.
+    #[cold]
+    fn spill(&mut self, bytes: &[u8]) {
+        let stream = self
+            .stream
+            .get_or_insert_with(|| Box::new(Xxh3Default::new()));
+        stream.update(&self.buffer[..self.len]);
+        self.len = 0;
+        match self.buffer.get_mut(..bytes.len()) {
+            Some(free) => {
+                free.copy_from_slice(bytes);
+                self.len = bytes.len();
+            }
+            None => stream.update(bytes),
+        }
     }
 
     fn digest128(mut self) -> u128 {
@@ -167,6 +179,7 @@ impl Hasher {
 }
 
 impl fmt::Write for Hasher {
+    #[inline]
     fn write_str(&mut self, piece: &str) -> fmt::Result {
         self.update(piece.as_bytes());
         Ok(())

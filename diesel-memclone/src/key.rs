@@ -89,8 +89,9 @@ pub(crate) fn identity_digest(kind: &str, fingerprint: u64, statements: &[Identi
 fn push_hex128(out: &mut String, value: u128) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [0u8; 32];
-    for (i, digit) in hex.iter_mut().enumerate() {
-        *digit = DIGITS[((value >> ((31 - i) * 4)) & 0xf) as usize];
+    for (pair, byte) in hex.chunks_exact_mut(2).zip(value.to_be_bytes()) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
     }
     out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
