@@ -103,6 +103,12 @@ pub fn hash64(text: &str) -> u64 {
 
 /// Makes text safe inside a key: no hash-tag braces, no whitespace, `%` escaped.
 pub(crate) fn escape(text: &str, out: &mut String) {
+    // Labels and table names are usually plain: copied whole.
+    let plain = |b: &u8| b.is_ascii_graphic() && !matches!(b, b'{' | b'}' | b'%' | b':');
+    if text.as_bytes().iter().all(plain) {
+        out.push_str(text);
+        return;
+    }
     for c in text.chars() {
         match c {
             '{' | '}' | '%' | ':' => {
