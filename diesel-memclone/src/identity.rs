@@ -6,7 +6,8 @@
 //! enables and which it pins Diesel's minor version for. PostgreSQL's and MySQL's binds are
 //! hashed from their bytes and types directly; SQLite's, from their owned values' `Debug` form
 //! (which lists each value and its type). Only these collectors are trusted: any other backend
-//! keeps the identity of its `debug_query` rendering.
+//! keeps the identity of its `debug_query` rendering, to which the digest of its collector's
+//! `Debug` form is added (it can tell apart binds that render alike, never merge two).
 
 use diesel::backend::Backend;
 use diesel::query_builder::bind_collector::{MoveableBindCollector, RawBytesBindCollector};
@@ -26,7 +27,8 @@ use xxhash_rust::xxh3::Xxh3Default;
 /// crate's `mysql` and `sqlite` features, the binds are what the backend's bind collector
 /// serializes (bytes and types), and a query type that Diesel's prepared-statement cache trusts
 /// to always build the same SQL (a static query id, safe to cache prepared) has its SQL built
-/// once; on any other backend the identity is the query's `debug_query` rendering, as in 0.1.
+/// once; on any other backend the identity is the query's `debug_query` rendering, made finer
+/// by a digest of what its bind collector lists.
 pub trait CacheBackend: Backend<QueryBuilder: Default> + Default + 'static {
     /// Whether [`binds_digest`](CacheBackend::binds_digest) is trusted as this backend's
     /// identity of the binds (a collector memclone knows lists every bind and its type).
@@ -274,6 +276,22 @@ pub(crate) fn collected_digest(kind: &str, fingerprint: u64, statements: &[(u128
     }
     hasher.digest128()
 }
+
+/// A rendered identity (`key::identity_digest`) made finer by its statements' bind digests
+/// ([`CacheBackend::binds_digest`]), on a backend whose collector memclone does not know.
+pub(crate) fn with_binds(rendered: u128, binds: &[u128]) -> u128 {
+    let mut hasher = Hasher::new();
+    hasher.update(&(WITH_BINDS.len() as u64).to_le_bytes());
+    hasher.update(WITH_BINDS.as_bytes());
+    hasher.update(&rendered.to_le_bytes());
+    for digest in binds {
+        hasher.update(&digest.to_le_bytes());
+    }
+    hasher.digest128()
+}
+
+/// What a rendered identity with bind digests starts with.
+const WITH_BINDS: &str = "rendered+binds/1";
 
 /// What a collected identity starts with (never a kind of rendered identity).
 const SCHEME: &str = "sql+collected-binds/1";

@@ -15,9 +15,11 @@
 
 use std::fmt::Write as _;
 
-/// A statement's part of a query's identity: the `Debug` rendering of `debug_query`, either
-/// whole ([`Rendered`]) or rebuilt from its query shape's escaped SQL and this read's binds (see
-/// [`binds_of`]). Both hash to the same bytes: `Query { sql: "<escaped>", binds: <binds> }`.
+/// A statement's part of a query's identity on a backend whose bind collector memclone does not
+/// read (see [`crate::identity`]; the others' identities are `identity::collected_digest`), and
+/// of a `load_with` key: the `Debug` rendering of `debug_query`, either whole ([`Rendered`]) or
+/// rebuilt from its query shape's escaped SQL and this read's binds (see [`binds_of`]). Both
+/// hash to the same bytes: `Query { sql: "<escaped>", binds: <binds> }`.
 pub(crate) enum Identity<'a> {
     /// The whole text (a `Debug` rendering, or a `load_with` key).
     Text(&'a str),

@@ -110,7 +110,9 @@
 //! * `redis`: [`store::RedisStore`], over a deadpool-redis pool (single server or Cluster);
 //! * `postgres`, `mysql`, `sqlite`: forward diesel-async's backends; `postgres` and `mysql` also
 //!   give [`listen`]: triggers and a listener that invalidate the cache on writes that bypass
-//!   memclone.
+//!   memclone. With `mysql` and `sqlite`, a cached query on those backends is identified by the
+//!   binds their bind collector serializes, as on PostgreSQL always (see [`CacheBackend`]);
+//!   without, by its `debug_query` rendering and a digest of those binds (slower).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // Without the `redis` feature `RedisStore` does not exist; the links above then point at
 // docs.rs, where every feature is documented.

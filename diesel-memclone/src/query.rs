@@ -366,6 +366,10 @@ impl<Q> Cached<Q> {
     }
 
     /// The lookup of `queries` from their `debug_query` rendering, and their shape if `learn`.
+    ///
+    /// The collector's digest of their binds is added: on a backend memclone does not know it
+    /// may not list everything, but it can only tell apart what the rendering confuses (a
+    /// `Float` and a `Double` 0.1 both render as `0.1`), never make two renderings one.
     fn rendered_lookup<T: CacheValue, DB: CacheBackend>(
         &self,
         kind: &str,
@@ -376,15 +380,23 @@ impl<Q> Cached<Q> {
             .iter()
             .map(key::Rendered::of::<DB, _>)
             .collect::<Option<_>>()?;
-        let lookup = self.lookup::<T>(kind, &rendered, true);
+        let binds: Vec<u128> = queries
+            .iter()
+            .map(|query| DB::binds_digest(*query))
+            .collect::<Option<_>>()?;
+        let statements: Vec<key::Identity<'_>> =
+            rendered.iter().map(|s| key::Identity::Text(&s.0)).collect();
+        let digest = key::identity_digest(kind, T::fingerprint(), &statements);
+        let scanned: Vec<Arc<[String]>> = rendered.iter().map(key::tables_of).collect();
+        let lookup = self.lookup_of::<T>(identity::with_binds(digest, &binds), &scanned);
         let shape = learn
             .then(|| learn_rendered_shape::<T, DB>(queries, &rendered, &lookup))
             .flatten();
         Some((lookup, shape))
     }
 
-    /// The lookup of `queries` from their shape, if they render its SQL: the same key as from
-    /// their full rendering.
+    /// The lookup of `queries` from their shape, if they render its SQL: the same key as
+    /// [`rendered_lookup`](Self::rendered_lookup) gives them.
     fn rendered_shaped_lookup<DB: CacheBackend>(
         &self,
         cache: &Cache,
@@ -398,12 +410,14 @@ impl<Q> Cached<Q> {
             return None;
         }
         let mut binds: [String; 2] = Default::default();
+        let mut collected = [0; 2];
         let mut escaped: [&str; 2] = ["", ""];
         for (i, (query, statement)) in queries.iter().zip(&*shape.statements).enumerate() {
             let StatementIdentity::Rendered { escaped_sql } = &statement.identity else {
                 return None;
             };
             binds[i] = key::binds_of::<DB>(*query, &statement.sql)?;
+            collected[i] = DB::binds_digest(*query)?;
             escaped[i] = escaped_sql;
         }
         let [first, second] = [0, 1].map(|i| key::Identity::Shaped {
@@ -412,6 +426,7 @@ impl<Q> Cached<Q> {
         });
         let statements = [first, second];
         let digest = key::identity_digest(kind, shape.fingerprint, &statements[..n]);
+        let digest = identity::with_binds(digest, &collected[..n]);
         Some(self.shaped(cache, shape, digest))
     }
 
@@ -961,6 +976,9 @@ mod tests {
             key!(boxed(which));
         }
         key!(diesel::sql_query(RAW).bind::<Integer, _>(1));
+        // As the server sees them, an `Int4` 1 and an `Int8` 1 are different binds; `Debug`
+        // lists them alike.
+        key!(diesel::sql_query(RAW).bind::<BigInt, _>(1_i64));
         key!(diesel::sql_query(RAW).bind::<Text, _>("1"));
         key!(diesel::sql_query(RAW).bind::<Integer, _>(2));
         key!(diesel::sql_query(RAW.replace('?', "? ")).bind::<Integer, _>(1));
@@ -976,32 +994,25 @@ mod tests {
     #[test]
     fn collected_identities_are_one_per_query() {
         let collected = one_key_per_query(true);
-        // As the server sees them, an `Int4` 1 and an `Int8` 1 are different binds.
-        let int8 = key_of(
-            &Cache::in_memory(),
-            diesel::sql_query(RAW).bind::<BigInt, _>(1_i64),
-            true,
-        );
-        assert!(!collected.contains(&int8));
-        // Another scheme than the rendered identities (0.1's keys).
+        // Another scheme than the rendered identities.
         let rendered = one_key_per_query(false);
         assert!(collected.iter().all(|key| !rendered.contains(key)));
     }
 
     #[test]
-    fn rendered_identities_are_0_1s() {
-        one_key_per_query(false);
-        let query = by_name("a");
-        let rendered = crate::key::Rendered::of::<Sqlite, _>(&query.as_query()).unwrap();
+    fn rendered_identities_add_the_binds() {
+        let query = by_name("a").as_query();
+        let rendered = crate::key::Rendered::of::<Sqlite, _>(&query).unwrap();
         let cache = Cache::in_memory();
         let digest = crate::key::identity_digest(
             "load",
             <Vec<String> as crate::CacheValue>::fingerprint(),
             &[crate::key::Identity::Text(&rendered.0)],
         );
+        let binds = <Sqlite as crate::CacheBackend>::binds_digest(&query).unwrap();
         assert_eq!(
             key_of(&cache, by_name("a"), false),
-            cache.query_key(digest, "k")
+            cache.query_key(crate::identity::with_binds(digest, &[binds]), "k")
         );
     }
 
