@@ -15,9 +15,11 @@
 
 use std::fmt::Write as _;
 
-/// A statement's part of a query's identity: the `Debug` rendering of `debug_query`, either
-/// whole ([`Rendered`]) or rebuilt from its query shape's escaped SQL and this read's binds (see
-/// [`binds_of`]). Both hash to the same bytes: `Query { sql: "<escaped>", binds: <binds> }`.
+/// A statement's part of a query's identity on a backend whose bind collector memclone does not
+/// read (see [`crate::identity`]; the others' identities are `identity::collected_digest`), and
+/// of a `load_with` key: the `Debug` rendering of `debug_query`, either whole ([`Rendered`]) or
+/// rebuilt from its query shape's escaped SQL and this read's binds (see [`binds_of`]). Both
+/// hash to the same bytes: `Query { sql: "<escaped>", binds: <binds> }`.
 pub(crate) enum Identity<'a> {
     /// The whole text (a `Debug` rendering, or a `load_with` key).
     Text(&'a str),
@@ -89,8 +91,9 @@ pub(crate) fn identity_digest(kind: &str, fingerprint: u64, statements: &[Identi
 fn push_hex128(out: &mut String, value: u128) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [0u8; 32];
-    for (i, digit) in hex.iter_mut().enumerate() {
-        *digit = DIGITS[((value >> ((31 - i) * 4)) & 0xf) as usize];
+    for (pair, byte) in hex.chunks_exact_mut(2).zip(value.to_be_bytes()) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
     }
     out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
@@ -102,6 +105,12 @@ pub fn hash64(text: &str) -> u64 {
 
 /// Makes text safe inside a key: no hash-tag braces, no whitespace, `%` escaped.
 pub(crate) fn escape(text: &str, out: &mut String) {
+    // Labels and table names are usually plain: copied whole.
+    let plain = |b: &u8| b.is_ascii_graphic() && !matches!(b, b'{' | b'}' | b'%' | b':');
+    if text.as_bytes().iter().all(plain) {
+        out.push_str(text);
+        return;
+    }
     for c in text.chars() {
         match c {
             '{' | '}' | '%' | ':' => {
@@ -553,6 +562,20 @@ pub(crate) fn tables_of(rendered: &Rendered) -> std::sync::Arc<[String]> {
     }
     let tables: Arc<[String]> = tables_in_sql(&rendered.sql()).into();
     scanned.insert(escaped.to_owned(), tables.clone());
+    tables
+}
+
+/// [`tables_in_sql`] of a statement's SQL, remembered per SQL text like [`tables_of`] (apart
+/// from it: an SQL text may be another's escaped form).
+pub(crate) fn tables_of_sql(sql: &str) -> std::sync::Arc<[String]> {
+    use std::sync::{Arc, OnceLock};
+    static SCANNED: OnceLock<moka::sync::Cache<String, Arc<[String]>>> = OnceLock::new();
+    let scanned = SCANNED.get_or_init(|| moka::sync::Cache::new(10_000));
+    if let Some(tables) = scanned.get(sql) {
+        return tables;
+    }
+    let tables: Arc<[String]> = tables_in_sql(sql).into();
+    scanned.insert(sql.to_owned(), tables.clone());
     tables
 }
 

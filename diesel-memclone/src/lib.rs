@@ -110,7 +110,9 @@
 //! * `redis`: [`store::RedisStore`], over a deadpool-redis pool (single server or Cluster);
 //! * `postgres`, `mysql`, `sqlite`: forward diesel-async's backends; `postgres` and `mysql` also
 //!   give [`listen`]: triggers and a listener that invalidate the cache on writes that bypass
-//!   memclone.
+//!   memclone. With `mysql` and `sqlite`, a cached query on those backends is identified by the
+//!   binds their bind collector serializes, as on PostgreSQL always (see [`CacheBackend`]);
+//!   without, by its `debug_query` rendering and a digest of those binds (slower).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // Without the `redis` feature `RedisStore` does not exist; the links above then point at
 // docs.rs, where every feature is documented.
@@ -128,6 +130,7 @@ mod codec;
 mod entity;
 mod error;
 mod flight;
+mod identity;
 mod key;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]
@@ -145,6 +148,7 @@ pub use cache::{cache, install, Cache, CacheBuilder, Stats};
 pub use entity::{find, find_optional, invalidate, reload};
 pub use error::{Error, Result, StoreError};
 pub use flight::{LockOptions, OnLockTimeout};
+pub use identity::CacheBackend;
 pub use key::table_name;
 pub use model::{CacheValue, MemClone, RowKey};
 pub use near::NearCache;

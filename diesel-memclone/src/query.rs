@@ -1,17 +1,21 @@
 //! `.cached(label)` on any Diesel query.
 
-use crate::cache::{cache, Cache, Lookup, Policy, ReadName, Shape, ShapeKey};
+use crate::cache::{
+    cache, Cache, Lookup, Policy, ReadName, Shape, ShapeKey, ShapeStatement, StatementIdentity,
+};
 use crate::error::Result;
+use crate::identity::{self, CacheBackend};
 use crate::key;
 use crate::model::CacheValue;
 use crate::transaction::read_policy;
-use diesel::backend::Backend;
 use diesel::dsl::{CountStar, Limit, Select};
-use diesel::query_builder::{AsQuery, QueryFragment};
+use diesel::query_builder::{AsQuery, QueryFragment, QueryId};
 use diesel::query_dsl::methods::{LimitDsl, SelectDsl};
 use diesel_async::methods::LoadQuery;
 use diesel_async::{AsyncConnection, RunQueryDsl};
+use std::any::TypeId;
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Adds [`cached`](CachedDsl::cached) to every Diesel query.
@@ -80,17 +84,14 @@ pub mod dsl {
 }
 
 /// A shape learnt from the first read of `queries` (rendered in full as `rendered`, looked up
-/// as `lookup`): `None` unless it rebuilds each rendering exactly from the SQL and this read's
-/// binds, which is what every later read of the shape relies on.
-fn learn_shape<T: CacheValue, DB>(
+/// as `lookup`), on a backend whose binds memclone does not collect: `None` unless it rebuilds
+/// each rendering exactly from the SQL and this read's binds, which is what every later read of
+/// the shape relies on.
+fn learn_rendered_shape<T: CacheValue, DB: CacheBackend>(
     queries: &[&dyn QueryFragment<DB>],
     rendered: &[key::Rendered],
     lookup: &Lookup,
-) -> Option<Shape>
-where
-    DB: Backend + Default,
-    DB::QueryBuilder: Default,
-{
+) -> Option<Shape> {
     let mut statements = Vec::with_capacity(queries.len());
     for (query, rendered) in queries.iter().zip(rendered) {
         let sql = rendered.sql();
@@ -103,7 +104,12 @@ where
         if rebuilt.text() != rendered.0 {
             return None;
         }
-        statements.push((sql.into_boxed_str(), escaped_sql.into()));
+        statements.push(ShapeStatement {
+            sql: sql.into_boxed_str(),
+            identity: StatementIdentity::Rendered {
+                escaped_sql: escaped_sql.into(),
+            },
+        });
     }
     Some(Shape {
         statements: statements.into(),
@@ -143,40 +149,62 @@ impl<Q> Cached<Q> {
         self
     }
 
-    /// Builds the lookup for a result of type `T` read by the statements `sqls`.
+    /// Builds the lookup for a result of type `T` read by the statements `sqls` (rendered in
+    /// full), or computed from the key `sqls` holds (`scan_sql` false).
     pub(crate) fn lookup<T: CacheValue>(
         &self,
         kind: &str,
         sqls: &[key::Rendered],
         scan_sql: bool,
     ) -> Lookup {
-        let cache = self.cache.as_ref().unwrap_or_else(|| cache());
+        // Stable across builds and compilers: the result type is known by its fingerprint (not
+        // `type_name`, whose text Rust does not promise), the backend by the SQL it renders.
+        let statements: Vec<key::Identity<'_>> =
+            sqls.iter().map(|s| key::Identity::Text(&s.0)).collect();
+        let digest = key::identity_digest(kind, T::fingerprint(), &statements);
+        let scanned: Vec<Arc<[String]>> = sqls
+            .iter()
+            .filter(|_| scan_sql)
+            .map(key::tables_of)
+            .collect();
+        self.lookup_of::<T>(digest, &scanned)
+    }
+
+    /// The lookup of the entry whose identity is `digest`, a result of type `T` read by
+    /// statements that name the tables `scanned`.
+    fn lookup_of<T: CacheValue>(&self, digest: u128, scanned: &[Arc<[String]>]) -> Lookup {
+        let cache = self.cache();
         let mut tables: Vec<String> = Vec::new();
         let mut add = |t: &str| {
             if !tables.iter().any(|known| known == t) {
                 tables.push(t.to_owned());
             }
         };
-        for sql in sqls.iter().filter(|_| scan_sql) {
-            key::tables_of(sql).iter().for_each(|t| add(t));
-        }
+        scanned.iter().flat_map(|s| s.iter()).for_each(|t| add(t));
         let mut model_tables = Vec::new();
         T::tables(&mut model_tables);
         model_tables.iter().for_each(|t| add(t));
         self.extra_tables.iter().for_each(|t| add(t));
         tables.sort();
-
-        // Stable across builds and compilers: the result type is known by its fingerprint (not
-        // `type_name`, whose text Rust does not promise), the backend by the SQL it renders.
-        let statements: Vec<key::Identity<'_>> =
-            sqls.iter().map(|s| key::Identity::Text(&s.0)).collect();
-        let digest = key::identity_digest(kind, T::fingerprint(), &statements);
         Lookup {
             key: self.entry_key(cache, digest),
             generations: cache.query_generation_keys(&tables).into(),
             generation_ttl: None,
             ttl: self.ttl.unwrap_or_else(|| cache.default_ttl()),
             tables: tables.into(),
+            policy: Policy::ReadWrite,
+            name: ReadName::query(&self.label),
+        }
+    }
+
+    /// The lookup of the entry whose identity is `digest`, read through `shape`.
+    fn shaped(&self, cache: &Cache, shape: &Shape, digest: u128) -> Lookup {
+        Lookup {
+            key: self.entry_key(cache, digest),
+            generations: shape.generations.clone(),
+            generation_ttl: None,
+            ttl: self.ttl.unwrap_or_else(|| cache.default_ttl()),
+            tables: shape.tables.clone(),
             policy: Policy::ReadWrite,
             name: ReadName::query(&self.label),
         }
@@ -191,20 +219,37 @@ impl<Q> Cached<Q> {
     }
 
     /// The lookup of a read of result `T` by `queries` on backend `DB`, `QT` being their type
-    /// (or a tuple of their types): from their shape when they render its SQL (only the binds
-    /// are rendered), else from their full rendering, and the shape is learnt. `None` when
-    /// Diesel cannot build their SQL.
+    /// (or a tuple of their types) and `query_ids` their types' query ids: from their shape when
+    /// they build its SQL, else in full, and the shape is learnt. `None` when Diesel cannot
+    /// build their SQL or serialize their binds.
     pub(crate) fn query_lookup<T, DB, QT: ?Sized>(
         &self,
         kind: &str,
         queries: &[&dyn QueryFragment<DB>],
+        query_ids: &[Option<TypeId>],
     ) -> Option<Lookup>
     where
         T: CacheValue,
-        DB: Backend + Default,
-        DB::QueryBuilder: Default,
+        DB: CacheBackend,
+    {
+        self.lookup_by::<T, DB, QT>(kind, queries, query_ids, DB::collects_binds())
+    }
+
+    /// [`query_lookup`](Self::query_lookup), the identity made from the bind collector
+    /// (`collected`) or from the `debug_query` rendering.
+    fn lookup_by<T, DB, QT: ?Sized>(
+        &self,
+        kind: &str,
+        queries: &[&dyn QueryFragment<DB>],
+        query_ids: &[Option<TypeId>],
+        collected: bool,
+    ) -> Option<Lookup>
+    where
+        T: CacheValue,
+        DB: CacheBackend,
     {
         let cache = self.cache();
+        let backend = DB::default();
         // Tables added with `depends_on` belong to this read, not to its shape.
         let shape_key = self
             .extra_tables
@@ -212,62 +257,177 @@ impl<Q> Cached<Q> {
             .then(ShapeKey::of::<T, (DB, QT)>);
         let mut learn = shape_key.is_some();
         if let Some(shape) = shape_key.as_ref().and_then(|k| cache.shape(k)) {
-            if let Some(lookup) = self.shaped_lookup(cache, &shape, kind, queries) {
-                return Some(lookup);
+            let lookup = if collected {
+                self.collected_shaped_lookup(cache, &shape, kind, queries, query_ids, &backend)
+            } else {
+                self.rendered_shaped_lookup(cache, &shape, kind, queries)
+            };
+            if lookup.is_some() {
+                return lookup;
             }
-            // Another SQL under the same type (a raw or boxed query): rendered in full.
+            // Another SQL under the same type (a raw or boxed query): built in full.
             learn = false;
         }
-        let rendered: Vec<key::Rendered> = queries
-            .iter()
-            .map(key::Rendered::of::<DB, _>)
-            .collect::<Option<_>>()?;
-        let lookup = self.lookup::<T>(kind, &rendered, true);
-        if let (true, Some(shape_key)) = (learn, shape_key) {
-            if let Some(shape) = learn_shape::<T, DB>(queries, &rendered, &lookup) {
-                cache.remember_shape(shape_key, shape);
-            }
+        let (lookup, shape) = if collected {
+            self.collected_lookup::<T, DB>(kind, queries, query_ids, &backend, learn)?
+        } else {
+            self.rendered_lookup::<T, DB>(kind, queries, learn)?
+        };
+        if let (Some(shape_key), Some(shape)) = (shape_key, shape) {
+            cache.remember_shape(shape_key, shape);
         }
         Some(lookup)
     }
 
-    /// The lookup of `queries` from their shape, if they render its SQL: the same key as from
-    /// their full rendering.
-    fn shaped_lookup<DB>(
+    /// The lookup of `queries` from their SQL and collected binds, and their shape if `learn`.
+    fn collected_lookup<T: CacheValue, DB: CacheBackend>(
+        &self,
+        kind: &str,
+        queries: &[&dyn QueryFragment<DB>],
+        query_ids: &[Option<TypeId>],
+        backend: &DB,
+        learn: bool,
+    ) -> Option<(Lookup, Option<Shape>)> {
+        let mut statements = Vec::with_capacity(queries.len());
+        let mut digests = Vec::with_capacity(queries.len());
+        let mut scanned = Vec::with_capacity(queries.len());
+        for (i, query) in queries.iter().enumerate() {
+            let sql = identity::sql_of(*query, backend)?;
+            let sql_digest = identity::sql_digest(&sql);
+            digests.push((sql_digest, DB::binds_digest(*query)?));
+            scanned.push(key::tables_of_sql(&sql));
+            // Only a read that builds its type's one SQL may let later reads of that type skip
+            // building theirs: a query whose SQL depends on its values (`eq_any` with a list)
+            // is not safe to cache prepared, and its SQL is compared on every read.
+            let query_id = query_ids.get(i).copied().flatten();
+            let fixed_by =
+                identity::fixed_sql(*query, query_id, backend).map(|id| (TypeId::of::<DB>(), id));
+            statements.push(ShapeStatement {
+                sql: sql.into_boxed_str(),
+                identity: StatementIdentity::Collected {
+                    sql_digest,
+                    fixed_by,
+                },
+            });
+        }
+        let digest = identity::collected_digest(kind, T::fingerprint(), &digests);
+        let lookup = self.lookup_of::<T>(digest, &scanned);
+        let shape = learn.then(|| Shape {
+            statements: statements.into(),
+            fingerprint: T::fingerprint(),
+            tables: lookup.tables.clone(),
+            generations: lookup.generations.clone(),
+        });
+        Some((lookup, shape))
+    }
+
+    /// The lookup of `queries` from their shape, if they build its SQL: the same key as
+    /// [`collected_lookup`](Self::collected_lookup) gives them. A statement whose type always
+    /// builds the shape's SQL is not built at all; only its binds are collected.
+    fn collected_shaped_lookup<DB: CacheBackend>(
         &self,
         cache: &Cache,
         shape: &Shape,
         kind: &str,
         queries: &[&dyn QueryFragment<DB>],
-    ) -> Option<Lookup>
-    where
-        DB: Backend + Default,
-        DB::QueryBuilder: Default,
-    {
+        query_ids: &[Option<TypeId>],
+        backend: &DB,
+    ) -> Option<Lookup> {
+        // One or two statements (`load_and_count`): no vector to allocate.
+        let n = queries.len();
+        if n > 2 || shape.statements.len() != n {
+            return None;
+        }
+        let mut digests = [(0, 0); 2];
+        for (i, (query, statement)) in queries.iter().zip(&*shape.statements).enumerate() {
+            let StatementIdentity::Collected {
+                sql_digest,
+                fixed_by,
+            } = &statement.identity
+            else {
+                return None;
+            };
+            let query_id = query_ids.get(i).copied().flatten();
+            let fixed = match (*fixed_by, query_id) {
+                (Some((db, fixed_id)), Some(id)) => {
+                    db == TypeId::of::<DB>()
+                        && id == fixed_id
+                        && identity::fixed_sql(*query, query_id, backend).is_some()
+                }
+                _ => false,
+            };
+            if !fixed && identity::sql_of(*query, backend)? != *statement.sql {
+                return None;
+            }
+            digests[i] = (*sql_digest, DB::binds_digest(*query)?);
+        }
+        let digest = identity::collected_digest(kind, shape.fingerprint, &digests[..n]);
+        Some(self.shaped(cache, shape, digest))
+    }
+
+    /// The lookup of `queries` from their `debug_query` rendering, and their shape if `learn`.
+    ///
+    /// The collector's digest of their binds is added: on a backend memclone does not know it
+    /// may not list everything, but it can only tell apart what the rendering confuses (a
+    /// `Float` and a `Double` 0.1 both render as `0.1`), never make two renderings one.
+    fn rendered_lookup<T: CacheValue, DB: CacheBackend>(
+        &self,
+        kind: &str,
+        queries: &[&dyn QueryFragment<DB>],
+        learn: bool,
+    ) -> Option<(Lookup, Option<Shape>)> {
+        let rendered: Vec<key::Rendered> = queries
+            .iter()
+            .map(key::Rendered::of::<DB, _>)
+            .collect::<Option<_>>()?;
+        let binds: Vec<u128> = queries
+            .iter()
+            .map(|query| DB::binds_digest(*query))
+            .collect::<Option<_>>()?;
+        let statements: Vec<key::Identity<'_>> =
+            rendered.iter().map(|s| key::Identity::Text(&s.0)).collect();
+        let digest = key::identity_digest(kind, T::fingerprint(), &statements);
+        let scanned: Vec<Arc<[String]>> = rendered.iter().map(key::tables_of).collect();
+        let lookup = self.lookup_of::<T>(identity::with_binds(digest, &binds), &scanned);
+        let shape = learn
+            .then(|| learn_rendered_shape::<T, DB>(queries, &rendered, &lookup))
+            .flatten();
+        Some((lookup, shape))
+    }
+
+    /// The lookup of `queries` from their shape, if they render its SQL: the same key as
+    /// [`rendered_lookup`](Self::rendered_lookup) gives them.
+    fn rendered_shaped_lookup<DB: CacheBackend>(
+        &self,
+        cache: &Cache,
+        shape: &Shape,
+        kind: &str,
+        queries: &[&dyn QueryFragment<DB>],
+    ) -> Option<Lookup> {
         // One or two statements (`load_and_count`): no vector to allocate.
         let n = queries.len();
         if n > 2 || shape.statements.len() != n {
             return None;
         }
         let mut binds: [String; 2] = Default::default();
-        for ((query, (sql, _)), binds) in queries.iter().zip(&shape.statements).zip(&mut binds) {
-            *binds = key::binds_of::<DB>(*query, sql)?;
+        let mut collected = [0; 2];
+        let mut escaped: [&str; 2] = ["", ""];
+        for (i, (query, statement)) in queries.iter().zip(&*shape.statements).enumerate() {
+            let StatementIdentity::Rendered { escaped_sql } = &statement.identity else {
+                return None;
+            };
+            binds[i] = key::binds_of::<DB>(*query, &statement.sql)?;
+            collected[i] = DB::binds_digest(*query)?;
+            escaped[i] = escaped_sql;
         }
         let [first, second] = [0, 1].map(|i| key::Identity::Shaped {
-            escaped_sql: shape.statements.get(i).map_or("", |(_, escaped)| escaped),
+            escaped_sql: escaped[i],
             binds: &binds[i],
         });
         let statements = [first, second];
         let digest = key::identity_digest(kind, shape.fingerprint, &statements[..n]);
-        Some(Lookup {
-            key: self.entry_key(cache, digest),
-            generations: shape.generations.clone(),
-            generation_ttl: None,
-            ttl: self.ttl.unwrap_or_else(|| cache.default_ttl()),
-            tables: shape.tables.clone(),
-            policy: Policy::ReadWrite,
-            name: ReadName::query(&self.label),
-        })
+        let digest = identity::with_binds(digest, &collected[..n]);
+        Some(self.shaped(cache, shape, digest))
     }
 
     pub(crate) fn cache(&self) -> &Cache {
@@ -302,15 +462,18 @@ impl<Q> Cached<Q> {
     pub async fn load<'q, U, C>(self, conn: &mut C) -> Result<Vec<U>>
     where
         C: AsyncConnection,
-        C::Backend: Default,
-        <C::Backend as Backend>::QueryBuilder: Default,
+        C::Backend: CacheBackend,
         Q: AsQuery,
-        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        Q::Query: QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, U> + 'q,
         U: CacheValue + Send,
     {
         let (query, this) = self.split();
         let query = query.as_query();
-        let lookup = this.query_lookup::<Vec<U>, C::Backend, Q::Query>("load", &[&query]);
+        let lookup = this.query_lookup::<Vec<U>, C::Backend, Q::Query>(
+            "load",
+            &[&query],
+            &[Q::Query::query_id()],
+        );
         let Some(lookup) = lookup else {
             // Diesel cannot build this query's SQL: let it say why.
             return Ok(query.load::<U>(conn).await?);
@@ -349,15 +512,18 @@ impl<Q> Cached<Q> {
     pub async fn get_result<'q, U, C>(self, conn: &mut C) -> Result<U>
     where
         C: AsyncConnection,
-        C::Backend: Default,
-        <C::Backend as Backend>::QueryBuilder: Default,
+        C::Backend: CacheBackend,
         Q: AsQuery,
-        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        Q::Query: QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, U> + 'q,
         U: CacheValue + Send,
     {
         let (query, this) = self.split();
         let query = query.as_query();
-        let lookup = this.query_lookup::<Option<U>, C::Backend, Q::Query>("one", &[&query]);
+        let lookup = this.query_lookup::<Option<U>, C::Backend, Q::Query>(
+            "one",
+            &[&query],
+            &[Q::Query::query_id()],
+        );
         let Some(lookup) = lookup else {
             return Ok(query.get_result::<U>(conn).await?);
         };
@@ -399,11 +565,11 @@ impl<Q> Cached<Q> {
     pub async fn first<'q, U, C>(self, conn: &mut C) -> Result<U>
     where
         C: AsyncConnection,
-        C::Backend: Default,
-        <C::Backend as Backend>::QueryBuilder: Default,
+        C::Backend: CacheBackend,
         Q: LimitDsl,
         Limit<Q>: AsQuery,
-        <Limit<Q> as AsQuery>::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        <Limit<Q> as AsQuery>::Query:
+            QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, U> + 'q,
         U: CacheValue + Send,
     {
         self.map(|q| q.limit(1)).get_result(conn).await
@@ -436,12 +602,11 @@ impl<Q> Cached<Q> {
     pub async fn count<'q, C>(self, conn: &mut C) -> Result<i64>
     where
         C: AsyncConnection,
-        C::Backend: Default,
-        <C::Backend as Backend>::QueryBuilder: Default,
+        C::Backend: CacheBackend,
         Q: SelectDsl<CountStar>,
         Select<Q, CountStar>: AsQuery,
         <Select<Q, CountStar> as AsQuery>::Query:
-            QueryFragment<C::Backend> + LoadQuery<'q, C, i64> + 'q,
+            QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, i64> + 'q,
     {
         self.map(|q| q.select(diesel::dsl::count_star()))
             .get_result(conn)
@@ -457,12 +622,11 @@ impl<Q> Cached<Q> {
     ) -> Result<(Vec<U>, i64)>
     where
         C: AsyncConnection,
-        C::Backend: Default,
-        <C::Backend as Backend>::QueryBuilder: Default,
+        C::Backend: CacheBackend,
         Q: AsQuery,
-        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        Q::Query: QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, U> + 'q,
         CQ: AsQuery,
-        CQ::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, i64> + 'q,
+        CQ::Query: QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, i64> + 'q,
         U: CacheValue + Send,
     {
         let (query, this) = self.split();
@@ -471,6 +635,7 @@ impl<Q> Cached<Q> {
         let lookup = this.query_lookup::<(Vec<U>, i64), C::Backend, (Q::Query, CQ::Query)>(
             "load_and_count",
             &[&query, &count_query],
+            &[Q::Query::query_id(), CQ::Query::query_id()],
         );
         let Some(lookup) = lookup else {
             let rows = query.load::<U>(conn).await?;
@@ -648,22 +813,25 @@ impl Cached<()> {
 #[cfg(test)]
 mod tests {
     use super::CachedDsl;
+    use crate::cache::{ShapeKey, StatementIdentity};
     use crate::Cache;
     use diesel::prelude::*;
-    use diesel::query_builder::{AsQuery, QueryFragment};
+    use diesel::query_builder::{AsQuery, QueryFragment, QueryId};
+    use diesel::sql_types::{BigInt, Integer, Text};
+    use diesel::sqlite::Sqlite;
     use diesel_async::methods::LoadQuery;
     use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
     use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 
     diesel::table! { people (id) { id -> Integer, name -> Text } }
+    diesel::table! { pets (id) { id -> Integer, name -> Text, nick -> Nullable<Text> } }
 
     type Conn = SyncConnectionWrapper<diesel::SqliteConnection>;
 
     async fn names<Q>(cache: &Cache, conn: &mut Conn, query: Q) -> Vec<String>
     where
         Q: AsQuery,
-        Q::Query:
-            QueryFragment<diesel::sqlite::Sqlite> + for<'q> LoadQuery<'q, Conn, String> + 'static,
+        Q::Query: QueryFragment<Sqlite> + QueryId + for<'q> LoadQuery<'q, Conn, String> + 'static,
     {
         query.cached("names").using(cache).load(conn).await.unwrap()
     }
@@ -727,5 +895,152 @@ mod tests {
             assert_eq!(names(&cache, &mut conn, boxed(true)).await, ["c"]);
         }
         assert_eq!((cache.stats().misses, cache.stats().hits), (5, 5));
+    }
+
+    /// The key of a `load` of `query` into `Vec<String>` through `cache`, its identity made from
+    /// the bind collector (`collected`) or from the `debug_query` rendering.
+    fn key_of<Q>(cache: &Cache, query: Q, collected: bool) -> String
+    where
+        Q: AsQuery,
+        Q::Query: QueryFragment<Sqlite> + QueryId,
+    {
+        let (query, options) = query.cached("k").using(cache).split();
+        let query = query.as_query();
+        let ids = [<Q::Query as QueryId>::query_id()];
+        let lookup =
+            options.lookup_by::<Vec<String>, Sqlite, Q::Query>("load", &[&query], &ids, collected);
+        lookup.expect("Diesel builds it").key
+    }
+
+    fn by_name(name: &str) -> impl AsQuery<Query: QueryFragment<Sqlite> + QueryId> + '_ {
+        pets::table.filter(pets::name.eq(name)).select(pets::name)
+    }
+
+    fn by_nick(nick: Option<&str>) -> impl AsQuery<Query: QueryFragment<Sqlite> + QueryId> + '_ {
+        pets::table.filter(pets::nick.eq(nick)).select(pets::name)
+    }
+
+    fn by_ids(ids: Vec<i32>) -> impl AsQuery<Query: QueryFragment<Sqlite> + QueryId> {
+        pets::table.filter(pets::id.eq_any(ids)).select(pets::name)
+    }
+
+    /// One type, three SQL texts, the same bind.
+    fn boxed(which: u8) -> impl AsQuery<Query: QueryFragment<Sqlite> + QueryId> {
+        let query = pets::table.select(pets::name).into_boxed::<Sqlite>();
+        match which {
+            0 => query.filter(pets::name.eq("1")),
+            1 => query.filter(pets::nick.eq("1")),
+            _ => query.filter(pets::name.ne("1")),
+        }
+    }
+
+    const RAW: &str = "SELECT name FROM pets WHERE id = ?";
+
+    /// Every read of each query gets one key, whether it learns its shape (a fresh cache) or
+    /// goes through it; and no two of these queries share a key.
+    fn one_key_per_query(collected: bool) -> Vec<String> {
+        let shared = Cache::in_memory();
+        let mut keys: Vec<String> = Vec::new();
+        macro_rules! key {
+            ($query:expr) => {{
+                let learnt = key_of(&Cache::in_memory(), $query, collected);
+                for _ in 0..2 {
+                    let shaped = key_of(&shared, $query, collected);
+                    assert_eq!(
+                        shaped,
+                        learnt,
+                        "{} (collected: {collected})",
+                        stringify!($query)
+                    );
+                }
+                keys.push(learnt);
+            }};
+        }
+        for name in ["it's", "it\"s", "its", "", "it's -- binds: [\"x\"]", "NULL"] {
+            key!(by_name(name));
+        }
+        for nick in [None, Some(""), Some("NULL"), Some("None")] {
+            key!(by_nick(nick));
+        }
+        for ids in [
+            vec![],
+            vec![1],
+            vec![1, 2],
+            vec![12],
+            vec![1, 2, 3],
+            vec![2, 1],
+        ] {
+            key!(by_ids(ids.clone()));
+        }
+        for which in 0..3 {
+            key!(boxed(which));
+        }
+        key!(diesel::sql_query(RAW).bind::<Integer, _>(1));
+        // As the server sees them, an `Int4` 1 and an `Int8` 1 are different binds; `Debug`
+        // lists them alike.
+        key!(diesel::sql_query(RAW).bind::<BigInt, _>(1_i64));
+        key!(diesel::sql_query(RAW).bind::<Text, _>("1"));
+        key!(diesel::sql_query(RAW).bind::<Integer, _>(2));
+        key!(diesel::sql_query(RAW.replace('?', "? ")).bind::<Integer, _>(1));
+        let distinct: std::collections::HashSet<&String> = keys.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            keys.len(),
+            "collected: {collected}: {keys:#?}"
+        );
+        keys
+    }
+
+    #[test]
+    fn collected_identities_are_one_per_query() {
+        let collected = one_key_per_query(true);
+        // Another scheme than the rendered identities.
+        let rendered = one_key_per_query(false);
+        assert!(collected.iter().all(|key| !rendered.contains(key)));
+    }
+
+    #[test]
+    fn rendered_identities_add_the_binds() {
+        let query = by_name("a").as_query();
+        let rendered = crate::key::Rendered::of::<Sqlite, _>(&query).unwrap();
+        let cache = Cache::in_memory();
+        let digest = crate::key::identity_digest(
+            "load",
+            <Vec<String> as crate::CacheValue>::fingerprint(),
+            &[crate::key::Identity::Text(&rendered.0)],
+        );
+        let binds = <Sqlite as crate::CacheBackend>::binds_digest(&query).unwrap();
+        assert_eq!(
+            key_of(&cache, by_name("a"), false),
+            cache.query_key(crate::identity::with_binds(digest, &[binds]), "k")
+        );
+    }
+
+    /// Which statements of a shape are known from their type to build its SQL.
+    fn fixed<Q>(query: Q) -> bool
+    where
+        Q: AsQuery,
+        Q::Query: QueryFragment<Sqlite> + QueryId,
+    {
+        let cache = Cache::in_memory();
+        key_of(&cache, query, true);
+        let shape = cache
+            .shape(&ShapeKey::of::<Vec<String>, (Sqlite, Q::Query)>())
+            .expect("learnt");
+        match shape.statements[0].identity {
+            StatementIdentity::Collected { fixed_by, .. } => fixed_by.is_some(),
+            StatementIdentity::Rendered { .. } => panic!("collected"),
+        }
+    }
+
+    #[test]
+    fn only_types_with_one_sql_skip_building_it() {
+        assert!(fixed(by_name("a")));
+        assert!(fixed(by_nick(None)));
+        assert!(fixed(pets::table.find(1).select(pets::name).limit(1)));
+        // Their SQL depends on their values: compared on every read.
+        assert!(!fixed(by_ids(vec![1, 2])));
+        assert!(!fixed(boxed(0)));
+        assert!(!fixed(diesel::sql_query(RAW).bind::<Integer, _>(1)));
     }
 }

@@ -24,6 +24,7 @@ use crate::model::RowKey;
 use crate::near::{Near, NearCache};
 use crate::store::{MemoryStore, Store};
 use health::Health;
+use std::any::TypeId;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -464,11 +465,12 @@ pub(crate) struct Lookup {
 
 /// Which reads share a [`Shape`]: the result type, and (a hint only) the type name of the
 /// backend and query. Type names are not unique (lifetimes are erased, and Rust does not promise
-/// them distinct), which is why a shape's SQL is compared on every read: a read whose SQL is not
-/// its shape's is rendered in full.
+/// them distinct), which is why a read uses its shape only if its SQL is the shape's: compared,
+/// or known from the statement's query id (see [`StatementIdentity::Collected`]). Any other
+/// read builds its identity in full.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct ShapeKey {
-    result: std::any::TypeId,
+    result: TypeId,
     /// Where the type name of the backend and query lives and how long it is (cheaper to hash
     /// than its text).
     query: (usize, usize),
@@ -480,7 +482,7 @@ impl ShapeKey {
     pub(crate) fn of<T: 'static, Q: ?Sized>() -> Self {
         let name = std::any::type_name::<Q>();
         ShapeKey {
-            result: std::any::TypeId::of::<T>(),
+            result: TypeId::of::<T>(),
             query: (name.as_ptr() as usize, name.len()),
         }
     }
@@ -488,14 +490,34 @@ impl ShapeKey {
 
 /// What every read of one query shape shares, computed on its first read: its statements' SQL,
 /// the tables they read and the result type's models, their generation keys, and the result
-/// type's fingerprint. A read uses it only if its statements render exactly this SQL; its binds
-/// are still rendered on every read.
+/// type's fingerprint. A read uses it only if its statements build exactly this SQL (known from
+/// their types, or compared); its binds are still collected (or rendered) on every read.
 pub(crate) struct Shape {
-    /// Each statement's SQL, as Diesel builds it and as `Debug` escapes it.
-    pub(crate) statements: Box<[(Box<str>, Box<str>)]>,
+    pub(crate) statements: Box<[ShapeStatement]>,
     pub(crate) fingerprint: u64,
     pub(crate) tables: Arc<[String]>,
     pub(crate) generations: Arc<[String]>,
+}
+
+/// One statement of a [`Shape`].
+pub(crate) struct ShapeStatement {
+    /// Its SQL, as Diesel builds it.
+    pub(crate) sql: Box<str>,
+    /// How a read's identity is made from it.
+    pub(crate) identity: StatementIdentity,
+}
+
+/// How the reads of a shape make a statement's identity.
+pub(crate) enum StatementIdentity {
+    /// From the backend's bind collector (see [`crate::identity`]): the SQL's digest, and the
+    /// backend and query id of the statement's type if that type always builds this SQL (then
+    /// a read of that type need not build it).
+    Collected {
+        sql_digest: u128,
+        fixed_by: Option<(TypeId, TypeId)>,
+    },
+    /// From the `debug_query` rendering: the SQL as `Debug` escapes it.
+    Rendered { escaped_sql: Box<str> },
 }
 
 /// A shape map's hasher: the keys are type ids and addresses, already well spread.

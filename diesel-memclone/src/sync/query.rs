@@ -3,12 +3,12 @@
 use super::block_on;
 use crate::cache::Cache;
 use crate::error::Result;
+use crate::identity::CacheBackend;
 use crate::key;
 use crate::model::CacheValue;
 use crate::transaction::sync_read_policy;
-use diesel::backend::Backend;
 use diesel::dsl::{CountStar, Limit, Select};
-use diesel::query_builder::{AsQuery, QueryFragment};
+use diesel::query_builder::{AsQuery, QueryFragment, QueryId};
 use diesel::query_dsl::methods::{LimitDsl, SelectDsl};
 use diesel::query_dsl::LoadQuery;
 use diesel::{Connection, OptionalExtension, RunQueryDsl};
@@ -88,16 +88,19 @@ impl<Q> Cached<Q> {
     pub fn load<'q, U, C>(self, conn: &mut C) -> Result<Vec<U>>
     where
         C: Connection,
-        C::Backend: Default,
-        <C::Backend as Backend>::QueryBuilder: Default,
+        C::Backend: CacheBackend,
         Q: AsQuery,
-        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        Q::Query: QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, U> + 'q,
         U: CacheValue,
     {
         let (query, this) = self.0.split();
         let query = query.as_query();
         // The async driver's lookup (query shapes included): the same key.
-        let lookup = this.query_lookup::<Vec<U>, C::Backend, Q::Query>("load", &[&query]);
+        let lookup = this.query_lookup::<Vec<U>, C::Backend, Q::Query>(
+            "load",
+            &[&query],
+            &[Q::Query::query_id()],
+        );
         let Some(mut lookup) = lookup else {
             return Ok(query.load::<U>(conn)?);
         };
@@ -116,15 +119,18 @@ impl<Q> Cached<Q> {
     pub fn get_result<'q, U, C>(self, conn: &mut C) -> Result<U>
     where
         C: Connection,
-        C::Backend: Default,
-        <C::Backend as Backend>::QueryBuilder: Default,
+        C::Backend: CacheBackend,
         Q: AsQuery,
-        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        Q::Query: QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, U> + 'q,
         U: CacheValue,
     {
         let (query, this) = self.0.split();
         let query = query.as_query();
-        let lookup = this.query_lookup::<Option<U>, C::Backend, Q::Query>("one", &[&query]);
+        let lookup = this.query_lookup::<Option<U>, C::Backend, Q::Query>(
+            "one",
+            &[&query],
+            &[Q::Query::query_id()],
+        );
         let Some(mut lookup) = lookup else {
             return Ok(query.get_result::<U>(conn)?);
         };
@@ -143,11 +149,11 @@ impl<Q> Cached<Q> {
     pub fn first<'q, U, C>(self, conn: &mut C) -> Result<U>
     where
         C: Connection,
-        C::Backend: Default,
-        <C::Backend as Backend>::QueryBuilder: Default,
+        C::Backend: CacheBackend,
         Q: LimitDsl,
         Limit<Q>: AsQuery,
-        <Limit<Q> as AsQuery>::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        <Limit<Q> as AsQuery>::Query:
+            QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, U> + 'q,
         U: CacheValue,
     {
         self.map(|q| q.limit(1)).get_result(conn)
@@ -157,12 +163,11 @@ impl<Q> Cached<Q> {
     pub fn count<'q, C>(self, conn: &mut C) -> Result<i64>
     where
         C: Connection,
-        C::Backend: Default,
-        <C::Backend as Backend>::QueryBuilder: Default,
+        C::Backend: CacheBackend,
         Q: SelectDsl<CountStar>,
         Select<Q, CountStar>: AsQuery,
         <Select<Q, CountStar> as AsQuery>::Query:
-            QueryFragment<C::Backend> + LoadQuery<'q, C, i64> + 'q,
+            QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, i64> + 'q,
     {
         self.map(|q| q.select(diesel::dsl::count_star()))
             .get_result(conn)
@@ -177,12 +182,11 @@ impl<Q> Cached<Q> {
     ) -> Result<(Vec<U>, i64)>
     where
         C: Connection,
-        C::Backend: Default,
-        <C::Backend as Backend>::QueryBuilder: Default,
+        C::Backend: CacheBackend,
         Q: AsQuery,
-        Q::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, U> + 'q,
+        Q::Query: QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, U> + 'q,
         CQ: AsQuery,
-        CQ::Query: QueryFragment<C::Backend> + LoadQuery<'q, C, i64> + 'q,
+        CQ::Query: QueryFragment<C::Backend> + QueryId + LoadQuery<'q, C, i64> + 'q,
         U: CacheValue,
     {
         let (query, this) = self.0.split();
@@ -191,6 +195,7 @@ impl<Q> Cached<Q> {
         let lookup = this.query_lookup::<(Vec<U>, i64), C::Backend, (Q::Query, CQ::Query)>(
             "load_and_count",
             &[&query, &count_query],
+            &[Q::Query::query_id(), CQ::Query::query_id()],
         );
         let Some(mut lookup) = lookup else {
             let rows = query.load::<U>(conn)?;
