@@ -193,7 +193,8 @@ fn manager_of(config: &Config) -> AsyncDieselConnectionManager<AsyncPgConnection
     let mut setup = ManagerConfig::<AsyncPgConnection>::default();
     // No test query on every checkout: a cached read must not cost a database round trip.
     setup.recycling_method = RecyclingMethod::Fast;
-    let search_path = format!("SET search_path TO {schema}");
+    // Named after the schema, so that a load run can find its backends (and their CPU time).
+    let search_path = format!("SET search_path TO {schema}; SET application_name TO '{schema}'");
     setup.custom_setup = Box::new(move |url| {
         let search_path = search_path.clone();
         Box::pin(async move {
