@@ -43,6 +43,12 @@ use std::future::Future;
 /// /// A pool of one connection, counting its checkouts.
 /// struct OneConnection(Arc<Mutex<Conn>>, AtomicUsize);
 ///
+/// impl OneConnection {
+///     fn checkouts(&self) -> usize {
+///         AtomicUsize::load(&self.1, Ordering::Relaxed)
+///     }
+/// }
+///
 /// impl ConnectionPool for OneConnection {
 ///     // A guard that derefs to an `AsyncConnection` is one (as pools' guards are).
 ///     type Connection = OwnedMutexGuard<Conn>;
@@ -65,14 +71,14 @@ use std::future::Future;
 /// let first: Vec<User> = active().load_from(&pool).await?;
 /// let ada: User = diesel_memclone::find_from(&pool, 1).await?;
 /// assert_eq!((first.len(), ada.name.as_str()), (1, "Ada"));
-/// assert_eq!(pool.1.load(Ordering::Relaxed), 2);
+/// assert_eq!(pool.checkouts(), 2);
 ///
 /// // ...a hit does not take one, even while every connection is busy.
 /// let busy = pool.0.clone().lock_owned().await;
 /// let again: Vec<User> = active().load_from(&pool).await?;
 /// let ada: User = diesel_memclone::find_from(&pool, 1).await?;
 /// assert_eq!((again.len(), ada.name.as_str()), (1, "Ada"));
-/// assert_eq!(pool.1.load(Ordering::Relaxed), 2);
+/// assert_eq!(pool.checkouts(), 2);
 /// drop(busy);
 /// # Ok(()) }
 /// ```
@@ -95,8 +101,8 @@ where
 {
     type Connection = diesel_async::pooled_connection::deadpool::Object<C>;
 
-    fn connection(&self) -> impl Future<Output = Result<Self::Connection>> + Send {
-        async move { self.get().await.map_err(Error::pool) }
+    async fn connection(&self) -> Result<Self::Connection> {
+        self.get().await.map_err(Error::pool)
     }
 }
 
@@ -110,7 +116,7 @@ where
 {
     type Connection = diesel_async::pooled_connection::bb8::PooledConnection<'static, C>;
 
-    fn connection(&self) -> impl Future<Output = Result<Self::Connection>> + Send {
-        async move { self.get_owned().await.map_err(Error::pool) }
+    async fn connection(&self) -> Result<Self::Connection> {
+        self.get_owned().await.map_err(Error::pool)
     }
 }
