@@ -1,6 +1,8 @@
 //! Reads that take a database connection only when the cache cannot answer them.
 
-use crate::error::{Error, Result};
+#[cfg(any(feature = "deadpool", feature = "bb8"))]
+use crate::error::Error;
+use crate::error::Result;
 use diesel_async::AsyncConnection;
 use std::future::Future;
 
@@ -17,8 +19,9 @@ use std::future::Future;
 /// Implemented for diesel-async's pools behind this crate's features `deadpool`
 /// (`diesel_async::pooled_connection::deadpool::Pool<C>`) and `bb8`
 /// (`diesel_async::pooled_connection::bb8::Pool<C>`); implement it for any other pool or
-/// connection source. For a value computed over several queries, [`Cache::fill_with`]
-/// (crate::Cache::fill_with) takes a fill that checks out its own connection.
+/// connection source. For a value computed over several queries,
+/// [`Cache::fill_with`](crate::Cache::fill_with) takes a fill that checks out its own
+/// connection.
 ///
 /// The connection is the pool's: it is never in the caller's transaction, so these reads see
 /// committed data only. Inside a transaction, read with the transaction's connection
@@ -87,7 +90,7 @@ pub trait ConnectionPool: Sync {
     /// diesel-async implements `AsyncConnection` for anything that derefs to one).
     type Connection: AsyncConnection + Send;
 
-    /// A connection, or why there is none ([`Error::Pool`] for a pool's own errors).
+    /// A connection, or why there is none ([`Error::Pool`](crate::Error::Pool) for a pool's own errors).
     fn connection(&self) -> impl Future<Output = Result<Self::Connection>> + Send;
 }
 
