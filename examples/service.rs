@@ -182,9 +182,28 @@ async fn load_run(config: Config, warmup: Duration, measured: Duration) -> Figur
     let posts = config.seed_users * config.posts_per_user;
     drive(address, users, posts, warmup, u64::MAX).await;
     let before = cache.as_ref().map(|c| c.stats());
+    let cpu_before = cpu_times(&config).await;
     let began = Instant::now();
-    let (latencies, errors) = drive(address, users, posts, measured, MAX_REQUESTS).await;
+    let (latencies, by_kind, errors) = drive(address, users, posts, measured, MAX_REQUESTS).await;
+    // Where the time goes, by request.
+    let means: Vec<String> = KINDS
+        .iter()
+        .zip(by_kind)
+        .filter(|(_, (n, _))| *n > 0)
+        .map(|(kind, (n, micros))| format!("{kind} {:.2}", micros as f64 / n as f64 / 1000.0))
+        .collect();
+    println!("mean ms by request: {}", means.join(", "));
     let elapsed = began.elapsed();
+    let cpu_after = cpu_times(&config).await;
+    let per_request = |ms: f64| ms / latencies.len().max(1) as f64;
+    let spent: Vec<f64> = (0..3).map(|i| cpu_after[i] - cpu_before[i]).collect();
+    println!(
+        "cpu ms per request: service and client {:.3}, postgres backends {:.3}, redis {:.3} (all of redis-server's), total {:.3}",
+        per_request(spent[0]),
+        per_request(spent[1]),
+        per_request(spent[2]),
+        per_request(spent.iter().sum()),
+    );
     let hit_ratio = match (cache.as_ref().map(|c| c.stats()), before) {
         (Some(after), Some(before)) => {
             println!("cache stats over the measured run (cumulative since start): {after:?}");
@@ -229,15 +248,70 @@ async fn load_run(config: Config, warmup: Duration, measured: Duration) -> Figur
     }
 }
 
+/// CPU milliseconds used so far by this process (the service and the client), by the
+/// PostgreSQL backends of the service's pools (named after its schema), and by redis-server
+/// (which other clients may share): what a load run costs, whatever else the machine runs.
+async fn cpu_times(config: &Config) -> [f64; 3] {
+    fn cpu_ms(pid: u32) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return 0.0;
+        };
+        // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+            .sum();
+        ticks * 10.0 // USER_HZ is 100 on Linux
+    }
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let backends: Vec<i32> =
+        match diesel_async::AsyncPgConnection::establish(&config.database_url).await {
+            Ok(mut conn) => diesel::sql_query(format!(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = '{}'",
+                config.schema
+            ))
+            .load::<Pid>(&mut conn)
+            .await
+            .map(|rows| rows.into_iter().map(|r| r.pid).collect())
+            .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+    let redis = std::process::Command::new("redis-cli")
+        .args(["-u", &config.redis_url, "INFO", "server"])
+        .output()
+        .ok()
+        .and_then(|out| {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.lines()
+                .find_map(|l| l.strip_prefix("process_id:"))
+                .and_then(|p| p.trim().parse::<u32>().ok())
+        });
+    [
+        cpu_ms(std::process::id()),
+        backends.iter().map(|&pid| cpu_ms(pid as u32)).sum(),
+        redis.map_or(0.0, cpu_ms),
+    ]
+}
+
+#[derive(diesel::QueryableByName)]
+struct Pid {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pid: i32,
+}
+
 /// Drives the service at `address` from [`CLIENTS`] tasks for `duration` or `max_requests`
-/// requests: each request's latency in microseconds, and how many failed.
+/// requests: each request's latency in microseconds, the count and total microseconds of each
+/// kind of request ([`KINDS`]), and how many failed.
 async fn drive(
     address: SocketAddr,
     users: i32,
     posts: i32,
     duration: Duration,
     max_requests: u64,
-) -> (Vec<u32>, u64) {
+) -> (Vec<u32>, [(u64, u64); KINDS.len()], u64) {
     let client = Client::new(address);
     let deadline = Instant::now() + duration;
     let sent = Arc::new(AtomicU64::new(0));
@@ -254,11 +328,15 @@ async fn drive(
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((task as u64 + 1) * 0x2545_f491_4f6c_dd1d));
             let mut latencies = Vec::new();
+            let mut by_kind = [(0_u64, 0_u64); KINDS.len()];
             while Instant::now() < deadline && sent.fetch_add(1, Ordering::Relaxed) < max_requests {
-                let (method, path, body) = next_request(&mut rng, users, posts);
+                let (kind, method, path, body) = next_request(&mut rng, users, posts);
                 let began = Instant::now();
                 let outcome = client.request(method, &path, body).await;
-                latencies.push(began.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                let micros = began.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                latencies.push(micros);
+                by_kind[kind].0 += 1;
+                by_kind[kind].1 += u64::from(micros);
                 let failure = match outcome {
                     Ok((status, _)) if status.is_success() => None,
                     Ok((status, body)) => {
@@ -273,14 +351,20 @@ async fn drive(
                     }
                 }
             }
-            latencies
+            (latencies, by_kind)
         }));
     }
     let mut latencies = Vec::new();
+    let mut by_kind = [(0_u64, 0_u64); KINDS.len()];
     for task in tasks {
-        latencies.extend(task.await.expect("client task"));
+        let (task_latencies, task_by_kind) = task.await.expect("client task");
+        latencies.extend(task_latencies);
+        for (total, (n, micros)) in by_kind.iter_mut().zip(task_by_kind) {
+            total.0 += n;
+            total.1 += micros;
+        }
     }
-    (latencies, errors.load(Ordering::Relaxed))
+    (latencies, by_kind, errors.load(Ordering::Relaxed))
 }
 
 /// The next request of the workload (see the module's table).
@@ -288,7 +372,7 @@ fn next_request(
     rng: &mut Rng,
     users: i32,
     posts: i32,
-) -> (Method, String, Option<serde_json::Value>) {
+) -> (usize, Method, String, Option<serde_json::Value>) {
     let user = rng.skewed(users);
     let post = rng.skewed(posts);
     // `MIX`: the cumulative shares of the table's rows, in percent (default
@@ -311,7 +395,7 @@ fn next_request(
     });
     let pick = rng.below(100);
     let kind = mix.iter().position(|&t| pick < t).unwrap_or(mix.len());
-    match kind {
+    let (method, path, body) = match kind {
         0 => (Method::GET, format!("/users/{user}"), None),
         1 => (Method::GET, format!("/posts/{post}"), None),
         2 => (Method::GET, format!("/posts?author={user}"), None),
@@ -332,8 +416,21 @@ fn next_request(
             format!("/users/{user}"),
             Some(serde_json::json!({ "name": format!("renamed {}", rng.below(1_000_000)) })),
         ),
-    }
+    };
+    (kind.min(KINDS.len() - 1), method, path, body)
 }
+
+/// The workload's requests, in `next_request`'s order, for the per-request means.
+const KINDS: [&str; 8] = [
+    "GET /users/{id}",
+    "GET /posts/{id}",
+    "GET /posts?author=",
+    "GET /users?status=",
+    "GET /posts",
+    "PUT /posts/{id}",
+    "POST /posts",
+    "PUT /users/{id}",
+];
 
 /// xorshift64*: reproducible runs without a dependency.
 struct Rng(u64);

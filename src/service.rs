@@ -100,9 +100,9 @@ impl Config {
 /// What every request handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    /// Reads and writes have pools of their own (as with a replica for reads): a read, which
-    /// needs a connection even when the cache answers it, never waits behind writes waiting
-    /// for their commit to reach the disk.
+    /// Reads and writes have pools of their own (as with a replica for reads): a read never
+    /// waits behind writes waiting for their commit to reach the disk. Cached reads check out
+    /// a connection only on a miss (`load_from`, `find_from`).
     reads: Pool<AsyncPgConnection>,
     writes: Pool<AsyncPgConnection>,
     /// The cache, when reads are cached.
@@ -193,7 +193,8 @@ fn manager_of(config: &Config) -> AsyncDieselConnectionManager<AsyncPgConnection
     let mut setup = ManagerConfig::<AsyncPgConnection>::default();
     // No test query on every checkout: a cached read must not cost a database round trip.
     setup.recycling_method = RecyclingMethod::Fast;
-    let search_path = format!("SET search_path TO {schema}");
+    // Named after the schema, so that a load run can find its backends (and their CPU time).
+    let search_path = format!("SET search_path TO {schema}; SET application_name TO '{schema}'");
     setup.custom_setup = Box::new(move |url| {
         let search_path = search_path.clone();
         Box::pin(async move {
@@ -299,6 +300,9 @@ impl From<diesel_memclone::Error> for ApiError {
     fn from(error: diesel_memclone::Error) -> Self {
         match error {
             diesel_memclone::Error::Database(e) => e.into(),
+            diesel_memclone::Error::Pool(e) => {
+                ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
     }
@@ -391,30 +395,28 @@ async fn list_users(
         .order(users::id)
         .limit(limit)
         .select(User::as_select());
-    let mut conn = state.read_conn().await?;
     let rows = match &state.cache {
         Some(cache) => {
             use diesel_memclone::CachedDsl;
             query
                 .cached("users_by_status")
                 .using(cache)
-                .load(&mut *conn)
+                .load_from(&state.reads)
                 .await?
         }
-        None => query.load(&mut *conn).await?,
+        None => query.load(&mut *state.read_conn().await?).await?,
     };
     Ok(Json(rows))
 }
 
 async fn get_user(State(state): State<AppState>, Path(id): Path<i32>) -> ApiResult<Json<User>> {
-    let mut conn = state.read_conn().await?;
     let user = match &state.cache {
-        Some(cache) => cache.find::<User, _>(&mut *conn, id).await?,
+        Some(cache) => cache.find_from::<User, _>(&state.reads, id).await?,
         None => {
             users::table
                 .find(id)
                 .select(User::as_select())
-                .get_result(&mut *conn)
+                .get_result(&mut *state.read_conn().await?)
                 .await?
         }
     };
@@ -504,7 +506,6 @@ async fn list_posts(
     State(state): State<AppState>,
     Query(filter): Query<PostFilter>,
 ) -> ApiResult<Json<Vec<PostWithAuthor>>> {
-    let mut conn = state.read_conn().await?;
     let joined = posts::table
         .inner_join(users::table)
         .select((Post::as_select(), users::name))
@@ -517,13 +518,13 @@ async fn list_posts(
                 .filter(posts::user_id.eq(author))
                 .cached("posts_by_author")
                 .using(cache)
-                .load(&mut *conn)
+                .load_from(&state.reads)
                 .await?
         }
         (Some(author), None) => {
             joined
                 .filter(posts::user_id.eq(author))
-                .load(&mut *conn)
+                .load(&mut *state.read_conn().await?)
                 .await?
         }
         (None, Some(cache)) => {
@@ -531,10 +532,10 @@ async fn list_posts(
             joined
                 .cached("latest_posts")
                 .using(cache)
-                .load(&mut *conn)
+                .load_from(&state.reads)
                 .await?
         }
-        (None, None) => joined.load(&mut *conn).await?,
+        (None, None) => joined.load(&mut *state.read_conn().await?).await?,
     };
     let rows = rows
         .into_iter()
@@ -544,14 +545,13 @@ async fn list_posts(
 }
 
 async fn get_post(State(state): State<AppState>, Path(id): Path<i32>) -> ApiResult<Json<Post>> {
-    let mut conn = state.read_conn().await?;
     let post = match &state.cache {
-        Some(cache) => cache.find::<Post, _>(&mut *conn, id).await?,
+        Some(cache) => cache.find_from::<Post, _>(&state.reads, id).await?,
         None => {
             posts::table
                 .find(id)
                 .select(Post::as_select())
-                .get_result(&mut *conn)
+                .get_result(&mut *state.read_conn().await?)
                 .await?
         }
     };

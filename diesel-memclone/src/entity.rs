@@ -3,6 +3,7 @@
 use crate::cache::{cache, Cache, Policy};
 use crate::error::{Error, Result};
 use crate::model::{MemClone, RowKey};
+use crate::pool::ConnectionPool;
 use crate::transaction::read_policy;
 use diesel::OptionalExtension;
 use diesel_async::methods::LoadQuery;
@@ -51,6 +52,46 @@ impl Cache {
         M::FindQuery: LoadQuery<'q, C, M> + 'q,
     {
         self.find_optional(conn, primary_key)
+            .await?
+            .ok_or(Error::Database(diesel::result::Error::NotFound))
+    }
+
+    /// Like [`find_optional`](Cache::find_optional), with a connection checked out of `pool`
+    /// only on a miss: a hit never touches the pool (see [`ConnectionPool`]).
+    pub async fn find_optional_from<'q, M, P>(
+        &self,
+        pool: &P,
+        primary_key: M::PrimaryKey,
+    ) -> Result<Option<M>>
+    where
+        M: MemClone + Send,
+        P: ConnectionPool,
+        M::FindQuery: LoadQuery<'q, P::Connection, M> + 'q,
+    {
+        let row = RowKey::new(M::table(), &primary_key);
+        // The pool's connection is in no transaction of the caller's: a plain read.
+        let policy = Policy::ReadWrite;
+        let lookup = self.entity_lookup(&row, entity_fingerprint::<M>(), ttl_of::<M>(self), policy);
+        self.read_through(lookup, || async move {
+            let mut conn = pool.connection().await?;
+            let found = M::find_query(primary_key)
+                .get_result::<M>(&mut conn)
+                .await
+                .optional()?;
+            Ok::<_, Error>(found)
+        })
+        .await
+    }
+
+    /// Like [`find`](Cache::find), with a connection checked out of `pool` only on a miss: a
+    /// hit never touches the pool (see [`ConnectionPool`]).
+    pub async fn find_from<'q, M, P>(&self, pool: &P, primary_key: M::PrimaryKey) -> Result<M>
+    where
+        M: MemClone + Send,
+        P: ConnectionPool,
+        M::FindQuery: LoadQuery<'q, P::Connection, M> + 'q,
+    {
+        self.find_optional_from(pool, primary_key)
             .await?
             .ok_or(Error::Database(diesel::result::Error::NotFound))
     }
@@ -148,6 +189,27 @@ where
     M::FindQuery: LoadQuery<'q, C, M> + 'q,
 {
     cache().find_optional(conn, primary_key).await
+}
+
+/// [`Cache::find_from`] on the default cache: `memclone::find_from::<User, _>(&pool, 1)`,
+/// which checks out a connection of `pool` only on a miss (see [`ConnectionPool`]).
+pub async fn find_from<'q, M, P>(pool: &P, primary_key: M::PrimaryKey) -> Result<M>
+where
+    M: MemClone + Send,
+    P: ConnectionPool,
+    M::FindQuery: LoadQuery<'q, P::Connection, M> + 'q,
+{
+    cache().find_from(pool, primary_key).await
+}
+
+/// [`Cache::find_optional_from`] on the default cache.
+pub async fn find_optional_from<'q, M, P>(pool: &P, primary_key: M::PrimaryKey) -> Result<Option<M>>
+where
+    M: MemClone + Send,
+    P: ConnectionPool,
+    M::FindQuery: LoadQuery<'q, P::Connection, M> + 'q,
+{
+    cache().find_optional_from(pool, primary_key).await
 }
 
 /// [`Cache::reload`] on the default cache: `memclone::reload(&mut user, &mut conn)`.

@@ -56,6 +56,10 @@ pub enum Error {
     Database(diesel::result::Error),
     /// A database connection could not be established.
     Connection(diesel::ConnectionError),
+    /// A [`ConnectionPool`](crate::ConnectionPool) gave no connection (it timed out, is
+    /// closed, or could not connect) to a read the cache could not answer. The pool's error is
+    /// the [`source`](std::error::Error::source).
+    Pool(Box<dyn std::error::Error + Send + Sync>),
     /// The store could not be reached or answered with an error.
     Store(StoreError),
     /// The cache was configured with a value it cannot use.
@@ -83,6 +87,7 @@ impl fmt::Display for Error {
         match self {
             Error::Database(e) => write!(f, "database error: {e}"),
             Error::Connection(e) => write!(f, "database connection error: {e}"),
+            Error::Pool(e) => write!(f, "no database connection from the pool: {e}"),
             Error::Store(e) => write!(f, "cache store error: {e}"),
             Error::Config(msg) => write!(f, "invalid cache configuration: {msg}"),
             Error::LockTimeout => {
@@ -111,6 +116,7 @@ impl std::error::Error for Error {
         match self {
             Error::Database(e) => Some(e),
             Error::Connection(e) => Some(e),
+            Error::Pool(e) => Some(&**e),
             Error::Store(e) => Some(e),
             _ => None,
         }
@@ -127,7 +133,7 @@ impl From<diesel::result::Error> for Error {
 ///
 /// * a database error, `NotFound` included, is returned as it was;
 /// * every other error (the store, the configuration, a fill lock's timeout, an unmanaged
-///   transaction, a connection error) becomes
+///   transaction, a connection error, a pool's error) becomes
 ///   [`QueryBuilderError`](diesel::result::Error::QueryBuilderError) holding the memclone error,
 ///   which `downcast_ref::<diesel_memclone::Error>()` gets back. Diesel uses that variant for
 ///   errors raised on the client side before the database answers, which is where these arise;
@@ -166,6 +172,12 @@ impl From<StoreError> for Error {
 }
 
 impl Error {
+    /// A [`Pool`](Error::Pool) error from its cause (a pool's error or a message), for
+    /// implementations of [`ConnectionPool`](crate::ConnectionPool).
+    pub fn pool(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Error::Pool(cause.into())
+    }
+
     /// True when no row matched: a `get_result`, `first`, [`find`](crate::find) or
     /// [`reload`](crate::reload) whose row does not exist (`Error::Database(NotFound)`).
     ///

@@ -33,7 +33,7 @@
 //! | `memclone_corrupt_entries_total` | counter | `label` | entries that did not decode and were replaced |
 //! | `memclone_lock_waits_total` | counter | `label` | reads answered by another process's load after waiting for its fill lock |
 //! | `memclone_lock_timeouts_total` | counter | `label` | waits for a fill lock that timed out |
-//! | `memclone_fill_seconds` | histogram | `label` | database reads the cache made for a read (misses and bypasses) |
+//! | `memclone_fill_seconds` | histogram | `label` | database reads the cache made for a read (misses and bypasses); for the `*_from` reads, with the wait for the pool's connection |
 //! | `memclone_invalidations_total` | counter | `table` | invalidations, one per written table |
 //! | `memclone_invalidations_undelivered_total` | counter | `table` | invalidations the store did not take (kept, retried; the table's reads bypass the cache meanwhile) |
 //! | `memclone_store_seconds` | histogram | `outcome` (`ok`, `error`, `timeout`) | store calls (one round trip each for Redis) |

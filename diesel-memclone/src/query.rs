@@ -7,12 +7,13 @@ use crate::error::Result;
 use crate::identity::{self, CacheBackend};
 use crate::key;
 use crate::model::CacheValue;
+use crate::pool::ConnectionPool;
 use crate::transaction::read_policy;
 use diesel::dsl::{CountStar, Limit, Select};
 use diesel::query_builder::{AsQuery, QueryFragment, QueryId};
 use diesel::query_dsl::methods::{LimitDsl, SelectDsl};
 use diesel_async::methods::LoadQuery;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncConnectionCore, RunQueryDsl};
 use std::any::TypeId;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -76,6 +77,9 @@ pub struct Cached<Q> {
     extra_tables: Vec<String>,
     custom_key: Option<String>,
 }
+
+/// The backend of `P`'s connections.
+pub(crate) type BackendOf<P> = <<P as ConnectionPool>::Connection as AsyncConnectionCore>::Backend;
 
 /// The type of `query.cached(label)`.
 pub mod dsl {
@@ -648,8 +652,138 @@ impl<Q> Cached<Q> {
             .read_through(lookup, || async move {
                 let rows = query.load::<U>(conn).await?;
                 let total = count_query.get_result::<i64>(conn).await?;
-                Ok((rows, total))
+                diesel::QueryResult::Ok((rows, total))
             })
+            .await
+    }
+
+    /// Like [`load`](Cached::load), with a connection checked out of `pool` only on a miss:
+    /// a hit never touches the pool (see [`ConnectionPool`]).
+    ///
+    /// ```
+    /// # use diesel::prelude::*;
+    /// # use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+    /// # use diesel_memclone::prelude::*;
+    /// # use diesel_memclone::ConnectionPool;
+    /// # use serde::{Deserialize, Serialize};
+    /// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+    /// # #[derive(Debug, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone)]
+    /// # #[diesel(table_name = users)]
+    /// # struct User { id: i32, name: String, status: String }
+    /// # type Conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper<diesel::SqliteConnection>;
+    /// # struct Pool(std::sync::Arc<tokio::sync::Mutex<Conn>>);
+    /// # impl ConnectionPool for Pool {
+    /// #     type Connection = tokio::sync::OwnedMutexGuard<Conn>;
+    /// #     async fn connection(&self) -> diesel_memclone::Result<Self::Connection> {
+    /// #         Ok(self.0.clone().lock_owned().await)
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> diesel_memclone::Result<()> {
+    /// # let mut conn = Conn::establish(":memory:").await?;
+    /// # conn.batch_execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+    /// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');").await?;
+    /// # let pool = Pool(std::sync::Arc::new(tokio::sync::Mutex::new(conn)));
+    /// // `pool`: diesel-async's deadpool or bb8 pool (features `deadpool`, `bb8`), or any
+    /// // `ConnectionPool`.
+    /// let names: Vec<String> = users::table
+    ///     .select(users::name)
+    ///     .order(users::id)
+    ///     .cached("names")
+    ///     .load_from(&pool)
+    ///     .await?;
+    /// assert_eq!(names, ["Ada", "Bob"]);
+    /// # Ok(()) }
+    /// ```
+    pub async fn load_from<'q, U, P>(self, pool: &P) -> Result<Vec<U>>
+    where
+        P: ConnectionPool,
+        BackendOf<P>: CacheBackend,
+        Q: AsQuery,
+        Q::Query: QueryFragment<BackendOf<P>> + QueryId + LoadQuery<'q, P::Connection, U> + 'q,
+        U: CacheValue + Send,
+    {
+        let (query, this) = self.split();
+        let query = query.as_query();
+        let lookup = this.query_lookup::<Vec<U>, BackendOf<P>, Q::Query>(
+            "load",
+            &[&query],
+            &[Q::Query::query_id()],
+        );
+        let Some(lookup) = lookup else {
+            let mut conn = pool.connection().await?;
+            return Ok(query.load::<U>(&mut conn).await?);
+        };
+        // The pool's connection is in no transaction of the caller's: a plain read.
+        this.cache()
+            .read_through(lookup, || async move {
+                let mut conn = pool.connection().await?;
+                Ok::<_, crate::Error>(query.load::<U>(&mut conn).await?)
+            })
+            .await
+    }
+
+    /// Like [`get_result`](Cached::get_result), with a connection checked out of `pool` only
+    /// on a miss (see [`ConnectionPool`]). No row is
+    /// [`Error::Database(NotFound)`](diesel::result::Error::NotFound), cached too.
+    pub async fn get_result_from<'q, U, P>(self, pool: &P) -> Result<U>
+    where
+        P: ConnectionPool,
+        BackendOf<P>: CacheBackend,
+        Q: AsQuery,
+        Q::Query: QueryFragment<BackendOf<P>> + QueryId + LoadQuery<'q, P::Connection, U> + 'q,
+        U: CacheValue + Send,
+    {
+        use diesel::OptionalExtension;
+        let (query, this) = self.split();
+        let query = query.as_query();
+        let lookup = this.query_lookup::<Option<U>, BackendOf<P>, Q::Query>(
+            "one",
+            &[&query],
+            &[Q::Query::query_id()],
+        );
+        let Some(lookup) = lookup else {
+            let mut conn = pool.connection().await?;
+            return Ok(query.get_result::<U>(&mut conn).await?);
+        };
+        let found = this
+            .cache()
+            .read_through(lookup, || async move {
+                let mut conn = pool.connection().await?;
+                Ok::<_, crate::Error>(query.get_result::<U>(&mut conn).await.optional()?)
+            })
+            .await?;
+        found.ok_or(crate::Error::Database(diesel::result::Error::NotFound))
+    }
+
+    /// Like [`first`](Cached::first), with a connection checked out of `pool` only on a miss
+    /// (see [`ConnectionPool`]).
+    pub async fn first_from<'q, U, P>(self, pool: &P) -> Result<U>
+    where
+        P: ConnectionPool,
+        BackendOf<P>: CacheBackend,
+        Q: LimitDsl,
+        Limit<Q>: AsQuery,
+        <Limit<Q> as AsQuery>::Query:
+            QueryFragment<BackendOf<P>> + QueryId + LoadQuery<'q, P::Connection, U> + 'q,
+        U: CacheValue + Send,
+    {
+        self.map(|q| q.limit(1)).get_result_from(pool).await
+    }
+
+    /// Like [`count`](Cached::count), with a connection checked out of `pool` only on a miss
+    /// (see [`ConnectionPool`]).
+    pub async fn count_from<'q, P>(self, pool: &P) -> Result<i64>
+    where
+        P: ConnectionPool,
+        BackendOf<P>: CacheBackend,
+        Q: SelectDsl<CountStar>,
+        Select<Q, CountStar>: AsQuery,
+        <Select<Q, CountStar> as AsQuery>::Query:
+            QueryFragment<BackendOf<P>> + QueryId + LoadQuery<'q, P::Connection, i64> + 'q,
+    {
+        self.map(|q| q.select(diesel::dsl::count_star()))
+            .get_result_from(pool)
             .await
     }
 

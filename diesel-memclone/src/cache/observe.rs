@@ -251,13 +251,13 @@ pub(crate) mod meters {
     }
 
     /// Times the database reads of a cached read (`fill`), when a recorder is installed.
-    pub(crate) fn timed_fill<T, F, Fut>(
+    pub(crate) fn timed_fill<F, Fut>(
         name: &Cow<'static, str>,
         fill: F,
     ) -> impl FnOnce() -> TimedFill<Fut>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = diesel::QueryResult<T>>,
+        Fut: Future,
     {
         let name = name.clone();
         move || TimedFill {

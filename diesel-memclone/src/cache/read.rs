@@ -22,11 +22,12 @@ use std::time::{Duration, Instant};
 impl Cache {
     /// Answers a read from the store when a fresh entry exists, otherwise from `fill`, and
     /// stores the result tagged with the generations read *before* `fill` ran.
-    pub(crate) async fn read_through<T, F, Fut>(&self, mut lookup: Lookup, fill: F) -> Result<T>
+    pub(crate) async fn read_through<T, E, F, Fut>(&self, mut lookup: Lookup, fill: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = diesel::QueryResult<T>>,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        Error: From<E>,
     {
         // A subscriber listens: the read runs again inside its span (boxed, so that the read
         // without one, the common case, carries no layer of its own: that cost 1-2% of a hit).
@@ -341,11 +342,12 @@ impl Cache {
     /// database, and not stored. Callers of one entry in this process share one such read, as
     /// long as it began after their own call began (`began`, a ticket): the generations cannot
     /// be compared without the store, but a read that began later sees every write they saw.
-    async fn database_read<T, F, Fut>(&self, lookup: &Lookup, began: u64, fill: F) -> Result<T>
+    async fn database_read<T, E, F, Fut>(&self, lookup: &Lookup, began: u64, fill: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = diesel::QueryResult<T>>,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        Error: From<E>,
     {
         // Only a plain read may share: a read in a transaction must see that transaction.
         if lookup.policy != Policy::ReadWrite || !self.inner.single_flight {
@@ -387,7 +389,7 @@ impl Cache {
     }
 
     /// Stale-while-revalidate: one caller refreshes, the others get the expired value.
-    async fn revalidate<T, F, Fut>(
+    async fn revalidate<T, E, F, Fut>(
         &self,
         lookup: Lookup,
         tags: Vec<u64>,
@@ -397,7 +399,8 @@ impl Cache {
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = diesel::QueryResult<T>>,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        Error: From<E>,
     {
         let key = format!("{}:swr:{}", lookup.key, tags_hex(&tags));
         let owner = crate::store::fresh_generation();
@@ -460,7 +463,7 @@ impl Cache {
     /// A miss: one load per entry and generations, shared by the callers of this process
     /// (single-flight) and, with the lock, of every process. `lock`: the fill lock as the read
     /// left it.
-    async fn fill_once<T, F, Fut>(
+    async fn fill_once<T, E, F, Fut>(
         &self,
         lookup: Lookup,
         tags: Vec<u64>,
@@ -470,7 +473,8 @@ impl Cache {
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = diesel::QueryResult<T>>,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        Error: From<E>,
     {
         let coordinated = lookup.policy == Policy::ReadWrite;
         let busy = matches!(lock, Lock::Busy);

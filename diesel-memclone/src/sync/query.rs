@@ -208,7 +208,7 @@ impl<Q> Cached<Q> {
                 std::future::ready((|| {
                     let rows = query.load::<U>(conn)?;
                     let total = count_query.get_result::<i64>(conn)?;
-                    Ok((rows, total))
+                    diesel::QueryResult::Ok((rows, total))
                 })())
             };
             this.cache().read_through(lookup, fill).await
