@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 /// stale here for at most that long. Writes made through this process are seen at once.
 ///
 /// ```no_run
+/// # #[cfg(feature = "redis")]
 /// # fn demo() -> diesel_memclone::Result<()> {
 /// use diesel_memclone::{store::RedisStore, Cache, NearCache};
 /// use std::time::Duration;
