@@ -376,6 +376,17 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
                 fn find_query(primary_key: Self::PrimaryKey) -> Self::FindQuery {
                     ::diesel_memclone::__private::diesel::QueryDsl::find(#table_path::table, primary_key)
                 }
+                fn row_key_columns() -> &'static [&'static str] {
+                    // Only keys whose database text is their `Debug` text (see the trait).
+                    #[allow(unused_imports)]
+                    use ::diesel_memclone::__private::{KnownKeyText as _, UnknownKeyText as _};
+                    let probe = ::diesel_memclone::__private::KeyTextProbe::<#pk_type>::new();
+                    if (&&probe).database_text() {
+                        <Self as ::diesel_memclone::CacheValue>::key_columns()
+                    } else {
+                        &[]
+                    }
+                }
             }
 
             impl #ident {

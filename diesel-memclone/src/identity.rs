@@ -4,10 +4,11 @@
 //! The collector's contents are read through Diesel's API for third-party backends (the
 //! `RawBytesBindCollector` fields and `MoveableBindCollector`), which diesel-async already
 //! enables and which it pins Diesel's minor version for. PostgreSQL's and MySQL's binds are
-//! hashed from their bytes and types directly; SQLite's, from their owned values' `Debug` form
-//! (which lists each value and its type). Only these collectors are trusted: any other backend
-//! keeps the identity of its `debug_query` rendering, to which the digest of its collector's
-//! `Debug` form is added (it can tell apart binds that render alike, never merge two).
+//! hashed from their bytes and types directly (MySQL's with this crate's `mysql` feature);
+//! SQLite's, with the `sqlite` feature, from their owned values' `Debug` form (which lists each
+//! value and its type). Only these collectors are trusted: any other backend, or one whose
+//! feature is off, keeps the identity of its `debug_query` rendering, to which the digest of its
+//! collector's `Debug` form is added (it can tell apart binds that render alike, never merge two).
 
 use diesel::backend::Backend;
 use diesel::query_builder::bind_collector::{MoveableBindCollector, RawBytesBindCollector};

@@ -185,5 +185,6 @@ pub mod __private {
     pub use crate::codec::bench as codec;
     pub use crate::key::{hash64, qualified_table_name, table_sql};
     pub use crate::model::field;
+    pub use crate::model::{KeyTextProbe, KnownKeyText, UnknownKeyText};
     pub use diesel;
 }

@@ -87,7 +87,68 @@ pub trait MemClone: CacheValue {
     fn row_key(&self) -> RowKey {
         RowKey::new(Self::table(), self.primary_key())
     }
+
+    /// The key columns that row-level database triggers may name the changed rows by
+    /// (`listen::row_triggers(..).models::<..>()`, feature `postgres`), or none: then the table
+    /// is invalidated whole. Only keys whose text PostgreSQL renders exactly as [`RowKey`] does
+    /// (`i16`, `i32`, `i64`, `bool`, `String`, `uuid::Uuid`, and tuples of them) qualify: for
+    /// any other key type (a newtype, say) a row named by the database would be a key nothing
+    /// reads, and the cached row would stay stale. `#[derive(MemClone)]` implements it from the
+    /// key's type.
+    fn row_key_columns() -> &'static [&'static str] {
+        &[]
+    }
 }
+
+/// Key types whose text PostgreSQL's `::text` renders exactly as their `Debug` does (the text
+/// [`RowKey`] holds), given the column types Diesel maps them to; a row-level trigger's payload
+/// names such rows by the same key as memclone's writes.
+#[doc(hidden)]
+pub trait DatabaseKeyText {}
+
+impl DatabaseKeyText for i16 {}
+impl DatabaseKeyText for i32 {}
+impl DatabaseKeyText for i64 {}
+impl DatabaseKeyText for bool {}
+impl DatabaseKeyText for String {}
+impl DatabaseKeyText for uuid::Uuid {}
+impl<A: DatabaseKeyText, B: DatabaseKeyText> DatabaseKeyText for (A, B) {}
+impl<A: DatabaseKeyText, B: DatabaseKeyText, C: DatabaseKeyText> DatabaseKeyText for (A, B, C) {}
+impl<A: DatabaseKeyText, B: DatabaseKeyText, C: DatabaseKeyText, D: DatabaseKeyText> DatabaseKeyText
+    for (A, B, C, D)
+{
+}
+
+/// Whether a concrete key type `T` is a [`DatabaseKeyText`], for the derive's generated code:
+/// `(&&KeyTextProbe::<T>::new()).database_text()` picks [`KnownKeyText`] when `T` implements
+/// it and [`UnknownKeyText`] otherwise (method resolution tries `&&Probe` before `&Probe`).
+#[doc(hidden)]
+pub struct KeyTextProbe<T>(std::marker::PhantomData<T>);
+
+impl<T> KeyTextProbe<T> {
+    #[doc(hidden)]
+    pub fn new() -> Self {
+        KeyTextProbe(std::marker::PhantomData)
+    }
+}
+
+#[doc(hidden)]
+pub trait KnownKeyText {
+    fn database_text(&self) -> bool {
+        true
+    }
+}
+
+impl<T: DatabaseKeyText> KnownKeyText for &KeyTextProbe<T> {}
+
+#[doc(hidden)]
+pub trait UnknownKeyText {
+    fn database_text(&self) -> bool {
+        false
+    }
+}
+
+impl<T> UnknownKeyText for KeyTextProbe<T> {}
 
 macro_rules! scalar_values {
     ($($ty:ty),* $(,)?) => {$(

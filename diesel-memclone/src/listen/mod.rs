@@ -170,7 +170,7 @@ macro_rules! models_tuple {
                     if !out.iter().any(|(t, _)| *t == $m::table_sql()) {
                         out.push((
                             $m::table_sql(),
-                            <$m as crate::CacheValue>::key_columns(),
+                            <$m as crate::MemClone>::row_key_columns(),
                         ));
                     }
                 )+

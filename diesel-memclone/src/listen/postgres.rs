@@ -323,12 +323,15 @@ pub fn uninstall_sql<S: AsRef<str>>(tables: &[S]) -> Result<String, ListenError>
 /// [`install_sql`]'s triggers notify it.
 ///
 /// ```
-/// # fn sql() -> Result<(), diesel_memclone::listen::ListenError> {
+/// # fn main() -> Result<(), diesel_memclone::listen::ListenError> {
 /// let up = diesel_memclone::listen::row_triggers("memclone")
 ///     .table("users", &["id"])
 ///     .table("app.memberships", &["org_id", "user_id"])
 ///     .install_sql()?;
-/// assert!(up.contains("memclone_notify_rows('memclone', '100', 'org_id', 'user_id')"));
+/// // The channel, the row limit and the key columns, as the trigger function's arguments.
+/// assert!(up.contains("('memclone', '100', 'org_id', 'user_id')"));
+/// // A misspelt column fails the migration, not every later write.
+/// assert!(up.contains(r#"SELECT "org_id", "user_id" FROM "app"."memberships" LIMIT 0;"#));
 /// # Ok(()) }
 /// ```
 ///
@@ -374,20 +377,24 @@ impl RowTriggers {
     }
 
     /// The most rows one notification names (default [`DEFAULT_MAX_ROWS`]); a statement that
-    /// changes more is notified as the table alone.
+    /// changes more is notified as the table alone. At most 4,000 (more keys could never fit
+    /// in a notification's 8,000 bytes; a larger value is taken as 4,000, which also keeps the
+    /// trigger's `int` arithmetic from overflowing).
     pub fn max_rows(mut self, max_rows: u32) -> Self {
-        self.max_rows = max_rows;
+        self.max_rows = max_rows.min(4_000);
         self
     }
 
-    /// The SQL that installs the triggers, for a migration's `up.sql`: the trigger function
-    /// `memclone_notify_rows()` (created or replaced, in the first schema of the
-    /// `search_path`) and on each table four statement-level triggers, `memclone_invalidate_insert`,
-    /// `_update`, `_delete` (with transition tables) and `_truncate`, replacing the table's
-    /// [`install_sql`] trigger if it has one.
+    /// The SQL that installs the triggers, for a migration's `up.sql`: one trigger function per
+    /// set of key columns, `memclone_notify_rows_<hash of the columns>` (created or replaced,
+    /// in the first schema of the `search_path`), and on each table four statement-level
+    /// triggers, `memclone_invalidate_insert`, `_update`, `_delete` (with transition tables)
+    /// and `_truncate`, replacing the table's [`install_sql`] trigger if it has one; then a
+    /// `SELECT` of the key columns that fails the migration if one is misspelt. A table given
+    /// no key columns gets [`install_sql`]'s table-level trigger.
     ///
-    /// Cost: on each write statement, a catalog look-up per key column and a query over the
-    /// transition table (planned on each statement), then one `pg_notify`, sent at commit. The
+    /// Cost: on each write statement, a query over the transition table that checks each
+    /// row's key type (`pg_typeof`) and renders its keys, then one `pg_notify`, sent at commit. The
     /// transition tables keep the changed rows until the statement ends. Unlike
     /// [`install_sql`]'s, a transaction that writes many rows one statement at a time sends one
     /// notification per statement (PostgreSQL folds only identical payloads).
@@ -441,6 +448,13 @@ impl RowTriggers {
                        {transition}FOR EACH STATEMENT EXECUTE FUNCTION {function}({args});\n"
                 ));
             }
+            // PL/pgSQL resolves the key columns only when the trigger first runs: a misspelt one
+            // would fail every later write to the table. This fails the migration instead.
+            let selected: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+            sql.push_str(&format!(
+                "SELECT {} FROM {name} LIMIT 0;\n",
+                selected.join(", ")
+            ));
         }
         if !table_level.is_empty() {
             sql.push_str(&install_sql(&self.channel, &table_level)?);
@@ -501,6 +515,9 @@ fn check_column(table: &str, column: &str) -> Result<(), ListenError> {
         "is longer than 63 bytes (PostgreSQL would cut it)"
     } else if column.contains('\0') {
         "holds a NUL"
+    } else if column.contains('$') {
+        // The trigger function's body is dollar-quoted: a `$` could end it early.
+        "holds a `$`"
     } else {
         return Ok(());
     };
