@@ -78,9 +78,16 @@ enum Database {
 }
 
 impl Database {
-    /// MariaDB/MySQL for a `mysql://` URL, PostgreSQL otherwise.
+    /// MariaDB/MySQL for a `mysql://` or `mariadb://` URL (any case), PostgreSQL otherwise
+    /// (`postgres://`, `postgresql://` or a `key=value` connection string).
     fn of(url: Option<&str>, channel: String, versions_table: String) -> Self {
-        match url.is_some_and(|url| url.starts_with("mysql://")) {
+        let mysql = |url: &str| {
+            ["mysql://", "mariadb://"].iter().any(|scheme| {
+                url.get(..scheme.len())
+                    .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+            })
+        };
+        match url.is_some_and(mysql) {
             true => Database::MariaDb { versions_table },
             false => Database::Postgres { channel },
         }
@@ -516,6 +523,17 @@ mod tests {
                 ..
             }) => assert_eq!(versions_table, "vt"),
             other => panic!("{other:?}"),
+        }
+        for url in ["mariadb://root@h/db", "MySQL://h/db"] {
+            assert!(matches!(
+                parse(args(&format!(
+                    "--database-url {url} --print-install-sql --tables t"
+                ))),
+                Ok(Command::PrintInstall {
+                    database: Database::MariaDb { .. },
+                    ..
+                })
+            ));
         }
         assert!(matches!(
             parse(args(

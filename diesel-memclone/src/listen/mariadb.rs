@@ -281,8 +281,20 @@ impl fmt::Debug for MariaDbListener {
     }
 }
 
+/// `url` with a `mariadb://` scheme (any case) written `mysql://`, the only scheme
+/// `mysql_async` accepts; any other URL as it is.
+fn mysql_scheme(url: String) -> String {
+    match url.get(..10) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("mariadb://") => {
+            format!("mysql://{}", &url[10..])
+        }
+        _ => url,
+    }
+}
+
 /// A listener on the MariaDB/MySQL database at `database_url` (which names the database whose
 /// tables are watched): give it the tables to watch, then [`start`](MariaDbListener::start) it.
+/// A `mariadb://` URL is taken as the `mysql://` one the MySQL client library expects.
 ///
 /// MariaDB/MySQL has no `NOTIFY`: row triggers bump a per-table version counter in the
 /// writer's transaction, and the listener polls the counters.
@@ -338,7 +350,7 @@ impl fmt::Debug for MariaDbListener {
 /// ```
 pub fn mariadb(database_url: impl Into<String>) -> MariaDbListener {
     MariaDbListener {
-        database_url: database_url.into(),
+        database_url: mysql_scheme(database_url.into()),
         tables: Vec::new(),
         versions_table: MARIADB_VERSIONS_TABLE.to_owned(),
         cache: None,
@@ -797,6 +809,21 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mariadb_urls_become_mysql_ones() {
+        assert_eq!(
+            mysql_scheme("mariadb://root@h/db".into()),
+            "mysql://root@h/db"
+        );
+        assert_eq!(
+            mysql_scheme("MariaDB://h:3306/db".into()),
+            "mysql://h:3306/db"
+        );
+        assert_eq!(mysql_scheme("mysql://h/db".into()), "mysql://h/db");
+        assert_eq!(mysql_scheme("maria".into()), "maria");
+        assert_eq!(mysql_scheme("mariadb:/é".into()), "mariadb:/é");
+    }
 
     #[test]
     fn names() {
