@@ -8,7 +8,7 @@ use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use diesel_memclone::deadpool_redis::redis::{self, Value};
 use diesel_memclone::store::Store;
 use diesel_memclone::{Cache, CacheValue, LockOptions};
-use diesel_memclone_tests::schema::users;
+use diesel_memclone_tests::schema::{posts, users};
 use diesel_memclone_tests::*;
 use std::time::Duration;
 
@@ -305,6 +305,34 @@ async fn row_generations_live_as_long_as_their_entries(cluster: bool) {
     );
 }
 
+/// Rows written through by a write (with its bump, on a single server) keep their generations
+/// as long as their entries, as rows filled by reads do.
+async fn written_rows_keep_their_generations(cluster: bool) {
+    let Some((cache, redis, ns, mut conn, counter)) = setup(cluster, 1, |b| b).await else {
+        return;
+    };
+    // A read first: the table's entity generation exists, which a write needs to store its rows
+    // with its bump.
+    find_post(&cache, &mut conn, 1).await;
+    let post: Post = diesel_memclone::update(posts::table.find(1))
+        .set(posts::title.eq("written"))
+        .using(&cache)
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(cache.stats().written_through, 1, "the updated post");
+    // Posts' entries live 600 s: their generations at least as long, at most a quarter longer.
+    for generation in ["r:1", "egen"] {
+        let ms = pttl(&redis, &table_key(&ns, "posts", generation)).await;
+        assert!(
+            ms > 590_000 && ms <= 751_000,
+            "post {generation}: PTTL {ms} ms, the entry lives 600 s"
+        );
+    }
+    let (found, queries) = counted!(counter, find_post(&cache, &mut conn, 1).await);
+    assert_eq!((found, queries), (post, 0), "a hit on the written row");
+}
+
 /// A generation that expired under a living entry makes that entry a miss, never a stale hit.
 async fn missing_row_generation_is_a_miss(cluster: bool) {
     let Some((cache, redis, ns, mut conn, counter)) = setup(cluster, 1, |b| b).await else {
@@ -418,6 +446,7 @@ on_redis!(generations_of_the_wrong_type_are_misses_and_replaced: wrong_type_gene
 on_redis!(writes_invalidate_over_keys_of_the_wrong_type: wrong_type_write_keys_redis, wrong_type_write_keys_redis_cluster);
 on_redis!(lock_of_the_wrong_type_does_not_block_the_fill: wrong_type_lock_redis, wrong_type_lock_redis_cluster);
 on_redis!(row_generations_live_as_long_as_their_entries: row_generation_ttl_redis, row_generation_ttl_redis_cluster);
+on_redis!(written_rows_keep_their_generations: written_rows_generations_redis, written_rows_generations_redis_cluster);
 on_redis!(missing_row_generation_is_a_miss: missing_row_generation_redis, missing_row_generation_redis_cluster);
 on_redis!(scripts_run_by_sha_and_survive_a_flush: scripts_by_sha_redis, scripts_by_sha_redis_cluster);
 on_every_store!(fresh_namespace_writes_through: fresh_write_through_redis, fresh_write_through_redis_cluster, fresh_write_through_memory);

@@ -110,3 +110,50 @@ async fn contended(cache: Cache, schema: &str) {
 
 on_every_store!(uncontended: uncontended_redis, uncontended_redis_cluster, uncontended_memory);
 on_every_store!(contended: contended_redis, contended_redis_cluster, contended_memory);
+
+/// Entity entries of the returned rows (stored with the table's bump on a single server):
+/// stored when no other write overlapped, skipped when one did.
+async fn entity_rows(cache: Cache, schema: &str) {
+    let mut conn = postgres_again(schema).await;
+    seed(&cache, &mut conn).await;
+    let mut other = postgres_again(schema).await;
+    let counter = QueryCounter::default();
+    counter.attach(&mut conn);
+    let updated: User = diesel_memclone::update(users::table.find(1))
+        .set(users::name.eq("Anna"))
+        .using(&cache)
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(updated.name, "Anna");
+    let (user, queries) = counted!(counter, cache.find::<User, _>(&mut conn, 1).await.unwrap());
+    assert_eq!(
+        (user.name.as_str(), queries),
+        ("Anna", 0),
+        "the returned row is the entity entry"
+    );
+    let slow_write = diesel_memclone::update(users::table.find(1))
+        .set(users::name.eq("Annie"))
+        .map(|s| s.filter(diesel::dsl::sql::<Bool>("pg_sleep(0.3) IS NOT NULL")))
+        .using(&cache)
+        .get_result::<User, _>(&mut conn);
+    let overlapping = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        diesel_memclone::update(users::table.find(2))
+            .set(users::name.eq("Rob"))
+            .using(&cache)
+            .execute(&mut other)
+            .await
+            .unwrap();
+    };
+    let (updated, ()) = tokio::join!(slow_write, overlapping);
+    assert_eq!(updated.unwrap().name, "Annie");
+    let (user, queries) = counted!(counter, cache.find::<User, _>(&mut conn, 1).await.unwrap());
+    assert_eq!(
+        (user.name.as_str(), queries),
+        ("Annie", 1),
+        "an overlapped write stores no entry: the read goes to the database"
+    );
+}
+
+on_every_store!(entity_rows: entity_rows_redis, entity_rows_redis_cluster, entity_rows_memory);

@@ -1,7 +1,7 @@
 //! Invalidating writes: `insert_into`, `update`, `delete`, `replace_into` and any statement
 //! through [`write()`], shaped like Diesel's own builders.
 
-use crate::cache::{cache, Cache, Invalidated, PendingWrite};
+use crate::cache::{cache, Cache, Invalidated, PendingWrite, RowsThrough};
 use crate::error::{Error, Result};
 use crate::key::{self, Verb, WrittenStatement};
 use crate::model::{CacheValue, RowKey};
@@ -316,10 +316,13 @@ impl<S> Write<S> {
         uncache: Vec<String>,
         timing: WriteTiming,
         deferred: Option<usize>,
+        through: Option<&RowsThrough>,
     ) -> Option<Invalidated> {
         match timing {
             WriteTiming::Now => {
-                let invalidated = cache.invalidate_written(&tables, rows.as_deref()).await;
+                let invalidated = cache
+                    .invalidate_written_through(&tables, rows.as_deref(), through)
+                    .await;
                 if !uncache.is_empty() {
                     cache.uncache(&uncache).await;
                 }
@@ -406,7 +409,7 @@ impl Write<()> {
         let (pending, deferred) = pending(&cache, &tables, &self.uncache, &timing);
         let written = run().await;
         // Invalidate even after an error: the statement may have changed rows before failing.
-        Write::<()>::finish(&cache, tables, None, self.uncache, timing, deferred).await;
+        Write::<()>::finish(&cache, tables, None, self.uncache, timing, deferred, None).await;
         if let Some(pending) = pending {
             pending.done();
         }
@@ -441,9 +444,11 @@ impl Write<()> {
         // write sequence from before the write, and never happens inside a transaction.
         let through = matches!(timing, WriteTiming::Now)
             && ((self.cache_result.is_some() && statement.verb != Verb::Delete) || rows_through);
-        let before = match through {
-            true => cache.write_sequence(&table).await,
-            false => None,
+        // The sequence, and the entity generation the rows' entries will carry if the bump
+        // stores them (in the same round trip).
+        let (before, entity_generation) = match through {
+            true => cache.write_sequence_and_entity_generation(&table).await,
+            false => (None, None),
         };
         let tables = written_tables(&statement, &self.also);
         let (pending, deferred) = pending(&cache, &tables, &self.uncache, &timing);
@@ -452,8 +457,23 @@ impl Write<()> {
             Ok(values) if !moves_rows => returned_rows(&table, values),
             _ => None,
         };
-        let invalidated =
-            Write::<()>::finish(&cache, tables, rows.clone(), self.uncache, timing, deferred).await;
+        // Where the store can, the rows' entries go with the bump itself: one round trip less.
+        let folded = match (&result, &rows, before, entity_generation) {
+            (Ok(values), Some(rows), Some(before), Some(entity_generation)) if rows_through => {
+                rows_through_bump(&cache, values, rows, before, entity_generation)
+            }
+            _ => None,
+        };
+        let invalidated = Write::<()>::finish(
+            &cache,
+            tables,
+            rows.clone(),
+            self.uncache,
+            timing,
+            deferred,
+            folded.as_ref(),
+        )
+        .await;
         if let Some(pending) = pending {
             pending.done();
         }
@@ -461,6 +481,11 @@ impl Write<()> {
         let (Some(before), Some(invalidated)) = (before, invalidated) else {
             return Ok(values);
         };
+        // Stored with the bump, or found it moved by another write: nothing more to store.
+        let stored_with_bump = invalidated.written_through.is_some();
+        if let (Some(true), Some(through)) = (invalidated.written_through, &folded) {
+            cache.count_written_through(through.keys.len());
+        }
         let Some(ours) = <[_]>::first(&invalidated.tables) else {
             return Ok(values);
         };
@@ -469,9 +494,12 @@ impl Write<()> {
         if ours.sequence != Some(before + 1) {
             return Ok(values);
         }
-        if let (true, Some(rows), Some(entity_generation)) =
-            (rows_through, &rows, ours.entity_generation)
-        {
+        if let (true, false, Some(rows), Some(entity_generation)) = (
+            rows_through,
+            stored_with_bump,
+            &rows,
+            ours.entity_generation,
+        ) {
             if rows.len() == values.len() {
                 let written = values.iter().zip(rows).zip(&invalidated.row_generations);
                 for ((value, row), row_generation) in written {
@@ -497,6 +525,41 @@ impl Write<()> {
         }
         Ok(values)
     }
+}
+
+/// The written rows' entity entries, for the bump to store (see [`RowsThrough`]): tagged with
+/// the entity generation read before the write and the row generations drawn here for the bump.
+/// `None` when a value does not encode or the rows do not match the values one to one.
+fn rows_through_bump<U: CacheValue>(
+    cache: &Cache,
+    values: &[U],
+    rows: &[RowKey],
+    before: u64,
+    entity_generation: u64,
+) -> Option<RowsThrough> {
+    if rows.len() != values.len() {
+        return None;
+    }
+    let mut through = RowsThrough {
+        sequence: before.checked_add(1)?,
+        entity_generation,
+        row_values: Vec::with_capacity(rows.len()),
+        keys: Vec::with_capacity(rows.len()),
+        values: Vec::with_capacity(rows.len()),
+        ttl: Duration::ZERO,
+    };
+    for (value, row) in values.iter().zip(rows) {
+        let row_generation = crate::store::fresh_generation();
+        let tags = [entity_generation, row_generation];
+        let (key, bytes, kept_for) =
+            cache.entity_entry_of(row, U::fingerprint(), tags, U::entity_ttl(), value)?;
+        through.row_values.push(row_generation);
+        through.keys.push(key);
+        through.values.push(bytes);
+        // One lifetime for all: the model's, so the same for every row.
+        through.ttl = kept_for;
+    }
+    Some(through)
 }
 
 fn written_tables(statement: &WrittenStatement, also: &[String]) -> Vec<String> {

@@ -5,7 +5,7 @@
 use super::{Cache, Inner};
 use crate::key;
 use crate::model::RowKey;
-use crate::store::{fresh_generation, StoreResult, TableBump};
+use crate::store::{fresh_generation, StoreResult, TableBump, WriteThrough};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -62,7 +62,7 @@ impl Cache {
             return true;
         }
         let tables: Vec<String> = snapshot.iter().map(|(t, _)| t.clone()).collect();
-        if self.bump_tables(&tables, None).await.is_ok() {
+        if self.bump_tables(&tables, None, None).await.is_ok() {
             let mut pending = self.lock_undelivered();
             for (table, epoch) in &snapshot {
                 // A failure recorded while this delivery ran may postdate it: keep that one.
@@ -139,11 +139,13 @@ impl Cache {
         &self,
         tables: &[String],
         rows: Option<&[RowName<'_>]>,
+        through: Option<&RowsThrough>,
     ) -> StoreResult<Invalidated> {
         let ns = &self.inner.namespace;
         let store = &self.inner.store;
         let mut invalidated = Vec::with_capacity(tables.len());
         let mut row_generations = Vec::new();
+        let mut written_through = None;
         for (i, table) in tables.iter().enumerate() {
             // The rows, when known, are rows of the first (written) table; any other table
             // (`also_invalidates`, a pending delivery) has all of its rows evicted.
@@ -162,7 +164,12 @@ impl Cache {
                 .iter()
                 .map(|(table, primary_key)| key::row_generation(ns, table, primary_key))
                 .collect();
-            let row_values: Vec<u64> = row_keys.iter().map(|_| fresh_generation()).collect();
+            // Rows written through with the bump carry the generations it sets: drawn before.
+            let through = through.filter(|t| i == 0 && t.row_values.len() == row_keys.len());
+            let row_values: Vec<u64> = match through {
+                Some(through) => through.row_values.clone(),
+                None => row_keys.iter().map(|_| fresh_generation()).collect(),
+            };
             let sequence = key::write_sequence(ns, table);
             let bump = TableBump {
                 sequence: &sequence,
@@ -172,6 +179,13 @@ impl Cache {
                 row_values: &row_values,
                 rows_ttl: self.inner.generation_ttl,
                 observe: &observe,
+                write_through: through.map(|t| WriteThrough {
+                    sequence: t.sequence,
+                    guard: t.entity_generation,
+                    keys: &t.keys,
+                    values: &t.values,
+                    ttl: t.ttl,
+                }),
             };
             // One atomic script per table: its generations, its rows' generations and its
             // write sequence move together, which is what makes write-through safe.
@@ -184,6 +198,9 @@ impl Cache {
             self.inner.moves.moved(&keys);
             self.inner.moves.moved(&row_keys);
             let bumped = bumped?;
+            if through.is_some() {
+                written_through = bumped.as_ref().and_then(|b| b.written_through);
+            }
             invalidated.push(TableInvalidated {
                 sequence: bumped.as_ref().map(|b| b.sequence),
                 query_generation: values[0],
@@ -196,6 +213,7 @@ impl Cache {
         Ok(Invalidated {
             tables: invalidated,
             row_generations,
+            written_through,
         })
     }
 
@@ -208,12 +226,25 @@ impl Cache {
         tables: &[String],
         rows: Option<&[RowKey]>,
     ) -> Option<Invalidated> {
+        self.invalidate_written_through(tables, rows, None).await
+    }
+
+    /// [`invalidate_written`](Self::invalidate_written), storing `through` (entries of `rows`)
+    /// in the same step as the first table's bump where the store can
+    /// ([`Invalidated::written_through`] says whether it did).
+    pub(crate) async fn invalidate_written_through(
+        &self,
+        tables: &[String],
+        rows: Option<&[RowKey]>,
+        through: Option<&RowsThrough>,
+    ) -> Option<Invalidated> {
         let rows: Option<Vec<RowName<'_>>> = rows.map(|rows| {
             rows.iter()
                 .map(|row| (row.table, row.primary_key.as_str()))
                 .collect()
         });
-        self.invalidate_named(tables, rows.as_deref()).await
+        self.invalidate_named(tables, rows.as_deref(), through)
+            .await
     }
 
     /// Invalidates every query of `table` (its SQL name, as for
@@ -227,7 +258,7 @@ impl Cache {
             .iter()
             .map(|pk| (table.as_str(), pk.as_str()))
             .collect();
-        self.invalidate_named(std::slice::from_ref(&table), Some(&rows))
+        self.invalidate_named(std::slice::from_ref(&table), Some(&rows), None)
             .await;
     }
 
@@ -236,12 +267,13 @@ impl Cache {
         &self,
         tables: &[String],
         rows: Option<&[RowName<'_>]>,
+        through: Option<&RowsThrough>,
     ) -> Option<Invalidated> {
         let span = Cache::invalidate_span(tables, rows.map(<[RowName<'_>]>::len));
         if span.is_disabled() {
-            return self.invalidate_tables(tables, rows, &span).await;
+            return self.invalidate_tables(tables, rows, through, &span).await;
         }
-        let invalidation = self.invalidate_tables(tables, rows, &span);
+        let invalidation = self.invalidate_tables(tables, rows, through, &span);
         tracing::Instrument::instrument(invalidation, span.clone()).await
     }
 
@@ -250,6 +282,7 @@ impl Cache {
         &self,
         tables: &[String],
         rows: Option<&[RowName<'_>]>,
+        through: Option<&RowsThrough>,
         span: &tracing::Span,
     ) -> Option<Invalidated> {
         self.invalidation_event(tables);
@@ -260,7 +293,7 @@ impl Cache {
             tables,
             delivered: false,
         };
-        let bumped = self.bump_tables(tables, rows).await;
+        let bumped = self.bump_tables(tables, rows, through).await;
         span.record(
             "outcome",
             ["undelivered", "delivered"][usize::from(bumped.is_ok())],
@@ -286,6 +319,7 @@ impl Cache {
             row_values: &row_values,
             rows_ttl: self.inner.generation_ttl,
             observe: &[],
+            write_through: None,
         };
         let bumped = self.call(self.inner.store.bump_table(bump)).await.is_ok();
         self.forget_near(&row_keys);
@@ -293,13 +327,21 @@ impl Cache {
         bumped
     }
 
-    /// The table's write sequence before a write whose result may be cached.
-    pub(crate) async fn write_sequence(&self, table: &str) -> Option<u64> {
-        let sequence = key::write_sequence(&self.inner.namespace, table);
-        self.call(self.inner.store.write_sequence(&sequence))
-            .await
-            .ok()
-            .flatten()
+    /// The table's write sequence before a write whose result may be cached, and its entity
+    /// generation where the store can store the rows with the bump (in the same round trip),
+    /// which the rows' entries then carry.
+    pub(crate) async fn write_sequence_and_entity_generation(
+        &self,
+        table: &str,
+    ) -> (Option<u64>, Option<u64>) {
+        let ns = &self.inner.namespace;
+        let sequence = key::write_sequence(ns, table);
+        let generation = key::entity_generation(ns, table);
+        let read = self
+            .inner
+            .store
+            .write_sequence_and_generation(&sequence, &generation);
+        self.call(read).await.unwrap_or((None, None))
     }
 }
 
@@ -369,6 +411,25 @@ pub(crate) struct Invalidated {
     pub(crate) tables: Vec<TableInvalidated>,
     /// The new generation of each written row, in the order of the rows given.
     pub(crate) row_generations: Vec<u64>,
+    /// Whether the store stored the [`RowsThrough`] entries with the bump (`None`: not tried).
+    pub(crate) written_through: Option<bool>,
+}
+
+/// A write's returned rows, encoded for their entity entries, to store with its table's bump
+/// (see [`WriteThrough`]).
+pub(crate) struct RowsThrough {
+    /// The table's write sequence the bump must reach: one more than before the write.
+    pub(crate) sequence: u64,
+    /// The table's entity generation read before the write, which the entries carry.
+    pub(crate) entity_generation: u64,
+    /// The generation the bump gives each row, which the entries carry: one per row.
+    pub(crate) row_values: Vec<u64>,
+    /// The entries' keys.
+    pub(crate) keys: Vec<String>,
+    /// Their encoded values.
+    pub(crate) values: Vec<Vec<u8>>,
+    /// How long they are kept.
+    pub(crate) ttl: Duration,
 }
 
 /// What one table's invalidation set.

@@ -14,7 +14,7 @@ mod moves;
 mod observe;
 mod read;
 
-pub(crate) use invalidate::{Invalidated, PendingWrite};
+pub(crate) use invalidate::{Invalidated, PendingWrite, RowsThrough};
 pub(crate) use observe::ReadName;
 
 use crate::error::{Error, Result};

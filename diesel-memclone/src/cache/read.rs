@@ -714,17 +714,10 @@ impl Cache {
         ttl: Option<Duration>,
         value: &T,
     ) {
-        let ttl = ttl.unwrap_or(self.inner.default_ttl);
-        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
-        if let Some(bytes) = codec::encode_as::<Option<T>, _>(&tags, fresh_until, &Some(value)) {
+        if let Some((key, bytes, kept_for)) =
+            self.entity_entry_of(row, fingerprint, tags, ttl, value)
+        {
             self.inner.stats.written_through.add_one();
-            let key = key::entity_entry(
-                &self.inner.namespace,
-                row.table,
-                &row.primary_key,
-                fingerprint,
-            );
-            let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
             let ns = &self.inner.namespace;
             let generations = [
                 key::entity_generation(ns, row.table),
@@ -735,6 +728,40 @@ impl Cache {
                 .store
                 .put_with_generations(&key, bytes, kept_for, &generations);
             let _ = self.call(put).await;
+        }
+    }
+
+    /// A written row's entity entry, tagged with `tags` (its table's entity generation and its
+    /// row generation): its key, its bytes, and how long the store keeps it. `None` when the
+    /// value does not encode.
+    pub(crate) fn entity_entry_of<T: Serialize + DeserializeOwned>(
+        &self,
+        row: &RowKey,
+        fingerprint: u64,
+        tags: [u64; 2],
+        ttl: Option<Duration>,
+        value: &T,
+    ) -> Option<(String, Vec<u8>, Duration)> {
+        let ttl = ttl.unwrap_or(self.inner.default_ttl);
+        let fresh_until = codec::now_millis().saturating_add(ttl.as_millis() as u64);
+        let bytes = codec::encode_as::<Option<T>, _>(&tags, fresh_until, &Some(value))?;
+        let key = key::entity_entry(
+            &self.inner.namespace,
+            row.table,
+            &row.primary_key,
+            fingerprint,
+        );
+        Some((
+            key,
+            bytes,
+            ttl.saturating_add(self.inner.stale_while_revalidate),
+        ))
+    }
+
+    /// Counts entries a write's bump stored ([`RowsThrough`](super::invalidate::RowsThrough)).
+    pub(crate) fn count_written_through(&self, entries: usize) {
+        for _ in 0..entries {
+            self.inner.stats.written_through.add_one();
         }
     }
 

@@ -395,6 +395,7 @@ mod tests {
             row_values: &[],
             rows_ttl: Duration::from_secs(60),
             observe: &observe,
+            write_through: None,
         };
         let bumped = store.bump_table(bump).now_or_never().expect("ready");
         let observed = bumped.unwrap().expect("a sequence").observed;

@@ -129,6 +129,18 @@ pub trait Store: Send + Sync + 'static {
         futures_util::future::ready(Ok(None)).boxed()
     }
 
+    /// [`write_sequence`](Store::write_sequence), and the current value of `generation` (in the
+    /// same round trip where the store can; `None` when missing or not a generation). The
+    /// default reads the sequence alone.
+    fn write_sequence_and_generation<'a>(
+        &'a self,
+        sequence: &'a str,
+        generation: &'a str,
+    ) -> BoxFuture<'a, StoreResult<(Option<u64>, Option<u64>)>> {
+        let _ = generation;
+        async move { Ok((self.write_sequence(sequence).await?, None)) }.boxed()
+    }
+
     /// Called when an operation timed out: drop connections that may be stalled, so that the
     /// next operation opens a fresh one. The default does nothing.
     fn reset(&self) {}
@@ -588,6 +600,32 @@ pub struct TableBump<'a> {
     /// value that lives `rows_ttl` (unless an entry stored under it extends it), so that a
     /// write can write its rows through even in a namespace no read has used yet.
     pub observe: &'a [String],
+    /// A write's rows to store in the same atomic step, if the bump finds the table as the
+    /// writer left it (see [`WriteThrough`]). A store that cannot do both at once ignores it and
+    /// says so ([`Bumped::written_through`] `None`); the writer then stores them itself.
+    pub write_through: Option<WriteThrough<'a>>,
+}
+
+/// Entries a write stores with its table's bump ([`TableBump::write_through`]): its returned
+/// rows, tagged with the table's entity generation the writer read before its statement
+/// (`guard`) and the rows' generations this bump sets. Stored only if, after the bump, the
+/// write sequence is exactly `sequence` (no other write to the table was invalidated since the
+/// writer read it) and the first observed generation still holds `guard`; then each row
+/// generation of the bump, and the observed generation, live at least as long as the entries
+/// (as [`Store::put_with_generations`] keeps them).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct WriteThrough<'a> {
+    /// The write sequence the bump must reach.
+    pub sequence: u64,
+    /// The value the first observed generation must hold.
+    pub guard: u64,
+    /// The entries' keys.
+    pub keys: &'a [String],
+    /// Their encoded values, one per key.
+    pub values: &'a [Vec<u8>],
+    /// How long the entries are kept.
+    pub ttl: Duration,
 }
 
 /// What [`Store::bump_table`] did: the new write sequence and the observed generations.
@@ -598,12 +636,25 @@ pub struct Bumped {
     pub sequence: u64,
     /// The current value of each observed generation, in the order asked.
     pub observed: Vec<Option<u64>>,
+    /// Whether the bump stored the [`TableBump::write_through`] entries: `None` when the store
+    /// did not try (no entries, or a store that cannot store them in the same step).
+    pub written_through: Option<bool>,
 }
 
 impl Bumped {
-    /// A result from its parts (for implementors of [`Store`]).
+    /// A result from its parts (for implementors of [`Store`]), with no entries stored.
     pub fn new(sequence: u64, observed: Vec<Option<u64>>) -> Self {
-        Self { sequence, observed }
+        Self {
+            sequence,
+            observed,
+            written_through: None,
+        }
+    }
+
+    /// The same result, saying whether the write-through entries were stored.
+    pub fn with_written_through(mut self, stored: bool) -> Self {
+        self.written_through = Some(stored);
+        self
     }
 }
 

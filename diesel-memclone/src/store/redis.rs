@@ -3,7 +3,7 @@
 use super::tracking::{self, Targets};
 use super::{
     fresh_generation, Bumped, Fetched, FollowChanges, LockProbe, Probed, PutEntry, ReadLock,
-    ReadLocked, ReadProbe, Store, StoreResult, TableBump, SEQUENCE_SHIFT,
+    ReadLocked, ReadProbe, Store, StoreResult, TableBump, WriteThrough, SEQUENCE_SHIFT,
 };
 use crate::error::{Error, StoreError};
 use deadpool::managed;
@@ -405,6 +405,49 @@ impl RedisStore {
     /// True when this store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         matches!(self.backend, Backend::Cluster(_))
+    }
+
+    /// [`Store::bump_table`] with the write's entries stored in the same script
+    /// (`BUMP_AND_PUT_SCRIPT`), on a single server.
+    async fn bump_and_write_through(
+        &self,
+        bump: TableBump<'_>,
+        through: WriteThrough<'_>,
+    ) -> StoreResult<Option<Bumped>> {
+        let key_count = 1 + bump.keys.len() + bump.row_keys.len() + 1 + through.keys.len();
+        let mut cmd = evalsha(&SCRIPTS.bump_and_put, key_count);
+        cmd.arg(bump.sequence)
+            .arg(bump.keys)
+            .arg(bump.row_keys)
+            .arg(bump.observe)
+            .arg(through.keys);
+        let ttl = millis(through.ttl);
+        cmd.arg(bump.keys.len())
+            .arg(bump.row_keys.len())
+            .arg(millis(bump.rows_ttl))
+            .arg(through.keys.len())
+            .arg(through.sequence)
+            .arg(through.guard)
+            .arg(ttl)
+            .arg(ttl)
+            .arg(extended_millis(through.ttl))
+            .arg(fresh_generation() >> SEQUENCE_SHIFT)
+            .arg(bump.values)
+            .arg(bump.row_values)
+            .arg(fresh_generation());
+        for value in through.values {
+            cmd.arg(value.as_slice());
+        }
+        let reply = reply(self.run_once(&[cmd]).await?.pop().unwrap_or(Value::Nil))?;
+        let Value::Array(items) = reply else {
+            return Ok(None);
+        };
+        let [Value::Int(next), observed, Value::Int(stored)] = items.as_slice() else {
+            return Ok(None);
+        };
+        Ok(u64::try_from(*next).ok().map(|next| {
+            Bumped::new(next, vec![parse_generation(observed)]).with_written_through(*stored == 1)
+        }))
     }
 
     /// Opens every connection now (those not open yet), rather than on first use: call it at
@@ -1029,6 +1072,16 @@ impl Store for RedisStore {
 
     fn bump_table<'a>(&'a self, bump: TableBump<'a>) -> BoxFuture<'a, StoreResult<Option<Bumped>>> {
         async move {
+            // On a single server the written rows' entries go in the same script; on a
+            // cluster they live in other slots than the table's, so the writer stores them.
+            if let (Some(through), Backend::Single(_)) = (bump.write_through, &self.backend) {
+                if !through.keys.is_empty()
+                    && through.keys.len() == through.values.len()
+                    && bump.observe.len() == 1
+                {
+                    return self.bump_and_write_through(bump, through).await;
+                }
+            }
             // One script in the table's slot: every key shares its hash tag.
             let key_count = 1 + bump.keys.len() + bump.row_keys.len() + bump.observe.len();
             let mut cmd = evalsha(&SCRIPTS.bump_table, key_count);
@@ -1055,6 +1108,41 @@ impl Store for RedisStore {
             Ok(u64::try_from(*next)
                 .ok()
                 .map(|next| Bumped::new(next, observed)))
+        }
+        .boxed()
+    }
+
+    fn write_sequence_and_generation<'a>(
+        &'a self,
+        sequence: &'a str,
+        generation: &'a str,
+    ) -> BoxFuture<'a, StoreResult<(Option<u64>, Option<u64>)>> {
+        async move {
+            // On a cluster the rows' entries are not stored with the bump: no generation needed.
+            if !matches!(self.backend, Backend::Single(_)) {
+                return Ok((self.write_sequence(sequence).await?, None));
+            }
+            // Both keys are in the table's slot: one round trip (unless the sequence is new).
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(sequence)
+                .arg(fresh_generation() >> SEQUENCE_SHIFT)
+                .arg("NX")
+                .arg("GET");
+            let mut replies = self.run(&[cmd, get(generation)]).await?.into_iter();
+            let previous = replies.next().unwrap_or(Value::Nil);
+            let generation = unless_wrong_type(replies.next().unwrap_or(Value::Nil))?
+                .as_ref()
+                .and_then(parse_generation);
+            let sequence = match unless_wrong_type(previous)? {
+                Some(Value::Nil) => {
+                    let current = self.run(&[get(sequence)]).await?.pop();
+                    let current = current.map(unless_wrong_type).transpose()?.flatten();
+                    current.as_ref().and_then(parse_generation)
+                }
+                Some(other) => parse_generation(&other),
+                None => None,
+            };
+            Ok((sequence, generation))
         }
         .boxed()
     }
@@ -1120,6 +1208,7 @@ struct Scripts {
     extend: redis::Script,
     probe: redis::Script,
     read_or_lock: redis::Script,
+    bump_and_put: redis::Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -1129,16 +1218,18 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     extend: redis::Script::new(EXTEND_SCRIPT),
     probe: redis::Script::new(PROBE_SCRIPT),
     read_or_lock: redis::Script::new(READ_OR_LOCK_SCRIPT),
+    bump_and_put: redis::Script::new(BUMP_AND_PUT_SCRIPT),
 });
 
 /// What `SCRIPT LOAD` sends when a server lost the scripts.
-const SCRIPT_SOURCES: [&str; 6] = [
+const SCRIPT_SOURCES: [&str; 7] = [
     BUMP_TABLE_SCRIPT,
     LOCK_SCRIPT,
     UNLOCK_SCRIPT,
     EXTEND_SCRIPT,
     PROBE_SCRIPT,
     READ_OR_LOCK_SCRIPT,
+    BUMP_AND_PUT_SCRIPT,
 ];
 
 /// KEYS: the sequence, the table's generations (n), the rows' generations (m), the generations
@@ -1171,6 +1262,43 @@ const BUMP_TABLE_SCRIPT: &str = "local n, m, ttl = tonumber(ARGV[1]), tonumber(A
        out[#out + 1] = current \
      end \
      return out";
+
+/// `BUMP_TABLE_SCRIPT` with one observed generation (the guard) and a write's entries, stored
+/// in the same step when the bump finds the table as the writer left it. KEYS: the sequence, the
+/// table's generations (n), the rows' generations (m), the guard, the entries (w); ARGV: n, m,
+/// the rows' generations' time to live in ms, w, the sequence the bump must reach, the guard's
+/// value, the entries' time to live in ms, the least time to live of the generations the
+/// entries depend on and what to extend it to (as `EXTEND_SCRIPT`), the sequence's random base,
+/// the n + m new values, a fresh value for a missing guard, the w entries. Returns the new
+/// sequence, the guard's value, and 1 when the entries were stored (else 0). The sequence is
+/// compared as a number (below 2^52, see `SEQUENCE_SHIFT`), the guard as the text `GET` returns,
+/// so that a generation written in another form never matches.
+const BUMP_AND_PUT_SCRIPT: &str = "local n, m, rttl, w = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]) \
+     local function value(key) \
+       if redis.call('TYPE', key).ok ~= 'string' then return false end \
+       return redis.call('GET', key) \
+     end \
+     local seq = value(KEYS[1]) \
+     if not seq or not string.match(seq, '^%d+$') or #seq > 18 then \
+       redis.call('SET', KEYS[1], ARGV[10]) \
+     end \
+     local after = redis.call('INCR', KEYS[1]) \
+     local guard = KEYS[2 + n + m] \
+     local current = value(guard) \
+     if not current or not string.match(current, '^%d+$') then \
+       current = ARGV[11 + n + m] \
+       redis.call('SET', guard, current, 'PX', rttl) \
+     end \
+     local stored = after == tonumber(ARGV[5]) and current == ARGV[6] \
+     for i = 1, n do redis.call('SET', KEYS[1 + i], ARGV[10 + i]) end \
+     local row_ttl = rttl \
+     if stored then row_ttl = math.max(rttl, tonumber(ARGV[9])) end \
+     for i = 1, m do redis.call('SET', KEYS[1 + n + i], ARGV[10 + n + i], 'PX', row_ttl) end \
+     if not stored then return { after, current, 0 } end \
+     for i = 1, w do redis.call('SET', KEYS[2 + n + m + i], ARGV[11 + n + m + i], 'PX', ARGV[7]) end \
+     local left = redis.call('PTTL', guard) \
+     if left >= 0 and left < tonumber(ARGV[8]) then redis.call('PEXPIRE', guard, ARGV[9]) end \
+     return { after, current, 1 }";
 
 /// Takes a lock (`SET NX PX`); a lock key of another type is garbage, replaced.
 const LOCK_SCRIPT: &str = "local kind = redis.call('TYPE', KEYS[1]).ok \
