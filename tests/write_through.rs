@@ -139,12 +139,15 @@ async fn entity_rows(cache: Cache, schema: &str) {
         .get_result::<User, _>(&mut conn);
     let overlapping = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        diesel_memclone::update(users::table.find(2))
+        // Its rows known, it moves the write sequence and row 2, not the entity generation:
+        // only the sequence tells the slow write that it was overlapped.
+        let rob: User = diesel_memclone::update(users::table.find(2))
             .set(users::name.eq("Rob"))
             .using(&cache)
-            .execute(&mut other)
+            .get_result(&mut other)
             .await
             .unwrap();
+        assert_eq!(rob.name, "Rob");
     };
     let (updated, ()) = tokio::join!(slow_write, overlapping);
     assert_eq!(updated.unwrap().name, "Annie");
