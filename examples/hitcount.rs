@@ -16,6 +16,7 @@
 //! `find`, near hits of `Cache::find` (an entity read) instead. Allocations are counted by
 //! callgrind too (the calls of `mi_malloc_aligned`).
 
+use diesel_async::AsyncPgConnection;
 use diesel_memclone::prelude::*;
 use diesel_memclone::store::RedisStore;
 use diesel_memclone::{Cache, NearCache};
@@ -51,38 +52,20 @@ async fn main() {
         }
     };
     let mut conn = connect().await;
-    let id = first_users(1)
+    let filled: Vec<BenchUser> = first_users(1)
         .cached("first")
         .using(&cache)
         .load(&mut conn)
         .await
-        .unwrap()[0]
-        .id;
-    let read = |conn: &mut diesel_async::AsyncPgConnection| {
-        let cache = &cache;
-        let mode = mode.as_str();
-        async move {
-            if mode == "find" {
-                let user: BenchUser = cache.find(conn, id).await.unwrap();
-                std::hint::black_box(user);
-            } else {
-                let hit: Vec<BenchUser> = first_users(1)
-                    .cached("first")
-                    .using(cache)
-                    .load(conn)
-                    .await
-                    .unwrap();
-                std::hint::black_box(hit);
-            }
-        }
-    };
+        .unwrap();
+    let id = filled[0].id;
     // The fill, and a few hits so that every lazy initialisation is behind us.
     for _ in 0..10 {
-        read(&mut conn).await;
+        read(&cache, &mut conn, &mode, id).await;
     }
     let before = cache.stats();
     for _ in 0..hits {
-        read(&mut conn).await;
+        read(&cache, &mut conn, &mode, id).await;
     }
     let stats = cache.stats();
     assert_eq!(stats.misses - before.misses, 0, "{stats:?}");
@@ -91,4 +74,20 @@ async fn main() {
         assert_eq!((stats.near_hits - before.near_hits) as usize, hits, "{stats:?}");
     }
     println!("hits={}", stats.hits);
+}
+
+/// One read of the kind `mode` names.
+async fn read(cache: &Cache, conn: &mut AsyncPgConnection, mode: &str, id: i32) {
+    if mode == "find" {
+        let user: BenchUser = cache.find(conn, id).await.unwrap();
+        std::hint::black_box(user);
+    } else {
+        let hit: Vec<BenchUser> = first_users(1)
+            .cached("first")
+            .using(cache)
+            .load(conn)
+            .await
+            .unwrap();
+        std::hint::black_box(hit);
+    }
 }
