@@ -71,7 +71,11 @@ async fn main() {
     assert_eq!(stats.misses - before.misses, 0, "{stats:?}");
     assert_eq!((stats.hits - before.hits) as usize, hits, "{stats:?}");
     if near {
-        assert_eq!((stats.near_hits - before.near_hits) as usize, hits, "{stats:?}");
+        assert_eq!(
+            (stats.near_hits - before.near_hits) as usize,
+            hits,
+            "{stats:?}"
+        );
     }
     println!("hits={}", stats.hits);
 }

@@ -7,8 +7,8 @@ use crate::cache::{
 use crate::error::Result;
 use crate::identity::{self, CacheBackend};
 use crate::key;
-use crate::near::{NearKey, NearKeys};
 use crate::model::CacheValue;
+use crate::near::{NearKey, NearKeys};
 use crate::pool::ConnectionPool;
 use crate::transaction::read_policy;
 use diesel::dsl::{CountStar, Limit, Select};

@@ -471,7 +471,10 @@ pub(crate) struct Lookup {
 /// [`key::query_entry`]) is spelt out the first time a read needs it: a near hit never does.
 pub(crate) enum EntryKey {
     Text(String),
-    Query { digest: u128, text: OnceLock<String> },
+    Query {
+        digest: u128,
+        text: OnceLock<String>,
+    },
 }
 
 /// Which reads share a [`Shape`]: the result type, and (a hint only) the type name of the

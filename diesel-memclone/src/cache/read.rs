@@ -164,7 +164,10 @@ impl Cache {
         // The entry's GET alone. (Taking the fill lock in the same round trip, with a script
         // that locks unless the entry holds these generations, made this Redis hit 2x the
         // floor of one GET: the script runs on every hit; see `examples/misspath.rs`.)
-        let Ok(fetched) = self.call(self.inner.store.fetch(self.key_text(lookup), &[])).await else {
+        let Ok(fetched) = self
+            .call(self.inner.store.fetch(self.key_text(lookup), &[]))
+            .await
+        else {
             return StoreRead::Failed;
         };
         let expired = match fetched.entry {
@@ -195,7 +198,12 @@ impl Cache {
             self.inner.moves.settle(seen);
             return read;
         }
-        let stamps = near.map(|near| (near.stamps(&lookup.near_generations), near.stamp(lookup.near_key)));
+        let stamps = near.map(|near| {
+            (
+                near.stamps(&lookup.near_generations),
+                near.stamp(lookup.near_key),
+            )
+        });
         let store = &self.inner.store;
         let fetched = self
             .call(store.fetch(self.key_text(lookup), &lookup.generations))
@@ -262,7 +270,12 @@ impl Cache {
         let Some(options) = &self.inner.lock else {
             return StoreRead::Failed;
         };
-        let stamps = near.map(|near| (near.stamps(&lookup.near_generations), near.stamp(lookup.near_key)));
+        let stamps = near.map(|near| {
+            (
+                near.stamps(&lookup.near_generations),
+                near.stamp(lookup.near_key),
+            )
+        });
         let fresh: Vec<u64> = lookup
             .generations
             .iter()
@@ -570,7 +583,14 @@ impl Cache {
         loop {
             // The lock, unless the entry was filled under `tags` in the meantime (the previous
             // holder may have filled it and left between our read and now): one round trip.
-            let probe = LockProbe::new(self.key_text(lookup), &tag, codec::TAG_AT, &key, owner, lock.ttl);
+            let probe = LockProbe::new(
+                self.key_text(lookup),
+                &tag,
+                codec::TAG_AT,
+                &key,
+                owner,
+                lock.ttl,
+            );
             let probed = match probe_first {
                 true => Some(self.call(store.fetch_or_lock(probe)).await),
                 false => None,
@@ -614,7 +634,10 @@ impl Cache {
         lookup: &Lookup,
         tags: &[u64],
     ) -> Option<LockWait<T>> {
-        let fetch = self.inner.store.fetch(self.key_text(lookup), &lookup.generations);
+        let fetch = self
+            .inner
+            .store
+            .fetch(self.key_text(lookup), &lookup.generations);
         let Ok(fetched) = self.call(fetch).await else {
             return Some(LockWait::GoAhead);
         };
