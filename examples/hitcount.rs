@@ -10,13 +10,21 @@
 //! The difference of the two totals ("Collected"), over 20000, is one hit's instructions. The
 //! same file built against another version of the library compares the two (as
 //! `benches/observe.rs` does by time).
+//!
+//! With a second argument `near`, the hits are near hits (a Redis cache whose near tier holds
+//! the entry; its `max_lag` is 10 s, so that callgrind's slowness does not stop the tier); with
+//! `find`, near hits of `Cache::find` (an entity read) instead. Allocations are counted by
+//! callgrind too (the calls of `mi_malloc_aligned`).
+
+use diesel_async::AsyncPgConnection;
+use diesel_memclone::prelude::*;
+use diesel_memclone::store::RedisStore;
+use diesel_memclone::{Cache, NearCache};
+use diesel_memclone_tests::bench::{connect, first_users, BenchUser};
+use std::time::Duration;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-use diesel_memclone::prelude::*;
-use diesel_memclone::Cache;
-use diesel_memclone_tests::bench::{connect, first_users, BenchUser};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -24,30 +32,66 @@ async fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(20_000);
-    let cache = Cache::builder()
-        .namespace(format!("hitcount_{}", std::process::id()))
-        .build()
-        .unwrap();
+    let mode = std::env::args().nth(2).unwrap_or_default();
+    let namespace = format!("hitcount_{}", std::process::id());
+    let near = matches!(mode.as_str(), "near" | "find");
+    let cache = match near {
+        false => Cache::builder().namespace(&namespace).build().unwrap(),
+        true => {
+            let store = RedisStore::builder(diesel_memclone_tests::redis_url())
+                .build()
+                .expect("Redis URL");
+            let cache = Cache::builder()
+                .store(store)
+                .namespace(&namespace)
+                .near_cache(NearCache::new().max_lag(Duration::from_secs(10)))
+                .build()
+                .unwrap();
+            assert!(cache.near_cache_ready(Duration::from_secs(60)).await);
+            cache
+        }
+    };
     let mut conn = connect().await;
+    let filled: Vec<BenchUser> = first_users(1)
+        .cached("first")
+        .using(&cache)
+        .load(&mut conn)
+        .await
+        .unwrap();
+    let id = filled[0].id;
     // The fill, and a few hits so that every lazy initialisation is behind us.
     for _ in 0..10 {
-        let _: Vec<BenchUser> = first_users(1)
-            .cached("first")
-            .using(&cache)
-            .load(&mut conn)
-            .await
-            .unwrap();
+        read(&cache, &mut conn, &mode, id).await;
     }
+    let before = cache.stats();
     for _ in 0..hits {
+        read(&cache, &mut conn, &mode, id).await;
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.misses - before.misses, 0, "{stats:?}");
+    assert_eq!((stats.hits - before.hits) as usize, hits, "{stats:?}");
+    if near {
+        assert_eq!(
+            (stats.near_hits - before.near_hits) as usize,
+            hits,
+            "{stats:?}"
+        );
+    }
+    println!("hits={}", stats.hits);
+}
+
+/// One read of the kind `mode` names.
+async fn read(cache: &Cache, conn: &mut AsyncPgConnection, mode: &str, id: i32) {
+    if mode == "find" {
+        let user: BenchUser = cache.find(conn, id).await.unwrap();
+        std::hint::black_box(user);
+    } else {
         let hit: Vec<BenchUser> = first_users(1)
             .cached("first")
-            .using(&cache)
-            .load(&mut conn)
+            .using(cache)
+            .load(conn)
             .await
             .unwrap();
         std::hint::black_box(hit);
     }
-    let stats = cache.stats();
-    assert_eq!((stats.misses, stats.hits as usize), (1, 9 + hits));
-    println!("hits={}", stats.hits);
 }

@@ -288,8 +288,27 @@ pub(crate) fn decode<T: DeserializeOwned>(
     if checksum != xxh3_64(payload) {
         return Err(Reject::Corrupt);
     }
+    decode_bincode(payload).map(|value| (value, fresh_until))
+}
+
+/// [`decode`] of an entry whose checksum this process has checked already, or that it
+/// encoded: the near tier's (it keeps only entries that decoded, and they cannot change in
+/// memory). Skips hashing the payload again.
+pub(crate) fn decode_checked<T: DeserializeOwned>(
+    bytes: &[u8],
+    current: &[u64],
+) -> Result<(T, u64), Reject> {
+    let Some(rest) = bytes.strip_prefix(MAGIC_BINCODE.as_slice()) else {
+        return decode_msgpack(bytes, current);
+    };
+    let (fresh_until, _, payload) = fields(rest, current)?;
+    decode_bincode(payload).map(|value| (value, fresh_until))
+}
+
+#[inline(always)]
+fn decode_bincode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Reject> {
     match bincode::serde::decode_from_slice::<T, _>(payload, config()) {
-        Ok((value, read)) if read == payload.len() => Ok((value, fresh_until)),
+        Ok((value, read)) if read == payload.len() => Ok(value),
         Ok((_, read)) => Err(undecodable::<T>(
             Encoding::Bincode,
             &format_args!("{} bytes left over", payload.len() - read),

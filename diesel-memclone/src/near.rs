@@ -7,8 +7,8 @@
 //!   moment the store reports the key changed (Redis `CLIENT TRACKING` in broadcast mode, on a
 //!   connection of its own). A read whose generations are all in the view knows them without
 //!   asking the store;
-//! * the **entries**: encoded entries as the store holds them, bounded in bytes, each kept no
-//!   longer than its own freshness. An entry is served when the generations it was filled under
+//! * the **entries**: encoded entries as the store holds them, bounded in bytes, each served no
+//!   longer than its own freshness (and the first to go once past it). An entry is served when the generations it was filled under
 //!   equal the view's, exactly as a store entry is validated on read.
 //!
 //! Both are trusted only while the change stream is known to be in sync: a heartbeat sent at
@@ -121,31 +121,29 @@ impl NearCache {
 /// of `posts`; 14,000-15,000 against 3,000 with 16,384). 128 KiB of counters per cache.
 const STRIPES: usize = 16384;
 
-/// The hasher of the tier's maps (the view and the entries), whose keys are this crate's own
-/// store keys: xxh3 (already used for keys and checksums) with a seed drawn per map, instead
-/// of the default SipHash, which cost more than the rest of a lookup. The seed keeps keys that
-/// a client can choose (row primary keys) from being aimed at one bucket.
-#[derive(Clone)]
-pub(crate) struct BuildKeyHasher {
-    seed: u64,
-}
+/// The tier's name for a store key: a 128-bit xxh3 of its text, seeded per tier (see
+/// [`Near::key`]). The view, the entries and the stripes are all keyed by it, so that a read
+/// whose keys' names were computed once (a query shape's generations) hashes no text, and a
+/// query read need not build its entry key's text at all (see [`Near::query_key`]).
+///
+/// The seed is drawn per process and never leaves it: keys a client can choose (row primary
+/// keys) cannot be aimed at one name, nor at one bucket of the maps.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub(crate) struct NearKey(u128);
 
-impl BuildKeyHasher {
-    fn new() -> Self {
-        Self {
-            seed: crate::store::fresh_generation(),
-        }
-    }
-}
+/// The hasher of the tier's maps, whose keys are [`NearKey`]s: already seeded hashes, folded to
+/// 64 bits (SipHash, the default, cost more than the rest of a lookup).
+#[derive(Clone, Default)]
+pub(crate) struct BuildKeyHasher;
 
 impl std::hash::BuildHasher for BuildKeyHasher {
     type Hasher = KeyHasher;
     fn build_hasher(&self) -> KeyHasher {
-        KeyHasher(self.seed)
+        KeyHasher(0)
     }
 }
 
-/// See [`BuildKeyHasher`]: one xxh3 call per key (a `str` is written whole, then a `0xff`).
+/// See [`BuildKeyHasher`].
 pub(crate) struct KeyHasher(u64);
 
 impl std::hash::Hasher for KeyHasher {
@@ -153,38 +151,183 @@ impl std::hash::Hasher for KeyHasher {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
+        // Not reached for a `NearKey` (`write_u128`); any other key is hashed whole.
         self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
     }
-    fn write_u8(&mut self, byte: u8) {
-        // A bijection of the xxh3 output: its bits stay spread.
-        self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    fn write_u128(&mut self, value: u128) {
+        self.0 ^= (value as u64) ^ ((value >> 64) as u64);
     }
 }
 
-/// An encoded entry and when the tier drops it.
-#[derive(Clone)]
-pub(crate) struct NearEntry {
-    pub(crate) bytes: Arc<[u8]>,
-    lives: Duration,
+/// The [`NearKey`]s of a read's generations: shared with its query shape, or the two of an
+/// entity read, or none (no near tier).
+#[derive(Clone, Default)]
+pub(crate) enum NearKeys {
+    #[default]
+    None,
+    Pair([NearKey; 2]),
+    Shared(Arc<[NearKey]>),
+}
+
+impl std::ops::Deref for NearKeys {
+    type Target = [NearKey];
+    fn deref(&self) -> &[NearKey] {
+        match self {
+            NearKeys::None => &[],
+            NearKeys::Pair(keys) => keys,
+            NearKeys::Shared(keys) => keys,
+        }
+    }
+}
+
+/// The generations of a read as the view knows them: up to four kept inline (a read names one
+/// per table it reads, seldom more), so that a near hit allocates nothing for them.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Known {
+    Inline(u8, [u64; 4]),
+    Heap(Vec<u64>),
+}
+
+impl Known {
+    /// Into a vector (a read that goes on to the store).
+    pub(crate) fn into_vec(self) -> Vec<u64> {
+        match self {
+            Known::Inline(..) => self.to_vec(),
+            Known::Heap(values) => values,
+        }
+    }
+}
+
+impl std::ops::Deref for Known {
+    type Target = [u64];
+    fn deref(&self) -> &[u64] {
+        match self {
+            Known::Inline(len, values) => &values[..usize::from(*len)],
+            Known::Heap(values) => values,
+        }
+    }
+}
+
+/// An encoded entry, its weight and when it stops being fresh.
+struct NearEntry {
+    bytes: Arc<[u8]>,
     /// The stamp of the key's stripe when the entry was read (see `Near::view`).
     stamp: u64,
+    /// Unix milliseconds; an entry past it is not served (its readers check the same instant,
+    /// which the entry carries) and goes first when room is needed.
+    fresh_until: u64,
+    weight: u64,
+    /// Which insertion this is, so that the eviction queue's older mentions of the key pass
+    /// it by.
+    seq: u64,
+    /// Read since the eviction hand last passed it (a second chance).
+    used: AtomicBool,
 }
 
-struct UntilFresh;
+/// The entries: a concurrent map bounded in bytes, evicting with a CLOCK hand (an entry read
+/// since the hand last passed gets a second chance; expired entries go at once).
+///
+/// It replaced a moka cache, whose `get` (frequency sketch, read buffer, and the housekeeping
+/// the buffer triggers) cost about 1,060 instructions of a near hit's 6,600 under callgrind
+/// (`examples/hitcount.rs near`); a read here is one shard read lock and a hash lookup.
+struct Entries {
+    map: DashMap<NearKey, NearEntry, BuildKeyHasher>,
+    /// The keys in insertion order, with their insertion's `seq`: the CLOCK's ring. Mentions
+    /// of keys since removed or replaced are passed by (and dropped when the ring outgrows the
+    /// map).
+    ring: std::sync::Mutex<std::collections::VecDeque<(NearKey, u64)>>,
+    /// The weights of the entries in `map`: added before an insert, taken off by whoever
+    /// removes the entry, so that it never goes below zero.
+    weight: AtomicU64,
+    max_weight: u64,
+    seq: AtomicU64,
+}
 
-impl moka::Expiry<String, NearEntry> for UntilFresh {
-    fn expire_after_create(&self, _: &String, value: &NearEntry, _: Instant) -> Option<Duration> {
-        Some(value.lives)
+impl Entries {
+    fn new(max_weight: u64) -> Self {
+        Self {
+            map: DashMap::with_hasher(BuildKeyHasher),
+            ring: Default::default(),
+            weight: AtomicU64::new(0),
+            max_weight,
+            seq: AtomicU64::new(0),
+        }
     }
 
-    fn expire_after_update(
-        &self,
-        _: &String,
-        value: &NearEntry,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.lives)
+    /// The bytes and stamp under `key`, marked as read.
+    fn get(&self, key: NearKey) -> Option<(Arc<[u8]>, u64)> {
+        let entry = self.map.get(&key)?;
+        if !entry.used.load(Ordering::Relaxed) {
+            entry.used.store(true, Ordering::Relaxed);
+        }
+        Some((entry.bytes.clone(), entry.stamp))
+    }
+
+    fn insert(&self, key: NearKey, bytes: Arc<[u8]>, stamp: u64, fresh_until: u64) {
+        let weight = (std::mem::size_of::<NearKey>() + bytes.len() + 64) as u64;
+        if weight > self.max_weight {
+            return;
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let entry = NearEntry {
+            bytes,
+            stamp,
+            fresh_until,
+            weight,
+            seq,
+            used: AtomicBool::new(false),
+        };
+        self.weight.fetch_add(weight, Ordering::AcqRel);
+        if let Some(old) = self.map.insert(key, entry) {
+            self.weight.fetch_sub(old.weight, Ordering::AcqRel);
+        }
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        ring.push_back((key, seq));
+        if ring.len() > 2 * self.map.len() + 1024 {
+            ring.retain(|(key, seq)| self.map.get(key).is_some_and(|e| e.seq == *seq));
+        }
+        self.evict(&mut ring);
+    }
+
+    /// Removes entries until the weight is within bound: the hand goes round the ring, taking
+    /// expired entries and those not read since it last passed.
+    fn evict(&self, ring: &mut std::collections::VecDeque<(NearKey, u64)>) {
+        let now = codec::now_millis();
+        // Each mention is passed at most twice (once to clear its mark): then it goes.
+        let mut passes = 2 * ring.len();
+        while self.weight.load(Ordering::Acquire) > self.max_weight {
+            let Some((key, seq)) = ring.pop_front() else {
+                return;
+            };
+            let keep = passes > 0
+                && self.map.get(&key).is_some_and(|entry| {
+                    entry.seq == seq
+                        && entry.fresh_until > now
+                        && entry.used.swap(false, Ordering::Relaxed)
+                });
+            passes = passes.saturating_sub(1);
+            if keep {
+                ring.push_back((key, seq));
+                continue;
+            }
+            if let Some((_, entry)) = self.map.remove_if(&key, |_, entry| entry.seq == seq) {
+                self.weight.fetch_sub(entry.weight, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn remove(&self, key: NearKey) {
+        if let Some((_, entry)) = self.map.remove(&key) {
+            self.weight.fetch_sub(entry.weight, Ordering::AcqRel);
+        }
+    }
+
+    fn clear(&self) {
+        self.map.retain(|_, entry| {
+            self.weight.fetch_sub(entry.weight, Ordering::AcqRel);
+            false
+        });
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -193,9 +336,11 @@ pub(crate) struct Near {
     /// Each value with the stamp of its stripe when it was read: it counts only while the stripe
     /// still has that stamp, so a change that lands between a check and an insert can never be
     /// read past.
-    view: DashMap<Box<str>, (u64, u64), BuildKeyHasher>,
+    view: DashMap<NearKey, (u64, u64), BuildKeyHasher>,
     stripes: Box<[AtomicU64]>,
-    entries: moka::sync::Cache<String, NearEntry, BuildKeyHasher>,
+    entries: Entries,
+    /// The seed of [`NearKey`]s.
+    seed: u64,
     /// Nanoseconds after `base` at which the last acknowledged heartbeat was sent; 0: not in
     /// sync.
     synced_at: AtomicU64,
@@ -218,13 +363,6 @@ pub(crate) struct Near {
 impl Near {
     /// A tier following changes to keys that start with `prefixes`.
     pub(crate) fn new(options: NearCache, prefixes: Vec<String>) -> Arc<Self> {
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(options.max_bytes)
-            .weigher(|key: &String, value: &NearEntry| {
-                u32::try_from(key.len() + value.bytes.len() + 64).unwrap_or(u32::MAX)
-            })
-            .expire_after(UntilFresh)
-            .build_with_hasher(BuildKeyHasher::new());
         Arc::new_cyclic(|near| Self {
             request: FollowChanges::new(
                 prefixes,
@@ -232,9 +370,10 @@ impl Near {
                 options.tracking_url.clone(),
                 Arc::new(NearListener(near.clone())),
             ),
-            view: DashMap::with_hasher(BuildKeyHasher::new()),
+            view: DashMap::with_hasher(BuildKeyHasher),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
-            entries,
+            entries: Entries::new(options.max_bytes),
+            seed: crate::store::fresh_generation(),
             synced_at: AtomicU64::new(0),
             base: Instant::now(),
             max_lag_nanos: u64::try_from(options.max_lag.as_nanos()).unwrap_or(u64::MAX),
@@ -325,51 +464,99 @@ impl Near {
             .max(1)
     }
 
-    fn stripe(&self, key: &str) -> &AtomicU64 {
-        let hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
-        &self.stripes[(hash as usize) % STRIPES]
+    /// The tier's name for the store key `key`.
+    pub(crate) fn key(&self, key: &str) -> NearKey {
+        NearKey(xxhash_rust::xxh3::xxh3_128_with_seed(
+            key.as_bytes(),
+            self.seed,
+        ))
     }
 
-    /// Taken before a read of `keys` is sent: [`Near::learn`] puts what it read in the view only
-    /// if none of them changed since.
-    pub(crate) fn stamp(&self, key: &str) -> u64 {
+    /// The tier's names of `keys`.
+    pub(crate) fn keys(&self, keys: &[String]) -> NearKeys {
+        match keys {
+            [first, second] => NearKeys::Pair([self.key(first), self.key(second)]),
+            _ => NearKeys::Shared(keys.iter().map(|key| self.key(key)).collect()),
+        }
+    }
+
+    /// The tier's name for the entry of the query whose identity is `digest`, labelled `label`
+    /// (the key [`key::query_entry`](crate::key::query_entry) spells out), without that text:
+    /// the digest and the label, after a byte no key's text starts with (UTF-8 never has
+    /// `0xff`). Such keys are never followed by the change stream, so never forgotten by text.
+    pub(crate) fn query_key(&self, digest: u128, label: &str) -> NearKey {
+        let mut bytes = [0u8; 96];
+        let len = 17 + label.len();
+        let Some(buffer) = bytes.get_mut(..len) else {
+            // A long label: hashed through its key's text (as `key`), which is never equal to
+            // a short label's name but for a hash collision.
+            let mut key = Vec::with_capacity(len);
+            key.push(0xff);
+            key.extend_from_slice(&digest.to_le_bytes());
+            key.extend_from_slice(label.as_bytes());
+            return NearKey(xxhash_rust::xxh3::xxh3_128_with_seed(&key, self.seed));
+        };
+        buffer[0] = 0xff;
+        buffer[1..17].copy_from_slice(&digest.to_le_bytes());
+        buffer[17..].copy_from_slice(label.as_bytes());
+        NearKey(xxhash_rust::xxh3::xxh3_128_with_seed(buffer, self.seed))
+    }
+
+    fn stripe(&self, key: NearKey) -> &AtomicU64 {
+        // STRIPES is a power of two: the low bits of a seeded hash.
+        &self.stripes[(key.0 as usize) % STRIPES]
+    }
+
+    /// Taken before a read of `key` is sent: [`Near::learn`] and [`Near::keep`] put what it
+    /// read in the tier only if the key did not change since.
+    pub(crate) fn stamp(&self, key: NearKey) -> u64 {
         self.stripe(key).load(Ordering::SeqCst)
     }
 
     /// [`Near::stamp`] of each key.
-    pub(crate) fn stamps(&self, keys: &[String]) -> Vec<u64> {
-        keys.iter().map(|key| self.stamp(key)).collect()
+    pub(crate) fn stamps(&self, keys: &[NearKey]) -> Vec<u64> {
+        keys.iter().map(|key| self.stamp(*key)).collect()
     }
 
     /// [`Near::learn`] of each key.
-    pub(crate) fn learn_all(&self, keys: &[String], values: &[u64], stamps: &[u64]) {
+    pub(crate) fn learn_all(&self, keys: &[NearKey], values: &[u64], stamps: &[u64]) {
         for ((key, value), stamp) in keys.iter().zip(values).zip(stamps) {
-            self.learn(key, *value, *stamp);
+            self.learn(*key, *value, *stamp);
         }
     }
 
     /// [`Near::learn`] of each key whose value was found.
-    pub(crate) fn learn_some(&self, keys: &[String], values: &[Option<u64>], stamps: &[u64]) {
+    pub(crate) fn learn_some(&self, keys: &[NearKey], values: &[Option<u64>], stamps: &[u64]) {
         for ((key, value), stamp) in keys.iter().zip(values).zip(stamps) {
             if let Some(value) = value {
-                self.learn(key, *value, *stamp);
+                self.learn(*key, *value, *stamp);
             }
         }
     }
 
     /// The current values of `keys` when the view knows all of them (ask [`Near::in_sync`]
     /// first).
-    pub(crate) fn generations(&self, keys: &[String]) -> Option<Vec<u64>> {
-        keys.iter()
-            .map(|key| {
-                let (value, stamp) = *self.view.get(key.as_str())?;
-                (self.stamp(key) == stamp).then_some(value)
-            })
-            .collect()
+    pub(crate) fn generations(&self, keys: &[NearKey]) -> Option<Known> {
+        let known = |key: &NearKey| {
+            let (value, stamp) = *self.view.get(key)?;
+            (self.stamp(*key) == stamp).then_some(value)
+        };
+        if keys.len() > 4 {
+            return keys
+                .iter()
+                .map(known)
+                .collect::<Option<_>>()
+                .map(Known::Heap);
+        }
+        let mut values = [0; 4];
+        for (value, key) in values.iter_mut().zip(keys) {
+            *value = known(key)?;
+        }
+        Some(Known::Inline(keys.len() as u8, values))
     }
 
     /// Puts a generation read from the store in the view, unless it changed since `stamp`.
-    pub(crate) fn learn(&self, key: &str, value: u64, stamp: u64) {
+    pub(crate) fn learn(&self, key: NearKey, value: u64, stamp: u64) {
         // Only while a stream follows changes: what is learnt otherwise could never be
         // forgotten (and the next stream flushes it anyway).
         if !self.in_sync() || self.stamp(key) != stamp {
@@ -377,9 +564,9 @@ impl Near {
         }
         // A change that lands after the check moves the stripe, which voids the value for
         // readers at once; the removal is only housekeeping.
-        self.view.insert(key.into(), (value, stamp));
+        self.view.insert(key, (value, stamp));
         if self.stamp(key) != stamp {
-            self.view.remove(key);
+            self.view.remove(&key);
         }
         // The view is bounded too: every generation ever read would otherwise stay (a row's
         // lives as long as its entries). Past the bound it starts over, which costs one
@@ -398,14 +585,14 @@ impl Near {
     }
 
     /// The entry under `key`, if held.
-    pub(crate) fn entry(&self, key: &str) -> Option<Arc<[u8]>> {
-        let entry = self.entries.get(key)?;
-        (self.stamp(key) == entry.stamp).then_some(entry.bytes)
+    pub(crate) fn entry(&self, key: NearKey) -> Option<Arc<[u8]>> {
+        let (bytes, stamp) = self.entries.get(key)?;
+        (self.stamp(key) == stamp).then_some(bytes)
     }
 
     /// Keeps an entry (as the store holds it) until `fresh_until` (unix ms), unless `key` changed
     /// since `stamp` (entries under keys the stream follows, such as custom keys).
-    pub(crate) fn keep(&self, key: &str, bytes: Arc<[u8]>, fresh_until: u64, stamp: u64) {
+    pub(crate) fn keep(&self, key: NearKey, bytes: Arc<[u8]>, fresh_until: u64, stamp: u64) {
         let left = fresh_until.saturating_sub(codec::now_millis());
         if left == 0 {
             return;
@@ -414,23 +601,18 @@ impl Near {
         if stripe.load(Ordering::SeqCst) != stamp {
             return;
         }
-        let lives = Duration::from_millis(left);
-        let entry = NearEntry {
-            bytes,
-            lives,
-            stamp,
-        };
-        self.entries.insert(key.to_owned(), entry);
+        self.entries.insert(key, bytes, stamp, fresh_until);
         if stripe.load(Ordering::SeqCst) != stamp {
-            self.entries.invalidate(key);
+            self.entries.remove(key);
         }
     }
 
     /// Forgets a key: a change reported by the store, or one this process made.
     pub(crate) fn forget(&self, key: &str) {
+        let key = self.key(key);
         self.stripe(key).fetch_add(1, Ordering::SeqCst);
-        self.view.remove(key);
-        self.entries.invalidate(key);
+        self.view.remove(&key);
+        self.entries.remove(key);
     }
 
     /// Forgets everything; counted in `near_flushes` when the tier was answering (a stream
@@ -447,13 +629,16 @@ impl Near {
             stripe.fetch_add(1, Ordering::SeqCst);
         }
         self.view.clear();
-        self.entries.invalidate_all();
+        self.entries.clear();
     }
 
     /// Entries held and their weight in bytes (approximate while writes are in flight).
     pub(crate) fn size(&self) -> (u64, u64) {
-        self.entries.run_pending_tasks();
-        (self.entries.entry_count(), self.entries.weighted_size())
+        let entries = &self.entries;
+        (
+            entries.map.len() as u64,
+            entries.weight.load(Ordering::Acquire),
+        )
     }
 }
 
@@ -530,13 +715,67 @@ mod tests {
     fn a_change_between_stamp_and_learn_keeps_the_value_out() {
         let near = near();
         NearListener(Arc::downgrade(&near)).synced(Instant::now(), Duration::ZERO);
-        let stamp = near.stamp("g");
+        let g = near.key("g");
+        let stamp = near.stamp(g);
         near.forget("g");
-        near.learn("g", 7, stamp);
-        assert_eq!(near.generations(&["g".into()]), None);
-        let stamp = near.stamp("g");
-        near.learn("g", 8, stamp);
-        assert_eq!(near.generations(&["g".into()]), Some(vec![8]));
+        near.learn(g, 7, stamp);
+        assert_eq!(near.generations(&[g]), None);
+        let stamp = near.stamp(g);
+        near.learn(g, 8, stamp);
+        assert_eq!(near.generations(&[g]).as_deref(), Some(&[8][..]));
+    }
+
+    #[test]
+    fn a_change_between_stamp_and_keep_keeps_the_entry_out() {
+        let near = near();
+        let text = "ns:{k:custom}";
+        let key = near.key(text);
+        let until = codec::now_millis() + 60_000;
+        let stamp = near.stamp(key);
+        // Reported by its text, as the change stream reports it.
+        near.forget(text);
+        near.keep(key, vec![1u8].into(), until, stamp);
+        assert_eq!(near.entry(key), None);
+        let stamp = near.stamp(key);
+        near.keep(key, vec![2u8].into(), until, stamp);
+        assert_eq!(near.entry(key).as_deref(), Some(&[2u8][..]));
+        near.forget(text);
+        assert_eq!(near.entry(key), None, "forgotten by its text");
+    }
+
+    #[test]
+    fn generations_known_inline_and_past_four() {
+        let near = near();
+        NearListener(Arc::downgrade(&near)).synced(Instant::now(), Duration::ZERO);
+        let keys: Vec<NearKey> = (0..6).map(|i| near.key(&format!("g{i}"))).collect();
+        for (value, key) in keys.iter().enumerate() {
+            near.learn(*key, value as u64 + 10, near.stamp(*key));
+        }
+        assert_eq!(
+            near.generations(&keys[..3]).as_deref(),
+            Some(&[10, 11, 12][..])
+        );
+        assert_eq!(
+            near.generations(&keys).as_deref(),
+            Some(&[10, 11, 12, 13, 14, 15][..])
+        );
+        near.forget("g5");
+        assert_eq!(near.generations(&keys), None);
+        near.forget("g1");
+        assert_eq!(near.generations(&keys[..2]), None);
+        assert_eq!(near.generations(&[]).as_deref(), Some(&[][..]));
+    }
+
+    #[test]
+    fn a_query_entry_is_named_by_its_digest_and_label() {
+        let near = near();
+        let name = near.query_key(7, "first");
+        assert_eq!(name, near.query_key(7, "first"));
+        assert_ne!(name, near.query_key(8, "first"));
+        assert_ne!(name, near.query_key(7, "firsT"));
+        let long = "l".repeat(200);
+        assert_eq!(near.query_key(7, &long), near.query_key(7, &long));
+        assert_ne!(near.query_key(7, &long), near.query_key(7, &long[1..]));
     }
 
     #[test]
@@ -562,12 +801,29 @@ mod tests {
         let near = near();
         let until = codec::now_millis() + 60_000;
         for i in 0..200 {
-            let key = format!("k{i}");
-            let stamp = near.stamp(&key);
-            near.keep(&key, vec![0u8; 16 * 1024].into(), until, stamp);
+            let key = near.key(&format!("k{i}"));
+            let stamp = near.stamp(key);
+            near.keep(key, vec![0u8; 16 * 1024].into(), until, stamp);
         }
         let (_, bytes) = near.size();
         assert!(bytes <= 1 << 20, "{bytes} bytes held");
+    }
+
+    #[test]
+    fn an_entry_read_between_fills_outlives_those_never_read() {
+        let near = near();
+        let until = codec::now_millis() + 60_000;
+        let hot = near.key("hot");
+        near.keep(hot, vec![0u8; 16 * 1024].into(), until, near.stamp(hot));
+        for i in 0..200 {
+            assert!(near.entry(hot).is_some(), "evicted after {i} others");
+            let key = near.key(&format!("k{i}"));
+            near.keep(key, vec![0u8; 16 * 1024].into(), until, near.stamp(key));
+            let (_, bytes) = near.size();
+            assert!(bytes <= 1 << 20, "{bytes} bytes held");
+        }
+        near.forget_all();
+        assert_eq!(near.size(), (0, 0));
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! `.cached(label)` on any Diesel query.
 
 use crate::cache::{
-    cache, Cache, Lookup, Policy, ReadName, Shape, ShapeKey, ShapeStatement, StatementIdentity,
+    cache, Cache, EntryKey, Lookup, Policy, ReadName, Shape, ShapeKey, ShapeStatement,
+    StatementIdentity,
 };
 use crate::error::Result;
 use crate::identity::{self, CacheBackend};
 use crate::key;
 use crate::model::CacheValue;
+use crate::near::{NearKey, NearKeys};
 use crate::pool::ConnectionPool;
 use crate::transaction::read_policy;
 use diesel::dsl::{CountStar, Limit, Select};
@@ -16,7 +18,7 @@ use diesel_async::methods::LoadQuery;
 use diesel_async::{AsyncConnection, AsyncConnectionCore, RunQueryDsl};
 use std::any::TypeId;
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Adds [`cached`](CachedDsl::cached) to every Diesel query.
@@ -120,6 +122,7 @@ fn learn_rendered_shape<T: CacheValue, DB: CacheBackend>(
         fingerprint: T::fingerprint(),
         tables: lookup.tables.clone(),
         generations: lookup.generations.clone(),
+        near_generations: lookup.near_generations.clone(),
     })
 }
 
@@ -190,9 +193,17 @@ impl<Q> Cached<Q> {
         model_tables.iter().for_each(|t| add(t));
         self.extra_tables.iter().for_each(|t| add(t));
         tables.sort();
+        let (key, near_key) = self.entry_key(cache, digest);
+        let generations = cache.query_generation_keys(&tables);
         Lookup {
-            key: self.entry_key(cache, digest),
-            generations: cache.query_generation_keys(&tables).into(),
+            key,
+            near_key,
+            near_generations: match cache.near_keys(&generations) {
+                // Shared with the shape this read may teach.
+                NearKeys::Pair(pair) => NearKeys::Shared(Arc::new(pair)),
+                keys => keys,
+            },
+            generations: generations.into(),
             generation_ttl: None,
             ttl: self.ttl.unwrap_or_else(|| cache.default_ttl()),
             tables: tables.into(),
@@ -203,8 +214,11 @@ impl<Q> Cached<Q> {
 
     /// The lookup of the entry whose identity is `digest`, read through `shape`.
     fn shaped(&self, cache: &Cache, shape: &Shape, digest: u128) -> Lookup {
+        let (key, near_key) = self.entry_key(cache, digest);
         Lookup {
-            key: self.entry_key(cache, digest),
+            key,
+            near_key,
+            near_generations: shape.near_generations.clone(),
             generations: shape.generations.clone(),
             generation_ttl: None,
             ttl: self.ttl.unwrap_or_else(|| cache.default_ttl()),
@@ -214,11 +228,23 @@ impl<Q> Cached<Q> {
         }
     }
 
-    /// The key of the entry whose identity is `digest` (or the custom key).
-    fn entry_key(&self, cache: &Cache, digest: u128) -> String {
+    /// The key of the entry whose identity is `digest` (or the custom key), and the near
+    /// tier's name for it. A query's key is spelt out only when a read needs it (see
+    /// [`Cache::key_text`]): a near hit does not.
+    fn entry_key(&self, cache: &Cache, digest: u128) -> (EntryKey, NearKey) {
         match &self.custom_key {
-            Some(custom) => cache.custom_key(custom),
-            None => cache.query_key(digest, &self.label),
+            Some(custom) => {
+                let key = cache.custom_key(custom);
+                let near_key = cache.near_key(&key);
+                (EntryKey::Text(key), near_key)
+            }
+            None => (
+                EntryKey::Query {
+                    digest,
+                    text: OnceLock::new(),
+                },
+                cache.near_query_key(digest, &self.label),
+            ),
         }
     }
 
@@ -321,6 +347,7 @@ impl<Q> Cached<Q> {
             fingerprint: T::fingerprint(),
             tables: lookup.tables.clone(),
             generations: lookup.generations.clone(),
+            near_generations: lookup.near_generations.clone(),
         });
         Some((lookup, shape))
     }
@@ -1043,7 +1070,9 @@ mod tests {
         let ids = [<Q::Query as QueryId>::query_id()];
         let lookup =
             options.lookup_by::<Vec<String>, Sqlite, Q::Query>("load", &[&query], &ids, collected);
-        lookup.expect("Diesel builds it").key
+        cache
+            .key_text(&lookup.expect("Diesel builds it"))
+            .to_owned()
     }
 
     fn by_name(name: &str) -> impl AsQuery<Query: QueryFragment<Sqlite> + QueryId> + '_ {

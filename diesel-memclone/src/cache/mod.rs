@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::flight::{Flights, LockOptions};
 use crate::key;
 use crate::model::RowKey;
-use crate::near::{Near, NearCache};
+use crate::near::{Near, NearCache, NearKey, NearKeys};
 use crate::store::{MemoryStore, Store};
 use health::Health;
 use std::any::TypeId;
@@ -453,14 +453,28 @@ pub(crate) enum Policy {
 
 /// One cached read: where its entry lives and which generations guard it.
 pub(crate) struct Lookup {
-    pub(crate) key: String,
+    /// Its store key, read through [`Cache::key_text`].
+    pub(crate) key: EntryKey,
     pub(crate) generations: Arc<[String]>,
+    /// The near tier's names of the entry and of the generations (unset without a tier).
+    pub(crate) near_key: NearKey,
+    pub(crate) near_generations: NearKeys,
     pub(crate) generation_ttl: Option<Duration>,
     pub(crate) ttl: Duration,
     pub(crate) tables: Arc<[String]>,
     pub(crate) policy: Policy,
     /// Its label and span.
     pub(crate) name: ReadName,
+}
+
+/// A lookup's store key: its text, or a query's identity whose key (see
+/// [`key::query_entry`]) is spelt out the first time a read needs it: a near hit never does.
+pub(crate) enum EntryKey {
+    Text(String),
+    Query {
+        digest: u128,
+        text: OnceLock<String>,
+    },
 }
 
 /// Which reads share a [`Shape`]: the result type, and (a hint only) the type name of the
@@ -497,6 +511,8 @@ pub(crate) struct Shape {
     pub(crate) fingerprint: u64,
     pub(crate) tables: Arc<[String]>,
     pub(crate) generations: Arc<[String]>,
+    /// Their near tier's names (see [`Lookup::near_generations`]).
+    pub(crate) near_generations: NearKeys,
 }
 
 /// One statement of a [`Shape`].
@@ -665,6 +681,31 @@ impl Cache {
         }
     }
 
+    /// The near tier's name for the store key `key` (unset without a tier).
+    pub(crate) fn near_key(&self, key: &str) -> NearKey {
+        self.inner
+            .near
+            .as_deref()
+            .map_or(NearKey::default(), |near| near.key(key))
+    }
+
+    /// The near tier's names of the store keys `keys` (none without a tier).
+    pub(crate) fn near_keys(&self, keys: &[String]) -> NearKeys {
+        self.inner
+            .near
+            .as_deref()
+            .map_or(NearKeys::None, |near| near.keys(keys))
+    }
+
+    /// The near tier's name for the entry of the query `digest` labelled `label` (see
+    /// [`Near::query_key`]; unset without a tier).
+    pub(crate) fn near_query_key(&self, digest: u128, label: &str) -> NearKey {
+        self.inner
+            .near
+            .as_deref()
+            .map_or(NearKey::default(), |near| near.query_key(digest, label))
+    }
+
     pub(crate) fn query_generation_keys(&self, tables: &[String]) -> Vec<String> {
         tables
             .iter()
@@ -685,6 +726,16 @@ impl Cache {
         self.forget_near(&keys);
     }
 
+    /// The store key of `lookup`'s entry (spelt out on first use; see [`EntryKey`]).
+    pub(crate) fn key_text<'a>(&self, lookup: &'a Lookup) -> &'a str {
+        match &lookup.key {
+            EntryKey::Text(text) => text,
+            EntryKey::Query { digest, text } => {
+                text.get_or_init(|| self.query_key(*digest, &lookup.name.label))
+            }
+        }
+    }
+
     /// The key of a query's entry, from its identity (see [`key::identity_digest`]).
     pub(crate) fn query_key(&self, digest: u128, label: &str) -> String {
         key::query_entry(&self.inner.namespace, digest, label)
@@ -698,12 +749,16 @@ impl Cache {
         policy: Policy,
     ) -> Lookup {
         let ns = &self.inner.namespace;
+        let key = key::entity_entry(ns, row.table, &row.primary_key, fingerprint);
+        let generations = [
+            key::entity_generation(ns, row.table),
+            key::row_generation(ns, row.table, &row.primary_key),
+        ];
         Lookup {
-            key: key::entity_entry(ns, row.table, &row.primary_key, fingerprint),
-            generations: Arc::new([
-                key::entity_generation(ns, row.table),
-                key::row_generation(ns, row.table, &row.primary_key),
-            ]),
+            near_key: self.near_key(&key),
+            near_generations: self.near_keys(&generations),
+            key: EntryKey::Text(key),
+            generations: Arc::new(generations),
             // Created to live a quarter longer than the entry, and extended by the entries
             // stored under them when they would outlive it: a row's generation lives as long as
             // the longest entry that needs it, and at most a quarter longer (the store extends

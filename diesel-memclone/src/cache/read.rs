@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::flight::{self, Join, Leader, LockOptions, OnLockTimeout};
 use crate::key;
 use crate::model::RowKey;
-use crate::near::Near;
+use crate::near::{Known, Near};
 use crate::store::{LockProbe, PutEntry, ReadLock, ReadProbe};
 use futures_util::future::{BoxFuture, FutureExt};
 use serde::{de::DeserializeOwned, Serialize};
@@ -58,7 +58,7 @@ impl Cache {
         if lookup.policy != Policy::Refresh {
             let mut read = None;
             if let Some(near) = near.filter(|near| near.in_sync()) {
-                if let Some(current) = near.generations(&lookup.generations) {
+                if let Some(current) = near.generations(&lookup.near_generations) {
                     read = Some(self.near_read::<T>(near, &lookup, current).await);
                 }
             }
@@ -84,12 +84,12 @@ impl Cache {
             Some(tags) => tags,
             None => {
                 let store = &self.inner.store;
-                let stamps = near.map(|near| near.stamps(&lookup.generations));
+                let stamps = near.map(|near| near.stamps(&lookup.near_generations));
                 let ensured = store.ensure_generations(&lookup.generations, lookup.generation_ttl);
                 match self.call(ensured).await {
                     Ok(tags) => {
                         if let (Some(near), Some(stamps)) = (near, stamps) {
-                            near.learn_all(&lookup.generations, &tags, &stamps);
+                            near.learn_all(&lookup.near_generations, &tags, &stamps);
                         }
                         tags
                     }
@@ -113,8 +113,8 @@ impl Cache {
         lookup: &Lookup,
         current: &[u64],
     ) -> Option<T> {
-        let bytes = near.entry(&lookup.key)?;
-        let (value, fresh_until) = codec::decode::<T>(&bytes, current).ok()?;
+        let bytes = near.entry(lookup.near_key)?;
+        let (value, fresh_until) = codec::decode_checked::<T>(&bytes, current).ok()?;
         if codec::now_millis() >= fresh_until {
             return None;
         }
@@ -143,7 +143,7 @@ impl Cache {
         }
         // Not `near()`: its change stream is started by the first call inside a runtime.
         let near = self.inner.near.as_deref().filter(|near| near.in_sync())?;
-        let current = near.generations(&lookup.generations)?;
+        let current = near.generations(&lookup.near_generations)?;
         self.near_entry_hit(near, lookup, &current)
     }
 
@@ -153,17 +153,21 @@ impl Cache {
         &self,
         near: &Near,
         lookup: &Lookup,
-        current: Vec<u64>,
+        current: Known,
     ) -> StoreRead<T> {
         if let Some(value) = self.near_entry_hit(near, lookup, &current) {
             return StoreRead::Hit(value);
         }
+        let current = current.into_vec();
         near.count_miss();
-        let stamp = near.stamp(&lookup.key);
+        let stamp = near.stamp(lookup.near_key);
         // The entry's GET alone. (Taking the fill lock in the same round trip, with a script
         // that locks unless the entry holds these generations, made this Redis hit 2x the
         // floor of one GET: the script runs on every hit; see `examples/misspath.rs`.)
-        let Ok(fetched) = self.call(self.inner.store.fetch(&lookup.key, &[])).await else {
+        let Ok(fetched) = self
+            .call(self.inner.store.fetch(self.key_text(lookup), &[]))
+            .await
+        else {
             return StoreRead::Failed;
         };
         let expired = match fetched.entry {
@@ -194,10 +198,15 @@ impl Cache {
             self.inner.moves.settle(seen);
             return read;
         }
-        let stamps = near.map(|near| (near.stamps(&lookup.generations), near.stamp(&lookup.key)));
+        let stamps = near.map(|near| {
+            (
+                near.stamps(&lookup.near_generations),
+                near.stamp(lookup.near_key),
+            )
+        });
         let store = &self.inner.store;
         let fetched = self
-            .call(store.fetch(&lookup.key, &lookup.generations))
+            .call(store.fetch(self.key_text(lookup), &lookup.generations))
             .await;
         if let Some((_, seen)) = expects {
             self.inner.moves.settle(seen);
@@ -208,7 +217,7 @@ impl Cache {
         let current: Option<Vec<u64>> = fetched.generations.iter().copied().collect();
         let mut entry_stamp = 0;
         if let (Some(near), Some((stamps, stamp))) = (near, stamps) {
-            near.learn_some(&lookup.generations, &fetched.generations, &stamps);
+            near.learn_some(&lookup.near_generations, &fetched.generations, &stamps);
             entry_stamp = stamp;
         }
         if let (Some(bytes), Some(current)) = (fetched.entry, &current) {
@@ -244,7 +253,7 @@ impl Cache {
         let (moved, seen) = self
             .inner
             .moves
-            .expects_miss(&lookup.key, &lookup.generations);
+            .expects_miss(self.key_text(lookup), &lookup.generations);
         Some((moved || near.is_some_and(Near::in_sync), seen))
     }
 
@@ -261,16 +270,21 @@ impl Cache {
         let Some(options) = &self.inner.lock else {
             return StoreRead::Failed;
         };
-        let stamps = near.map(|near| (near.stamps(&lookup.generations), near.stamp(&lookup.key)));
+        let stamps = near.map(|near| {
+            (
+                near.stamps(&lookup.near_generations),
+                near.stamp(lookup.near_key),
+            )
+        });
         let fresh: Vec<u64> = lookup
             .generations
             .iter()
             .map(|_| crate::store::fresh_generation())
             .collect();
-        let prefix = lock_prefix(lookup, options);
+        let prefix = lock_prefix(self.key_text(lookup), options);
         let owner = crate::store::fresh_generation();
         let probe = ReadProbe::new(
-            &lookup.key,
+            self.key_text(lookup),
             &lookup.generations,
             &fresh,
             lookup.generation_ttl,
@@ -285,7 +299,7 @@ impl Cache {
         let current = read.generations;
         let mut entry_stamp = 0;
         if let (Some(near), Some((stamps, stamp))) = (near, stamps) {
-            near.learn_all(&lookup.generations, &current, &stamps);
+            near.learn_all(&lookup.near_generations, &current, &stamps);
             entry_stamp = stamp;
         }
         let lock = match read.lock {
@@ -321,7 +335,7 @@ impl Cache {
                 self.read_event(lookup, ReadEvent::StoreHit);
                 self.read_bytes(lookup, bytes.len());
                 if let Some(near) = near {
-                    near.keep(&lookup.key, bytes.into(), fresh_until, stamp);
+                    near.keep(lookup.near_key, bytes.into(), fresh_until, stamp);
                 }
                 Some(Judged::Fresh(value))
             }
@@ -354,7 +368,7 @@ impl Cache {
             self.read_event(lookup, ReadEvent::Bypass);
             return Ok(fill().await?);
         }
-        let key = format!("{}#database", lookup.key);
+        let key = format!("{}#database", self.key_text(lookup));
         let leader = match self.inner.flights.join_after(key, Some(began)) {
             Join::Lead(leader) => Some(leader),
             Join::Follow(receiver) => {
@@ -402,7 +416,7 @@ impl Cache {
         Fut: Future<Output = std::result::Result<T, E>>,
         Error: From<E>,
     {
-        let key = format!("{}:swr:{}", lookup.key, tags_hex(&tags));
+        let key = format!("{}:swr:{}", self.key_text(&lookup), tags_hex(&tags));
         let owner = crate::store::fresh_generation();
         let lock_ttl = self
             .inner
@@ -449,8 +463,8 @@ impl Cache {
     /// the entry unwritten and its fill lock held until its TTL. There the write costs the
     /// caller its round trip, as before.
     fn writes_behind(&self, lookup: &Lookup) -> bool {
-        let custom_key = lookup
-            .key
+        let custom_key = self
+            .key_text(lookup)
             .strip_prefix(self.inner.namespace.as_str())
             .is_some_and(|rest| rest.starts_with(":{k:"));
         let runs_on = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
@@ -487,7 +501,7 @@ impl Cache {
             match self
                 .inner
                 .flights
-                .join(format!("{}#{}", lookup.key, tags_hex(&tags)))
+                .join(format!("{}#{}", self.key_text(&lookup), tags_hex(&tags)))
             {
                 Join::Lead(lead) => leader = Some(lead),
                 // This call's read took the fill lock, which the leader of this process then
@@ -559,7 +573,7 @@ impl Cache {
         mut probe_first: bool,
     ) -> Result<LockWait<T>> {
         let store = &self.inner.store;
-        let key = crate::store::lock_key(&lock_prefix(lookup, lock), tags);
+        let key = crate::store::lock_key(&lock_prefix(self.key_text(lookup), lock), tags);
         let owner = crate::store::fresh_generation();
         let tag = codec::tag(tags);
         let now = Instant::now();
@@ -569,7 +583,14 @@ impl Cache {
         loop {
             // The lock, unless the entry was filled under `tags` in the meantime (the previous
             // holder may have filled it and left between our read and now): one round trip.
-            let probe = LockProbe::new(&lookup.key, &tag, codec::TAG_AT, &key, owner, lock.ttl);
+            let probe = LockProbe::new(
+                self.key_text(lookup),
+                &tag,
+                codec::TAG_AT,
+                &key,
+                owner,
+                lock.ttl,
+            );
             let probed = match probe_first {
                 true => Some(self.call(store.fetch_or_lock(probe)).await),
                 false => None,
@@ -613,7 +634,10 @@ impl Cache {
         lookup: &Lookup,
         tags: &[u64],
     ) -> Option<LockWait<T>> {
-        let fetch = self.inner.store.fetch(&lookup.key, &lookup.generations);
+        let fetch = self
+            .inner
+            .store
+            .fetch(self.key_text(lookup), &lookup.generations);
         let Ok(fetched) = self.call(fetch).await else {
             return Some(LockWait::GoAhead);
         };
@@ -662,14 +686,14 @@ impl Cache {
             leader.publish(entry.clone());
         }
         let kept_for = ttl.saturating_add(self.inner.stale_while_revalidate);
-        let key = lookup.key.clone();
+        let key = self.key_text(lookup).to_owned();
         // Generations that expire (a row's) are kept alive as long as the entry.
         let generations = lookup.generation_ttl.map(|_| lookup.generations.clone());
         // Kept in the near tier at once, for this process's next reads: like the store's copy,
         // it is served only under the generations it carries, which an invalidation moves.
         if let Some(near) = self.inner.near.as_deref() {
-            let stamp = near.stamp(&lookup.key);
-            near.keep(&lookup.key, entry.clone(), fresh_until, stamp);
+            let stamp = near.stamp(lookup.near_key);
+            near.keep(lookup.near_key, entry.clone(), fresh_until, stamp);
         }
         let storing = async move {
             let store = &cache.inner.store;
@@ -875,8 +899,8 @@ impl Drop for HeldLock {
 
 /// The fill locks of `lookup`'s entry start with this, followed by the generations (see
 /// [`ReadProbe::lock_key`]): after the entry key, so in its slot.
-fn lock_prefix(lookup: &Lookup, lock: &LockOptions) -> String {
-    format!("{}:{}:", lookup.key, lock.prefix)
+fn lock_prefix(key: &str, lock: &LockOptions) -> String {
+    format!("{key}:{}:", lock.prefix)
 }
 
 fn tags_hex(tags: &[u64]) -> String {
