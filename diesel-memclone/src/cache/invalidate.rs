@@ -62,7 +62,7 @@ impl Cache {
             return true;
         }
         let tables: Vec<String> = snapshot.iter().map(|(t, _)| t.clone()).collect();
-        if self.bump_tables(&tables, None).await.is_ok() {
+        if self.bump_tables(&tables, None, None).await.is_ok() {
             let mut pending = self.lock_undelivered();
             for (table, epoch) in &snapshot {
                 // A failure recorded while this delivery ran may postdate it: keep that one.
@@ -135,10 +135,16 @@ impl Cache {
         tables.iter().any(|t| pending.contains_key(t))
     }
 
+    /// Moves the generations of `tables`. `rows`, when known, are rows of the first table;
+    /// `scopes`, when known, are the value generations of every scope value of those rows (see
+    /// [`Cached::within`](crate::Cached::within)): then the first table's scoped queries of
+    /// those values are invalidated, and not the others. Without them every scoped query of
+    /// every table is (its scope generation moves).
     async fn bump_tables(
         &self,
         tables: &[String],
         rows: Option<&[RowName<'_>]>,
+        scopes: Option<&[String]>,
     ) -> StoreResult<Invalidated> {
         let ns = &self.inner.namespace;
         let store = &self.inner.store;
@@ -148,7 +154,13 @@ impl Cache {
             // The rows, when known, are rows of the first (written) table; any other table
             // (`also_invalidates`, a pending delivery) has all of its rows evicted.
             let rows = if i == 0 { rows } else { None };
+            // Scope values name rows of the first table only, and only with its rows.
+            let scopes = if i == 0 { rows.and(scopes) } else { None };
             let mut keys = vec![key::query_generation(ns, table)];
+            // Scope values unknown: every scoped query of the table is invalidated.
+            if scopes.is_none() {
+                keys.push(key::scope_generation(ns, table));
+            }
             // Rows known: the table's entity generation stays, and is observed for
             // write-through; rows unknown: it moves, evicting every row of the table.
             let mut observe = Vec::new();
@@ -157,11 +169,15 @@ impl Cache {
                 None => keys.push(key::entity_generation(ns, table)),
             }
             let values: Vec<u64> = keys.iter().map(|_| fresh_generation()).collect();
-            let row_keys: Vec<String> = rows
+            let mut row_keys: Vec<String> = rows
                 .unwrap_or_default()
                 .iter()
                 .map(|(table, primary_key)| key::row_generation(ns, table, primary_key))
                 .collect();
+            let named_rows = row_keys.len();
+            // Value generations expire and are kept alive by the entries stored under them,
+            // as a row's are: set with the rows' generations, in the same script.
+            row_keys.extend(scopes.unwrap_or_default().iter().cloned());
             let row_values: Vec<u64> = row_keys.iter().map(|_| fresh_generation()).collect();
             let sequence = key::write_sequence(ns, table);
             let bump = TableBump {
@@ -191,6 +207,7 @@ impl Cache {
             });
             if i == 0 {
                 row_generations = row_values;
+                row_generations.truncate(named_rows);
             }
         }
         Ok(Invalidated {
@@ -208,12 +225,44 @@ impl Cache {
         tables: &[String],
         rows: Option<&[RowKey]>,
     ) -> Option<Invalidated> {
+        self.invalidate_scoped(tables, rows, None).await
+    }
+
+    /// The value generations of the first of `tables` for the scope values `scopes` (column
+    /// and value text), each once: what a write whose rows hold them moves.
+    pub(crate) fn value_generation_keys(
+        &self,
+        table: &str,
+        scopes: &[(&'static str, String)],
+    ) -> Vec<String> {
+        let mut keys: Vec<String> = scopes
+            .iter()
+            .map(|(column, value)| {
+                key::value_generation(&self.inner.namespace, table, column, value)
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// [`invalidate_written`](Self::invalidate_written), with the value generations of every
+    /// scope value of `rows` when they are known (see
+    /// [`value_generation_keys`](Self::value_generation_keys)): then only the first table's
+    /// scoped queries of those values are invalidated (see [`bump_tables`](Self::bump_tables)).
+    /// Only for a write that cannot have moved a row out of a scope.
+    pub(crate) async fn invalidate_scoped(
+        &self,
+        tables: &[String],
+        rows: Option<&[RowKey]>,
+        scopes: Option<&[String]>,
+    ) -> Option<Invalidated> {
         let rows: Option<Vec<RowName<'_>>> = rows.map(|rows| {
             rows.iter()
                 .map(|row| (row.table, row.primary_key.as_str()))
                 .collect()
         });
-        self.invalidate_named(tables, rows.as_deref()).await
+        self.invalidate_named(tables, rows.as_deref(), scopes).await
     }
 
     /// Invalidates every query of `table` (its SQL name, as for
@@ -227,7 +276,8 @@ impl Cache {
             .iter()
             .map(|pk| (table.as_str(), pk.as_str()))
             .collect();
-        self.invalidate_named(std::slice::from_ref(&table), Some(&rows))
+        // The notification names keys, not scope values: every scoped query of the table.
+        self.invalidate_named(std::slice::from_ref(&table), Some(&rows), None)
             .await;
     }
 
@@ -236,12 +286,13 @@ impl Cache {
         &self,
         tables: &[String],
         rows: Option<&[RowName<'_>]>,
+        scopes: Option<&[String]>,
     ) -> Option<Invalidated> {
         let span = Cache::invalidate_span(tables, rows.map(<[RowName<'_>]>::len));
         if span.is_disabled() {
-            return self.invalidate_tables(tables, rows, &span).await;
+            return self.invalidate_tables(tables, rows, scopes, &span).await;
         }
-        let invalidation = self.invalidate_tables(tables, rows, &span);
+        let invalidation = self.invalidate_tables(tables, rows, scopes, &span);
         tracing::Instrument::instrument(invalidation, span.clone()).await
     }
 
@@ -250,6 +301,7 @@ impl Cache {
         &self,
         tables: &[String],
         rows: Option<&[RowName<'_>]>,
+        scopes: Option<&[String]>,
         span: &tracing::Span,
     ) -> Option<Invalidated> {
         self.invalidation_event(tables);
@@ -260,7 +312,7 @@ impl Cache {
             tables,
             delivered: false,
         };
-        let bumped = self.bump_tables(tables, rows).await;
+        let bumped = self.bump_tables(tables, rows, scopes).await;
         span.record(
             "outcome",
             ["undelivered", "delivered"][usize::from(bumped.is_ok())],
