@@ -299,8 +299,25 @@ impl<Q> Cached<Q> {
     fn entry_key(&self, cache: &Cache, digest: u128) -> String {
         match &self.custom_key {
             Some(custom) => cache.custom_key(custom),
-            None => cache.query_key(digest, &self.label),
+            None => cache.query_key(self.scoped_digest(digest), &self.label),
         }
+    }
+
+    /// `digest`, with this read's scopes: a scoped read's entry is not the unscoped read's of
+    /// the same SQL (other generations guard it; sharing one key, they would evict each other).
+    fn scoped_digest(&self, digest: u128) -> u128 {
+        if self.scopes.is_empty() {
+            return digest;
+        }
+        let mut text = String::new();
+        for scope in &self.scopes {
+            for part in [scope.table, scope.column, scope.value.as_str()] {
+                text.push_str(&part.len().to_string());
+                text.push(':');
+                text.push_str(part);
+            }
+        }
+        digest ^ xxhash_rust::xxh3::xxh3_128(text.as_bytes())
     }
 
     /// The lookup of a read of result `T` by `queries` on backend `DB`, `QT` being their type
