@@ -124,6 +124,7 @@ use schema::{memberships, posts, users};
     MemClone,
 )]
 #[diesel(table_name = users)]
+#[memclone(scope(id))]
 pub struct User {
     /// Primary key.
     pub id: i32,
@@ -148,7 +149,7 @@ pub struct User {
     MemClone,
 )]
 #[diesel(table_name = posts, belongs_to(User))]
-#[memclone(ttl = 600)]
+#[memclone(ttl = 600, scope(user_id))]
 pub struct Post {
     /// Primary key.
     pub id: i32,

@@ -517,6 +517,10 @@ async fn list_posts(
             joined
                 .filter(posts::user_id.eq(author))
                 .cached("posts_by_author")
+                // It reads only the author's posts and the author's row: writes to other
+                // authors' posts and users leave it cached.
+                .within(posts::user_id, author)
+                .within(users::id, author)
                 .using(cache)
                 .load_from(&state.reads)
                 .await?

@@ -9,7 +9,8 @@ const MEMCLONE: &str = "memclone";
 const TTL: &str = "ttl";
 const NAME: &str = "name";
 const TABLE: &str = "table";
-const VALID_OPTIONS: &str = "`ttl = <seconds>`, `name = \"...\"`";
+const SCOPE: &str = "scope";
+const VALID_OPTIONS: &str = "`ttl = <seconds>`, `name = \"...\"`, `scope(field, ..)`";
 
 /// Collects every error instead of stopping at the first.
 #[derive(Default)]
@@ -32,6 +33,8 @@ impl Errors {
 struct Options {
     ttl: Option<u64>,
     name: Option<String>,
+    /// The fields named in `scope(..)`.
+    scopes: Vec<Ident>,
 }
 
 fn memclone_options(input: &DeriveInput, errors: &mut Errors, allowed: &[&str]) -> Options {
@@ -50,6 +53,18 @@ fn memclone_options(input: &DeriveInput, errors: &mut Errors, allowed: &[&str]) 
                      Diesel's `table!` (its `#[sql_name]`, if any); remove this option",
                 ));
                 return Ok(());
+            }
+            if key == SCOPE && allowed.contains(&SCOPE) {
+                return meta.parse_nested_meta(|field| {
+                    match field.path.get_ident() {
+                        Some(ident) if !options.scopes.contains(ident) => {
+                            options.scopes.push(ident.clone())
+                        }
+                        Some(_) => errors.push(field.error("this field is already a scope")),
+                        None => errors.push(field.error("`scope(..)` lists field names")),
+                    }
+                    Ok(())
+                });
             }
             if !allowed.contains(&key.as_str()) {
                 return Err(meta.error(format!(
@@ -89,7 +104,7 @@ fn memclone_options(input: &DeriveInput, errors: &mut Errors, allowed: &[&str]) 
 }
 
 fn allowed_list(allowed: &[&str]) -> String {
-    if allowed.len() == 2 {
+    if allowed.len() == 3 {
         return VALID_OPTIONS.to_owned();
     }
     allowed
@@ -253,7 +268,7 @@ fn default_table(name: &Ident) -> String {
 pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
     let mut errors = Errors::default();
     let fields = named_fields(&input, "MemClone")?;
-    let options = memclone_options(&input, &mut errors, &[TTL, NAME]);
+    let options = memclone_options(&input, &mut errors, &[TTL, NAME, SCOPE]);
     let diesel = diesel_options(&input, &mut errors);
     let ident = &input.ident;
 
@@ -289,7 +304,41 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
             )),
         }
     }
+    // Scope columns: each a field, its column taken from Diesel's `table!` (a
+    // `#[diesel(column_name)]` rename maps to its column).
+    let mut scope_fields = Vec::new();
+    for scope in &options.scopes {
+        match fields.iter().find(|f| f.ident == *scope) {
+            Some(field) => scope_fields.push(field),
+            None => errors.push(syn::Error::new_spanned(
+                scope,
+                format!("`{scope}` is not a field of `{ident}`"),
+            )),
+        }
+    }
     errors.finish()?;
+
+    let scope_columns: Vec<TokenStream> = scope_fields
+        .iter()
+        .map(|f| {
+            let column = column_ident(&f.column, f.ident.span());
+            quote!(#table_path::#column)
+        })
+        .collect();
+    let scope_types: Vec<&syn::Type> = scope_fields.iter().map(|f| &f.ty).collect();
+    let scope_idents: Vec<&Ident> = scope_fields.iter().map(|f| &f.ident).collect();
+    let scope_impls = (!scope_fields.is_empty()).then(|| {
+        quote! {
+            // One model per table declares scopes: a second one does not compile.
+            impl ::diesel_memclone::__private::ScopedTable for #table_path::table {}
+            #(
+                impl ::diesel_memclone::ScopeColumn for #scope_columns {
+                    type Model = #ident;
+                    type Value = #scope_types;
+                }
+            )*
+        }
+    });
 
     let name = options.name.unwrap_or_else(|| ident.to_string());
     // The key columns' SQL names, from Diesel's `Column::NAME` (a `#[sql_name]` in `table!`).
@@ -348,7 +397,26 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
                     <Self as ::diesel_memclone::MemClone>::TTL_SECONDS
                         .map(::core::time::Duration::from_secs)
                 }
+                fn scope_columns() -> &'static [&'static str] {
+                    const SCOPE_COLUMNS: &[&str] = &[#(
+                        <#scope_columns as ::diesel_memclone::__private::diesel::Column>::NAME
+                    ),*];
+                    SCOPE_COLUMNS
+                }
+                fn scope_values(
+                    &self,
+                    out: &mut ::std::vec::Vec<(&'static str, ::std::string::String)>,
+                ) {
+                    #(
+                        out.push((
+                            <#scope_columns as ::diesel_memclone::__private::diesel::Column>::NAME,
+                            ::diesel_memclone::ScopeValue::scope_text(&self.#scope_idents),
+                        ));
+                    )*
+                }
             }
+
+            #scope_impls
 
             impl ::diesel_memclone::MemClone for #ident {
                 const NAME: &'static str = #name;

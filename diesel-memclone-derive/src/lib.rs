@@ -12,7 +12,14 @@ use proc_macro::TokenStream;
 /// (defaults: the snake-case plural of the struct name, and `id`), and its own options:
 ///
 /// * `#[memclone(ttl = 60)]`: entry lifetime in seconds for this model's rows;
-/// * `#[memclone(name = "Person")]`: the model's name.
+/// * `#[memclone(name = "Person")]`: the model's name;
+/// * `#[memclone(scope(user_id, ..))]`: fields whose columns cached queries may be confined to
+///   with `Cached::within(posts::user_id, value)` (`diesel_memclone::ScopeColumn` is
+///   implemented for each column, and the rows name their values to the writes that return
+///   them). Such a query vouches that it reads only rows of the table with that value; if it
+///   reads others, a write to them leaves it stale until its TTL. At most one model per
+///   `table!` declares scopes (a second does not compile), and the field's type must be a
+///   `diesel_memclone::ScopeValue` (integers, `bool`, `String`, `Uuid`, their `Option`s).
 ///
 /// The table's name and the key columns' names come from Diesel itself (the `table!`'s
 /// `#[sql_name]` and the columns' `Column::NAME`), so a renamed table or column needs nothing.

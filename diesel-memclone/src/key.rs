@@ -9,6 +9,8 @@
 //! | `ns:{t:users}:wseq` | count of invalidated writes to `users` (orders write-through) |
 //! | `ns:{t:users}:egen` | generation of every entity entry of `users` (bumped by writes whose rows are unknown) |
 //! | `ns:{t:users}:r:1` | generation of the row `users` / `1` (in the table's slot) |
+//! | `ns:{t:posts}:sgen` | generation of `.within(..)` queries of `posts`, moved by writes whose scope values are unknown |
+//! | `ns:{t:posts}:v:user_id:1` | generation of `.within(posts::user_id, 1)` queries (in the table's slot) |
 //! | `ns:{r:users:1}:e:<fingerprint>` | the entity entry of that row |
 //! | `ns:{q:<hash>}:<label>` | a cached query result |
 //! | `ns:{k:<key>}` | a cached query result under a custom key (`.key("...")`) |
@@ -144,6 +146,27 @@ pub(crate) fn query_generation(ns: &str, table: &str) -> String {
     let mut key = format!("{ns}:{{t:");
     escape(table, &mut key);
     key.push_str("}:qgen");
+    key
+}
+
+/// The generation of a scoped table's writes whose scope values are unknown: scoped queries of
+/// the table carry it instead of the table's query generation.
+pub(crate) fn scope_generation(ns: &str, table: &str) -> String {
+    let mut key = format!("{ns}:{{t:");
+    escape(table, &mut key);
+    key.push_str("}:sgen");
+    key
+}
+
+/// The generation of the rows of `table` whose scope column `column` holds `value` (as
+/// [`ScopeValue`](crate::ScopeValue) renders it): in the table's slot, like a row's.
+pub(crate) fn value_generation(ns: &str, table: &str, column: &str, value: &str) -> String {
+    let mut key = format!("{ns}:{{t:");
+    escape(table, &mut key);
+    key.push_str("}:v:");
+    escape(column, &mut key);
+    key.push(':');
+    escape(value, &mut key);
     key
 }
 
@@ -838,6 +861,11 @@ mod tests {
         let key = row_generation("app", "users", "\"a}b\"");
         assert_eq!(key, "app:{t:users}:r:\"a%7Db\"");
         assert_eq!(query_generation("app", "users"), "app:{t:users}:qgen");
+        assert_eq!(scope_generation("app", "posts"), "app:{t:posts}:sgen");
+        assert_eq!(
+            value_generation("app", "posts", "user_id", "\"a:b}\""),
+            "app:{t:posts}:v:user_id:\"a%3Ab%7D\""
+        );
         assert_eq!(
             query_entry("app", 0xff, "active users"),
             "app:{q:000000000000000000000000000000ff}:active%20users"

@@ -151,7 +151,7 @@ pub use error::{Error, Result, StoreError};
 pub use flight::{LockOptions, OnLockTimeout};
 pub use identity::CacheBackend;
 pub use key::table_name;
-pub use model::{CacheValue, MemClone, RowKey};
+pub use model::{CacheValue, MemClone, RowKey, ScopeColumn, ScopeValue};
 pub use near::NearCache;
 pub use pool::ConnectionPool;
 pub use query::{dsl, Cached, CachedDsl};
@@ -185,6 +185,6 @@ pub mod __private {
     pub use crate::codec::bench as codec;
     pub use crate::key::{hash64, qualified_table_name, table_sql};
     pub use crate::model::field;
-    pub use crate::model::{KeyTextProbe, KnownKeyText, UnknownKeyText};
+    pub use crate::model::{KeyTextProbe, KnownKeyText, ScopedTable, UnknownKeyText};
     pub use diesel;
 }

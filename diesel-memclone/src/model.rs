@@ -52,7 +52,79 @@ pub trait CacheValue: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Adds the rows this value holds (for writes that return rows: only those rows' entity
     /// entries are evicted, rather than every entity entry of the table).
     fn rows(&self, _out: &mut Vec<RowKey>) {}
+
+    /// The SQL names of this type's scope columns (`#[memclone(scope(..))]`), when it is a
+    /// model that declares some. A write that assigns one of them moves rows between scopes.
+    fn scope_columns() -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Adds this row's scope values, when it is a model that declares scope columns: each
+    /// column's SQL name and its value as [`ScopeValue::scope_text`] renders it. A write that
+    /// returns such rows invalidates only the scoped queries of those values (see
+    /// [`Cached::within`](crate::Cached::within)).
+    fn scope_values(&self, _out: &mut Vec<(&'static str, String)>) {}
 }
+
+/// A column of a model's table that cached queries may declare they are confined to, with
+/// [`Cached::within`](crate::Cached::within). `#[derive(MemClone)]` implements it for each
+/// column named in `#[memclone(scope(field, ..))]`; do not implement it by hand.
+pub trait ScopeColumn: diesel::Column {
+    /// The model that declares the column as a scope: its writes name the rows' values.
+    type Model: MemClone;
+    /// The model's field type for this column.
+    type Value: ScopeValue;
+}
+
+/// A scope column's value type: two values are equal in the database exactly when their
+/// [`scope_text`](ScopeValue::scope_text) is equal. Implemented for integers, `bool`, `String`,
+/// `uuid::Uuid` and `Option`s of them; not for floats (`-0.0 = 0.0` in SQL, not in their
+/// text). Implement it for a newtype only if that holds for it, and mind case-insensitive
+/// collations (MySQL's default): `'Rust' = 'rust'` there, so a `String` scope column must use a
+/// case-sensitive one.
+pub trait ScopeValue {
+    /// The value as scope keys hold it: its `Debug` text, as [`RowKey`] renders keys.
+    fn scope_text(&self) -> String;
+}
+
+macro_rules! scope_values {
+    ($($ty:ty),* $(,)?) => {$(
+        impl ScopeValue for $ty {
+            fn scope_text(&self) -> String {
+                format!("{self:?}")
+            }
+        }
+    )*};
+}
+
+scope_values!(
+    i8,
+    i16,
+    i32,
+    i64,
+    u8,
+    u16,
+    u32,
+    u64,
+    bool,
+    String,
+    uuid::Uuid
+);
+
+impl<T: ScopeValue> ScopeValue for Option<T> {
+    fn scope_text(&self) -> String {
+        match self {
+            Some(value) => format!("Some({})", value.scope_text()),
+            None => "None".to_owned(),
+        }
+    }
+}
+
+/// A table that a model declares scope columns on: implemented by `#[derive(MemClone)]`, once
+/// per table, so that a second model declaring scopes on the same `table!` does not compile
+/// (a write returning the other model's rows would not name the first one's scope values).
+#[doc(hidden)]
+pub trait ScopedTable {}
 
 /// A Diesel model whose rows are cached by primary key. Implement it with `#[derive(MemClone)]`.
 pub trait MemClone: CacheValue {

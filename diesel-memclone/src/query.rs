@@ -7,7 +7,7 @@ use crate::cache::{
 use crate::error::Result;
 use crate::identity::{self, CacheBackend};
 use crate::key;
-use crate::model::CacheValue;
+use crate::model::{CacheValue, MemClone, ScopeColumn, ScopeValue};
 use crate::near::{NearKey, NearKeys};
 use crate::pool::ConnectionPool;
 use crate::transaction::read_policy;
@@ -36,6 +36,7 @@ pub trait CachedDsl: Sized {
             cache: None,
             extra_tables: Vec::new(),
             custom_key: None,
+            scopes: Vec::new(),
         }
     }
 }
@@ -78,6 +79,16 @@ pub struct Cached<Q> {
     cache: Option<Cache>,
     extra_tables: Vec<String>,
     custom_key: Option<String>,
+    scopes: Vec<Scope>,
+}
+
+/// A scope a query declared with [`Cached::within`]: it reads only rows of `table` whose
+/// `column` holds `value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Scope {
+    table: &'static str,
+    column: &'static str,
+    value: String,
 }
 
 /// The backend of `P`'s connections.
@@ -154,6 +165,78 @@ impl<Q> Cached<Q> {
     pub fn depends_on(mut self, table: &str) -> Self {
         self.extra_tables.push(key::table_from_text(table));
         self
+    }
+
+    /// Declares that, of `column`'s table, this query reads only rows whose `column` equals
+    /// `value` (the column is declared with `#[memclone(scope(field))]` on its model). Its
+    /// entry is then invalidated by writes to that table only when they may have touched such
+    /// rows: a memclone write outside a transaction that returns the model's rows
+    /// (`get_result`/`get_results`, with `RETURNING`) and assigns no scope column invalidates
+    /// only the scoped queries of the values its rows hold; every other write to the table
+    /// (`execute`, a write in a transaction, one that assigns a scope column, an upsert whose
+    /// `DO UPDATE SET` does, `invalidate_table`, a listener's notification, other models' rows)
+    /// invalidates every scoped query of it, as before. Queries of the table without `within`
+    /// are invalidated by every write, as always.
+    ///
+    /// Several `within` calls add up: the query may read rows matching any of them (a
+    /// `filter(posts::user_id.eq_any([1, 2]))` takes `.within(posts::user_id, 1)
+    /// .within(posts::user_id, 2)`), so a write to a row matching any one invalidates it.
+    /// `within` on a table the query does not read changes nothing.
+    ///
+    /// The query vouches for this: its SQL must read no other row of the table (not one with
+    /// another value, not a row of a subquery on it). If it does, a write to such a row leaves
+    /// this entry stale until its TTL, or until a write that invalidates every scoped query.
+    ///
+    /// ```ignore
+    /// posts::table.inner_join(users::table)
+    ///     .filter(posts::user_id.eq(author))
+    ///     .cached("posts_by_author")
+    ///     .within(posts::user_id, author) // only posts with user_id = author
+    ///     .within(users::id, author)      // only the user with id = author
+    ///     .load::<(Post, User)>(&mut conn)
+    /// ```
+    pub fn within<C: ScopeColumn>(mut self, _column: C, value: C::Value) -> Self {
+        let scope = Scope {
+            table: <C::Model as MemClone>::table(),
+            column: C::NAME,
+            value: value.scope_text(),
+        };
+        if !self.scopes.contains(&scope) {
+            self.scopes.push(scope);
+        }
+        self
+    }
+
+    /// `lookup` with its scopes: for each table it declared a scope of, the table's scope
+    /// generation and one generation per declared value instead of its query generation.
+    /// Generations that expire are then among them: they are created to live as long as the
+    /// entry (and a quarter), and extended by the entries stored under them, as a row's are.
+    fn scoped(&self, cache: &Cache, mut lookup: Lookup) -> Lookup {
+        if self.scopes.is_empty() {
+            return lookup;
+        }
+        let ns = cache.namespace();
+        let mut generations = Vec::with_capacity(lookup.tables.len() + self.scopes.len());
+        let mut values = Vec::with_capacity(self.scopes.len());
+        for table in lookup.tables.iter() {
+            let mut scopes = self.scopes.iter().filter(|s| s.table == table).peekable();
+            if scopes.peek().is_none() {
+                generations.push(key::query_generation(ns, table));
+                continue;
+            }
+            generations.push(key::scope_generation(ns, table));
+            values.extend(scopes.map(|s| key::value_generation(ns, table, s.column, &s.value)));
+        }
+        if values.is_empty() {
+            return lookup;
+        }
+        generations.extend(values);
+        // The near tier names them anew: it must check exactly the generations the entry has.
+        lookup.near_generations = cache.near_keys(&generations);
+        lookup.generations = generations.into();
+        let kept = lookup.ttl.saturating_add(cache.stale_while_revalidate());
+        lookup.generation_ttl = Some(kept.saturating_add(kept / 4));
+        lookup
     }
 
     /// Builds the lookup for a result of type `T` read by the statements `sqls` (rendered in
@@ -238,14 +321,34 @@ impl<Q> Cached<Q> {
                 let near_key = cache.near_key(&key);
                 (EntryKey::Text(key), near_key)
             }
-            None => (
-                EntryKey::Query {
-                    digest,
-                    text: OnceLock::new(),
-                },
-                cache.near_query_key(digest, &self.label),
-            ),
+            None => {
+                let digest = self.scoped_digest(digest);
+                (
+                    EntryKey::Query {
+                        digest,
+                        text: OnceLock::new(),
+                    },
+                    cache.near_query_key(digest, &self.label),
+                )
+            }
         }
+    }
+
+    /// `digest`, with this read's scopes: a scoped read's entry is not the unscoped read's of
+    /// the same SQL (other generations guard it; sharing one key, they would evict each other).
+    fn scoped_digest(&self, digest: u128) -> u128 {
+        if self.scopes.is_empty() {
+            return digest;
+        }
+        let mut text = String::new();
+        for scope in &self.scopes {
+            for part in [scope.table, scope.column, scope.value.as_str()] {
+                text.push_str(&part.len().to_string());
+                text.push(':');
+                text.push_str(part);
+            }
+        }
+        digest ^ xxhash_rust::xxh3::xxh3_128(text.as_bytes())
     }
 
     /// The lookup of a read of result `T` by `queries` on backend `DB`, `QT` being their type
@@ -292,8 +395,10 @@ impl<Q> Cached<Q> {
             } else {
                 self.rendered_shaped_lookup(cache, &shape, kind, queries)
             };
-            if lookup.is_some() {
-                return lookup;
+            // The shape's generations are its tables' query generations: this read's scopes
+            // replace them.
+            if let Some(lookup) = lookup {
+                return Some(self.scoped(cache, lookup));
             }
             // Another SQL under the same type (a raw or boxed query): built in full.
             learn = false;
@@ -306,7 +411,8 @@ impl<Q> Cached<Q> {
         if let (Some(shape_key), Some(shape)) = (shape_key, shape) {
             cache.remember_shape(shape_key, shape);
         }
-        Some(lookup)
+        // After the shape was learnt: it keeps the unscoped generations, shared by every read.
+        Some(self.scoped(cache, lookup))
     }
 
     /// The lookup of `queries` from their SQL and collected binds, and their shape if `learn`.
@@ -823,6 +929,7 @@ impl<Q> Cached<Q> {
             cache: self.cache,
             extra_tables: self.extra_tables,
             custom_key: self.custom_key,
+            scopes: self.scopes,
         };
         (self.query, options)
     }
@@ -836,6 +943,7 @@ impl<Q> Cached<Q> {
             cache: self.cache,
             extra_tables: self.extra_tables,
             custom_key: self.custom_key,
+            scopes: self.scopes,
         }
     }
 }
@@ -909,6 +1017,7 @@ impl Cache {
             cache: Some(self.clone()),
             extra_tables: Vec::new(),
             custom_key: None,
+            scopes: Vec::new(),
         };
         for table in extra_tables {
             options = options.depends_on(table);
@@ -943,6 +1052,7 @@ impl Cache {
             cache: Some(self.clone()),
             extra_tables: Vec::new(),
             custom_key: None,
+            scopes: Vec::new(),
         };
         for table in tables {
             options = options.depends_on(table);
@@ -963,6 +1073,7 @@ impl Cached<()> {
             cache: Some(cache.clone()),
             extra_tables: Vec::new(),
             custom_key: None,
+            scopes: Vec::new(),
         };
         for table in tables {
             options = options.depends_on(table);

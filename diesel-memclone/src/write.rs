@@ -309,19 +309,28 @@ impl<S> Write<S> {
     }
 
     /// Delivers an autocommit write's invalidation, or narrows a transaction's deferred one.
+    ///
+    /// `scopes`, the value generations of every written row's scope values (see
+    /// [`Cache::value_generation_keys`]), only for an autocommit write that
+    /// cannot have moved a row out of a scope; in a transaction they are dropped (its
+    /// invalidation at commit moves every scoped query of its tables).
     async fn finish(
         cache: &Cache,
         tables: Vec<String>,
-        rows: Option<Vec<RowKey>>,
+        written: Written<'_>,
         uncache: Vec<String>,
         timing: WriteTiming,
         deferred: Option<usize>,
-        through: Option<&RowsThrough>,
     ) -> Option<Invalidated> {
+        let Written {
+            rows,
+            scopes,
+            through,
+        } = written;
         match timing {
             WriteTiming::Now => {
                 let invalidated = cache
-                    .invalidate_written_through(&tables, rows.as_deref(), through)
+                    .invalidate_scoped(&tables, rows.as_deref(), scopes.as_deref(), through)
                     .await;
                 if !uncache.is_empty() {
                     cache.uncache(&uncache).await;
@@ -409,7 +418,8 @@ impl Write<()> {
         let (pending, deferred) = pending(&cache, &tables, &self.uncache, &timing);
         let written = run().await;
         // Invalidate even after an error: the statement may have changed rows before failing.
-        Write::<()>::finish(&cache, tables, None, self.uncache, timing, deferred, None).await;
+        let unknown = Written::default();
+        Write::<()>::finish(&cache, tables, unknown, self.uncache, timing, deferred).await;
         if let Some(pending) = pending {
             pending.done();
         }
@@ -464,16 +474,30 @@ impl Write<()> {
             }
             _ => None,
         };
-        let invalidated = Write::<()>::finish(
-            &cache,
-            tables,
-            rows.clone(),
-            self.uncache,
-            timing,
-            deferred,
-            folded.as_ref(),
-        )
-        .await;
+        // The returned rows name every scope they are in only when none of them can have left
+        // one: rows of the table's model that declares scopes, a plain insert, update or delete
+        // that assigns no scope column, outside a transaction. Otherwise (None) every scoped
+        // query of the table is invalidated.
+        let keeps_scopes = matches!(timing, WriteTiming::Now)
+            && !moves_rows
+            && matches!(statement.verb, Verb::Insert | Verb::Update | Verb::Delete)
+            && !U::scope_columns().is_empty()
+            && !U::scope_columns()
+                .iter()
+                .any(|c| statement.assigned.contains(&c.to_lowercase()));
+        let scopes = match (&result, &rows) {
+            (Ok(values), Some(_)) if keeps_scopes => {
+                Some(cache.value_generation_keys(&table, &scope_values_of(values)))
+            }
+            _ => None,
+        };
+        let written = Written {
+            rows: rows.clone(),
+            scopes,
+            through: folded.as_ref(),
+        };
+        let invalidated =
+            Write::<()>::finish(&cache, tables, written, self.uncache, timing, deferred).await;
         if let Some(pending) = pending {
             pending.done();
         }
@@ -562,6 +586,17 @@ fn rows_through_bump<U: CacheValue>(
     Some(through)
 }
 
+/// What a write knows of what it wrote, for its invalidation (see `Write::finish`).
+#[derive(Default)]
+struct Written<'a> {
+    /// Its rows, when they are known.
+    rows: Option<Vec<RowKey>>,
+    /// The value generations of every scope value of the rows, when none can have left one.
+    scopes: Option<Vec<String>>,
+    /// Their entries, to store with the bump (see [`RowsThrough`]).
+    through: Option<&'a RowsThrough>,
+}
+
 fn written_tables(statement: &WrittenStatement, also: &[String]) -> Vec<String> {
     let mut tables = vec![statement.table.clone()];
     for table in statement.also_named.iter().chain(also) {
@@ -607,4 +642,11 @@ fn returned_rows<U: CacheValue>(table: &str, values: &[U]) -> Option<Vec<RowKey>
     values.iter().for_each(|v| v.rows(&mut rows));
     rows.retain(|r| r.table == table);
     Some(rows)
+}
+
+/// Every scope value of the written rows (see [`CacheValue::scope_values`]).
+fn scope_values_of<U: CacheValue>(values: &[U]) -> Vec<(&'static str, String)> {
+    let mut scopes = Vec::new();
+    values.iter().for_each(|v| v.scope_values(&mut scopes));
+    scopes
 }

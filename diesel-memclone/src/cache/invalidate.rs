@@ -62,7 +62,7 @@ impl Cache {
             return true;
         }
         let tables: Vec<String> = snapshot.iter().map(|(t, _)| t.clone()).collect();
-        if self.bump_tables(&tables, None, None).await.is_ok() {
+        if self.bump_tables(&tables, None, None, None).await.is_ok() {
             let mut pending = self.lock_undelivered();
             for (table, epoch) in &snapshot {
                 // A failure recorded while this delivery ran may postdate it: keep that one.
@@ -135,10 +135,16 @@ impl Cache {
         tables.iter().any(|t| pending.contains_key(t))
     }
 
+    /// Moves the generations of `tables`. `rows`, when known, are rows of the first table;
+    /// `scopes`, when known, are the value generations of every scope value of those rows (see
+    /// [`Cached::within`](crate::Cached::within)): then the first table's scoped queries of
+    /// those values are invalidated, and not the others. Without them every scoped query of
+    /// every table is (its scope generation moves).
     async fn bump_tables(
         &self,
         tables: &[String],
         rows: Option<&[RowName<'_>]>,
+        scopes: Option<&[String]>,
         through: Option<&RowsThrough>,
     ) -> StoreResult<Invalidated> {
         let ns = &self.inner.namespace;
@@ -150,7 +156,13 @@ impl Cache {
             // The rows, when known, are rows of the first (written) table; any other table
             // (`also_invalidates`, a pending delivery) has all of its rows evicted.
             let rows = if i == 0 { rows } else { None };
+            // Scope values name rows of the first table only, and only with its rows.
+            let scopes = if i == 0 { rows.and(scopes) } else { None };
             let mut keys = vec![key::query_generation(ns, table)];
+            // Scope values unknown: every scoped query of the table is invalidated.
+            if scopes.is_none() {
+                keys.push(key::scope_generation(ns, table));
+            }
             // Rows known: the table's entity generation stays, and is observed for
             // write-through; rows unknown: it moves, evicting every row of the table.
             let mut observe = Vec::new();
@@ -159,15 +171,22 @@ impl Cache {
                 None => keys.push(key::entity_generation(ns, table)),
             }
             let values: Vec<u64> = keys.iter().map(|_| fresh_generation()).collect();
-            let row_keys: Vec<String> = rows
+            let mut row_keys: Vec<String> = rows
                 .unwrap_or_default()
                 .iter()
                 .map(|(table, primary_key)| key::row_generation(ns, table, primary_key))
                 .collect();
-            // Rows written through with the bump carry the generations it sets: drawn before.
-            let through = through.filter(|t| i == 0 && t.row_values.len() == row_keys.len());
+            let named_rows = row_keys.len();
+            // Value generations expire and are kept alive by the entries stored under them,
+            // as a row's are: set with the rows' generations, in the same script.
+            row_keys.extend(scopes.unwrap_or_default().iter().cloned());
+            // Rows written through with the bump carry the generations it sets: drawn before
+            // (the value generations after them are drawn here).
+            let through = through.filter(|t| i == 0 && t.row_values.len() == named_rows);
             let row_values: Vec<u64> = match through {
-                Some(through) => through.row_values.clone(),
+                Some(through) => (through.row_values.iter().copied())
+                    .chain(row_keys[named_rows..].iter().map(|_| fresh_generation()))
+                    .collect(),
                 None => row_keys.iter().map(|_| fresh_generation()).collect(),
             };
             let sequence = key::write_sequence(ns, table);
@@ -208,6 +227,7 @@ impl Cache {
             });
             if i == 0 {
                 row_generations = row_values;
+                row_generations.truncate(named_rows);
             }
         }
         Ok(Invalidated {
@@ -226,16 +246,39 @@ impl Cache {
         tables: &[String],
         rows: Option<&[RowKey]>,
     ) -> Option<Invalidated> {
-        self.invalidate_written_through(tables, rows, None).await
+        self.invalidate_scoped(tables, rows, None, None).await
     }
 
-    /// [`invalidate_written`](Self::invalidate_written), storing `through` (entries of `rows`)
-    /// in the same step as the first table's bump where the store can
-    /// ([`Invalidated::written_through`] says whether it did).
-    pub(crate) async fn invalidate_written_through(
+    /// The value generations of the first of `tables` for the scope values `scopes` (column
+    /// and value text), each once: what a write whose rows hold them moves.
+    pub(crate) fn value_generation_keys(
+        &self,
+        table: &str,
+        scopes: &[(&'static str, String)],
+    ) -> Vec<String> {
+        let mut keys: Vec<String> = scopes
+            .iter()
+            .map(|(column, value)| {
+                key::value_generation(&self.inner.namespace, table, column, value)
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// [`invalidate_written`](Self::invalidate_written), with the value generations of every
+    /// scope value of `rows` when they are known (see
+    /// [`value_generation_keys`](Self::value_generation_keys)): then only the first table's
+    /// scoped queries of those values are invalidated (see [`bump_tables`](Self::bump_tables)).
+    /// `scopes` only for a write that cannot have moved a row out of a scope. `through`
+    /// (entries of `rows`) is stored in the same step as the first table's bump where the store
+    /// can ([`Invalidated::written_through`] says whether it did).
+    pub(crate) async fn invalidate_scoped(
         &self,
         tables: &[String],
         rows: Option<&[RowKey]>,
+        scopes: Option<&[String]>,
         through: Option<&RowsThrough>,
     ) -> Option<Invalidated> {
         let rows: Option<Vec<RowName<'_>>> = rows.map(|rows| {
@@ -243,7 +286,7 @@ impl Cache {
                 .map(|row| (row.table, row.primary_key.as_str()))
                 .collect()
         });
-        self.invalidate_named(tables, rows.as_deref(), through)
+        self.invalidate_named(tables, rows.as_deref(), scopes, through)
             .await
     }
 
@@ -258,7 +301,8 @@ impl Cache {
             .iter()
             .map(|pk| (table.as_str(), pk.as_str()))
             .collect();
-        self.invalidate_named(std::slice::from_ref(&table), Some(&rows), None)
+        // The notification names keys, not scope values: every scoped query of the table.
+        self.invalidate_named(std::slice::from_ref(&table), Some(&rows), None, None)
             .await;
     }
 
@@ -267,13 +311,16 @@ impl Cache {
         &self,
         tables: &[String],
         rows: Option<&[RowName<'_>]>,
+        scopes: Option<&[String]>,
         through: Option<&RowsThrough>,
     ) -> Option<Invalidated> {
         let span = Cache::invalidate_span(tables, rows.map(<[RowName<'_>]>::len));
         if span.is_disabled() {
-            return self.invalidate_tables(tables, rows, through, &span).await;
+            return self
+                .invalidate_tables(tables, rows, scopes, through, &span)
+                .await;
         }
-        let invalidation = self.invalidate_tables(tables, rows, through, &span);
+        let invalidation = self.invalidate_tables(tables, rows, scopes, through, &span);
         tracing::Instrument::instrument(invalidation, span.clone()).await
     }
 
@@ -282,6 +329,7 @@ impl Cache {
         &self,
         tables: &[String],
         rows: Option<&[RowName<'_>]>,
+        scopes: Option<&[String]>,
         through: Option<&RowsThrough>,
         span: &tracing::Span,
     ) -> Option<Invalidated> {
@@ -293,7 +341,7 @@ impl Cache {
             tables,
             delivered: false,
         };
-        let bumped = self.bump_tables(tables, rows, through).await;
+        let bumped = self.bump_tables(tables, rows, scopes, through).await;
         span.record(
             "outcome",
             ["undelivered", "delivered"][usize::from(bumped.is_ok())],

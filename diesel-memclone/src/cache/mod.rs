@@ -597,6 +597,11 @@ impl Cache {
         self.inner.default_ttl
     }
 
+    /// How long past its TTL an entry may still be served while it is refreshed.
+    pub(crate) fn stale_while_revalidate(&self) -> Duration {
+        self.inner.stale_while_revalidate
+    }
+
     /// What the cache has done so far.
     pub fn stats(&self) -> Stats {
         let c = &self.inner.stats;

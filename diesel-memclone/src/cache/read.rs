@@ -51,7 +51,12 @@ impl Cache {
         if blocked {
             return self.database_read(&lookup, began, fill).await;
         }
-        let near = self.near();
+        // The tier names the lookup's generations one by one: with names that do not match
+        // them it would learn one generation's value under another's name. Never built so,
+        // and then read without the tier.
+        let named = lookup.near_generations.len() == lookup.generations.len();
+        debug_assert!(named || self.inner.near.is_none(), "near names out of step");
+        let near = self.near().filter(|_| named);
         let mut tags = None;
         let mut stale = None;
         let mut lock = Lock::Unknown;
@@ -143,6 +148,9 @@ impl Cache {
         }
         // Not `near()`: its change stream is started by the first call inside a runtime.
         let near = self.inner.near.as_deref().filter(|near| near.in_sync())?;
+        if lookup.near_generations.len() != lookup.generations.len() {
+            return None;
+        }
         let current = near.generations(&lookup.near_generations)?;
         self.near_entry_hit(near, lookup, &current)
     }

@@ -79,6 +79,12 @@ impl<Q> Cached<Q> {
         Cached(self.0.depends_on(table))
     }
 
+    /// Declares that, of `column`'s table, this query reads only rows whose `column` equals
+    /// `value`: see [`crate::Cached::within`] (same keys, same contract).
+    pub fn within<C: crate::ScopeColumn>(self, column: C, value: C::Value) -> Self {
+        Cached(self.0.within(column, value))
+    }
+
     /// Changes the query, keeping the label and options.
     pub fn map<Q2>(self, f: impl FnOnce(Q) -> Q2) -> Cached<Q2> {
         Cached(self.0.map(f))
