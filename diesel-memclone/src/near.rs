@@ -254,18 +254,25 @@ impl Entries {
         }
     }
 
-    /// The bytes and stamp under `key`, marked as read.
-    fn get(&self, key: NearKey) -> Option<(Arc<[u8]>, u64)> {
+    /// The bytes under `key` if `current` says the stamp they were kept under is still the
+    /// key's (asked after the entry is found), marked as read. An entry kept under an older
+    /// stamp can never be served again: no second chance for it.
+    fn get(&self, key: NearKey, current: impl FnOnce(u64) -> bool) -> Option<Arc<[u8]>> {
         let entry = self.map.get(&key)?;
+        if !current(entry.stamp) {
+            return None;
+        }
         if !entry.used.load(Ordering::Relaxed) {
             entry.used.store(true, Ordering::Relaxed);
         }
-        Some((entry.bytes.clone(), entry.stamp))
+        Some(entry.bytes.clone())
     }
 
     fn insert(&self, key: NearKey, bytes: Arc<[u8]>, stamp: u64, fresh_until: u64) {
         let weight = (std::mem::size_of::<NearKey>() + bytes.len() + 64) as u64;
         if weight > self.max_weight {
+            // Not kept; nor is what the key held before.
+            self.remove(key);
             return;
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -586,8 +593,7 @@ impl Near {
 
     /// The entry under `key`, if held.
     pub(crate) fn entry(&self, key: NearKey) -> Option<Arc<[u8]>> {
-        let (bytes, stamp) = self.entries.get(key)?;
-        (self.stamp(key) == stamp).then_some(bytes)
+        self.entries.get(key, |stamp| self.stamp(key) == stamp)
     }
 
     /// Keeps an entry (as the store holds it) until `fresh_until` (unix ms), unless `key` changed

@@ -815,6 +815,13 @@ fn evalsha(script: &redis::Script, keys: usize) -> redis::Cmd {
     cmd
 }
 
+/// A write sequence, if below 2^52: the bump scripts reset larger ones (Lua holds numbers as
+/// doubles, which cannot compare them exactly), so a writer that read one writes nothing
+/// through.
+fn parse_sequence(value: &Value) -> Option<u64> {
+    parse_generation(value).filter(|sequence| *sequence < 1 << (64 - SEQUENCE_SHIFT))
+}
+
 fn parse_generation(value: &Value) -> Option<u64> {
     match value {
         Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
@@ -1137,9 +1144,9 @@ impl Store for RedisStore {
                 Some(Value::Nil) => {
                     let current = self.run(&[get(sequence)]).await?.pop();
                     let current = current.map(unless_wrong_type).transpose()?.flatten();
-                    current.as_ref().and_then(parse_generation)
+                    current.as_ref().and_then(parse_sequence)
                 }
-                Some(other) => parse_generation(&other),
+                Some(other) => parse_sequence(&other),
                 None => None,
             };
             Ok((sequence, generation))
@@ -1161,9 +1168,9 @@ impl Store for RedisStore {
                 Some(Value::Nil) => {
                     let current = self.run(&[get(sequence)]).await?.pop();
                     let current = current.map(unless_wrong_type).transpose()?.flatten();
-                    Ok(current.as_ref().and_then(parse_generation))
+                    Ok(current.as_ref().and_then(parse_sequence))
                 }
-                Some(other) => Ok(parse_generation(&other)),
+                Some(other) => Ok(parse_sequence(&other)),
                 None => Ok(None),
             }
         }
@@ -1249,7 +1256,7 @@ const BUMP_TABLE_SCRIPT: &str = "local n, m, ttl = tonumber(ARGV[1]), tonumber(A
      for i = 1, n do redis.call('SET', KEYS[1 + i], ARGV[3 + i]) end \
      for i = 1, m do redis.call('SET', KEYS[1 + n + i], ARGV[3 + n + i], 'PX', ttl) end \
      local seq = value(KEYS[1]) \
-     if not seq or not string.match(seq, '^%d+$') or #seq > 18 then \
+     if not seq or not string.match(seq, '^%d+$') or #seq > 16 or tonumber(seq) >= 4503599627370496 then \
        redis.call('SET', KEYS[1], ARGV[#ARGV]) \
      end \
      local out = { redis.call('INCR', KEYS[1]) } \
@@ -1279,7 +1286,7 @@ const BUMP_AND_PUT_SCRIPT: &str = "local n, m, rttl, w = tonumber(ARGV[1]), tonu
        return redis.call('GET', key) \
      end \
      local seq = value(KEYS[1]) \
-     if not seq or not string.match(seq, '^%d+$') or #seq > 18 then \
+     if not seq or not string.match(seq, '^%d+$') or #seq > 16 or tonumber(seq) >= 4503599627370496 then \
        redis.call('SET', KEYS[1], ARGV[10]) \
      end \
      local after = redis.call('INCR', KEYS[1]) \
