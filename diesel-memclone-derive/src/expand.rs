@@ -333,8 +333,10 @@ pub(crate) fn memclone(input: DeriveInput) -> syn::Result<TokenStream> {
             impl ::diesel_memclone::__private::ScopedTable for #table_path::table {}
             #(
                 impl ::diesel_memclone::ScopeColumn for #scope_columns {
-                    type Model = #ident;
                     type Value = #scope_types;
+                    fn model_table() -> &'static str {
+                        <#ident as ::diesel_memclone::MemClone>::table()
+                    }
                 }
             )*
         }

@@ -70,10 +70,14 @@ pub trait CacheValue: Serialize + DeserializeOwned + Send + Sync + 'static {
 /// [`Cached::within`](crate::Cached::within). `#[derive(MemClone)]` implements it for each
 /// column named in `#[memclone(scope(field, ..))]`; do not implement it by hand.
 pub trait ScopeColumn: diesel::Column {
-    /// The model that declares the column as a scope: its writes name the rows' values.
-    type Model: MemClone;
     /// The model's field type for this column.
     type Value: ScopeValue;
+
+    /// The table of the model that declares the column as a scope, as memclone names it
+    /// ([`MemClone::table`]): that model's writes name the rows' values. A function rather than
+    /// the model as an associated type, so that a private model may declare scopes on the
+    /// public column types of `table!`.
+    fn model_table() -> &'static str;
 }
 
 /// A scope column's value type: two values are equal in the database exactly when their

@@ -7,7 +7,7 @@ use crate::cache::{
 use crate::error::Result;
 use crate::identity::{self, CacheBackend};
 use crate::key;
-use crate::model::{CacheValue, MemClone, ScopeColumn, ScopeValue};
+use crate::model::{CacheValue, ScopeColumn, ScopeValue};
 use crate::near::{NearKey, NearKeys};
 use crate::pool::ConnectionPool;
 use crate::transaction::read_policy;
@@ -197,7 +197,7 @@ impl<Q> Cached<Q> {
     /// ```
     pub fn within<C: ScopeColumn>(mut self, _column: C, value: C::Value) -> Self {
         let scope = Scope {
-            table: <C::Model as MemClone>::table(),
+            table: C::model_table(),
             column: C::NAME,
             value: value.scope_text(),
         };
