@@ -13,14 +13,18 @@
 //!
 //! With a second argument `near`, the hits are near hits (a Redis cache whose near tier holds
 //! the entry; its `max_lag` is 10 s, so that callgrind's slowness does not stop the tier); with
-//! `find`, near hits of `Cache::find` (an entity read) instead. Allocations are counted by
-//! callgrind too (the calls of `mi_malloc_aligned`).
+//! `find`, near hits of `Cache::find` (an entity read) instead; with `redis`, Redis hits whose
+//! generations a near tier knows (`max_bytes(0)`: the entry's `GET` alone, as `hitpath --near`
+//! times them); with `floor`, that `GET` and the decoding alone (`bench::floor_get`), so that
+//! `redis` less `floor` is the cache's own work around the round trip. Allocations are counted
+//! by callgrind too (the calls of `mi_malloc_aligned`).
 
 use diesel_async::AsyncPgConnection;
 use diesel_memclone::prelude::*;
 use diesel_memclone::store::RedisStore;
 use diesel_memclone::{Cache, NearCache};
-use diesel_memclone_tests::bench::{connect, first_users, BenchUser};
+use diesel_memclone_tests::bench::{connect, first_users, floor_get, only_entry_key, BenchUser};
+use diesel_memclone_tests::RawRedis;
 use std::time::Duration;
 
 #[global_allocator]
@@ -34,7 +38,7 @@ async fn main() {
         .unwrap_or(20_000);
     let mode = std::env::args().nth(2).unwrap_or_default();
     let namespace = format!("hitcount_{}", std::process::id());
-    let near = matches!(mode.as_str(), "near" | "find");
+    let near = matches!(mode.as_str(), "near" | "find" | "redis" | "floor");
     let cache = match near {
         false => Cache::builder().namespace(&namespace).build().unwrap(),
         true => {
@@ -44,7 +48,11 @@ async fn main() {
             let cache = Cache::builder()
                 .store(store)
                 .namespace(&namespace)
-                .near_cache(NearCache::new().max_lag(Duration::from_secs(10)))
+                .near_cache(match mode.as_str() {
+                    "redis" | "floor" => NearCache::new().max_bytes(0),
+                    _ => NearCache::new(),
+                }
+                .max_lag(Duration::from_secs(10)))
                 .build()
                 .unwrap();
             assert!(cache.near_cache_ready(Duration::from_secs(60)).await);
@@ -59,6 +67,18 @@ async fn main() {
         .await
         .unwrap();
     let id = filled[0].id;
+    if mode == "floor" {
+        let store = RedisStore::builder(diesel_memclone_tests::redis_url())
+            .build()
+            .expect("Redis URL");
+        let key = only_entry_key(&RawRedis::test_server(false).await, &namespace).await;
+        for _ in 0..hits + 10 {
+            let rows = floor_get(&store, &key).await;
+            assert_eq!(rows, filled);
+        }
+        println!("floor gets={}", hits + 10);
+        return;
+    }
     // The fill, and a few hits so that every lazy initialisation is behind us.
     for _ in 0..10 {
         read(&cache, &mut conn, &mode, id).await;
@@ -70,7 +90,7 @@ async fn main() {
     let stats = cache.stats();
     assert_eq!(stats.misses - before.misses, 0, "{stats:?}");
     assert_eq!((stats.hits - before.hits) as usize, hits, "{stats:?}");
-    if near {
+    if near && mode != "redis" {
         assert_eq!(
             (stats.near_hits - before.near_hits) as usize,
             hits,
