@@ -48,11 +48,13 @@ async fn main() {
             let cache = Cache::builder()
                 .store(store)
                 .namespace(&namespace)
-                .near_cache(match mode.as_str() {
-                    "redis" | "floor" => NearCache::new().max_bytes(0),
-                    _ => NearCache::new(),
-                }
-                .max_lag(Duration::from_secs(10)))
+                .near_cache(
+                    match mode.as_str() {
+                        "redis" | "floor" => NearCache::new().max_bytes(0),
+                        _ => NearCache::new(),
+                    }
+                    .max_lag(Duration::from_secs(10)),
+                )
                 .build()
                 .unwrap();
             assert!(cache.near_cache_ready(Duration::from_secs(60)).await);

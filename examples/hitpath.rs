@@ -28,7 +28,9 @@
 //! the synchronous API (`diesel_memclone::sync`, a `PgConnection`) and the hit of the async API
 //! (an `AsyncPgConnection`, timed inside a current-thread runtime's `block_on`), each through
 //! its own store and pool on one namespace, so both read the same entry. Then the same with a
-//! near tier holding the entry (a near hit of each API, `near: sync_us=.. async_us=..`). The
+//! near tier holding the entry (a near hit of each API, `near: sync_us=.. async_us=..`), and on
+//! an r2d2 pool (`r2d2: get_us=.. from_us=.. conn_us=..`: the Redis hit of
+//! `.load(&mut pool.get()?)`, of `.load_from(&pool)`, and on a connection held throughout). The
 //! last line is `sync_us=S async_us=A ratio=Q`, of the Redis hits.
 
 // mimalloc, as in the benches: with glibc's malloc the cost of the same decode depends on the
@@ -317,6 +319,7 @@ fn sync_against_async() {
     );
     let (sync, asynch) = (median(syncs), median(asyncs));
     near_sync_against_async(&mut sync_conn, &mut async_conn, &namespace, &filled);
+    r2d2_hits(&sync_cache, &mut sync_conn, &filled);
     println!(
         "rows=1 sync_us={sync:.1} async_us={asynch:.1} ratio={:.3}",
         sync / asynch
@@ -325,6 +328,64 @@ fn sync_against_async() {
         "sync_us={sync:.1} async_us={asynch:.1} ratio={:.3}",
         sync / asynch
     );
+}
+
+/// `--sync`, on an r2d2 pool with its defaults (a `SELECT 1` tests each connection it hands
+/// out): the Redis hit of `.load(&mut pool.get()?)` against `.load_from(&pool)`, which checks a
+/// connection out only on a miss, and against the hit on a connection held throughout,
+/// interleaved. `r2d2: get_us=G from_us=F conn_us=C`.
+fn r2d2_hits(cache: &Cache, conn: &mut PgConnection, want: &[BenchUser]) {
+    use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
+    use diesel_memclone::sync::CachedDsl;
+    #[derive(Debug)]
+    struct SearchPath;
+    impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for SearchPath {
+        fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+            use diesel::connection::SimpleConnection;
+            let sql = format!(
+                "SET search_path TO {}",
+                diesel_memclone_tests::bench::SCHEMA
+            );
+            conn.batch_execute(&sql)
+                .map_err(diesel::r2d2::Error::QueryError)
+        }
+    }
+    let pool = Pool::builder()
+        .max_size(2)
+        .connection_customizer(Box::new(SearchPath))
+        .build(ConnectionManager::<PgConnection>::new(
+            diesel_memclone_tests::postgres_url(),
+        ))
+        .expect("an r2d2 pool");
+    let before = cache.stats();
+    let mut samples: [Vec<f64>; 3] = Default::default();
+    let mut order = Order(0x9e37_79b9_7f4a_7c15);
+    for round in 0..ROUNDS + 200 {
+        let mut times = [0.0; 3];
+        for kind in order.shuffled().into_iter().filter(|&k| k < 3) {
+            let start = Instant::now();
+            let query = CachedDsl::cached(first_users(1), "first").using(cache);
+            let hit: Vec<BenchUser> = match kind {
+                0 => query.load(&mut pool.get().unwrap()).unwrap(),
+                1 => query.load_from(&pool).unwrap(),
+                _ => query.load(conn).unwrap(),
+            };
+            times[kind] = start.elapsed().as_secs_f64() * 1e6;
+            assert_eq!(hit, want);
+        }
+        if round >= 200 {
+            for (samples, time) in samples.iter_mut().zip(times) {
+                samples.push(time);
+            }
+        }
+    }
+    let stats = cache.stats();
+    assert_eq!(
+        stats.misses, before.misses,
+        "every pooled read was a hit: {stats:?}"
+    );
+    let [get, from, held] = samples.map(median);
+    println!("r2d2: get_us={get:.1} from_us={from:.1} conn_us={held:.1}");
 }
 
 /// `--sync`, with a near tier holding the entry: the sync API's near hit against the async

@@ -325,6 +325,169 @@ fn r2d2_pooled_connections_mariadb_redis() {
     r2d2_pooled_connections!(MysqlConnection, pool, cache);
 }
 
+/// Counts a pool's checkouts.
+#[derive(Debug, Clone, Default)]
+struct Checkouts(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Checkouts {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl diesel::r2d2::HandleEvent for Checkouts {
+    fn handle_checkout(&self, _: diesel::r2d2::event::CheckoutEvent) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The `*_from` reads on an r2d2 pool of `$conn` (one connection, a short checkout timeout,
+/// r2d2's default `test_on_check_out`): a miss checks a connection out, a hit does not, even
+/// while the pool's only connection is taken; a write through memclone is seen by the next read.
+macro_rules! r2d2_reads_check_out_only_on_a_miss {
+    ($conn:ty, $builder:expr, $manager:expr, $cache:expr) => {{
+        let checkouts = Checkouts::default();
+        let pool: Pool<ConnectionManager<$conn>> = $builder
+            .max_size(1)
+            .connection_timeout(std::time::Duration::from_secs(3))
+            .event_handler(Box::new(checkouts.clone()))
+            .build($manager)
+            .unwrap();
+        let cache: Cache = $cache;
+        memclone::insert_into(users::table)
+            .values(&[user(1, "Ada"), user(2, "Bob")])
+            .using(&cache)
+            .execute(&mut pool.get().unwrap())
+            .unwrap();
+        let all = || users::table.order(users::id).cached("all").using(&cache);
+        let bob = || users::table.find(2).cached("bob").using(&cache);
+        let blocking = cache.blocking();
+        // Each read once with the pool free: a miss, one checkout each.
+        let before = checkouts.count();
+        let rows: Vec<User> = all().load_from(&pool).unwrap();
+        let one: User = bob().get_result_from(&pool).unwrap();
+        let first: User = all().first_from(&pool).unwrap();
+        let n = users::table
+            .cached("n")
+            .using(&cache)
+            .count_from(&pool)
+            .unwrap();
+        let ada: User = blocking.find_from(&pool, 1).unwrap();
+        let nobody = blocking.find_optional_from::<User, _>(&pool, 3).unwrap();
+        assert_eq!(
+            (
+                rows.len(),
+                one.name.as_str(),
+                first.id,
+                n,
+                ada.name.as_str(),
+                nobody
+            ),
+            (2, "Bob", 1, 2, "Ada", None)
+        );
+        assert_eq!(
+            checkouts.count() - before,
+            6,
+            "each miss checks one connection out"
+        );
+        // Again with the only connection taken: every read is a hit and takes none (a checkout
+        // would wait 3 s and fail).
+        let mut busy = pool.get().unwrap();
+        let before = checkouts.count();
+        let rows: Vec<User> = all().load_from(&pool).unwrap();
+        let one: User = bob().get_result_from(&pool).unwrap();
+        let first: User = all().first_from(&pool).unwrap();
+        let n = users::table
+            .cached("n")
+            .using(&cache)
+            .count_from(&pool)
+            .unwrap();
+        let ada: User = blocking.find_from(&pool, 1).unwrap();
+        let nobody = blocking.find_optional_from::<User, _>(&pool, 3).unwrap();
+        assert_eq!(
+            (
+                rows.len(),
+                one.name.as_str(),
+                first.id,
+                n,
+                ada.name.as_str(),
+                nobody
+            ),
+            (2, "Bob", 1, 2, "Ada", None)
+        );
+        assert_eq!(checkouts.count(), before, "hits take no connection");
+        // A write through memclone on the busy connection; once it is back, the reads see it.
+        memclone::update(users::table.find(2))
+            .set(users::name.eq("Robert"))
+            .using(&cache)
+            .execute(&mut busy)
+            .unwrap();
+        memclone::insert_into(users::table)
+            .values(&user(3, "Cy"))
+            .using(&cache)
+            .execute(&mut busy)
+            .unwrap();
+        drop(busy);
+        let before = checkouts.count();
+        let rows: Vec<User> = all().load_from(&pool).unwrap();
+        let one: User = bob().get_result_from(&pool).unwrap();
+        let cy = blocking.find_optional_from::<User, _>(&pool, 3).unwrap();
+        assert_eq!(
+            (rows.len(), one.name.as_str(), cy.map(|u| u.name)),
+            (3, "Robert", Some("Cy".to_owned()))
+        );
+        assert_eq!(
+            checkouts.count() - before,
+            3,
+            "the written tables' reads miss"
+        );
+        // A pool that cannot give a connection: the miss is an error, not a hang or a panic.
+        let _busy = pool.get().unwrap();
+        let error = all()
+            .map(|q| q.filter(users::id.gt(1)))
+            .load_from::<User, _>(&pool)
+            .unwrap_err();
+        assert!(matches!(error, Error::Pool(_)), "{error:?}");
+    }};
+}
+
+#[test]
+fn r2d2_reads_check_out_only_on_a_miss() {
+    let schema = unique("sync_from");
+    let (Some(_), Some(store)) = (postgres_sync(&schema), redis_store_sync()) else {
+        return;
+    };
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("sync_from"))
+        .build()
+        .unwrap();
+    r2d2_reads_check_out_only_on_a_miss!(
+        PgConnection,
+        Pool::builder().connection_customizer(Box::new(SearchPath(schema))),
+        ConnectionManager::<PgConnection>::new(diesel_memclone_tests::postgres_url()),
+        cache
+    );
+}
+
+#[test]
+fn r2d2_reads_check_out_only_on_a_miss_mariadb_memory() {
+    let database = unique("sync_from");
+    let Some(_) = mysql_sync(&database) else {
+        return;
+    };
+    let cache = Cache::builder()
+        .namespace(unique("sync_from"))
+        .build()
+        .unwrap();
+    r2d2_reads_check_out_only_on_a_miss!(
+        MysqlConnection,
+        Pool::builder(),
+        ConnectionManager::<MysqlConnection>::new(mysql_url_of(&database)),
+        cache
+    );
+}
+
 /// A blocking statement on one thread holds up nobody else's store calls: thread B holds a row
 /// lock in a transaction and then reads through Redis while thread A's update waits for that
 /// lock. With a runtime that A's call held while its statement ran, B's read could never be

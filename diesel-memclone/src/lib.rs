@@ -112,7 +112,10 @@
 //!   give [`listen`]: triggers and a listener that invalidate the cache on writes that bypass
 //!   memclone. With `mysql` and `sqlite`, a cached query on those backends is identified by the
 //!   binds their bind collector serializes, as on PostgreSQL always (see [`CacheBackend`]);
-//!   without, by its `debug_query` rendering and a digest of those binds (slower).
+//!   without, by its `debug_query` rendering and a digest of those binds (slower);
+//! * `deadpool`, `bb8`: [`ConnectionPool`] for diesel-async's pools (`*_from` reads check a
+//!   connection out only on a miss); `r2d2`: [`sync::ConnectionPool`] for Diesel's r2d2 pools;
+//! * `metrics`: counters and histograms through the `metrics` facade (see [`observe`]).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // Without the `redis` feature `RedisStore` does not exist; the links above then point at
 // docs.rs, where every feature is documented.

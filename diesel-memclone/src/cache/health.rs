@@ -44,7 +44,9 @@ impl Health {
     }
 
     fn succeeded(&self) {
-        if self.down.swap(false, Ordering::Relaxed) {
+        // Read first: a swap on every call would make every thread's store call write the
+        // same cache line.
+        if self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::Relaxed) {
             tracing::info!("diesel-memclone: cache store answers again");
         }
     }

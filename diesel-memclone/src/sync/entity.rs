@@ -1,6 +1,6 @@
 //! The entity cache (rows by primary key) for synchronous connections.
 
-use super::block_on;
+use super::{block_on, ConnectionPool};
 use crate::cache::{cache, Cache, Policy};
 use crate::error::{Error, Result};
 use crate::model::{MemClone, RowKey};
@@ -67,6 +67,50 @@ impl BlockingCache<'_> {
         M::FindQuery: LoadQuery<'q, C, M> + 'q,
     {
         self.find_optional(conn, primary_key)?
+            .ok_or(Error::Database(diesel::result::Error::NotFound))
+    }
+
+    /// Like [`find_optional`](BlockingCache::find_optional), with a connection checked out of
+    /// `pool` only on a miss (see [`ConnectionPool`]): a hit never touches the pool.
+    pub fn find_optional_from<'q, M, P>(
+        &self,
+        pool: &P,
+        primary_key: M::PrimaryKey,
+    ) -> Result<Option<M>>
+    where
+        M: MemClone,
+        P: ConnectionPool,
+        M::FindQuery: LoadQuery<'q, P::Connection, M> + 'q,
+    {
+        let cache = self.0;
+        let row = RowKey::new(M::table(), &primary_key);
+        let fingerprint = <M as crate::CacheValue>::fingerprint();
+        // The pool's connection is in no transaction of the caller's: a plain read.
+        let lookup = cache.entity_lookup(&row, fingerprint, ttl_of::<M>(cache), Policy::ReadWrite);
+        if let Some(hit) = cache.near_hit_now(&lookup) {
+            return Ok(hit);
+        }
+        block_on(async move {
+            let fill = || {
+                std::future::ready((|| {
+                    let mut conn = pool.connection()?;
+                    let found = M::find_query(primary_key).get_result::<M>(&mut *conn);
+                    Ok::<_, Error>(found.optional()?)
+                })())
+            };
+            cache.read_through(lookup, fill).await
+        })
+    }
+
+    /// Like [`find`](BlockingCache::find), with a connection checked out of `pool` only on a
+    /// miss (see [`ConnectionPool`]).
+    pub fn find_from<'q, M, P>(&self, pool: &P, primary_key: M::PrimaryKey) -> Result<M>
+    where
+        M: MemClone,
+        P: ConnectionPool,
+        M::FindQuery: LoadQuery<'q, P::Connection, M> + 'q,
+    {
+        self.find_optional_from(pool, primary_key)?
             .ok_or(Error::Database(diesel::result::Error::NotFound))
     }
 
@@ -140,6 +184,28 @@ where
     M::FindQuery: LoadQuery<'q, C, M> + 'q,
 {
     cache().blocking().find_optional(conn, primary_key)
+}
+
+/// The row of `M` with this primary key, from the process-wide cache, with a connection
+/// checked out of `pool` only on a miss (see [`ConnectionPool`]).
+pub fn find_from<'q, M, P>(pool: &P, primary_key: M::PrimaryKey) -> Result<M>
+where
+    M: MemClone,
+    P: ConnectionPool,
+    M::FindQuery: LoadQuery<'q, P::Connection, M> + 'q,
+{
+    cache().blocking().find_from(pool, primary_key)
+}
+
+/// The row of `M` with this primary key, or `None`, from the process-wide cache, with a
+/// connection checked out of `pool` only on a miss (see [`ConnectionPool`]).
+pub fn find_optional_from<'q, M, P>(pool: &P, primary_key: M::PrimaryKey) -> Result<Option<M>>
+where
+    M: MemClone,
+    P: ConnectionPool,
+    M::FindQuery: LoadQuery<'q, P::Connection, M> + 'q,
+{
+    cache().blocking().find_optional_from(pool, primary_key)
 }
 
 /// Reads `row` again from the database and refreshes its entry in the process-wide cache.

@@ -76,6 +76,7 @@
 //! ```
 
 mod entity;
+mod pool;
 mod query;
 mod write;
 
@@ -88,7 +89,10 @@ use std::task::{Context, Poll, Wake};
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
 pub use crate::transaction::sync_transaction as transaction;
-pub use entity::{find, find_optional, invalidate, reload, BlockingCache};
+pub use entity::{
+    find, find_from, find_optional, find_optional_from, invalidate, reload, BlockingCache,
+};
+pub use pool::ConnectionPool;
 pub use query::{Cached, CachedDsl};
 pub use write::{delete, insert_into, replace_into, update, write, Write};
 

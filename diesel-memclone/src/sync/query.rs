@@ -1,6 +1,6 @@
 //! `.cached(label)` on any Diesel query, for synchronous connections.
 
-use super::block_on;
+use super::{block_on, ConnectionPool};
 use crate::cache::Cache;
 use crate::error::Result;
 use crate::identity::CacheBackend;
@@ -219,6 +219,139 @@ impl<Q> Cached<Q> {
             };
             this.cache().read_through(lookup, fill).await
         })
+    }
+}
+
+impl<Q> Cached<Q> {
+    /// Like [`load`](Cached::load), with a connection checked out of `pool` only on a miss (see
+    /// [`ConnectionPool`]): a hit never touches the pool.
+    ///
+    /// ```
+    /// # use diesel::prelude::*;
+    /// # use diesel_memclone::sync::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # diesel::table! { users (id) { id -> Integer, name -> Text, status -> Text } }
+    /// # fn main() -> diesel_memclone::Result<()> {
+    /// # let pool = std::sync::Mutex::new(diesel::SqliteConnection::establish(":memory:")?);
+    /// # diesel::connection::SimpleConnection::batch_execute(&mut *pool.lock().unwrap(), "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL);
+    /// #     INSERT INTO users VALUES (1, 'Ada', 'active'), (2, 'Bob', 'away');")?;
+    /// // `pool`: Diesel's r2d2 pool (feature `r2d2`), or any `sync::ConnectionPool`: here a
+    /// // `Mutex` around one connection.
+    /// let names: Vec<String> = users::table
+    ///     .select(users::name)
+    ///     .order(users::id)
+    ///     .cached("names")
+    ///     .load_from(&pool)?;
+    /// assert_eq!(names, ["Ada", "Bob"]);
+    /// # Ok(()) }
+    /// ```
+    pub fn load_from<'q, U, P>(self, pool: &P) -> Result<Vec<U>>
+    where
+        P: ConnectionPool,
+        <P::Connection as Connection>::Backend: CacheBackend,
+        Q: AsQuery,
+        Q::Query: QueryFragment<<P::Connection as Connection>::Backend>
+            + QueryId
+            + LoadQuery<'q, P::Connection, U>
+            + 'q,
+        U: CacheValue,
+    {
+        let (query, this) = self.0.split();
+        let query = query.as_query();
+        let lookup = this.query_lookup::<Vec<U>, <P::Connection as Connection>::Backend, Q::Query>(
+            "load",
+            &[&query],
+            &[Q::Query::query_id()],
+        );
+        let Some(lookup) = lookup else {
+            return Ok(query.load::<U>(&mut *pool.connection()?)?);
+        };
+        // The pool's connection is in no transaction of the caller's: a plain read.
+        if let Some(hit) = this.cache().near_hit_now(&lookup) {
+            return Ok(hit);
+        }
+        block_on(async move {
+            let fill = || {
+                std::future::ready((|| {
+                    Ok::<_, crate::Error>(query.load::<U>(&mut *pool.connection()?)?)
+                })())
+            };
+            this.cache().read_through(lookup, fill).await
+        })
+    }
+
+    /// Like [`get_result`](Cached::get_result), with a connection checked out of `pool` only
+    /// on a miss (see [`ConnectionPool`]). No row is
+    /// [`Error::Database(NotFound)`](diesel::result::Error::NotFound), cached too.
+    pub fn get_result_from<'q, U, P>(self, pool: &P) -> Result<U>
+    where
+        P: ConnectionPool,
+        <P::Connection as Connection>::Backend: CacheBackend,
+        Q: AsQuery,
+        Q::Query: QueryFragment<<P::Connection as Connection>::Backend>
+            + QueryId
+            + LoadQuery<'q, P::Connection, U>
+            + 'q,
+        U: CacheValue,
+    {
+        let (query, this) = self.0.split();
+        let query = query.as_query();
+        let lookup = this
+            .query_lookup::<Option<U>, <P::Connection as Connection>::Backend, Q::Query>(
+                "one",
+                &[&query],
+                &[Q::Query::query_id()],
+            );
+        let Some(lookup) = lookup else {
+            return Ok(query.get_result::<U>(&mut *pool.connection()?)?);
+        };
+        let found = match this.cache().near_hit_now::<Option<U>>(&lookup) {
+            Some(hit) => hit,
+            None => block_on(async move {
+                let fill = || {
+                    std::future::ready((|| {
+                        let mut conn = pool.connection()?;
+                        Ok::<_, crate::Error>(query.get_result::<U>(&mut *conn).optional()?)
+                    })())
+                };
+                this.cache().read_through(lookup, fill).await
+            })?,
+        };
+        found.ok_or(crate::Error::Database(diesel::result::Error::NotFound))
+    }
+
+    /// Like [`first`](Cached::first), with a connection checked out of `pool` only on a miss
+    /// (see [`ConnectionPool`]).
+    pub fn first_from<'q, U, P>(self, pool: &P) -> Result<U>
+    where
+        P: ConnectionPool,
+        <P::Connection as Connection>::Backend: CacheBackend,
+        Q: LimitDsl,
+        Limit<Q>: AsQuery,
+        <Limit<Q> as AsQuery>::Query: QueryFragment<<P::Connection as Connection>::Backend>
+            + QueryId
+            + LoadQuery<'q, P::Connection, U>
+            + 'q,
+        U: CacheValue,
+    {
+        self.map(|q| q.limit(1)).get_result_from(pool)
+    }
+
+    /// Like [`count`](Cached::count), with a connection checked out of `pool` only on a miss
+    /// (see [`ConnectionPool`]).
+    pub fn count_from<'q, P>(self, pool: &P) -> Result<i64>
+    where
+        P: ConnectionPool,
+        <P::Connection as Connection>::Backend: CacheBackend,
+        Q: SelectDsl<CountStar>,
+        Select<Q, CountStar>: AsQuery,
+        <Select<Q, CountStar> as AsQuery>::Query: QueryFragment<<P::Connection as Connection>::Backend>
+            + QueryId
+            + LoadQuery<'q, P::Connection, i64>
+            + 'q,
+    {
+        self.map(|q| q.select(diesel::dsl::count_star()))
+            .get_result_from(pool)
     }
 }
 
