@@ -612,3 +612,155 @@ async fn the_stampede_example_makes_one_query_for_all_processes() {
         assert_eq!(stdout.lines().last(), Some(expected), "{stdout}");
     }
 }
+
+/// The in-process store, which reads and locks in one step as a single Redis server does, with
+/// the reply to the next read that takes the fill lock held back for a while (`delay_taken`):
+/// the caller that holds the lock then joins this process's load after another caller, which
+/// found the lock taken, leads it.
+struct LateLockHolder {
+    inner: MemoryStore,
+    delay_taken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Store for LateLockHolder {
+    fn fetch<'a>(
+        &'a self,
+        entry: &'a str,
+        generations: &'a [String],
+    ) -> futures_util::future::BoxFuture<
+        'a,
+        diesel_memclone::store::StoreResult<diesel_memclone::store::Fetched>,
+    > {
+        self.inner.fetch(entry, generations)
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> futures_util::future::BoxFuture<'a, diesel_memclone::store::StoreResult<()>> {
+        self.inner.put(key, value, ttl)
+    }
+    fn put_with_generations<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+        generations: &'a [String],
+    ) -> futures_util::future::BoxFuture<'a, diesel_memclone::store::StoreResult<()>> {
+        self.inner
+            .put_with_generations(key, value, ttl, generations)
+    }
+    fn remove<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> futures_util::future::BoxFuture<'a, diesel_memclone::store::StoreResult<()>> {
+        self.inner.remove(keys)
+    }
+    fn ensure_generations<'a>(
+        &'a self,
+        keys: &'a [String],
+        ttl: Option<Duration>,
+    ) -> futures_util::future::BoxFuture<'a, diesel_memclone::store::StoreResult<Vec<u64>>> {
+        self.inner.ensure_generations(keys, ttl)
+    }
+    fn set_generations<'a>(
+        &'a self,
+        keys: &'a [String],
+        values: &'a [u64],
+        ttl: Option<Duration>,
+    ) -> futures_util::future::BoxFuture<'a, diesel_memclone::store::StoreResult<()>> {
+        self.inner.set_generations(keys, values, ttl)
+    }
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a str,
+        owner: u64,
+        ttl: Duration,
+    ) -> futures_util::future::BoxFuture<'a, diesel_memclone::store::StoreResult<bool>> {
+        self.inner.try_lock(key, owner, ttl)
+    }
+    fn unlock<'a>(
+        &'a self,
+        key: &'a str,
+        owner: u64,
+    ) -> futures_util::future::BoxFuture<'a, diesel_memclone::store::StoreResult<()>> {
+        self.inner.unlock(key, owner)
+    }
+    fn reads_and_locks_at_once(&self) -> bool {
+        true
+    }
+    fn read_or_lock<'a>(
+        &'a self,
+        probe: diesel_memclone::store::ReadProbe<'a>,
+    ) -> futures_util::future::BoxFuture<
+        'a,
+        diesel_memclone::store::StoreResult<diesel_memclone::store::ReadLocked>,
+    > {
+        Box::pin(async move {
+            let read = self.inner.read_or_lock(probe).await?;
+            if read.lock == diesel_memclone::store::ReadLock::Taken
+                && self
+                    .delay_taken
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Ok(read)
+        })
+    }
+}
+
+/// Two callers of this process miss one entry; the one whose read took the fill lock joins the
+/// process's load after the other, which found the lock taken and so leads it, waiting on the
+/// lock. The holder fills and hands its entry to that load: the leader does not sleep out the
+/// lock's retry delay (20 s here) before finding it. One database read for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_led_by_a_caller_waiting_on_this_process_s_lock_gets_the_holder_s_entry() {
+    let Some((_, db)) = setup().await else {
+        return;
+    };
+    let delay_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = LateLockHolder {
+        inner: MemoryStore::new(1 << 20),
+        delay_taken: delay_taken.clone(),
+    };
+    let cache = Cache::builder()
+        .store(store)
+        // Longer than the held-back reply.
+        .store_timeout(Duration::from_secs(5))
+        .namespace(unique("latelock"))
+        .lock(
+            LockOptions::default()
+                .retry_delay(Duration::from_secs(20))
+                .retry_jitter(Duration::ZERO)
+                .wait_timeout(Duration::from_secs(60)),
+        )
+        .build()
+        .unwrap();
+    // Read once, then invalidate here: this process moved the generations, so the next reads
+    // expect a miss and read and lock in one step.
+    assert_eq!(read(&cache, &db).await, 0);
+    cache.invalidate_table("users").await;
+    delay_taken.store(true, std::sync::atomic::Ordering::SeqCst);
+    let before = (db.counter.get(), cache.stats());
+    let began = std::time::Instant::now();
+    let (a, b) = tokio::join!(read(&cache, &db), async {
+        // After the first caller's read took the lock.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        read(&cache, &db).await
+    });
+    let waited = began.elapsed();
+    let stats = cache.stats();
+    assert_eq!((a, b), (0, 0));
+    assert!(
+        !std::sync::atomic::AtomicBool::load(&delay_taken, std::sync::atomic::Ordering::SeqCst),
+        "the lock was taken in a read"
+    );
+    assert_eq!(db.counter.get() - before.0, 1, "one database read");
+    assert_eq!(stats.lock_waits - before.1.lock_waits, 1, "{stats:?}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "the waiting leader slept out the retry delay: {waited:?}"
+    );
+}

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -119,24 +119,59 @@ pub(crate) struct Flights {
     tickets: AtomicU64,
 }
 
-/// A load in progress: its followers' channel and the ticket taken when it began.
+/// A load in progress: its followers' channel, the ticket taken when it began, and the flight
+/// itself (alive while its leader or a caller that fills for it holds it).
 struct Running {
     receiver: watch::Receiver<Published>,
     began: u64,
+    flight: Weak<Flight>,
 }
 
 pub(crate) enum Join {
     Lead(Leader),
-    Follow(watch::Receiver<Published>),
+    Follow(Follower),
 }
 
-/// The caller that loads. Dropping it without [`publish`](Leader::publish) (an error, a
-/// cancelled future) releases the followers, who then load for themselves. After `publish`,
-/// callers that join get the published entry until it is dropped.
-pub(crate) struct Leader {
+/// One load's channel. It leaves the map of running loads when its last holder drops it: the
+/// leader, or a caller that fills for the leader (see [`Follower::filler`]).
+struct Flight {
     running: Arc<Mutex<HashMap<String, Running>>>,
     key: String,
     sender: watch::Sender<Published>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if running
+            .get(&self.key)
+            .is_some_and(|load| load.receiver.same_channel(&self.sender.subscribe()))
+        {
+            running.remove(&self.key);
+        }
+    }
+}
+
+/// The caller that loads. Dropping it without [`publish`](Leader::publish) (an error, a
+/// cancelled future) releases the followers, who then load for themselves, unless a caller
+/// that fills for it still holds the flight. After `publish`, callers that join get the
+/// published entry until it is dropped.
+pub(crate) struct Leader(Arc<Flight>);
+
+/// A caller that joined another caller's load.
+pub(crate) struct Follower {
+    pub(crate) receiver: watch::Receiver<Published>,
+    flight: Weak<Flight>,
+}
+
+impl Follower {
+    /// The right to publish into the load this caller joined, for a caller that fills the entry
+    /// itself: one whose read took the fill lock that the leader then found taken. Without it
+    /// the leader, and every follower of its, would sleep out the lock's retry delay before
+    /// finding the entry in the store. `None` when the load is over.
+    pub(crate) fn filler(&self) -> Option<Leader> {
+        self.flight.upgrade().map(Leader)
+    }
 }
 
 impl Flights {
@@ -157,37 +192,42 @@ impl Flights {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(load) = running.get(&key) {
             let recent = since.is_none_or(|since| load.began > since);
-            // A leader that is gone leaves a closed channel: take over.
+            // A flight that is gone leaves a closed channel: take over.
             if recent && load.receiver.has_changed().is_ok() {
-                return Join::Follow(load.receiver.clone());
+                return Join::Follow(Follower {
+                    receiver: load.receiver.clone(),
+                    flight: load.flight.clone(),
+                });
             }
         }
         let (sender, receiver) = watch::channel(None);
         let began = self.ticket();
-        running.insert(key.clone(), Running { receiver, began });
-        Join::Lead(Leader {
+        let flight = Arc::new(Flight {
             running: self.running.clone(),
-            key,
+            key: key.clone(),
             sender,
-        })
+        });
+        let weak = Arc::downgrade(&flight);
+        running.insert(
+            key,
+            Running {
+                receiver,
+                began,
+                flight: weak,
+            },
+        );
+        Join::Lead(Leader(flight))
     }
 }
 
 impl Leader {
     pub(crate) fn publish(&self, entry: Arc<[u8]>) {
-        let _ = self.sender.send(Some(entry));
+        let _ = self.0.sender.send(Some(entry));
     }
-}
 
-impl Drop for Leader {
-    fn drop(&mut self) {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if running
-            .get(&self.key)
-            .is_some_and(|load| load.receiver.same_channel(&self.sender.subscribe()))
-        {
-            running.remove(&self.key);
-        }
+    /// What is published into this load from now on (by a caller that fills for it).
+    pub(crate) fn published(&self) -> watch::Receiver<Published> {
+        self.0.sender.subscribe()
     }
 }
 

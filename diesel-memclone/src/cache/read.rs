@@ -379,8 +379,9 @@ impl Cache {
         let key = format!("{}#database", self.key_text(lookup));
         let leader = match self.inner.flights.join_after(key, Some(began)) {
             Join::Lead(leader) => Some(leader),
-            Join::Follow(receiver) => {
-                let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
+            Join::Follow(follower) => {
+                let followed =
+                    tokio::time::timeout(self.patience(), flight::follow(follower.receiver));
                 if let Ok(Some(entry)) = followed.await {
                     if let Ok((value, _)) = codec::decode::<T>(&entry, &[]) {
                         self.read_event(lookup, ReadEvent::Coalesced);
@@ -513,10 +514,12 @@ impl Cache {
             {
                 Join::Lead(lead) => leader = Some(lead),
                 // This call's read took the fill lock, which the leader of this process then
-                // waits for: this call fills, and the leader finds its entry.
-                Join::Follow(_) if held_lock.is_some() => {}
-                Join::Follow(receiver) => {
-                    let followed = tokio::time::timeout(self.patience(), flight::follow(receiver));
+                // waits for: this call fills, and publishes its entry into the leader's load,
+                // which the leader and its followers wait on beside the lock.
+                Join::Follow(follower) if held_lock.is_some() => leader = follower.filler(),
+                Join::Follow(follower) => {
+                    let followed =
+                        tokio::time::timeout(self.patience(), flight::follow(follower.receiver));
                     if let Ok(Some(entry)) = followed.await {
                         // A leader whose store write never lands (its runtime no longer
                         // driven) keeps its flight open: its value is shared only while fresh.
@@ -534,7 +537,8 @@ impl Cache {
         }
         if let (true, Some(lock), None) = (coordinated, &self.inner.lock, &held_lock) {
             // Busy: the read just found another caller's lock; look again after a pause.
-            match self.wait_for_lock::<T>(&lookup, &tags, lock, !busy).await? {
+            let waited = self.wait_for_lock::<T>(&lookup, &tags, lock, !busy, leader.as_ref());
+            match waited.await? {
                 LockWait::Held(held) => held_lock = Some(held),
                 LockWait::FilledByOther(value, entry) => {
                     if let Some(leader) = leader {
@@ -572,13 +576,16 @@ impl Cache {
     }
 
     /// Takes the entry's fill lock, or waits until its holder has filled the entry; with
-    /// `probe_first` false, begins with the pause (the caller just found the lock held).
+    /// `probe_first` false, begins with the pause (the caller just found the lock held). A
+    /// caller that leads this process's load (`flight`) also ends its pause as soon as the
+    /// lock's holder, if it is a caller of this process, publishes its entry into that load.
     async fn wait_for_lock<T: DeserializeOwned>(
         &self,
         lookup: &Lookup,
         tags: &[u64],
         lock: &LockOptions,
         mut probe_first: bool,
+        flight: Option<&Leader>,
     ) -> Result<LockWait<T>> {
         let store = &self.inner.store;
         let key = crate::store::lock_key(&lock_prefix(self.key_text(lookup), lock), tags);
@@ -628,7 +635,19 @@ impl Cache {
                     OnLockTimeout::Error => Err(Error::LockTimeout),
                 };
             }
-            tokio::time::sleep(lock.retry_delay + flight::jitter(lock.retry_jitter)).await;
+            let pause = lock.retry_delay + flight::jitter(lock.retry_jitter);
+            match flight {
+                Some(flight) => {
+                    let filled = flight::follow(flight.published());
+                    if let Ok(Some(entry)) = tokio::time::timeout(pause, filled).await {
+                        if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
+                            self.read_event(lookup, ReadEvent::LockWait);
+                            return Ok(LockWait::FilledByOther(value, entry));
+                        }
+                    }
+                }
+                None => tokio::time::sleep(pause).await,
+            }
             if let Some(filled) = self.filled_entry::<T>(lookup, tags).await {
                 return Ok(filled);
             }
