@@ -362,59 +362,26 @@ macro_rules! r2d2_reads_check_out_only_on_a_miss {
         let all = || users::table.order(users::id).cached("all").using(&cache);
         let bob = || users::table.find(2).cached("bob").using(&cache);
         let blocking = cache.blocking();
+        // Every `*_from` read: the users, Bob, the first user, how many, Ada, and user 3.
+        let reads = || {
+            let rows: Vec<User> = all().load_from(&pool).unwrap();
+            let one: User = bob().get_result_from(&pool).unwrap();
+            let first: User = all().first_from(&pool).unwrap();
+            let n = users::table.cached("n").using(&cache).count_from(&pool);
+            let ada: User = blocking.find_from(&pool, 1).unwrap();
+            let nobody = blocking.find_optional_from::<User, _>(&pool, 3).unwrap();
+            (rows.len(), one.name, first.id, n.unwrap(), ada.name, nobody)
+        };
+        let expected = || (2, "Bob".to_owned(), 1, 2, "Ada".to_owned(), None);
         // Each read once with the pool free: a miss, one checkout each.
         let before = checkouts.count();
-        let rows: Vec<User> = all().load_from(&pool).unwrap();
-        let one: User = bob().get_result_from(&pool).unwrap();
-        let first: User = all().first_from(&pool).unwrap();
-        let n = users::table
-            .cached("n")
-            .using(&cache)
-            .count_from(&pool)
-            .unwrap();
-        let ada: User = blocking.find_from(&pool, 1).unwrap();
-        let nobody = blocking.find_optional_from::<User, _>(&pool, 3).unwrap();
-        assert_eq!(
-            (
-                rows.len(),
-                one.name.as_str(),
-                first.id,
-                n,
-                ada.name.as_str(),
-                nobody
-            ),
-            (2, "Bob", 1, 2, "Ada", None)
-        );
-        assert_eq!(
-            checkouts.count() - before,
-            6,
-            "each miss checks one connection out"
-        );
+        assert_eq!(reads(), expected());
+        assert_eq!(checkouts.count() - before, 6, "each miss checks one out");
         // Again with the only connection taken: every read is a hit and takes none (a checkout
         // would wait 3 s and fail).
         let mut busy = pool.get().unwrap();
         let before = checkouts.count();
-        let rows: Vec<User> = all().load_from(&pool).unwrap();
-        let one: User = bob().get_result_from(&pool).unwrap();
-        let first: User = all().first_from(&pool).unwrap();
-        let n = users::table
-            .cached("n")
-            .using(&cache)
-            .count_from(&pool)
-            .unwrap();
-        let ada: User = blocking.find_from(&pool, 1).unwrap();
-        let nobody = blocking.find_optional_from::<User, _>(&pool, 3).unwrap();
-        assert_eq!(
-            (
-                rows.len(),
-                one.name.as_str(),
-                first.id,
-                n,
-                ada.name.as_str(),
-                nobody
-            ),
-            (2, "Bob", 1, 2, "Ada", None)
-        );
+        assert_eq!(reads(), expected());
         assert_eq!(checkouts.count(), before, "hits take no connection");
         // A write through memclone on the busy connection; once it is back, the reads see it.
         memclone::update(users::table.find(2))
