@@ -1,0 +1,217 @@
+//! Review findings: writes whose returned rows do not name every row they changed (or every
+//! scope those rows left), so that a scoped list (`Cached::within`) or a row's entity entry
+//! stays cached with data a committed memclone write replaced. Each read counts the statements
+//! it ran: 0 means it was served from the cache.
+
+use diesel::prelude::*;
+use diesel_async::SimpleAsyncConnection;
+use diesel_memclone::prelude::*;
+use diesel_memclone::Cache;
+use diesel_memclone_tests::*;
+use serde::{Deserialize, Serialize};
+
+/// The tests' `posts` table under a `table!` of its own, so that a model readable by name
+/// (raw SQL) may declare the scope (`Post` already declares one on `schema::posts`).
+mod raw {
+    diesel::table! {
+        posts (id) {
+            id -> Integer,
+            user_id -> Integer,
+            title -> Text,
+        }
+    }
+}
+
+/// A post read by raw SQL too.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    QueryableByName,
+    Selectable,
+    Serialize,
+    Deserialize,
+    MemClone,
+)]
+#[diesel(table_name = raw::posts)]
+#[memclone(scope(user_id))]
+struct RawPost {
+    id: i32,
+    user_id: i32,
+    title: String,
+}
+
+/// Author `$author`'s post ids through `$cache`, scoped to the author, and the statements run.
+macro_rules! list {
+    ($cache:expr, $conn:expr, $counter:expr, $author:expr) => {{
+        let (rows, queries) = counted!(
+            $counter,
+            raw::posts::table
+                .select(RawPost::as_select())
+                .filter(raw::posts::user_id.eq($author))
+                .order(raw::posts::id)
+                .cached("review_posts_by_author")
+                .within(raw::posts::user_id, $author)
+                .using($cache)
+                .load::<RawPost, _>($conn)
+                .await
+                .unwrap()
+        );
+        (rows.into_iter().map(|p| p.id).collect::<Vec<i32>>(), queries)
+    }};
+}
+
+/// Reads `$author`'s list until it is cached; its ids.
+macro_rules! warm {
+    ($cache:expr, $conn:expr, $counter:expr, $author:expr) => {{
+        list!($cache, $conn, $counter, $author);
+        let (ids, queries) = list!($cache, $conn, $counter, $author);
+        assert_eq!(queries, 0, "the list is cached");
+        ids
+    }};
+}
+
+/// PostgreSQL: a raw write whose data-modifying CTE deletes author 1's post 10 and whose main
+/// statement updates author 2's post 20 returns only post 20. Author 1's list (and post 10's
+/// entity entry) must not survive the delete.
+#[tokio::test]
+async fn review_cte_write_invalidates_rows_it_does_not_return() {
+    let schema = unique("review");
+    let Some(mut conn) = postgres(&schema).await else {
+        return;
+    };
+    conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a'), (11, 1, 'b'), (20, 2, 'c')")
+        .await
+        .unwrap();
+    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let counter = QueryCounter::default();
+    counter.attach(&mut conn);
+    assert_eq!(warm!(&cache, &mut conn, &counter, 1), vec![10, 11]);
+    let found: RawPost = cache.find(&mut conn, 10).await.unwrap();
+    assert_eq!(found.id, 10);
+    let (_, queries) = counted!(counter, cache.find::<RawPost, _>(&mut conn, 10).await.unwrap());
+    assert_eq!(queries, 0, "post 10's entity entry is cached");
+
+    let returned: Vec<RawPost> = diesel_memclone::write(diesel::sql_query(
+        "WITH gone AS (DELETE FROM posts WHERE id = 10 RETURNING id) \
+         UPDATE posts SET title = 'c2' WHERE id = 20 RETURNING id, user_id, title",
+    ))
+    .using(&cache)
+    .get_results(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(returned.iter().map(|p| p.id).collect::<Vec<_>>(), vec![20]);
+
+    let (ids, _) = list!(&cache, &mut conn, &counter, 1);
+    assert_eq!(ids, vec![11], "author 1's list after post 10 was deleted");
+    let gone = cache
+        .find_optional::<RawPost, _>(&mut conn, 10)
+        .await
+        .unwrap();
+    assert_eq!(gone, None, "post 10 was deleted");
+}
+
+/// SQLite: `INSERT OR REPLACE` deletes the row it conflicts with (author 1's post 10) and
+/// inserts one for author 2: the returned row names only author 2. (Passes on the reviewed
+/// code: the parser takes `replace` for the written table, so the statement is read as a raw
+/// write of an unknown table that also names `posts`, whose every row is invalidated. Kept as
+/// a guard.)
+#[tokio::test]
+async fn review_sqlite_insert_or_replace_moves_rows_out_of_a_scope() {
+    let mut conn = sqlite().await;
+    conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a'), (11, 1, 'b'), (20, 2, 'c')")
+        .await
+        .unwrap();
+    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let counter = QueryCounter::default();
+    counter.attach(&mut conn);
+    assert_eq!(warm!(&cache, &mut conn, &counter, 1), vec![10, 11]);
+
+    let returned: Vec<RawPost> = diesel_memclone::write(diesel::sql_query(
+        "INSERT OR REPLACE INTO posts (id, user_id, title) VALUES (10, 2, 'moved') \
+         RETURNING id, user_id, title",
+    ))
+    .using(&cache)
+    .get_results(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(returned[0].user_id, 2);
+
+    let (ids, _) = list!(&cache, &mut conn, &counter, 1);
+    assert_eq!(ids, vec![11], "post 10 left author 1");
+}
+
+/// MariaDB (which has `INSERT .. RETURNING`): `ON DUPLICATE KEY UPDATE user_id = ..` moves
+/// author 1's post 10 to author 2; the returned row names only author 2.
+#[tokio::test]
+async fn review_mariadb_on_duplicate_key_update_moves_rows_out_of_a_scope() {
+    let database = unique("review");
+    let Some(mut conn) = mysql(&database).await else {
+        return;
+    };
+    conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a'), (11, 1, 'b'), (20, 2, 'c')")
+        .await
+        .unwrap();
+    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let counter = QueryCounter::default();
+    counter.attach(&mut conn);
+    assert_eq!(warm!(&cache, &mut conn, &counter, 1), vec![10, 11]);
+
+    let returned: Vec<RawPost> = diesel_memclone::write(diesel::sql_query(
+        "INSERT INTO posts (id, user_id, title) VALUES (10, 2, 'a') \
+         ON DUPLICATE KEY UPDATE user_id = VALUES(user_id) RETURNING id, user_id, title",
+    ))
+    .using(&cache)
+    .get_results(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(returned[0].user_id, 2);
+
+    let (ids, _) = list!(&cache, &mut conn, &counter, 1);
+    assert_eq!(ids, vec![11], "post 10 left author 1");
+    conn.batch_execute(&format!("DROP DATABASE {database}"))
+        .await
+        .unwrap();
+}
+
+/// PostgreSQL: deleting a post cascades (a self-referencing foreign key) to a reply of
+/// author 2. `also_invalidates` is what the docs give for rows a cascade changes; naming the
+/// written table itself must make every row of it unknown, not be dropped as a duplicate.
+#[tokio::test]
+async fn review_also_invalidates_own_table_forgets_the_returned_rows() {
+    use diesel_memclone_tests::schema::posts;
+    let schema = unique("review");
+    let Some(mut conn) = postgres(&schema).await else {
+        return;
+    };
+    conn.batch_execute(
+        "ALTER TABLE posts ADD COLUMN parent_id INTEGER REFERENCES posts(id) ON DELETE CASCADE;
+         INSERT INTO posts VALUES (10, 1, 'a', NULL), (11, 1, 'b', NULL), (20, 2, 'c', NULL),
+                                  (21, 2, 'reply to 10', 10)",
+    )
+    .await
+    .unwrap();
+    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let counter = QueryCounter::default();
+    counter.attach(&mut conn);
+    assert_eq!(warm!(&cache, &mut conn, &counter, 2), vec![20, 21]);
+    let reply: RawPost = cache.find(&mut conn, 21).await.unwrap();
+    assert_eq!(reply.id, 21);
+
+    let deleted: Vec<Post> = diesel_memclone::delete(posts::table.find(10))
+        .also_invalidates("posts")
+        .using(&cache)
+        .get_results(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(deleted.len(), 1);
+
+    let (ids, _) = list!(&cache, &mut conn, &counter, 2);
+    assert_eq!(ids, vec![20], "the reply to post 10 went with it");
+    let gone = cache
+        .find_optional::<RawPost, _>(&mut conn, 21)
+        .await
+        .unwrap();
+    assert_eq!(gone, None, "post 21 was deleted by the cascade");
+}
