@@ -725,15 +725,38 @@ impl WrittenStatement {
 pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
     let table = written_table(sql)?;
     let tokens = tokenize(sql);
-    let verb = tokens.iter().find_map(|t| match t {
+    let mut verb = tokens.iter().find_map(|t| match t {
         Token::Word(w) => Verb::of_keyword(w),
         _ => None,
     })?;
+    // A write inside parentheses (PostgreSQL's data-modifying `WITH d AS (DELETE ..)`) changes
+    // rows the statement's `RETURNING` does not return: its rows are unknown.
+    let mut depth = 0usize;
+    for token in &tokens {
+        match token {
+            Token::Open => depth += 1,
+            Token::Close => depth = depth.saturating_sub(1),
+            Token::Word(w) if depth > 0 && matches!(w.as_str(), "insert" | "update" | "delete") => {
+                verb = Verb::Unknown;
+            }
+            _ => {}
+        }
+    }
     let mut assigned = Vec::new();
-    if let Some(set) = tokens
+    // The columns a `SET` assigns, or MySQL's `ON DUPLICATE KEY UPDATE` (no `SET` there).
+    let set = tokens
         .iter()
         .position(|t| matches!(t, Token::Word(w) if w == "set"))
-    {
+        .or_else(|| {
+            tokens
+                .windows(3)
+                .position(|w| {
+                    matches!(w, [Token::Word(a), Token::Word(b), Token::Word(c)]
+                        if a == "duplicate" && b == "key" && c == "update")
+                })
+                .map(|at| at + 2)
+        });
+    if let Some(set) = set {
         // Every name in the SET clause counts (over-approximating is safe); only a keyword at
         // the statement's own level ends it, not one inside a subquery's parentheses.
         let mut depth = 0usize;
@@ -849,6 +872,10 @@ mod tests {
         assert!(upsert.assigned.contains(&"b".to_string()));
         let delete = written_statement(r#"DELETE FROM "users" WHERE ("users"."id" = $1)"#).unwrap();
         assert_eq!((delete.verb, delete.assigned.len()), (Verb::Delete, 0));
+        let odku = written_statement("INSERT INTO `posts` (`id`, `user_id`) VALUES (?, ?) ON DUPLICATE KEY UPDATE `user_id` = VALUES(`user_id`) RETURNING `id`").unwrap();
+        assert!(odku.assigned.contains(&"user_id".to_string()), "{:?}", odku.assigned);
+        let cte = written_statement(r#"WITH gone AS (DELETE FROM posts WHERE id = 10 RETURNING id) UPDATE posts SET title = 'c2' WHERE id = 20 RETURNING *"#).unwrap();
+        assert_eq!(cte.verb, Verb::Unknown);
         let replace = written_statement("REPLACE INTO `users` (`id`) VALUES (?)").unwrap();
         assert_eq!(replace.verb, Verb::Replace);
         assert_eq!(WrittenStatement::unknown("users").verb, Verb::Unknown);
