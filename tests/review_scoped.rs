@@ -215,3 +215,35 @@ async fn review_also_invalidates_own_table_forgets_the_returned_rows() {
         .unwrap();
     assert_eq!(gone, None, "post 21 was deleted by the cascade");
 }
+
+/// SQLite: `UPDATE OR REPLACE posts ..` (and `OR ABORT`, `OR FAIL`, `OR ROLLBACK`) is a write
+/// to `posts`; the parser took the conflict word for the table (`replace`) and found `posts`
+/// nowhere, so no query of `posts` was invalidated, not even an unscoped one.
+#[tokio::test]
+async fn review_sqlite_update_or_replace_invalidates_its_table() {
+    let mut conn = sqlite().await;
+    conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a'), (11, 1, 'b'), (20, 2, 'c')")
+        .await
+        .unwrap();
+    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let titles = |cache: &Cache| {
+        raw::posts::table
+            .select(raw::posts::title)
+            .order(raw::posts::id)
+            .cached("review_titles")
+            .using(cache)
+    };
+    let before: Vec<String> = titles(&cache).load(&mut conn).await.unwrap();
+    assert_eq!(before, ["a", "b", "c"]);
+    for (word, title) in [("REPLACE", "z"), ("ABORT", "y")] {
+        diesel_memclone::write(diesel::sql_query(format!(
+            "UPDATE OR {word} posts SET title = '{title}' WHERE id = 10"
+        )))
+        .using(&cache)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let after: Vec<String> = titles(&cache).load(&mut conn).await.unwrap();
+        assert_eq!(after, [title, "b", "c"], "after UPDATE OR {word}");
+    }
+}
