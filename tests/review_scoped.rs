@@ -113,10 +113,9 @@ async fn review_cte_write_invalidates_rows_it_does_not_return() {
 }
 
 /// SQLite: `INSERT OR REPLACE` deletes the row it conflicts with (author 1's post 10) and
-/// inserts one for author 2: the returned row names only author 2. (Passes on the reviewed
-/// code: the parser takes `replace` for the written table, so the statement is read as a raw
-/// write of an unknown table that also names `posts`, whose every row is invalidated. Kept as
-/// a guard.)
+/// inserts one for author 2: the returned row names only author 2. (Passed on the reviewed
+/// code by accident: the parser took `replace` for the written table and invalidated `posts`
+/// whole as another table the statement names. Now read as a `REPLACE` of `posts`.)
 #[tokio::test]
 async fn review_sqlite_insert_or_replace_moves_rows_out_of_a_scope() {
     let mut conn = sqlite().await;

@@ -725,10 +725,20 @@ impl WrittenStatement {
 pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
     let table = written_table(sql)?;
     let tokens = tokenize(sql);
-    let mut verb = tokens.iter().find_map(|t| match t {
-        Token::Word(w) => Verb::of_keyword(w),
-        _ => None,
-    })?;
+    let at = tokens
+        .iter()
+        .position(|t| matches!(t, Token::Word(w) if Verb::of_keyword(w).is_some()))?;
+    let Token::Word(keyword) = &tokens[at] else {
+        return None;
+    };
+    let mut verb = Verb::of_keyword(keyword)?;
+    // SQLite's `INSERT OR REPLACE` and `UPDATE OR REPLACE` delete the rows they conflict with,
+    // which they do not return: as `REPLACE`.
+    if let [Token::Word(or), Token::Word(conflict), ..] = &tokens[at + 1..] {
+        if or == "or" && conflict == "replace" {
+            verb = Verb::Replace;
+        }
+    }
     // A write inside parentheses (PostgreSQL's data-modifying `WITH d AS (DELETE ..)`) changes
     // rows the statement's `RETURNING` does not return: its rows are unknown.
     let mut depth = 0usize;
@@ -785,13 +795,23 @@ pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
     })
 }
 
+/// The conflict resolutions of SQLite's `INSERT OR ..` and `UPDATE OR ..`.
+const SQLITE_CONFLICT_WORDS: &[&str] = &["rollback", "abort", "replace", "fail", "ignore"];
+
 /// The table an `INSERT`/`REPLACE`/`UPDATE`/`DELETE` statement writes.
 pub(crate) fn written_table(sql: &str) -> Option<String> {
     let tokens = tokenize(sql);
     let start = tokens
         .iter()
         .position(|t| matches!(t, Token::Word(w) if Verb::of_keyword(w).is_some()))?;
-    let mut rest = tokens[start + 1..].iter().filter(|t| {
+    // SQLite's `INSERT OR REPLACE`, `UPDATE OR ABORT`..: the conflict clause is not the table.
+    let mut after = &tokens[start + 1..];
+    if let [Token::Word(or), Token::Word(conflict), rest @ ..] = after {
+        if or == "or" && SQLITE_CONFLICT_WORDS.contains(&conflict.as_str()) {
+            after = rest;
+        }
+    }
+    let mut rest = after.iter().filter(|t| {
         !matches!(t, Token::Word(w) if matches!(w.as_str(), "into" | "from" | "ignore" | "or" | "low_priority"))
     });
     let mut name = match rest.next()? {
@@ -876,6 +896,15 @@ mod tests {
         assert!(odku.assigned.contains(&"user_id".to_string()), "{:?}", odku.assigned);
         let cte = written_statement(r#"WITH gone AS (DELETE FROM posts WHERE id = 10 RETURNING id) UPDATE posts SET title = 'c2' WHERE id = 20 RETURNING *"#).unwrap();
         assert_eq!(cte.verb, Verb::Unknown);
+        for (sql, table, verb) in [
+            ("UPDATE OR REPLACE posts SET title = 'z' WHERE id = 10", "posts", Verb::Replace),
+            ("UPDATE OR ABORT \"posts\" SET title = 'z'", "posts", Verb::Update),
+            ("INSERT OR REPLACE INTO posts (id) VALUES (1)", "posts", Verb::Replace),
+            ("INSERT OR IGNORE INTO `t` DEFAULT VALUES", "t", Verb::Insert),
+        ] {
+            let parsed = written_statement(sql).unwrap();
+            assert_eq!((parsed.table.as_str(), parsed.verb), (table, verb), "{sql}");
+        }
         let replace = written_statement("REPLACE INTO `users` (`id`) VALUES (?)").unwrap();
         assert_eq!(replace.verb, Verb::Replace);
         assert_eq!(WrittenStatement::unknown("users").verb, Verb::Unknown);
