@@ -246,3 +246,45 @@ async fn review_sqlite_update_or_replace_invalidates_its_table() {
         assert_eq!(after, [title, "b", "c"], "after UPDATE OR {word}");
     }
 }
+
+/// A post with its author's name, read by raw SQL.
+#[derive(Debug, QueryableByName, Serialize, Deserialize, diesel_memclone::CacheValue)]
+struct Titled {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    id: i32,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
+}
+
+/// A raw cached read whose SQL has a comment holding an apostrophe: the table scanner read
+/// the apostrophe as the start of a string literal running to the end of the statement, and
+/// missed every table after it (here `users`): a write to `users` left the entry stale.
+#[tokio::test]
+async fn review_comment_with_apostrophe_hides_no_table() {
+    use diesel_memclone_tests::schema::users;
+    let mut conn = sqlite().await;
+    conn.batch_execute("INSERT INTO users VALUES (1, 'Ann', 'a'); INSERT INTO posts VALUES (10, 1, 'a')")
+        .await
+        .unwrap();
+    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    for comment in ["-- the author's name\n", "/* the author's name */"] {
+        let read = |cache: &Cache| {
+            diesel::sql_query(format!(
+                "SELECT posts.id, users.name FROM posts {comment} \
+                 JOIN users ON users.id = posts.user_id ORDER BY posts.id"
+            ))
+            .cached("review_titled")
+            .using(cache)
+        };
+        let before: Vec<Titled> = read(&cache).load(&mut conn).await.unwrap();
+        let renamed = format!("{}!", before[0].name);
+        diesel_memclone::update(users::table.find(1))
+            .set(users::name.eq(&renamed))
+            .using(&cache)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let after: Vec<Titled> = read(&cache).load(&mut conn).await.unwrap();
+        assert_eq!(after[0].name, renamed, "after the rename, comment {comment:?}");
+    }
+}
