@@ -489,16 +489,37 @@ enum Token {
 }
 
 fn tokenize(sql: &str) -> Vec<Token> {
-    tokenize_with(sql, false)
+    tokenize_with(sql, false, false)
 }
 
 /// Tokens of `sql`; with `backslash_escapes`, a backslash escapes the next character in a string
 /// literal (MySQL's default), without it a backslash is an ordinary character (standard SQL).
-fn tokenize_with(sql: &str, backslash_escapes: bool) -> Vec<Token> {
+/// With `comments`, `-- ..`, `# ..` (MySQL) and `/* .. */` are skipped: a comment's text is not
+/// SQL, and a quote in it (`-- the author's`) would otherwise open a literal that hides the
+/// rest of the statement. (Without, for the SQL where those characters are not comments:
+/// MySQL's `1--1`, PostgreSQL's `#` operator.)
+fn tokenize_with(sql: &str, backslash_escapes: bool, comments: bool) -> Vec<Token> {
     let mut tokens = Vec::new();
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
+            '-' | '#' if comments && (c == '#' || chars.peek() == Some(&'-')) => {
+                for n in chars.by_ref() {
+                    if n == '\n' {
+                        break;
+                    }
+                }
+            }
+            '/' if comments && chars.peek() == Some(&'*') => {
+                chars.next();
+                let mut previous = ' ';
+                for n in chars.by_ref() {
+                    if previous == '*' && n == '/' {
+                        break;
+                    }
+                    previous = n;
+                }
+            }
             '"' | '`' => {
                 let mut name = String::new();
                 while let Some(n) = chars.next() {
@@ -611,10 +632,13 @@ pub(crate) fn tables_of_sql(sql: &str) -> std::sync::Arc<[String]> {
 pub(crate) fn tables_in_sql(sql: &str) -> Vec<String> {
     // Whether a backslash escapes a quote depends on the server and its settings; read the
     // statement both ways and keep every table either way finds.
-    let mut tables = tables_in_tokens(tokenize_with(sql, false));
-    for table in tables_in_tokens(tokenize_with(sql, true)) {
-        if !tables.contains(&table) {
-            tables.push(table);
+    // Whether `--`, `#` and `/*` open comments depends on the server too: every reading counts.
+    let mut tables = tables_in_tokens(tokenize_with(sql, false, false));
+    for (backslash_escapes, comments) in [(true, false), (false, true), (true, true)] {
+        for table in tables_in_tokens(tokenize_with(sql, backslash_escapes, comments)) {
+            if !tables.contains(&table) {
+                tables.push(table);
+            }
         }
     }
     tables
@@ -724,7 +748,7 @@ impl WrittenStatement {
 /// Reads a write statement's verb, table and assigned columns from its SQL.
 pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
     let table = written_table(sql)?;
-    let tokens = tokenize(sql);
+    let tokens = tokenize_with(sql, false, true);
     let at = tokens
         .iter()
         .position(|t| matches!(t, Token::Word(w) if Verb::of_keyword(w).is_some()))?;
@@ -752,6 +776,25 @@ pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
             _ => {}
         }
     }
+    // Read with comments and without (see `tokenize_with`): a column either reading finds
+    // counts.
+    let mut assigned = assigned_columns(&tokens);
+    for column in assigned_columns(&tokenize(sql)) {
+        if !assigned.contains(&column) {
+            assigned.push(column);
+        }
+    }
+    Some(WrittenStatement {
+        table,
+        verb,
+        assigned,
+        also_named: Vec::new(),
+    })
+}
+
+/// The columns a statement's `SET` clause names (or what may be one: over-approximating is
+/// safe).
+fn assigned_columns(tokens: &[Token]) -> Vec<String> {
     let mut assigned = Vec::new();
     // The columns a `SET` assigns, or MySQL's `ON DUPLICATE KEY UPDATE` (no `SET` there).
     let set = tokens
@@ -787,12 +830,7 @@ pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
             }
         }
     }
-    Some(WrittenStatement {
-        table,
-        verb,
-        assigned,
-        also_named: Vec::new(),
-    })
+    assigned
 }
 
 /// The conflict resolutions of SQLite's `INSERT OR ..` and `UPDATE OR ..`.
@@ -800,7 +838,7 @@ const SQLITE_CONFLICT_WORDS: &[&str] = &["rollback", "abort", "replace", "fail",
 
 /// The table an `INSERT`/`REPLACE`/`UPDATE`/`DELETE` statement writes.
 pub(crate) fn written_table(sql: &str) -> Option<String> {
-    let tokens = tokenize(sql);
+    let tokens = tokenize_with(sql, false, true);
     let start = tokens
         .iter()
         .position(|t| matches!(t, Token::Word(w) if Verb::of_keyword(w).is_some()))?;
@@ -905,6 +943,12 @@ mod tests {
             let parsed = written_statement(sql).unwrap();
             assert_eq!((parsed.table.as_str(), parsed.verb), (table, verb), "{sql}");
         }
+        let commented = written_statement(
+            "-- update the title\nUPDATE posts SET title = 'x' /* where */, user_id = 2 WHERE id = 1",
+        )
+        .unwrap();
+        assert_eq!(commented.table, "posts");
+        assert!(commented.assigned.contains(&"user_id".to_owned()), "{:?}", commented.assigned);
         let replace = written_statement("REPLACE INTO `users` (`id`) VALUES (?)").unwrap();
         assert_eq!(replace.verb, Verb::Replace);
         assert_eq!(WrittenStatement::unknown("users").verb, Verb::Unknown);
@@ -976,6 +1020,12 @@ mod tests {
         for t in ["a", "b", "c"] {
             assert!(tables_in_sql(lateral).contains(&t.to_owned()), "{t}");
         }
+        for comment in ["-- it's\n", "# it's\n", "/* it's */"] {
+            let sql = format!("SELECT * FROM a {comment} JOIN b ON b.id = a.id");
+            assert!(tables_in_sql(&sql).contains(&"b".to_owned()), "{sql}");
+        }
+        let not_a_comment = "SELECT 1--1 FROM a";
+        assert!(tables_in_sql(not_a_comment).contains(&"a".to_owned()));
         let mysql_escape = r"SELECT * FROM a WHERE n = 'O\'Brien' AND id IN (SELECT id FROM b)";
         assert!(tables_in_sql(mysql_escape).contains(&"b".to_owned()));
         let standard = r"SELECT * FROM a WHERE n = 'C:\' AND id IN (SELECT id FROM b)";
