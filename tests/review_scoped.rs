@@ -288,3 +288,40 @@ async fn review_comment_with_apostrophe_hides_no_table() {
         assert_eq!(after[0].name, renamed, "after the rename, comment {comment:?}");
     }
 }
+
+/// A query kept "for ever" (`ttl(Duration::MAX)`) on the in-process store, and a scoped one
+/// (whose generations are created to live longer still): no panic, and a write still
+/// invalidates it.
+#[tokio::test]
+async fn review_ttl_max_neither_panics_nor_goes_stale() {
+    use diesel_memclone_tests::schema::posts;
+    let mut conn = sqlite().await;
+    conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a')")
+        .await
+        .unwrap();
+    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let read = |cache: &Cache| {
+        raw::posts::table
+            .select(RawPost::as_select())
+            .filter(raw::posts::user_id.eq(1))
+            .cached("review_forever")
+            .within(raw::posts::user_id, 1)
+            .ttl(std::time::Duration::MAX)
+            .using(cache)
+    };
+    let before: Vec<RawPost> = read(&cache).load(&mut conn).await.unwrap();
+    assert_eq!(before.len(), 1);
+    let _: Vec<RawPost> = read(&cache).load(&mut conn).await.unwrap();
+    diesel_memclone::insert_into(posts::table)
+        .values(&Post {
+            id: 11,
+            user_id: 1,
+            title: "b".into(),
+        })
+        .using(&cache)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let after: Vec<RawPost> = read(&cache).load(&mut conn).await.unwrap();
+    assert_eq!(after.len(), 2);
+}
