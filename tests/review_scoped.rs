@@ -325,3 +325,98 @@ async fn review_ttl_max_neither_panics_nor_goes_stale() {
     let after: Vec<RawPost> = read(&cache).load(&mut conn).await.unwrap();
     assert_eq!(after.len(), 2);
 }
+
+mod nullable {
+    diesel::table! {
+        notes (id) {
+            id -> Integer,
+            owner_id -> Nullable<Integer>,
+            body -> Text,
+        }
+    }
+}
+
+/// A note whose owner may be NULL.
+#[derive(
+    Debug, Clone, PartialEq, Queryable, Selectable, Insertable, Serialize, Deserialize, MemClone,
+)]
+#[diesel(table_name = nullable::notes)]
+#[memclone(scope(owner_id))]
+struct Note {
+    id: i32,
+    owner_id: Option<i32>,
+    body: String,
+}
+
+/// Scoped lists of a nullable scope column: the NULL owner's and owner 1's. Writes returning
+/// notes of one invalidate that one's list only; a write moving a note between them
+/// invalidates both.
+#[tokio::test]
+async fn review_nullable_scope_values() {
+    use nullable::notes;
+    let schema = unique("review");
+    let Some(mut conn) = postgres(&schema).await else {
+        return;
+    };
+    conn.batch_execute(
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, owner_id INTEGER, body TEXT NOT NULL);
+         INSERT INTO notes VALUES (1, NULL, 'a'), (2, 1, 'b')",
+    )
+    .await
+    .unwrap();
+    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let counter = QueryCounter::default();
+    counter.attach(&mut conn);
+    macro_rules! list {
+        ($owner:expr) => {{
+            let owner: Option<i32> = $owner;
+            let query = notes::table.select(Note::as_select()).order(notes::id).into_boxed();
+            let query = match owner {
+                Some(owner) => query.filter(notes::owner_id.eq(owner)),
+                None => query.filter(notes::owner_id.is_null()),
+            };
+            let (rows, queries) = counted!(
+                counter,
+                query
+                    .cached("review_notes")
+                    .within(notes::owner_id, owner)
+                    .using(&cache)
+                    .load::<Note, _>(&mut conn)
+                    .await
+                    .unwrap()
+            );
+            (rows.into_iter().map(|n| n.id).collect::<Vec<_>>(), queries)
+        }};
+    }
+    for owner in [None, Some(1)] {
+        list!(owner);
+        assert_eq!(list!(owner).1, 0, "{owner:?} cached");
+    }
+    let _: Note = diesel_memclone::insert_into(notes::table)
+        .values(&Note {
+            id: 3,
+            owner_id: None,
+            body: "c".into(),
+        })
+        .using(&cache)
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(list!(Some(1)), (vec![2], 0), "a NULL owner's note");
+    assert_eq!(list!(None), (vec![1, 3], 1), "a NULL owner's note");
+    let _: Note = diesel_memclone::update(notes::table.find(3))
+        .set(notes::owner_id.eq(Some(1)))
+        .using(&cache)
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(list!(None), (vec![1], 1), "moved to owner 1");
+    assert_eq!(list!(Some(1)), (vec![2, 3], 1), "moved to owner 1");
+    let _: Note = diesel_memclone::delete(notes::table.find(3))
+        .using(&cache)
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(list!(None), (vec![1], 0), "owner 1's note deleted");
+    assert_eq!(list!(Some(1)), (vec![2], 1), "owner 1's note deleted");
+}
