@@ -420,3 +420,69 @@ async fn review_nullable_scope_values() {
     assert_eq!(list!(None), (vec![1], 0), "owner 1's note deleted");
     assert_eq!(list!(Some(1)), (vec![2], 1), "owner 1's note deleted");
 }
+
+/// A name read through a view.
+#[derive(Debug, QueryableByName, Serialize, Deserialize, diesel_memclone::CacheValue)]
+struct ViewName {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
+}
+
+/// `uncache` while Redis is unreachable: the write's table invalidation is remembered and
+/// delivered once Redis answers, but the custom key the write asked to delete was dropped
+/// silently (`let _ =`), so the entry under it (a read of a view over `users`, which no
+/// generation of `users` guards) was served stale after Redis came back, until its TTL.
+#[tokio::test]
+async fn review_uncache_during_an_outage_is_not_lost() {
+    use diesel_memclone::store::RedisStore;
+    use diesel_memclone_tests::schema::users;
+    use std::time::Duration;
+    let schema = unique("review");
+    let (Some(mut conn), Some(_)) = (postgres(&schema).await, redis_store().await) else {
+        return;
+    };
+    conn.batch_execute(
+        "INSERT INTO users VALUES (1, 'Ann', 'a');
+         CREATE VIEW user_names_v AS SELECT id, name FROM users",
+    )
+    .await
+    .unwrap();
+    let upstream = redis_url()
+        .trim_start_matches("redis://")
+        .parse()
+        .expect("REDIS_URL as redis://ip:port");
+    let proxy = diesel_memclone_tests::proxy::Proxy::start(upstream).await;
+    let store = RedisStore::builder(proxy.url())
+        .connect_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(unique("review"))
+        .store_timeout(Duration::from_millis(200))
+        .retry_after(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let read = |cache: &Cache| {
+        diesel::sql_query("SELECT name FROM user_names_v WHERE id = 1")
+            .cached("review_view")
+            .key("user_1_name")
+            .using(cache)
+    };
+    let first: Vec<ViewName> = read(&cache).load(&mut conn).await.unwrap();
+    assert_eq!(first[0].name, "Ann");
+
+    proxy.cut();
+    diesel_memclone::update(users::table.find(1))
+        .set(users::name.eq("Anne"))
+        .uncache(["user_1_name"])
+        .using(&cache)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    proxy.restore();
+    assert!(cache.deliver_invalidations().await, "delivered once Redis answers");
+
+    let after: Vec<ViewName> = read(&cache).load(&mut conn).await.unwrap();
+    assert_eq!(after[0].name, "Anne", "the uncached key after the outage");
+}
