@@ -43,7 +43,8 @@ impl Cache {
         // Taken before anything else: a database read shared when the store fails must begin
         // after this call did (see `database_read`).
         let began = self.inner.flights.ticket();
-        let blocked = !self.deliver_pending().await && self.is_undelivered(&lookup.tables);
+        let blocked = !self.deliver_pending().await
+            && (self.is_undelivered(&lookup.tables) || self.is_unremoved(self.key_text(&lookup)));
         if lookup.policy == Policy::Bypass {
             self.read_event(&lookup, ReadEvent::Bypass);
             return Ok(fill().await?);
