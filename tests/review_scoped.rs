@@ -58,7 +58,10 @@ macro_rules! list {
                 .await
                 .unwrap()
         );
-        (rows.into_iter().map(|p| p.id).collect::<Vec<i32>>(), queries)
+        (
+            rows.into_iter().map(|p| p.id).collect::<Vec<i32>>(),
+            queries,
+        )
     }};
 }
 
@@ -84,13 +87,19 @@ async fn review_cte_write_invalidates_rows_it_does_not_return() {
     conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a'), (11, 1, 'b'), (20, 2, 'c')")
         .await
         .unwrap();
-    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
+        .unwrap();
     let counter = QueryCounter::default();
     counter.attach(&mut conn);
     assert_eq!(warm!(&cache, &mut conn, &counter, 1), vec![10, 11]);
     let found: RawPost = cache.find(&mut conn, 10).await.unwrap();
     assert_eq!(found.id, 10);
-    let (_, queries) = counted!(counter, cache.find::<RawPost, _>(&mut conn, 10).await.unwrap());
+    let (_, queries) = counted!(
+        counter,
+        cache.find::<RawPost, _>(&mut conn, 10).await.unwrap()
+    );
     assert_eq!(queries, 0, "post 10's entity entry is cached");
 
     let returned: Vec<RawPost> = diesel_memclone::write(diesel::sql_query(
@@ -122,7 +131,10 @@ async fn review_sqlite_insert_or_replace_moves_rows_out_of_a_scope() {
     conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a'), (11, 1, 'b'), (20, 2, 'c')")
         .await
         .unwrap();
-    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
+        .unwrap();
     let counter = QueryCounter::default();
     counter.attach(&mut conn);
     assert_eq!(warm!(&cache, &mut conn, &counter, 1), vec![10, 11]);
@@ -152,7 +164,10 @@ async fn review_mariadb_on_duplicate_key_update_moves_rows_out_of_a_scope() {
     conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a'), (11, 1, 'b'), (20, 2, 'c')")
         .await
         .unwrap();
-    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
+        .unwrap();
     let counter = QueryCounter::default();
     counter.attach(&mut conn);
     assert_eq!(warm!(&cache, &mut conn, &counter, 1), vec![10, 11]);
@@ -191,7 +206,10 @@ async fn review_also_invalidates_own_table_forgets_the_returned_rows() {
     )
     .await
     .unwrap();
-    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
+        .unwrap();
     let counter = QueryCounter::default();
     counter.attach(&mut conn);
     assert_eq!(warm!(&cache, &mut conn, &counter, 2), vec![20, 21]);
@@ -224,7 +242,10 @@ async fn review_sqlite_update_or_replace_invalidates_its_table() {
     conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a'), (11, 1, 'b'), (20, 2, 'c')")
         .await
         .unwrap();
-    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
+        .unwrap();
     let titles = |cache: &Cache| {
         raw::posts::table
             .select(raw::posts::title)
@@ -263,10 +284,15 @@ struct Titled {
 async fn review_comment_with_apostrophe_hides_no_table() {
     use diesel_memclone_tests::schema::users;
     let mut conn = sqlite().await;
-    conn.batch_execute("INSERT INTO users VALUES (1, 'Ann', 'a'); INSERT INTO posts VALUES (10, 1, 'a')")
-        .await
+    conn.batch_execute(
+        "INSERT INTO users VALUES (1, 'Ann', 'a'); INSERT INTO posts VALUES (10, 1, 'a')",
+    )
+    .await
+    .unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
         .unwrap();
-    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
     for comment in ["-- the author's name\n", "/* the author's name */"] {
         let read = |cache: &Cache| {
             diesel::sql_query(format!(
@@ -285,7 +311,10 @@ async fn review_comment_with_apostrophe_hides_no_table() {
             .await
             .unwrap();
         let after: Vec<Titled> = read(&cache).load(&mut conn).await.unwrap();
-        assert_eq!(after[0].name, renamed, "after the rename, comment {comment:?}");
+        assert_eq!(
+            after[0].name, renamed,
+            "after the rename, comment {comment:?}"
+        );
     }
 }
 
@@ -299,7 +328,10 @@ async fn review_ttl_max_neither_panics_nor_goes_stale() {
     conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a')")
         .await
         .unwrap();
-    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
+        .unwrap();
     let read = |cache: &Cache| {
         raw::posts::table
             .select(RawPost::as_select())
@@ -364,13 +396,19 @@ async fn review_nullable_scope_values() {
     )
     .await
     .unwrap();
-    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
+        .unwrap();
     let counter = QueryCounter::default();
     counter.attach(&mut conn);
     macro_rules! list {
         ($owner:expr) => {{
             let owner: Option<i32> = $owner;
-            let query = notes::table.select(Note::as_select()).order(notes::id).into_boxed();
+            let query = notes::table
+                .select(Note::as_select())
+                .order(notes::id)
+                .into_boxed();
             let query = match owner {
                 Some(owner) => query.filter(notes::owner_id.eq(owner)),
                 None => query.filter(notes::owner_id.is_null()),
@@ -481,7 +519,10 @@ async fn review_uncache_during_an_outage_is_not_lost() {
         .await
         .unwrap();
     proxy.restore();
-    assert!(cache.deliver_invalidations().await, "delivered once Redis answers");
+    assert!(
+        cache.deliver_invalidations().await,
+        "delivered once Redis answers"
+    );
 
     let after: Vec<ViewName> = read(&cache).load(&mut conn).await.unwrap();
     assert_eq!(after[0].name, "Anne", "the uncached key after the outage");

@@ -931,14 +931,34 @@ mod tests {
         let delete = written_statement(r#"DELETE FROM "users" WHERE ("users"."id" = $1)"#).unwrap();
         assert_eq!((delete.verb, delete.assigned.len()), (Verb::Delete, 0));
         let odku = written_statement("INSERT INTO `posts` (`id`, `user_id`) VALUES (?, ?) ON DUPLICATE KEY UPDATE `user_id` = VALUES(`user_id`) RETURNING `id`").unwrap();
-        assert!(odku.assigned.contains(&"user_id".to_string()), "{:?}", odku.assigned);
+        assert!(
+            odku.assigned.contains(&"user_id".to_string()),
+            "{:?}",
+            odku.assigned
+        );
         let cte = written_statement(r#"WITH gone AS (DELETE FROM posts WHERE id = 10 RETURNING id) UPDATE posts SET title = 'c2' WHERE id = 20 RETURNING *"#).unwrap();
         assert_eq!(cte.verb, Verb::Unknown);
         for (sql, table, verb) in [
-            ("UPDATE OR REPLACE posts SET title = 'z' WHERE id = 10", "posts", Verb::Replace),
-            ("UPDATE OR ABORT \"posts\" SET title = 'z'", "posts", Verb::Update),
-            ("INSERT OR REPLACE INTO posts (id) VALUES (1)", "posts", Verb::Replace),
-            ("INSERT OR IGNORE INTO `t` DEFAULT VALUES", "t", Verb::Insert),
+            (
+                "UPDATE OR REPLACE posts SET title = 'z' WHERE id = 10",
+                "posts",
+                Verb::Replace,
+            ),
+            (
+                "UPDATE OR ABORT \"posts\" SET title = 'z'",
+                "posts",
+                Verb::Update,
+            ),
+            (
+                "INSERT OR REPLACE INTO posts (id) VALUES (1)",
+                "posts",
+                Verb::Replace,
+            ),
+            (
+                "INSERT OR IGNORE INTO `t` DEFAULT VALUES",
+                "t",
+                Verb::Insert,
+            ),
         ] {
             let parsed = written_statement(sql).unwrap();
             assert_eq!((parsed.table.as_str(), parsed.verb), (table, verb), "{sql}");
@@ -948,7 +968,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(commented.table, "posts");
-        assert!(commented.assigned.contains(&"user_id".to_owned()), "{:?}", commented.assigned);
+        assert!(
+            commented.assigned.contains(&"user_id".to_owned()),
+            "{:?}",
+            commented.assigned
+        );
         let replace = written_statement("REPLACE INTO `users` (`id`) VALUES (?)").unwrap();
         assert_eq!(replace.verb, Verb::Replace);
         assert_eq!(WrittenStatement::unknown("users").verb, Verb::Unknown);

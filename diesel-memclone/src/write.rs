@@ -624,7 +624,10 @@ fn pending(
     timing: &WriteTiming,
 ) -> (Option<PendingWrite>, Option<usize>) {
     match timing {
-        WriteTiming::Now => (Some(PendingWrite::new(cache, tables.to_vec(), uncache)), None),
+        WriteTiming::Now => (
+            Some(PendingWrite::new(cache, tables.to_vec(), uncache)),
+            None,
+        ),
         WriteTiming::AfterCommit(transaction) => {
             let index = transaction.defer(cache, tables.to_vec(), None, uncache.to_vec());
             (None, Some(index))
