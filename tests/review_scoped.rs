@@ -527,3 +527,41 @@ async fn review_uncache_during_an_outage_is_not_lost() {
     let after: Vec<ViewName> = read(&cache).load(&mut conn).await.unwrap();
     assert_eq!(after[0].name, "Anne", "the uncached key after the outage");
 }
+
+/// MySQL/MariaDB's `STRAIGHT_JOIN` is a join: the table after it is read. The scanner knew
+/// `JOIN` only, so a raw cached read joining `users` that way missed `users`, and a write to
+/// it left the entry stale.
+#[tokio::test]
+async fn review_straight_join_names_its_table() {
+    use diesel_memclone_tests::schema::users;
+    let database = unique("review");
+    let Some(mut conn) = mysql(&database).await else {
+        return;
+    };
+    conn.batch_execute(
+        "INSERT INTO users VALUES (1, 'Ann', 'a'); INSERT INTO posts VALUES (10, 1, 'a')",
+    )
+    .await
+    .unwrap();
+    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let read = |cache: &Cache| {
+        diesel::sql_query(
+            "SELECT p.id, u.name FROM posts p STRAIGHT_JOIN users u ON u.id = p.user_id",
+        )
+        .cached("review_straight")
+        .using(cache)
+    };
+    let before: Vec<Titled> = read(&cache).load(&mut conn).await.unwrap();
+    assert_eq!(before[0].name, "Ann");
+    diesel_memclone::update(users::table.find(1))
+        .set(users::name.eq("Anne"))
+        .using(&cache)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let after: Vec<Titled> = read(&cache).load(&mut conn).await.unwrap();
+    assert_eq!(after[0].name, "Anne", "after the rename");
+    conn.batch_execute(&format!("DROP DATABASE {database}"))
+        .await
+        .unwrap();
+}
