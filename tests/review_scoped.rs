@@ -543,7 +543,10 @@ async fn review_straight_join_names_its_table() {
     )
     .await
     .unwrap();
-    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
+        .unwrap();
     let read = |cache: &Cache| {
         diesel::sql_query(
             "SELECT p.id, u.name FROM posts p STRAIGHT_JOIN users u ON u.id = p.user_id",

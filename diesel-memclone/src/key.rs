@@ -576,7 +576,8 @@ fn tokenize_with(sql: &str, backslash_escapes: bool, comments: bool) -> Vec<Toke
     tokens
 }
 
-const TABLE_KEYWORDS: &[&str] = &["from", "join", "update", "into"];
+/// Words a table follows (MySQL's `STRAIGHT_JOIN` is a join).
+const TABLE_KEYWORDS: &[&str] = &["from", "join", "straight_join", "update", "into"];
 /// Words that end a `FROM` list (`ON` and `USING` do not: `FROM a JOIN b ON .., c` lists `c`).
 const CLAUSE_KEYWORDS: &[&str] = &[
     "where",
@@ -668,7 +669,8 @@ fn tables_in_tokens(tokens: Vec<Token>) -> Vec<String> {
             Token::Ident(name) => name.as_str(),
             Token::Word(word) => {
                 if TABLE_KEYWORDS.contains(&word.as_str()) {
-                    in_from_list = word == "from" || (in_from_list && word == "join");
+                    in_from_list = word == "from"
+                        || (in_from_list && matches!(word.as_str(), "join" | "straight_join"));
                 } else if CLAUSE_KEYWORDS.contains(&word.as_str()) {
                     in_from_list = false;
                 }
@@ -1047,6 +1049,10 @@ mod tests {
         for comment in ["-- it's\n", "# it's\n", "/* it's */"] {
             let sql = format!("SELECT * FROM a {comment} JOIN b ON b.id = a.id");
             assert!(tables_in_sql(&sql).contains(&"b".to_owned()), "{sql}");
+        }
+        let straight = "SELECT a.id FROM a STRAIGHT_JOIN b ON b.id = a.id, c";
+        for t in ["a", "b", "c"] {
+            assert!(tables_in_sql(straight).contains(&t.to_owned()), "{t}");
         }
         let not_a_comment = "SELECT 1--1 FROM a";
         assert!(tables_in_sql(not_a_comment).contains(&"a".to_owned()));
