@@ -568,3 +568,34 @@ async fn review_straight_join_names_its_table() {
         .await
         .unwrap();
 }
+
+/// A raw cached read whose FROM clause is a parenthesized join: the first table follows `(`,
+/// not `FROM`, and was missed (here `posts`): a write to it left the entry stale.
+#[tokio::test]
+async fn review_parenthesized_join_names_its_first_table() {
+    use diesel_memclone_tests::schema::posts;
+    let mut conn = sqlite().await;
+    conn.batch_execute(
+        "INSERT INTO users VALUES (1, 'Ann', 'a'); INSERT INTO posts VALUES (10, 1, 'a')",
+    )
+    .await
+    .unwrap();
+    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let read = |cache: &Cache| {
+        diesel::sql_query(
+            "SELECT p.id, p.title AS name FROM (posts p JOIN users u ON u.id = p.user_id)",
+        )
+        .cached("review_nested")
+        .using(cache)
+    };
+    let before: Vec<Titled> = read(&cache).load(&mut conn).await.unwrap();
+    assert_eq!(before[0].name, "a");
+    diesel_memclone::update(posts::table.find(10))
+        .set(posts::title.eq("a2"))
+        .using(&cache)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let after: Vec<Titled> = read(&cache).load(&mut conn).await.unwrap();
+    assert_eq!(after[0].name, "a2", "after the retitle");
+}
