@@ -580,7 +580,10 @@ async fn review_parenthesized_join_names_its_first_table() {
     )
     .await
     .unwrap();
-    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
+        .unwrap();
     let read = |cache: &Cache| {
         diesel::sql_query(
             "SELECT p.id, p.title AS name FROM (posts p JOIN users u ON u.id = p.user_id)",

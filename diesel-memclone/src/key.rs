@@ -679,8 +679,17 @@ fn tables_in_tokens(tokens: Vec<Token>) -> Vec<String> {
             Token::Comma | Token::Dot | Token::Open | Token::Close | Token::Other => continue,
         };
         let previous = i.checked_sub(1).map(|p| &tokens[p]);
-        let after_keyword =
-            matches!(previous, Some(Token::Word(w)) if TABLE_KEYWORDS.contains(&w.as_str()));
+        // `FROM (a JOIN b ..)`: the first table of a parenthesized join follows the `(`s.
+        let opens = tokens[..i]
+            .iter()
+            .rev()
+            .take_while(|t| **t == Token::Open)
+            .count();
+        let after_keyword = matches!(
+            i.checked_sub(opens + 1).map(|p| &tokens[p]),
+            Some(Token::Word(w)) if TABLE_KEYWORDS.contains(&w.as_str())
+        ) && !(opens > 0
+            && matches!(token, Token::Word(w) if matches!(w.as_str(), "select" | "with" | "values")));
         let qualifies = matches!(token, Token::Ident(_)) && tokens.get(i + 1) == Some(&Token::Dot);
         let schema_qualified = previous == Some(&Token::Dot)
             && i >= 3
@@ -1054,6 +1063,13 @@ mod tests {
         for t in ["a", "b", "c"] {
             assert!(tables_in_sql(straight).contains(&t.to_owned()), "{t}");
         }
+        let nested = "SELECT count(*) FROM ((a JOIN b ON a.id = b.a_id) JOIN c ON true)";
+        for t in ["a", "b", "c"] {
+            assert!(tables_in_sql(nested).contains(&t.to_owned()), "{t}");
+        }
+        let subquery = "SELECT * FROM (SELECT id FROM a) x, (VALUES (1)) v";
+        assert!(!tables_in_sql(subquery).contains(&"select".to_owned()));
+        assert!(!tables_in_sql(subquery).contains(&"values".to_owned()));
         let not_a_comment = "SELECT 1--1 FROM a";
         assert!(tables_in_sql(not_a_comment).contains(&"a".to_owned()));
         let mysql_escape = r"SELECT * FROM a WHERE n = 'O\'Brien' AND id IN (SELECT id FROM b)";
