@@ -602,3 +602,41 @@ async fn review_parenthesized_join_names_its_first_table() {
     let after: Vec<Titled> = read(&cache).load(&mut conn).await.unwrap();
     assert_eq!(after[0].name, "a2", "after the retitle");
 }
+
+/// MariaDB: `ON DUPLICATE KEY UPDATE id = ..` moves post 10 to another key; the returned row
+/// names only the new key, so post 10's entity entry must go with every row of the table.
+#[tokio::test]
+async fn review_mariadb_on_duplicate_key_update_of_the_key_evicts_the_old_row() {
+    let database = unique("review");
+    let Some(mut conn) = mysql(&database).await else {
+        return;
+    };
+    conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a')")
+        .await
+        .unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
+        .unwrap();
+    let found: RawPost = cache.find(&mut conn, 10).await.unwrap();
+    assert_eq!(found.title, "a");
+
+    let returned: Vec<RawPost> = diesel_memclone::write(diesel::sql_query(
+        "INSERT INTO posts (id, user_id, title) VALUES (10, 1, 'a') \
+         ON DUPLICATE KEY UPDATE id = 110 RETURNING id, user_id, title",
+    ))
+    .using(&cache)
+    .get_results(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(returned[0].id, 110);
+
+    let gone = cache
+        .find_optional::<RawPost, _>(&mut conn, 10)
+        .await
+        .unwrap();
+    assert_eq!(gone, None, "post 10 is now post 110");
+    conn.batch_execute(&format!("DROP DATABASE {database}"))
+        .await
+        .unwrap();
+}
