@@ -2,7 +2,6 @@
 //! of the entry while it waits for the pool's connection; a task holding that connection and
 //! reading the same entry with it waits on the load that waits on it.
 
-use diesel::prelude::*;
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use diesel_memclone::Cache;
@@ -34,7 +33,10 @@ async fn review_async_pool_miss_does_not_stall_the_connections_holder() {
     });
     let manager = AsyncDieselConnectionManager::new_with_config(postgres_url(), setup);
     let pool = Deadpool::builder(manager).max_size(1).build().unwrap();
-    let cache = Cache::builder().namespace(unique("review")).build().unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("review"))
+        .build()
+        .unwrap();
     // This task takes the pool's only connection.
     let mut held = pool.get().await.unwrap();
     let reader = {

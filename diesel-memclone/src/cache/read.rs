@@ -127,6 +127,13 @@ impl Cache {
         }
         let named = lookup.near_generations.len() == lookup.generations.len();
         let near = self.near().filter(|_| named);
+        if let Some(near) = near.filter(|near| near.in_sync()) {
+            if let Some(current) = near.generations(&lookup.near_generations) {
+                if let Some(value) = self.near_entry_hit(near, lookup, &current) {
+                    return Some(value);
+                }
+            }
+        }
         match self.store_read::<T>(near, lookup, false).await {
             StoreRead::Hit(value) => Some(value),
             _ => None,
