@@ -72,8 +72,12 @@ impl Cache {
         // The pool's connection is in no transaction of the caller's: a plain read.
         let policy = Policy::ReadWrite;
         let lookup = self.entity_lookup(&row, entity_fingerprint::<M>(), ttl_of::<M>(self), policy);
-        self.read_through(lookup, || async move {
-            let mut conn = pool.connection().await?;
+        if let Some(hit) = self.store_hit(&lookup).await {
+            return Ok(hit);
+        }
+        // A miss: the connection first, then the load others may share (see `store_hit`).
+        let mut conn = pool.connection().await?;
+        self.read_through(lookup, move || async move {
             let found = M::find_query(primary_key)
                 .get_result::<M>(&mut conn)
                 .await

@@ -489,16 +489,37 @@ enum Token {
 }
 
 fn tokenize(sql: &str) -> Vec<Token> {
-    tokenize_with(sql, false)
+    tokenize_with(sql, false, false)
 }
 
 /// Tokens of `sql`; with `backslash_escapes`, a backslash escapes the next character in a string
 /// literal (MySQL's default), without it a backslash is an ordinary character (standard SQL).
-fn tokenize_with(sql: &str, backslash_escapes: bool) -> Vec<Token> {
+/// With `comments`, `-- ..`, `# ..` (MySQL) and `/* .. */` are skipped: a comment's text is not
+/// SQL, and a quote in it (`-- the author's`) would otherwise open a literal that hides the
+/// rest of the statement. (Without, for the SQL where those characters are not comments:
+/// MySQL's `1--1`, PostgreSQL's `#` operator.)
+fn tokenize_with(sql: &str, backslash_escapes: bool, comments: bool) -> Vec<Token> {
     let mut tokens = Vec::new();
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
+            '-' | '#' if comments && (c == '#' || chars.peek() == Some(&'-')) => {
+                for n in chars.by_ref() {
+                    if n == '\n' {
+                        break;
+                    }
+                }
+            }
+            '/' if comments && chars.peek() == Some(&'*') => {
+                chars.next();
+                let mut previous = ' ';
+                for n in chars.by_ref() {
+                    if previous == '*' && n == '/' {
+                        break;
+                    }
+                    previous = n;
+                }
+            }
             '"' | '`' => {
                 let mut name = String::new();
                 while let Some(n) = chars.next() {
@@ -555,7 +576,8 @@ fn tokenize_with(sql: &str, backslash_escapes: bool) -> Vec<Token> {
     tokens
 }
 
-const TABLE_KEYWORDS: &[&str] = &["from", "join", "update", "into"];
+/// Words a table follows (MySQL's `STRAIGHT_JOIN` is a join).
+const TABLE_KEYWORDS: &[&str] = &["from", "join", "straight_join", "update", "into"];
 /// Words that end a `FROM` list (`ON` and `USING` do not: `FROM a JOIN b ON .., c` lists `c`).
 const CLAUSE_KEYWORDS: &[&str] = &[
     "where",
@@ -611,10 +633,13 @@ pub(crate) fn tables_of_sql(sql: &str) -> std::sync::Arc<[String]> {
 pub(crate) fn tables_in_sql(sql: &str) -> Vec<String> {
     // Whether a backslash escapes a quote depends on the server and its settings; read the
     // statement both ways and keep every table either way finds.
-    let mut tables = tables_in_tokens(tokenize_with(sql, false));
-    for table in tables_in_tokens(tokenize_with(sql, true)) {
-        if !tables.contains(&table) {
-            tables.push(table);
+    // Whether `--`, `#` and `/*` open comments depends on the server too: every reading counts.
+    let mut tables = tables_in_tokens(tokenize_with(sql, false, false));
+    for (backslash_escapes, comments) in [(true, false), (false, true), (true, true)] {
+        for table in tables_in_tokens(tokenize_with(sql, backslash_escapes, comments)) {
+            if !tables.contains(&table) {
+                tables.push(table);
+            }
         }
     }
     tables
@@ -644,7 +669,8 @@ fn tables_in_tokens(tokens: Vec<Token>) -> Vec<String> {
             Token::Ident(name) => name.as_str(),
             Token::Word(word) => {
                 if TABLE_KEYWORDS.contains(&word.as_str()) {
-                    in_from_list = word == "from" || (in_from_list && word == "join");
+                    in_from_list = word == "from"
+                        || (in_from_list && matches!(word.as_str(), "join" | "straight_join"));
                 } else if CLAUSE_KEYWORDS.contains(&word.as_str()) {
                     in_from_list = false;
                 }
@@ -653,8 +679,17 @@ fn tables_in_tokens(tokens: Vec<Token>) -> Vec<String> {
             Token::Comma | Token::Dot | Token::Open | Token::Close | Token::Other => continue,
         };
         let previous = i.checked_sub(1).map(|p| &tokens[p]);
-        let after_keyword =
-            matches!(previous, Some(Token::Word(w)) if TABLE_KEYWORDS.contains(&w.as_str()));
+        // `FROM (a JOIN b ..)`: the first table of a parenthesized join follows the `(`s.
+        let opens = tokens[..i]
+            .iter()
+            .rev()
+            .take_while(|t| **t == Token::Open)
+            .count();
+        let after_keyword = matches!(
+            i.checked_sub(opens + 1).map(|p| &tokens[p]),
+            Some(Token::Word(w)) if TABLE_KEYWORDS.contains(&w.as_str())
+        ) && !(opens > 0
+            && matches!(token, Token::Word(w) if matches!(w.as_str(), "select" | "with" | "values")));
         let qualifies = matches!(token, Token::Ident(_)) && tokens.get(i + 1) == Some(&Token::Dot);
         let schema_qualified = previous == Some(&Token::Dot)
             && i >= 3
@@ -724,16 +759,68 @@ impl WrittenStatement {
 /// Reads a write statement's verb, table and assigned columns from its SQL.
 pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
     let table = written_table(sql)?;
-    let tokens = tokenize(sql);
-    let verb = tokens.iter().find_map(|t| match t {
-        Token::Word(w) => Verb::of_keyword(w),
-        _ => None,
-    })?;
+    let tokens = tokenize_with(sql, false, true);
+    let at = tokens
+        .iter()
+        .position(|t| matches!(t, Token::Word(w) if Verb::of_keyword(w).is_some()))?;
+    let Token::Word(keyword) = &tokens[at] else {
+        return None;
+    };
+    let mut verb = Verb::of_keyword(keyword)?;
+    // SQLite's `INSERT OR REPLACE` and `UPDATE OR REPLACE` delete the rows they conflict with,
+    // which they do not return: as `REPLACE`.
+    if let [Token::Word(or), Token::Word(conflict), ..] = &tokens[at + 1..] {
+        if or == "or" && conflict == "replace" {
+            verb = Verb::Replace;
+        }
+    }
+    // A write inside parentheses (PostgreSQL's data-modifying `WITH d AS (DELETE ..)`) changes
+    // rows the statement's `RETURNING` does not return: its rows are unknown.
+    let mut depth = 0usize;
+    for token in &tokens {
+        match token {
+            Token::Open => depth += 1,
+            Token::Close => depth = depth.saturating_sub(1),
+            Token::Word(w) if depth > 0 && matches!(w.as_str(), "insert" | "update" | "delete") => {
+                verb = Verb::Unknown;
+            }
+            _ => {}
+        }
+    }
+    // Read with comments and without (see `tokenize_with`): a column either reading finds
+    // counts.
+    let mut assigned = assigned_columns(&tokens);
+    for column in assigned_columns(&tokenize(sql)) {
+        if !assigned.contains(&column) {
+            assigned.push(column);
+        }
+    }
+    Some(WrittenStatement {
+        table,
+        verb,
+        assigned,
+        also_named: Vec::new(),
+    })
+}
+
+/// The columns a statement's `SET` clause names (or what may be one: over-approximating is
+/// safe).
+fn assigned_columns(tokens: &[Token]) -> Vec<String> {
     let mut assigned = Vec::new();
-    if let Some(set) = tokens
+    // The columns a `SET` assigns, or MySQL's `ON DUPLICATE KEY UPDATE` (no `SET` there).
+    let set = tokens
         .iter()
         .position(|t| matches!(t, Token::Word(w) if w == "set"))
-    {
+        .or_else(|| {
+            tokens
+                .windows(3)
+                .position(|w| {
+                    matches!(w, [Token::Word(a), Token::Word(b), Token::Word(c)]
+                        if a == "duplicate" && b == "key" && c == "update")
+                })
+                .map(|at| at + 2)
+        });
+    if let Some(set) = set {
         // Every name in the SET clause counts (over-approximating is safe); only a keyword at
         // the statement's own level ends it, not one inside a subquery's parentheses.
         let mut depth = 0usize;
@@ -754,21 +841,26 @@ pub(crate) fn written_statement(sql: &str) -> Option<WrittenStatement> {
             }
         }
     }
-    Some(WrittenStatement {
-        table,
-        verb,
-        assigned,
-        also_named: Vec::new(),
-    })
+    assigned
 }
+
+/// The conflict resolutions of SQLite's `INSERT OR ..` and `UPDATE OR ..`.
+const SQLITE_CONFLICT_WORDS: &[&str] = &["rollback", "abort", "replace", "fail", "ignore"];
 
 /// The table an `INSERT`/`REPLACE`/`UPDATE`/`DELETE` statement writes.
 pub(crate) fn written_table(sql: &str) -> Option<String> {
-    let tokens = tokenize(sql);
+    let tokens = tokenize_with(sql, false, true);
     let start = tokens
         .iter()
         .position(|t| matches!(t, Token::Word(w) if Verb::of_keyword(w).is_some()))?;
-    let mut rest = tokens[start + 1..].iter().filter(|t| {
+    // SQLite's `INSERT OR REPLACE`, `UPDATE OR ABORT`..: the conflict clause is not the table.
+    let mut after = &tokens[start + 1..];
+    if let [Token::Word(or), Token::Word(conflict), rest @ ..] = after {
+        if or == "or" && SQLITE_CONFLICT_WORDS.contains(&conflict.as_str()) {
+            after = rest;
+        }
+    }
+    let mut rest = after.iter().filter(|t| {
         !matches!(t, Token::Word(w) if matches!(w.as_str(), "into" | "from" | "ignore" | "or" | "low_priority"))
     });
     let mut name = match rest.next()? {
@@ -849,6 +941,49 @@ mod tests {
         assert!(upsert.assigned.contains(&"b".to_string()));
         let delete = written_statement(r#"DELETE FROM "users" WHERE ("users"."id" = $1)"#).unwrap();
         assert_eq!((delete.verb, delete.assigned.len()), (Verb::Delete, 0));
+        let odku = written_statement("INSERT INTO `posts` (`id`, `user_id`) VALUES (?, ?) ON DUPLICATE KEY UPDATE `user_id` = VALUES(`user_id`) RETURNING `id`").unwrap();
+        assert!(
+            odku.assigned.contains(&"user_id".to_string()),
+            "{:?}",
+            odku.assigned
+        );
+        let cte = written_statement(r#"WITH gone AS (DELETE FROM posts WHERE id = 10 RETURNING id) UPDATE posts SET title = 'c2' WHERE id = 20 RETURNING *"#).unwrap();
+        assert_eq!(cte.verb, Verb::Unknown);
+        for (sql, table, verb) in [
+            (
+                "UPDATE OR REPLACE posts SET title = 'z' WHERE id = 10",
+                "posts",
+                Verb::Replace,
+            ),
+            (
+                "UPDATE OR ABORT \"posts\" SET title = 'z'",
+                "posts",
+                Verb::Update,
+            ),
+            (
+                "INSERT OR REPLACE INTO posts (id) VALUES (1)",
+                "posts",
+                Verb::Replace,
+            ),
+            (
+                "INSERT OR IGNORE INTO `t` DEFAULT VALUES",
+                "t",
+                Verb::Insert,
+            ),
+        ] {
+            let parsed = written_statement(sql).unwrap();
+            assert_eq!((parsed.table.as_str(), parsed.verb), (table, verb), "{sql}");
+        }
+        let commented = written_statement(
+            "-- update the title\nUPDATE posts SET title = 'x' /* where */, user_id = 2 WHERE id = 1",
+        )
+        .unwrap();
+        assert_eq!(commented.table, "posts");
+        assert!(
+            commented.assigned.contains(&"user_id".to_owned()),
+            "{:?}",
+            commented.assigned
+        );
         let replace = written_statement("REPLACE INTO `users` (`id`) VALUES (?)").unwrap();
         assert_eq!(replace.verb, Verb::Replace);
         assert_eq!(WrittenStatement::unknown("users").verb, Verb::Unknown);
@@ -920,6 +1055,23 @@ mod tests {
         for t in ["a", "b", "c"] {
             assert!(tables_in_sql(lateral).contains(&t.to_owned()), "{t}");
         }
+        for comment in ["-- it's\n", "# it's\n", "/* it's */"] {
+            let sql = format!("SELECT * FROM a {comment} JOIN b ON b.id = a.id");
+            assert!(tables_in_sql(&sql).contains(&"b".to_owned()), "{sql}");
+        }
+        let straight = "SELECT a.id FROM a STRAIGHT_JOIN b ON b.id = a.id, c";
+        for t in ["a", "b", "c"] {
+            assert!(tables_in_sql(straight).contains(&t.to_owned()), "{t}");
+        }
+        let nested = "SELECT count(*) FROM ((a JOIN b ON a.id = b.a_id) JOIN c ON true)";
+        for t in ["a", "b", "c"] {
+            assert!(tables_in_sql(nested).contains(&t.to_owned()), "{t}");
+        }
+        let subquery = "SELECT * FROM (SELECT id FROM a) x, (VALUES (1)) v";
+        assert!(!tables_in_sql(subquery).contains(&"select".to_owned()));
+        assert!(!tables_in_sql(subquery).contains(&"values".to_owned()));
+        let not_a_comment = "SELECT 1--1 FROM a";
+        assert!(tables_in_sql(not_a_comment).contains(&"a".to_owned()));
         let mysql_escape = r"SELECT * FROM a WHERE n = 'O\'Brien' AND id IN (SELECT id FROM b)";
         assert!(tables_in_sql(mysql_escape).contains(&"b".to_owned()));
         let standard = r"SELECT * FROM a WHERE n = 'C:\' AND id IN (SELECT id FROM b)";

@@ -848,9 +848,15 @@ impl<Q> Cached<Q> {
             return Ok(query.load::<U>(&mut conn).await?);
         };
         // The pool's connection is in no transaction of the caller's: a plain read.
-        this.cache()
-            .read_through(lookup, || async move {
-                let mut conn = pool.connection().await?;
+        let cache = this.cache();
+        if let Some(hit) = cache.store_hit(&lookup).await {
+            return Ok(hit);
+        }
+        // A miss: the connection first, then the load others may share (see
+        // `Cache::store_hit`).
+        let mut conn = pool.connection().await?;
+        cache
+            .read_through(lookup, move || async move {
                 Ok::<_, crate::Error>(query.load::<U>(&mut conn).await?)
             })
             .await
@@ -879,13 +885,19 @@ impl<Q> Cached<Q> {
             let mut conn = pool.connection().await?;
             return Ok(query.get_result::<U>(&mut conn).await?);
         };
-        let found = this
-            .cache()
-            .read_through(lookup, || async move {
+        let cache = this.cache();
+        let found = match cache.store_hit(&lookup).await {
+            Some(hit) => hit,
+            None => {
+                // A miss: the connection first (see `Cache::store_hit`).
                 let mut conn = pool.connection().await?;
-                Ok::<_, crate::Error>(query.get_result::<U>(&mut conn).await.optional()?)
-            })
-            .await?;
+                cache
+                    .read_through(lookup, move || async move {
+                        Ok::<_, crate::Error>(query.get_result::<U>(&mut conn).await.optional()?)
+                    })
+                    .await?
+            }
+        };
         found.ok_or(crate::Error::Database(diesel::result::Error::NotFound))
     }
 

@@ -436,6 +436,12 @@ impl Drop for DeferredGuard {
             let writes = std::mem::take(&mut transaction.lock().writes);
             for write in writes {
                 write.cache.mark_undelivered(&write.tables);
+                let keys: Vec<String> = write
+                    .uncache
+                    .iter()
+                    .map(|k| write.cache.custom_key(k))
+                    .collect();
+                write.cache.mark_unremoved(&keys);
             }
         }
     }

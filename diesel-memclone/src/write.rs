@@ -303,6 +303,9 @@ impl<S> Write<S> {
 
     /// Also invalidates `table` (its queries and all its rows) when this write commits: for
     /// tables a trigger or a foreign-key cascade changes, which the statement does not name.
+    /// Naming the written table itself (a self-referencing cascade, a trigger that changes
+    /// other rows of it) makes the write's rows unknown: every row and every scoped query of
+    /// the table is invalidated, and nothing is written through.
     pub fn also_invalidates(mut self, table: &str) -> Self {
         self.also.push(key::table_from_text(table));
         self
@@ -444,7 +447,10 @@ impl Write<()> {
         // The returned rows name exactly the rows written, except when the statement moves
         // rows to other keys (it assigns a key column) or deletes rows it does not return
         // (`REPLACE`): then every row of the table is evicted.
+        // `also_invalidates` naming the written table itself says the statement changes rows
+        // of it that it does not return (a self-referencing cascade, a trigger): the same.
         let moves_rows = matches!(statement.verb, Verb::Replace | Verb::Unknown)
+            || self.also.contains(&table)
             || U::key_columns()
                 .iter()
                 .any(|c| statement.assigned.contains(&c.to_lowercase()));
@@ -618,7 +624,10 @@ fn pending(
     timing: &WriteTiming,
 ) -> (Option<PendingWrite>, Option<usize>) {
     match timing {
-        WriteTiming::Now => (Some(PendingWrite::new(cache, tables.to_vec())), None),
+        WriteTiming::Now => (
+            Some(PendingWrite::new(cache, tables.to_vec(), uncache)),
+            None,
+        ),
         WriteTiming::AfterCommit(transaction) => {
             let index = transaction.defer(cache, tables.to_vec(), None, uncache.to_vec());
             (None, Some(index))

@@ -38,7 +38,17 @@ impl Cache {
 
     /// Tables whose invalidation has not reached the store yet.
     pub fn undelivered_invalidations(&self) -> Vec<String> {
-        self.lock_undelivered().keys().cloned().collect()
+        self.lock_undelivered()
+            .keys()
+            .filter(|name| !self.is_custom_entry(name))
+            .cloned()
+            .collect()
+    }
+
+    /// True for the store key of a custom entry (`.key(..)`), which the undelivered map also
+    /// holds: a deletion (`uncache`) the store did not take.
+    fn is_custom_entry(&self, name: &str) -> bool {
+        name.starts_with(&key::custom_prefix(&self.inner.namespace))
     }
 
     fn lock_undelivered(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
@@ -61,30 +71,57 @@ impl Cache {
         if snapshot.is_empty() {
             return true;
         }
-        let tables: Vec<String> = snapshot.iter().map(|(t, _)| t.clone()).collect();
-        if self.bump_tables(&tables, None, None, None).await.is_ok() {
-            let mut pending = self.lock_undelivered();
-            for (table, epoch) in &snapshot {
-                // A failure recorded while this delivery ran may postdate it: keep that one.
-                if pending.get(table) == Some(epoch) {
-                    pending.remove(table);
-                }
-            }
-            self.inner
-                .has_undelivered
-                .store(!pending.is_empty(), Ordering::Release);
-            return pending.is_empty();
+        // Custom entries whose deletion (`uncache`) failed are deleted now; tables bumped.
+        let (keys, tables): (Vec<String>, Vec<String>) = snapshot
+            .iter()
+            .map(|(t, _)| t.clone())
+            .partition(|name| self.is_custom_entry(name));
+        let tables_delivered =
+            tables.is_empty() || self.bump_tables(&tables, None, None, None).await.is_ok();
+        let keys_delivered =
+            keys.is_empty() || self.call(self.inner.store.remove(&keys)).await.is_ok();
+        if keys_delivered {
+            self.forget_near(&keys);
         }
-        false
+        if !tables_delivered && !keys_delivered {
+            return false;
+        }
+        let mut pending = self.lock_undelivered();
+        for (name, epoch) in &snapshot {
+            let delivered = match self.is_custom_entry(name) {
+                true => keys_delivered,
+                false => tables_delivered,
+            };
+            // A failure recorded while this delivery ran may postdate it: keep that one.
+            if delivered && pending.get(name) == Some(epoch) {
+                pending.remove(name);
+            }
+        }
+        self.inner
+            .has_undelivered
+            .store(!pending.is_empty(), Ordering::Release);
+        pending.is_empty()
     }
 
     /// Records tables whose invalidation did not reach the store.
     pub(crate) fn mark_undelivered(&self, tables: &[String]) {
         self.undelivered_event(tables);
+        self.record_undelivered(tables);
+    }
+
+    /// Records custom entries (their store keys) whose deletion did not reach the store: they
+    /// are deleted with the next delivery, and not served by this process until then.
+    pub(crate) fn mark_unremoved(&self, keys: &[String]) {
+        if !keys.is_empty() {
+            self.record_undelivered(keys);
+        }
+    }
+
+    fn record_undelivered(&self, names: &[String]) {
         let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
         let mut pending = self.lock_undelivered();
-        for table in tables {
-            pending.insert(table.clone(), epoch);
+        for name in names {
+            pending.insert(name.clone(), epoch);
         }
         self.inner.has_undelivered.store(true, Ordering::Release);
         drop(pending);
@@ -133,6 +170,13 @@ impl Cache {
         }
         let pending = self.lock_undelivered();
         tables.iter().any(|t| pending.contains_key(t))
+    }
+
+    /// True when `key` is a custom entry whose deletion has not reached the store yet.
+    pub(super) fn is_unremoved(&self, key: &str) -> bool {
+        self.inner.has_undelivered.load(Ordering::Acquire)
+            && self.is_custom_entry(key)
+            && self.lock_undelivered().contains_key(key)
     }
 
     /// Moves the generations of `tables`. `rows`, when known, are rows of the first table;
@@ -412,14 +456,17 @@ impl Drop for RetryingFlag {
 pub(crate) struct PendingWrite {
     cache: Cache,
     tables: Vec<String>,
+    /// The custom entries the write deletes (`uncache`), as store keys.
+    keys: Vec<String>,
     armed: bool,
 }
 
 impl PendingWrite {
-    pub(crate) fn new(cache: &Cache, tables: Vec<String>) -> Self {
+    pub(crate) fn new(cache: &Cache, tables: Vec<String>, uncache: &[String]) -> Self {
         Self {
             cache: cache.clone(),
             tables,
+            keys: uncache.iter().map(|k| cache.custom_key(k)).collect(),
             armed: true,
         }
     }
@@ -434,6 +481,7 @@ impl Drop for PendingWrite {
     fn drop(&mut self) {
         if self.armed {
             self.cache.mark_undelivered(&self.tables);
+            self.cache.mark_unremoved(&self.keys);
         }
     }
 }

@@ -723,11 +723,17 @@ impl Cache {
     }
 
     /// Deletes the entries stored under these custom keys (see
-    /// [`Cached::key`](crate::Cached::key)). Store failures are logged and ignored: such entries
-    /// are still guarded by their tables' generations.
+    /// [`Cached::key`](crate::Cached::key)). A deletion the store does not take is remembered
+    /// as an undelivered invalidation is: retried, and the key not served by this process until
+    /// it is deleted (its tables' generations guard it only where it depends on the written
+    /// table; an entry that reads a view, or a key whose deletion is the only link to the write,
+    /// would otherwise be served stale until its TTL).
     pub async fn uncache<S: AsRef<str>>(&self, keys: &[S]) {
         let keys: Vec<String> = keys.iter().map(|k| self.custom_key(k.as_ref())).collect();
-        let _ = self.call(self.inner.store.remove(&keys)).await;
+        if self.call(self.inner.store.remove(&keys)).await.is_err() {
+            // Not lost: deleted with the next delivery, and not served here until then.
+            self.mark_unremoved(&keys);
+        }
         self.forget_near(&keys);
     }
 

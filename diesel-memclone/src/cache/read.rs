@@ -43,7 +43,8 @@ impl Cache {
         // Taken before anything else: a database read shared when the store fails must begin
         // after this call did (see `database_read`).
         let began = self.inner.flights.ticket();
-        let blocked = !self.deliver_pending().await && self.is_undelivered(&lookup.tables);
+        let blocked = !self.deliver_pending().await
+            && (self.is_undelivered(&lookup.tables) || self.is_unremoved(self.key_text(&lookup)));
         if lookup.policy == Policy::Bypass {
             self.read_event(&lookup, ReadEvent::Bypass);
             return Ok(fill().await?);
@@ -69,7 +70,7 @@ impl Cache {
             }
             let read = match read {
                 Some(read) => read,
-                None => self.store_read::<T>(near, &lookup).await,
+                None => self.store_read::<T>(near, &lookup, true).await,
             };
             match read {
                 StoreRead::Hit(value) => return Ok(value),
@@ -108,6 +109,35 @@ impl Cache {
             return self.revalidate(lookup, tags, stale, fill).await;
         }
         self.fill_once(lookup, tags, fill, lock).await
+    }
+
+    /// The store's fresh entry for `lookup`, counted as a hit, else `None` (nothing counted),
+    /// having taken nothing: no fill lock, no place in this process's load of the entry. For a
+    /// read that checks its database connection out of a pool only on a miss (`*_from`): it
+    /// takes the connection before `read_through`, so that it never holds the load (or the
+    /// lock) other callers wait on while it waits for a connection one of them may hold.
+    pub(crate) async fn store_hit<T: DeserializeOwned>(&self, lookup: &Lookup) -> Option<T> {
+        if lookup.policy != Policy::ReadWrite {
+            return None;
+        }
+        let blocked = !self.deliver_pending().await
+            && (self.is_undelivered(&lookup.tables) || self.is_unremoved(self.key_text(lookup)));
+        if blocked {
+            return None;
+        }
+        let named = lookup.near_generations.len() == lookup.generations.len();
+        let near = self.near().filter(|_| named);
+        if let Some(near) = near.filter(|near| near.in_sync()) {
+            if let Some(current) = near.generations(&lookup.near_generations) {
+                if let Some(value) = self.near_entry_hit(near, lookup, &current) {
+                    return Some(value);
+                }
+            }
+        }
+        match self.store_read::<T>(near, lookup, false).await {
+            StoreRead::Hit(value) => Some(value),
+            _ => None,
+        }
     }
 
     /// The near tier's fresh entry for `lookup` under the `current` generations, counted as a
@@ -199,8 +229,9 @@ impl Cache {
         &self,
         near: Option<&Near>,
         lookup: &Lookup,
+        may_lock: bool,
     ) -> StoreRead<T> {
-        let expects = self.expects_miss(near, lookup);
+        let expects = self.expects_miss(near, lookup).filter(|_| may_lock);
         if let Some((true, seen)) = expects {
             let read = self.read_or_lock(near, lookup).await;
             self.inner.moves.settle(seen);

@@ -91,12 +91,14 @@ impl BlockingCache<'_> {
             return Ok(hit);
         }
         block_on(async move {
+            if let Some(hit) = cache.store_hit(&lookup).await {
+                return Ok(hit);
+            }
+            // A miss: the connection first, then the load others may share (see `store_hit`).
+            let mut conn = pool.connection()?;
             let fill = || {
-                std::future::ready((|| {
-                    let mut conn = pool.connection()?;
-                    let found = M::find_query(primary_key).get_result::<M>(&mut *conn);
-                    Ok::<_, Error>(found.optional()?)
-                })())
+                let found = M::find_query(primary_key).get_result::<M>(&mut *conn);
+                std::future::ready(found.optional().map_err(Error::from))
             };
             cache.read_through(lookup, fill).await
         })

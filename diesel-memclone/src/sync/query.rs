@@ -271,12 +271,16 @@ impl<Q> Cached<Q> {
             return Ok(hit);
         }
         block_on(async move {
-            let fill = || {
-                std::future::ready((|| {
-                    Ok::<_, crate::Error>(query.load::<U>(&mut *pool.connection()?)?)
-                })())
-            };
-            this.cache().read_through(lookup, fill).await
+            let cache = this.cache();
+            if let Some(hit) = cache.store_hit(&lookup).await {
+                return Ok(hit);
+            }
+            // A miss: the connection first, then the load others may share (see
+            // `Cache::store_hit`).
+            let mut conn = pool.connection()?;
+            let fill =
+                || std::future::ready(query.load::<U>(&mut *conn).map_err(crate::Error::from));
+            cache.read_through(lookup, fill).await
         })
     }
 
@@ -308,13 +312,17 @@ impl<Q> Cached<Q> {
         let found = match this.cache().near_hit_now::<Option<U>>(&lookup) {
             Some(hit) => hit,
             None => block_on(async move {
+                let cache = this.cache();
+                if let Some(hit) = cache.store_hit(&lookup).await {
+                    return Ok(hit);
+                }
+                // A miss: the connection first (see `Cache::store_hit`).
+                let mut conn = pool.connection()?;
                 let fill = || {
-                    std::future::ready((|| {
-                        let mut conn = pool.connection()?;
-                        Ok::<_, crate::Error>(query.get_result::<U>(&mut *conn).optional()?)
-                    })())
+                    let found = query.get_result::<U>(&mut *conn).optional();
+                    std::future::ready(found.map_err(crate::Error::from))
                 };
-                this.cache().read_through(lookup, fill).await
+                cache.read_through(lookup, fill).await
             })?,
         };
         found.ok_or(crate::Error::Database(diesel::result::Error::NotFound))
