@@ -10,7 +10,7 @@ use diesel_memclone::prelude::*;
 use diesel_memclone::{Cache, Error, NearCache};
 use diesel_memclone_tests::schema::users;
 use diesel_memclone_tests::User;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 type Deadpool = diesel_async::pooled_connection::deadpool::Pool<AsyncPgConnection>;
 type Bb8 = diesel_async::pooled_connection::bb8::Pool<AsyncPgConnection>;
@@ -260,4 +260,55 @@ async fn a_pool_without_connections_is_an_error() {
             .build()
             .unwrap();
     check_initial(&read_all!(&cache, &working).await.unwrap());
+}
+
+/// A `*_from` miss takes its connection before it leads this process's load of the entry: a task
+/// holding the pool's only connection and reading the same entry with it does not wait on a load
+/// that waits for that connection (the follower patience, 5 s, before).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_does_not_stall_the_holder_of_the_pool_s_connection() {
+    let schema = diesel_memclone_tests::unique("pool_from");
+    let Some(mut conn) = diesel_memclone_tests::postgres(&schema).await else {
+        return;
+    };
+    conn.batch_execute("INSERT INTO users VALUES (1, 'Ann', 'a')")
+        .await
+        .unwrap();
+    let mut setup = ManagerConfig::<AsyncPgConnection>::default();
+    let search_path = format!("SET search_path TO {schema}");
+    setup.custom_setup = Box::new(move |url| {
+        let search_path = search_path.clone();
+        Box::pin(async move {
+            let mut conn = AsyncPgConnection::establish(url).await?;
+            conn.batch_execute(&search_path)
+                .await
+                .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+            Ok(conn)
+        })
+    });
+    let manager =
+        AsyncDieselConnectionManager::new_with_config(diesel_memclone_tests::postgres_url(), setup);
+    let pool = Deadpool::builder(manager).max_size(1).build().unwrap();
+    let cache = Cache::builder()
+        .namespace(diesel_memclone_tests::unique("pool_from"))
+        .build()
+        .unwrap();
+    // This task takes the pool's only connection.
+    let mut held = pool.get().await.unwrap();
+    let reader = {
+        let (pool, cache) = (pool.clone(), cache.clone());
+        tokio::spawn(async move { cache.find_from::<User, _>(&pool, 1).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let began = Instant::now();
+    let mine: User = cache.find(&mut held, 1).await.unwrap();
+    let waited = began.elapsed();
+    drop(held);
+    assert_eq!(mine.name, "Ann");
+    assert_eq!(reader.await.unwrap().name, "Ann");
+    assert!(
+        waited < Duration::from_secs(1),
+        "the connection's holder waited {waited:?} on a load that waited for its connection"
+    );
 }

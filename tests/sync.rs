@@ -7,6 +7,8 @@ use diesel_memclone::sync::prelude::*;
 use diesel_memclone::{Cache, Error};
 use diesel_memclone_tests::schema::users;
 use diesel_memclone_tests::{counted, sqlite_sync, unique, QueryCounter, User};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 fn memory_cache() -> Cache {
     Cache::builder().namespace(unique("sync")).build().unwrap()
@@ -592,4 +594,49 @@ async fn a_current_thread_runtime_blocked_on_its_own_redis_connections_does_not_
     // Degraded, not stuck: the store timed out once, and the reads went to the database.
     let stats = cache.stats();
     assert!(stats.store_errors >= 1 && stats.hits == 0, "{stats:?}");
+}
+
+/// A read from a `Mutex` "pool" that misses takes the connection before it leads this process's
+/// load of the entry: the connection's holder reading the same entry with that connection does
+/// not wait on a load that waits for its connection (the follower patience, 5 s, before).
+#[test]
+fn a_pool_miss_does_not_stall_the_holder_of_the_pool_s_connection() {
+    let pool = Arc::new(Mutex::new(sqlite_sync()));
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut *pool.lock().unwrap(),
+        "INSERT INTO users VALUES (1, 'Ann', 'a')",
+    )
+    .unwrap();
+    let cache = Cache::builder()
+        .namespace(unique("sync_from"))
+        .build()
+        .unwrap();
+    let names = |cache: &Cache| {
+        users::table
+            .select(users::name)
+            .cached("pool_names")
+            .using(cache)
+    };
+    // This thread takes the connection (a transaction, a batch of reads on one connection).
+    let mut held = pool.lock().unwrap();
+    let reader = {
+        let (pool, cache) = (pool.clone(), cache.clone());
+        std::thread::spawn(move || {
+            // A miss: it leads the load and waits for the connection.
+            let got: Vec<String> = names(&cache).load_from(&*pool).unwrap();
+            got
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // The holder reads the same entry on the connection it holds.
+    let began = Instant::now();
+    let mine: Vec<String> = names(&cache).load(&mut *held).unwrap();
+    let waited = began.elapsed();
+    drop(held);
+    assert_eq!(mine, ["Ann"]);
+    assert_eq!(reader.join().unwrap(), ["Ann"]);
+    assert!(
+        waited < Duration::from_secs(1),
+        "the connection's holder waited {waited:?} on a load that waited for its connection"
+    );
 }

@@ -1,6 +1,9 @@
-//! Review findings: writes whose returned rows do not name every row they changed (or every
-//! scope those rows left), so that a scoped list (`Cached::within`) or a row's entity entry
-//! stays cached with data a committed memclone write replaced. Each read counts the statements
+//! Statements whose text hides what they read or write: writes whose returned rows do not name
+//! every row they changed (or every scope those rows left: a data-modifying `WITH`, MySQL's
+//! `ON DUPLICATE KEY UPDATE`, SQLite's `OR REPLACE`, `also_invalidates` of the written table), so
+//! that a scoped list (`Cached::within`) or a row's entity entry could stay cached with data a
+//! committed memclone write replaced; raw reads whose tables hide behind a comment,
+//! `STRAIGHT_JOIN` or a parenthesized join; `uncache` during an outage; nullable scope values. Each read counts the statements
 //! it ran: 0 means it was served from the cache.
 
 use diesel::prelude::*;
@@ -51,7 +54,7 @@ macro_rules! list {
                 .select(RawPost::as_select())
                 .filter(raw::posts::user_id.eq($author))
                 .order(raw::posts::id)
-                .cached("review_posts_by_author")
+                .cached("posts_by_author")
                 .within(raw::posts::user_id, $author)
                 .using($cache)
                 .load::<RawPost, _>($conn)
@@ -79,8 +82,8 @@ macro_rules! warm {
 /// statement updates author 2's post 20 returns only post 20. Author 1's list (and post 10's
 /// entity entry) must not survive the delete.
 #[tokio::test]
-async fn review_cte_write_invalidates_rows_it_does_not_return() {
-    let schema = unique("review");
+async fn cte_write_invalidates_rows_it_does_not_return() {
+    let schema = unique("raw_stmt");
     let Some(mut conn) = postgres(&schema).await else {
         return;
     };
@@ -88,7 +91,7 @@ async fn review_cte_write_invalidates_rows_it_does_not_return() {
         .await
         .unwrap();
     let cache = Cache::builder()
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .build()
         .unwrap();
     let counter = QueryCounter::default();
@@ -122,17 +125,17 @@ async fn review_cte_write_invalidates_rows_it_does_not_return() {
 }
 
 /// SQLite: `INSERT OR REPLACE` deletes the row it conflicts with (author 1's post 10) and
-/// inserts one for author 2: the returned row names only author 2. (Passed on the reviewed
+/// inserts one for author 2: the returned row names only author 2. (Passed on the earlier
 /// code by accident: the parser took `replace` for the written table and invalidated `posts`
 /// whole as another table the statement names. Now read as a `REPLACE` of `posts`.)
 #[tokio::test]
-async fn review_sqlite_insert_or_replace_moves_rows_out_of_a_scope() {
+async fn sqlite_insert_or_replace_moves_rows_out_of_a_scope() {
     let mut conn = sqlite().await;
     conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a'), (11, 1, 'b'), (20, 2, 'c')")
         .await
         .unwrap();
     let cache = Cache::builder()
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .build()
         .unwrap();
     let counter = QueryCounter::default();
@@ -156,8 +159,8 @@ async fn review_sqlite_insert_or_replace_moves_rows_out_of_a_scope() {
 /// MariaDB (which has `INSERT .. RETURNING`): `ON DUPLICATE KEY UPDATE user_id = ..` moves
 /// author 1's post 10 to author 2; the returned row names only author 2.
 #[tokio::test]
-async fn review_mariadb_on_duplicate_key_update_moves_rows_out_of_a_scope() {
-    let database = unique("review");
+async fn mariadb_on_duplicate_key_update_moves_rows_out_of_a_scope() {
+    let database = unique("raw_stmt");
     let Some(mut conn) = mysql(&database).await else {
         return;
     };
@@ -165,7 +168,7 @@ async fn review_mariadb_on_duplicate_key_update_moves_rows_out_of_a_scope() {
         .await
         .unwrap();
     let cache = Cache::builder()
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .build()
         .unwrap();
     let counter = QueryCounter::default();
@@ -193,9 +196,9 @@ async fn review_mariadb_on_duplicate_key_update_moves_rows_out_of_a_scope() {
 /// author 2. `also_invalidates` is what the docs give for rows a cascade changes; naming the
 /// written table itself must make every row of it unknown, not be dropped as a duplicate.
 #[tokio::test]
-async fn review_also_invalidates_own_table_forgets_the_returned_rows() {
+async fn also_invalidates_own_table_forgets_the_returned_rows() {
     use diesel_memclone_tests::schema::posts;
-    let schema = unique("review");
+    let schema = unique("raw_stmt");
     let Some(mut conn) = postgres(&schema).await else {
         return;
     };
@@ -207,7 +210,7 @@ async fn review_also_invalidates_own_table_forgets_the_returned_rows() {
     .await
     .unwrap();
     let cache = Cache::builder()
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .build()
         .unwrap();
     let counter = QueryCounter::default();
@@ -237,20 +240,20 @@ async fn review_also_invalidates_own_table_forgets_the_returned_rows() {
 /// to `posts`; the parser took the conflict word for the table (`replace`) and found `posts`
 /// nowhere, so no query of `posts` was invalidated, not even an unscoped one.
 #[tokio::test]
-async fn review_sqlite_update_or_replace_invalidates_its_table() {
+async fn sqlite_update_or_replace_invalidates_its_table() {
     let mut conn = sqlite().await;
     conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a'), (11, 1, 'b'), (20, 2, 'c')")
         .await
         .unwrap();
     let cache = Cache::builder()
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .build()
         .unwrap();
     let titles = |cache: &Cache| {
         raw::posts::table
             .select(raw::posts::title)
             .order(raw::posts::id)
-            .cached("review_titles")
+            .cached("titles")
             .using(cache)
     };
     let before: Vec<String> = titles(&cache).load(&mut conn).await.unwrap();
@@ -281,7 +284,7 @@ struct Titled {
 /// the apostrophe as the start of a string literal running to the end of the statement, and
 /// missed every table after it (here `users`): a write to `users` left the entry stale.
 #[tokio::test]
-async fn review_comment_with_apostrophe_hides_no_table() {
+async fn comment_with_apostrophe_hides_no_table() {
     use diesel_memclone_tests::schema::users;
     let mut conn = sqlite().await;
     conn.batch_execute(
@@ -290,7 +293,7 @@ async fn review_comment_with_apostrophe_hides_no_table() {
     .await
     .unwrap();
     let cache = Cache::builder()
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .build()
         .unwrap();
     for comment in ["-- the author's name\n", "/* the author's name */"] {
@@ -299,7 +302,7 @@ async fn review_comment_with_apostrophe_hides_no_table() {
                 "SELECT posts.id, users.name FROM posts {comment} \
                  JOIN users ON users.id = posts.user_id ORDER BY posts.id"
             ))
-            .cached("review_titled")
+            .cached("titled")
             .using(cache)
         };
         let before: Vec<Titled> = read(&cache).load(&mut conn).await.unwrap();
@@ -322,21 +325,21 @@ async fn review_comment_with_apostrophe_hides_no_table() {
 /// (whose generations are created to live longer still): no panic, and a write still
 /// invalidates it.
 #[tokio::test]
-async fn review_ttl_max_neither_panics_nor_goes_stale() {
+async fn ttl_max_neither_panics_nor_goes_stale() {
     use diesel_memclone_tests::schema::posts;
     let mut conn = sqlite().await;
     conn.batch_execute("INSERT INTO posts VALUES (10, 1, 'a')")
         .await
         .unwrap();
     let cache = Cache::builder()
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .build()
         .unwrap();
     let read = |cache: &Cache| {
         raw::posts::table
             .select(RawPost::as_select())
             .filter(raw::posts::user_id.eq(1))
-            .cached("review_forever")
+            .cached("forever")
             .within(raw::posts::user_id, 1)
             .ttl(std::time::Duration::MAX)
             .using(cache)
@@ -384,9 +387,9 @@ struct Note {
 /// notes of one invalidate that one's list only; a write moving a note between them
 /// invalidates both.
 #[tokio::test]
-async fn review_nullable_scope_values() {
+async fn nullable_scope_values() {
     use nullable::notes;
-    let schema = unique("review");
+    let schema = unique("raw_stmt");
     let Some(mut conn) = postgres(&schema).await else {
         return;
     };
@@ -397,7 +400,7 @@ async fn review_nullable_scope_values() {
     .await
     .unwrap();
     let cache = Cache::builder()
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .build()
         .unwrap();
     let counter = QueryCounter::default();
@@ -416,7 +419,7 @@ async fn review_nullable_scope_values() {
             let (rows, queries) = counted!(
                 counter,
                 query
-                    .cached("review_notes")
+                    .cached("notes")
                     .within(notes::owner_id, owner)
                     .using(&cache)
                     .load::<Note, _>(&mut conn)
@@ -471,11 +474,11 @@ struct ViewName {
 /// silently (`let _ =`), so the entry under it (a read of a view over `users`, which no
 /// generation of `users` guards) was served stale after Redis came back, until its TTL.
 #[tokio::test]
-async fn review_uncache_during_an_outage_is_not_lost() {
+async fn uncache_during_an_outage_is_not_lost() {
     use diesel_memclone::store::RedisStore;
     use diesel_memclone_tests::schema::users;
     use std::time::Duration;
-    let schema = unique("review");
+    let schema = unique("raw_stmt");
     let (Some(mut conn), Some(_)) = (postgres(&schema).await, redis_store().await) else {
         return;
     };
@@ -496,14 +499,14 @@ async fn review_uncache_during_an_outage_is_not_lost() {
         .unwrap();
     let cache = Cache::builder()
         .store(store)
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .store_timeout(Duration::from_millis(200))
         .retry_after(Duration::from_millis(100))
         .build()
         .unwrap();
     let read = |cache: &Cache| {
         diesel::sql_query("SELECT name FROM user_names_v WHERE id = 1")
-            .cached("review_view")
+            .cached("view")
             .key("user_1_name")
             .using(cache)
     };
@@ -532,9 +535,9 @@ async fn review_uncache_during_an_outage_is_not_lost() {
 /// `JOIN` only, so a raw cached read joining `users` that way missed `users`, and a write to
 /// it left the entry stale.
 #[tokio::test]
-async fn review_straight_join_names_its_table() {
+async fn straight_join_names_its_table() {
     use diesel_memclone_tests::schema::users;
-    let database = unique("review");
+    let database = unique("raw_stmt");
     let Some(mut conn) = mysql(&database).await else {
         return;
     };
@@ -544,14 +547,14 @@ async fn review_straight_join_names_its_table() {
     .await
     .unwrap();
     let cache = Cache::builder()
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .build()
         .unwrap();
     let read = |cache: &Cache| {
         diesel::sql_query(
             "SELECT p.id, u.name FROM posts p STRAIGHT_JOIN users u ON u.id = p.user_id",
         )
-        .cached("review_straight")
+        .cached("straight")
         .using(cache)
     };
     let before: Vec<Titled> = read(&cache).load(&mut conn).await.unwrap();
@@ -572,7 +575,7 @@ async fn review_straight_join_names_its_table() {
 /// A raw cached read whose FROM clause is a parenthesized join: the first table follows `(`,
 /// not `FROM`, and was missed (here `posts`): a write to it left the entry stale.
 #[tokio::test]
-async fn review_parenthesized_join_names_its_first_table() {
+async fn parenthesized_join_names_its_first_table() {
     use diesel_memclone_tests::schema::posts;
     let mut conn = sqlite().await;
     conn.batch_execute(
@@ -581,14 +584,14 @@ async fn review_parenthesized_join_names_its_first_table() {
     .await
     .unwrap();
     let cache = Cache::builder()
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .build()
         .unwrap();
     let read = |cache: &Cache| {
         diesel::sql_query(
             "SELECT p.id, p.title AS name FROM (posts p JOIN users u ON u.id = p.user_id)",
         )
-        .cached("review_nested")
+        .cached("nested")
         .using(cache)
     };
     let before: Vec<Titled> = read(&cache).load(&mut conn).await.unwrap();
@@ -606,8 +609,8 @@ async fn review_parenthesized_join_names_its_first_table() {
 /// MariaDB: `ON DUPLICATE KEY UPDATE id = ..` moves post 10 to another key; the returned row
 /// names only the new key, so post 10's entity entry must go with every row of the table.
 #[tokio::test]
-async fn review_mariadb_on_duplicate_key_update_of_the_key_evicts_the_old_row() {
-    let database = unique("review");
+async fn mariadb_on_duplicate_key_update_of_the_key_evicts_the_old_row() {
+    let database = unique("raw_stmt");
     let Some(mut conn) = mysql(&database).await else {
         return;
     };
@@ -615,7 +618,7 @@ async fn review_mariadb_on_duplicate_key_update_of_the_key_evicts_the_old_row() 
         .await
         .unwrap();
     let cache = Cache::builder()
-        .namespace(unique("review"))
+        .namespace(unique("raw_stmt"))
         .build()
         .unwrap();
     let found: RawPost = cache.find(&mut conn, 10).await.unwrap();
