@@ -14,7 +14,10 @@ use std::future::Future;
 /// [`find_from`](crate::find_from)) take a pool instead of a connection and check one out
 /// only when the cache cannot answer: a hit (near tier or store) never waits for the pool
 /// behind the misses and never pays a checkout. The connection goes back to the pool as soon
-/// as the database has answered, before the entry is stored.
+/// as the database has answered, before the entry is stored. A miss takes its connection
+/// before it joins another caller's load of the same entry or takes the fill lock: a caller
+/// that holds one of the pool's connections and reads the same entry then never waits on a
+/// load that waits for that connection.
 ///
 /// Implemented for diesel-async's pools behind this crate's features `deadpool`
 /// (`diesel_async::pooled_connection::deadpool::Pool<C>`) and `bb8`
