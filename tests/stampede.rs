@@ -620,6 +620,8 @@ async fn the_stampede_example_makes_one_query_for_all_processes() {
 struct LateLockHolder {
     inner: MemoryStore,
     delay_taken: Arc<std::sync::atomic::AtomicBool>,
+    /// Lock attempts outside reads (a waiter's probes).
+    probes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Store for LateLockHolder {
@@ -678,6 +680,8 @@ impl Store for LateLockHolder {
         owner: u64,
         ttl: Duration,
     ) -> futures_util::future::BoxFuture<'a, diesel_memclone::store::StoreResult<bool>> {
+        self.probes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.try_lock(key, owner, ttl)
     }
     fn unlock<'a>(
@@ -721,9 +725,11 @@ async fn a_load_led_by_a_caller_waiting_on_this_process_s_lock_gets_the_holder_s
         return;
     };
     let delay_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let store = LateLockHolder {
         inner: MemoryStore::new(1 << 20),
         delay_taken: delay_taken.clone(),
+        probes: probes.clone(),
     };
     let cache = Cache::builder()
         .store(store)
@@ -743,6 +749,7 @@ async fn a_load_led_by_a_caller_waiting_on_this_process_s_lock_gets_the_holder_s
     assert_eq!(read(&cache, &db).await, 0);
     cache.invalidate_table("users").await;
     delay_taken.store(true, std::sync::atomic::Ordering::SeqCst);
+    probes.store(0, std::sync::atomic::Ordering::SeqCst);
     let before = (db.counter.get(), cache.stats());
     let began = std::time::Instant::now();
     let (a, b) = tokio::join!(read(&cache, &db), async {
@@ -759,6 +766,11 @@ async fn a_load_led_by_a_caller_waiting_on_this_process_s_lock_gets_the_holder_s
     );
     assert_eq!(db.counter.get() - before.0, 1, "one database read");
     assert_eq!(stats.lock_waits - before.1.lock_waits, 1, "{stats:?}");
+    // The leader waited without probing the lock again (not in a loop either).
+    assert_eq!(
+        std::sync::atomic::AtomicUsize::load(&probes, std::sync::atomic::Ordering::SeqCst),
+        0
+    );
     assert!(
         waited < Duration::from_secs(10),
         "the waiting leader slept out the retry delay: {waited:?}"

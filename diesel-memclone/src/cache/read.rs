@@ -622,6 +622,14 @@ impl Cache {
         let key = crate::store::lock_key(&lock_prefix(self.key_text(lookup), lock), tags);
         let owner = crate::store::fresh_generation();
         let tag = codec::tag(tags);
+        let mut published = flight.map(Leader::published);
+        // An entry published before this caller began to wait.
+        if let Some(entry) = published.as_ref().and_then(|p| p.borrow().clone()) {
+            if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
+                self.read_event(lookup, ReadEvent::LockWait);
+                return Ok(LockWait::FilledByOther(value, entry));
+            }
+        }
         let now = Instant::now();
         let deadline = now
             .checked_add(lock.wait_timeout)
@@ -667,17 +675,31 @@ impl Cache {
                 };
             }
             let pause = lock.retry_delay + flight::jitter(lock.retry_jitter);
-            match flight {
-                Some(flight) => {
-                    let filled = flight::follow(flight.published());
-                    if let Ok(Some(entry)) = tokio::time::timeout(pause, filled).await {
-                        if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
-                            self.read_event(lookup, ReadEvent::LockWait);
-                            return Ok(LockWait::FilledByOther(value, entry));
+            // The pause ends early when an entry is published into this caller's load; each
+            // entry is looked at once (a receiver marks what it has seen), so that one that
+            // does not decode cannot end every pause at once.
+            let waited = match published.as_mut() {
+                Some(published) => {
+                    match tokio::time::timeout(pause, published.changed()).await {
+                        Ok(Ok(())) => published.borrow_and_update().clone(),
+                        Ok(Err(_)) => {
+                            // (Not while this caller holds the load; sleep, to be safe.)
+                            tokio::time::sleep(pause).await;
+                            None
                         }
+                        Err(_) => None,
                     }
                 }
-                None => tokio::time::sleep(pause).await,
+                None => {
+                    tokio::time::sleep(pause).await;
+                    None
+                }
+            };
+            if let Some(entry) = waited {
+                if let Ok((value, _)) = codec::decode::<T>(&entry, tags) {
+                    self.read_event(lookup, ReadEvent::LockWait);
+                    return Ok(LockWait::FilledByOther(value, entry));
+                }
             }
             if let Some(filled) = self.filled_entry::<T>(lookup, tags).await {
                 return Ok(filled);
