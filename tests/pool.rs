@@ -319,3 +319,49 @@ async fn a_miss_does_not_stall_the_holder_of_the_pool_s_connection() {
         "the connection's holder waited {waited:?} on a load that waited for its connection"
     );
 }
+
+/// A `*_from` Redis hit whose generations the near tier knows reads the entry alone, as the
+/// `.load(&mut conn)` hit does: with a tier that keeps no entry (`max_bytes(0)`), each such hit
+/// counts one near miss (the entry's `GET`) and no near hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_read_whose_generations_are_known_reads_the_entry_alone() {
+    let name = diesel_memclone_tests::unique("pool_known");
+    let Some(_) = setup(&name).await else {
+        return;
+    };
+    let Some(store) = diesel_memclone_tests::redis_store().await else {
+        return;
+    };
+    let cache = Cache::builder()
+        .store(store)
+        .namespace(format!("{name}_known"))
+        .near_cache(NearCache::new().max_bytes(0))
+        .build()
+        .unwrap();
+    assert!(cache.near_cache_ready(Duration::from_secs(5)).await);
+    let pool: Deadpool = Deadpool::builder(manager(&diesel_memclone_tests::postgres_url(), &name))
+        .max_size(1)
+        .build()
+        .unwrap();
+    // The miss, then a hit that learns the generations, then hits with them known.
+    for _ in 0..3 {
+        let user: User = cache.find_from(&pool, 1).await.unwrap();
+        assert_eq!(user.name, "Ada");
+    }
+    let before = cache.stats();
+    for _ in 0..5 {
+        let user: User = cache.find_from(&pool, 1).await.unwrap();
+        assert_eq!(user.name, "Ada");
+    }
+    let after = cache.stats();
+    assert_eq!(
+        (
+            after.hits - before.hits,
+            after.misses - before.misses,
+            after.near_hits - before.near_hits,
+            after.near_misses - before.near_misses,
+        ),
+        (5, 0, 0, 5),
+        "{after:?}"
+    );
+}

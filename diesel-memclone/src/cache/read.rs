@@ -127,14 +127,16 @@ impl Cache {
         }
         let named = lookup.near_generations.len() == lookup.generations.len();
         let near = self.near().filter(|_| named);
-        if let Some(near) = near.filter(|near| near.in_sync()) {
-            if let Some(current) = near.generations(&lookup.near_generations) {
-                if let Some(value) = self.near_entry_hit(near, lookup, &current) {
-                    return Some(value);
-                }
-            }
-        }
-        match self.store_read::<T>(near, lookup, false).await {
+        // As `read_through` reads: generations known here, the near entry or else the entry's
+        // `GET` alone; otherwise the entry and its generations (never the lock).
+        let known = near
+            .filter(|near| near.in_sync())
+            .and_then(|near| Some((near, near.generations(&lookup.near_generations)?)));
+        let read = match known {
+            Some((near, current)) => self.near_read::<T>(near, lookup, current).await,
+            None => self.store_read::<T>(near, lookup, false).await,
+        };
+        match read {
             StoreRead::Hit(value) => Some(value),
             _ => None,
         }
