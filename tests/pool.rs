@@ -275,20 +275,7 @@ async fn a_miss_does_not_stall_the_holder_of_the_pool_s_connection() {
     conn.batch_execute("INSERT INTO users VALUES (1, 'Ann', 'a')")
         .await
         .unwrap();
-    let mut setup = ManagerConfig::<AsyncPgConnection>::default();
-    let search_path = format!("SET search_path TO {schema}");
-    setup.custom_setup = Box::new(move |url| {
-        let search_path = search_path.clone();
-        Box::pin(async move {
-            let mut conn = AsyncPgConnection::establish(url).await?;
-            conn.batch_execute(&search_path)
-                .await
-                .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
-            Ok(conn)
-        })
-    });
-    let manager =
-        AsyncDieselConnectionManager::new_with_config(diesel_memclone_tests::postgres_url(), setup);
+    let manager = manager(&diesel_memclone_tests::postgres_url(), &schema);
     let pool = Deadpool::builder(manager).max_size(1).build().unwrap();
     let cache = Cache::builder()
         .namespace(diesel_memclone_tests::unique("pool_from"))
